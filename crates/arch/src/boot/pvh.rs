@@ -1,0 +1,126 @@
+//! The PVH boot protocol: an ELF vmlinux entered at its XEN_ELFNOTE_PHYS32_ENTRY in
+//! 32-bit protected mode, paging off, with hvm_start_info in EBX.
+
+use std::fs::File;
+
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{Elf, KernelLoader, elf::PvhBootCapability};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::{BootError, BootSpec, KernelFormat, LoadedKernel, paging, place_initrd};
+use crate::e820;
+use crate::entry::*;
+use crate::layout;
+
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+
+pub(super) fn load(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    initrd: Option<&[u8]>,
+) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(spec.kernel).map_err(|source| BootError::ReadKernel {
+        path: spec.kernel.into(),
+        source,
+    })?;
+    let loaded = Elf::load(
+        mem,
+        None,
+        &mut file,
+        Some(GuestAddress(layout::HIMEM_START)),
+    )
+    .map_err(|e| BootError::KernelLoad {
+        path: spec.kernel.into(),
+        reason: e.to_string(),
+    })?;
+    let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+        return Err(BootError::NoPvhEntry(spec.kernel.into()));
+    };
+    let low_end = super::low_ram_end(spec.ram_size);
+    if loaded.kernel_end > low_end {
+        return Err(BootError::KernelTooBig {
+            needed_mib: loaded.kernel_end.div_ceil(1 << 20),
+            have_mib: spec.ram_size >> 20,
+        });
+    }
+
+    let mut modules = Vec::new();
+    let initrd = match initrd {
+        Some(data) => {
+            let (addr, size) = place_initrd(mem, data, loaded.kernel_end, low_end)?;
+            modules.push(hvm_modlist_entry {
+                paddr: addr,
+                size,
+                ..Default::default()
+            });
+            Some((addr, size))
+        }
+        None => None,
+    };
+    let memmap: Vec<hvm_memmap_table_entry> = e820::memory_map(spec.ram_size)
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind as u32,
+            reserved: 0,
+        })
+        .collect();
+    let info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: layout::PVH_MODLIST_START,
+        cmdline_paddr: layout::CMDLINE_START,
+        rsdp_paddr: spec.rsdp.unwrap_or(0),
+        memmap_paddr: layout::PVH_MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&info, GuestAddress(layout::PVH_INFO_START));
+    params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP_START));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(layout::PVH_MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+        .map_err(|_| BootError::NoRoomForBootStructures)?;
+
+    paging::write_gdt(mem, &paging::GDT_PROTECTED_MODE)?;
+    Ok(LoadedKernel {
+        format: KernelFormat::PvhElf,
+        entry: protected_mode_entry(entry.0),
+        initrd,
+    })
+}
+
+/// 32-bit flat protected mode, paging off, start_info in EBX (the PVH contract).
+pub fn protected_mode_entry(rip: u64) -> EntryState {
+    let gdt = &paging::GDT_PROTECTED_MODE;
+    let data = Segment::from_descriptor(2, gdt[2]);
+    EntryState {
+        rip,
+        rbx: layout::PVH_INFO_START,
+        rflags: RFLAGS_RESERVED,
+        cs: Segment::from_descriptor(1, gdt[1]),
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: Segment::from_descriptor(3, gdt[3]),
+        gdt: DescriptorTable {
+            base: layout::GDT_START,
+            limit: (gdt.len() * 8 - 1) as u16,
+        },
+        idt: DescriptorTable {
+            base: layout::IDT_START,
+            limit: 7,
+        },
+        cr0: CR0_PE | CR0_ET,
+        ..Default::default()
+    }
+}

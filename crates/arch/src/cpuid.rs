@@ -1,0 +1,162 @@
+//! CPUID as the guest sees it: the host's supported leaves with the topology vessel
+//! presents (one core per vCPU, one package, APIC ID = vCPU index).
+
+use serde::{Deserialize, Serialize};
+
+/// One CPUID leaf/subleaf answer (the same fields as KVM's kvm_cpuid_entry2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+const EXT1_ECX_CMP_LEGACY: u32 = 1 << 1;
+/// x2APIC topology level types (leaf 0xB / 0x1F, ECX[15:8]).
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Bits needed to number `count` cores: the x2APIC ID shift of the core level.
+fn core_id_bits(count: u32) -> u32 {
+    count.max(1).next_power_of_two().trailing_zeros()
+}
+
+/// Rewrites the topology-bearing leaves for vCPU `apic_id` of `count`.
+pub fn set_topology(entries: &mut [CpuidEntry], apic_id: u8, count: u8) {
+    let id = u32::from(apic_id);
+    let count = u32::from(count.max(1));
+    let shift = core_id_bits(count);
+    for e in entries.iter_mut() {
+        match e.function {
+            0x1 => {
+                e.ebx = (e.ebx & 0xffff) | (count.next_power_of_two() << 16) | (id << 24);
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            // Intel deterministic cache parameters: cores per package, sharing.
+            0x4 if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((count - 1) << 26);
+            }
+            0xb | 0x1f => {
+                let (shift_bits, logical, kind) = match e.index {
+                    0 => (0, 1, LEVEL_SMT),
+                    1 => (shift, count, LEVEL_CORE),
+                    _ => (0, 0, 0),
+                };
+                e.eax = shift_bits;
+                e.ebx = logical;
+                e.ecx = (kind << 8) | (e.index & 0xff);
+                e.edx = id;
+            }
+            0x8000_0001 => {
+                if count > 1 {
+                    e.ecx |= EXT1_ECX_CMP_LEGACY;
+                } else {
+                    e.ecx &= !EXT1_ECX_CMP_LEGACY;
+                }
+            }
+            // AMD: number of cores (NC) and the APIC ID bits that number them.
+            0x8000_0008 => e.ecx = (e.ecx & !0xf0ff) | (shift << 12) | (count - 1),
+            // AMD extended APIC ID, compute-unit (core) id, node id.
+            0x8000_001e => {
+                e.eax = id;
+                e.ebx = id & 0xff;
+                e.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaves() -> Vec<CpuidEntry> {
+        let mut v = vec![
+            CpuidEntry {
+                function: 1,
+                ebx: 0xdead_0800,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 0x8000_0008,
+                ecx: 0x0000_7007,
+                ..Default::default()
+            },
+        ];
+        for index in 0..3 {
+            v.push(CpuidEntry {
+                function: 0xb,
+                index,
+                ..Default::default()
+            });
+        }
+        v
+    }
+
+    fn get(v: &[CpuidEntry], function: u32, index: u32) -> CpuidEntry {
+        *v.iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    #[test]
+    fn each_vcpu_sees_its_own_apic_id() {
+        for id in 0..4u8 {
+            let mut v = leaves();
+            set_topology(&mut v, id, 4);
+            assert_eq!(get(&v, 1, 0).ebx >> 24, u32::from(id));
+            assert_eq!(get(&v, 0xb, 0).edx, u32::from(id));
+            assert_eq!(get(&v, 0xb, 1).edx, u32::from(id));
+        }
+    }
+
+    #[test]
+    fn topology_counts_match_the_vcpu_count() {
+        let mut v = leaves();
+        set_topology(&mut v, 0, 3);
+        let l1 = get(&v, 1, 0);
+        assert_eq!(
+            (l1.ebx >> 16) & 0xff,
+            4,
+            "addressable IDs: next power of two"
+        );
+        assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size and brand kept");
+        assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        let smt = get(&v, 0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff), (0, 1, LEVEL_SMT));
+        let core = get(&v, 0xb, 1);
+        assert_eq!(
+            (core.eax, core.ebx, (core.ecx >> 8) & 0xff),
+            (2, 3, LEVEL_CORE)
+        );
+        let end = get(&v, 0xb, 2);
+        assert_eq!((end.ebx, (end.ecx >> 8) & 0xff), (0, 0));
+        let amd = get(&v, 0x8000_0008, 0);
+        assert_eq!(amd.ecx & 0xff, 2);
+        assert_eq!((amd.ecx >> 12) & 0xf, 2);
+    }
+
+    #[test]
+    fn one_vcpu_is_not_hyperthreaded() {
+        let mut v = leaves();
+        v[0].edx = LEAF1_EDX_HTT;
+        set_topology(&mut v, 0, 1);
+        assert_eq!(get(&v, 1, 0).edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(get(&v, 0xb, 1).eax, 0);
+    }
+}

@@ -1,0 +1,72 @@
+//! Getting a vCPU thread out of guest mode: a real-time signal whose handler sets the
+//! running vCPU's `immediate_exit`, so KVM_RUN returns EINTR now or, if the signal
+//! lands just before entry, at once on entry (no lost wake-up).
+
+use std::cell::Cell;
+use std::sync::Once;
+
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+thread_local! {
+    /// The `immediate_exit` byte of the vCPU this thread runs, if any.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer was registered by this very thread (the handler runs on
+        // the signalled thread) and points into its vCPU's kvm_run mapping, which
+        // outlives the registration (cleared before the vCPU is dropped).
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_handler() -> std::io::Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Registers (or, with null, clears) this thread's `immediate_exit` byte.
+pub(crate) fn set_current(flag: *mut u8) {
+    IMMEDIATE_EXIT.with(|c| c.set(flag));
+}
+
+/// Sends the kick signal to a thread.
+fn kick(thread: libc::pthread_t) {
+    // SAFETY: pthread_kill with a valid thread id and a signal whose handler is
+    // installed; an already-exited thread yields ESRCH, which we ignore.
+    unsafe {
+        libc::pthread_kill(thread, kick_signal());
+    }
+}
+
+/// A vCPU's "come out" request: set by the kicker, consumed by the vCPU's `run`.
+#[derive(Clone, Debug, Default)]
+pub struct KickFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl KickFlag {
+    /// Consumes a pending kick.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Asks the vCPU running on `thread` to return from `run` soon.
+    ///
+    /// `thread` must not have been joined yet (its id could be reused).
+    pub fn kick(&self, thread: libc::pthread_t) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+        kick(thread);
+    }
+}

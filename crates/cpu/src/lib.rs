@@ -1,0 +1,50 @@
+//! CPU backends behind one [`Vcpu`] trait: `kvm` (hardware-assisted, or KVM's own
+//! emulator on hosts without VT-x/AMD-V) and, later, `emu` (vessel's software CPU).
+//! The dispatcher sees an [`Exit`], never a `kvm_run`.
+
+mod exit;
+pub mod kick;
+pub mod kvm;
+
+pub use exit::{Exit, FatalExit};
+pub use kick::KickFlag;
+
+/// One virtual CPU, run by one thread.
+pub trait Vcpu: Send {
+    /// Index in the VM (also its APIC ID).
+    fn index(&self) -> u8;
+    /// Runs guest code until something needs the VMM.
+    fn run(&mut self) -> Result<Exit<'_>, VcpuError>;
+    /// Where the vCPU is and the bytes it is executing, for fatal-exit reports.
+    fn location(&mut self) -> Location;
+    /// The flag other threads set (with a signal) to make `run` return `Interrupted`.
+    fn kick_flag(&self) -> KickFlag;
+}
+
+/// A vCPU's position, as best the backend can tell.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Location {
+    pub rip: u64,
+    /// Up to 15 instruction bytes at RIP (empty when RIP does not translate).
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RIP {:#x}, bytes [", self.rip)?;
+        for (i, b) in self.bytes.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{b:02x}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_RUN failed on vCPU {index}: {source}")]
+    Run {
+        index: u8,
+        source: vmm_sys_util::errno::Error,
+    },
+}

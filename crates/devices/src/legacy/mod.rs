@@ -1,0 +1,14 @@
+//! PC legacy devices: COM1, the keyboard controller's reset line, the CMOS RTC, the
+//! reset control port and vessel's boot timer.
+
+pub mod boot_timer;
+pub mod cmos;
+pub mod i8042;
+pub mod reset;
+pub mod serial;
+
+pub use boot_timer::BootTimer;
+pub use cmos::Cmos;
+pub use i8042::I8042;
+pub use reset::ResetControl;
+pub use serial::Serial;

@@ -1,0 +1,14 @@
+//! vessel's device model: one set of devices that both CPU backends (KVM and the
+//! software CPU) drive through the same buses. Devices see offsets inside their
+//! window and raise interrupts through [`interrupt::IrqLine`]; they never see KVM.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+pub mod pci;
+pub mod request;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use interrupt::IrqLine;
+pub use request::{GuestRequest, RequestSink};

@@ -1,0 +1,153 @@
+//! The kit boots on its own, independently of vessel: QEMU's software CPU runs it and
+//! every mode of `/init` is checked from the serial console.
+
+mod common;
+
+use kit::{EXIT_STATUS_PREFIX, INIT_MARKER, cmdline};
+
+const POWER_DOWN: &str = "reboot: Power down";
+const RESTART: &str = "reboot: Restarting system";
+
+fn setup() -> Option<(std::path::PathBuf, kit::Kit)> {
+    let qemu = common::qemu()?;
+    Some((qemu, common::kit()?))
+}
+
+#[test]
+fn a_command_after_dashes_runs_and_powers_off() {
+    let Some((qemu, kit)) = setup() else { return };
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("", Some("echo hello-$((6*7)); hostname")),
+        &[],
+        None,
+    );
+    assert!(run.status.success(), "{:?}", run.status);
+    run.assert_contains(&format!("{INIT_MARKER}\n"));
+    run.assert_contains("\nhello-42\nvessel\n");
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
+    run.assert_contains(POWER_DOWN);
+    run.assert_lacks("failed");
+    let marker = run.output.find(INIT_MARKER).unwrap();
+    assert!(marker < run.output.find("hello-42").unwrap());
+}
+
+#[test]
+fn the_command_status_is_reported() {
+    let Some((qemu, kit)) = setup() else { return };
+    let run = common::boot(&qemu, &kit, &cmdline("", Some("exit 3")), &[], None);
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}3\n"));
+    run.assert_contains(POWER_DOWN);
+}
+
+#[test]
+fn unquoted_arguments_after_dashes_are_one_command() {
+    let Some((qemu, kit)) = setup() else { return };
+    let append = format!("{} -- echo split words", kit::DEFAULT_CMDLINE);
+    let run = common::boot(&qemu, &kit, &append, &[], None);
+    run.assert_contains("\nsplit words\n");
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
+}
+
+#[test]
+fn vessel_poweroff_powers_off_at_once() {
+    let Some((qemu, kit)) = setup() else { return };
+    let run = common::boot(&qemu, &kit, &cmdline("vessel.poweroff", None), &[], None);
+    assert!(run.status.success(), "{:?}", run.status);
+    run.assert_contains(INIT_MARKER);
+    run.assert_contains(POWER_DOWN);
+    run.assert_lacks(EXIT_STATUS_PREFIX);
+    run.assert_lacks(RESTART);
+}
+
+#[test]
+fn vessel_reboot_resets_instead() {
+    let Some((qemu, kit)) = setup() else { return };
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("vessel.reboot", Some("echo before-reset")),
+        &[],
+        None,
+    );
+    run.assert_contains("before-reset");
+    run.assert_contains(RESTART);
+    run.assert_lacks(POWER_DOWN);
+}
+
+#[test]
+fn without_a_command_init_gives_an_interactive_shell() {
+    let Some((qemu, kit)) = setup() else { return };
+    // Job control needs a controlling tty; leaving the shell must power the machine off.
+    let input = "echo hi-$((6*7)) $(tty); sleep 1 & jobs; exit\n";
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("", None),
+        &[],
+        Some(("vessel:/# ", input)),
+    );
+    assert!(run.status.success(), "{:?}", run.status);
+    run.assert_contains("hi-42 /dev/ttyS0");
+    run.assert_lacks("can't access tty");
+    run.assert_contains("[1]+  Running");
+    run.assert_contains(POWER_DOWN);
+}
+
+#[test]
+fn the_boot_mark_reaches_port_0x440() {
+    let Some((qemu, kit)) = setup() else { return };
+    let log = std::env::temp_dir().join(format!("kit-debugcon-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let chardev = format!("file,id=dbg,path={}", log.display());
+    let extra = [
+        "-device",
+        "isa-debugcon,iobase=0x440,chardev=dbg",
+        "-chardev",
+        &chardev,
+    ];
+    let mark = format!("{} Z", kit::BOOT_MARK_PATH);
+    let run = common::boot(&qemu, &kit, &cmdline("", Some(&mark)), &extra, None);
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
+    let bytes = std::fs::read(&log).expect("debugcon log");
+    std::fs::remove_file(&log).unwrap();
+    assert_eq!(bytes, b"\x01Z", "init's mark, then the command's");
+}
+
+#[test]
+fn virtio_drivers_bind_to_virtio_devices() {
+    let Some((qemu, kit)) = setup() else { return };
+    let disk = std::env::temp_dir().join(format!("kit-virtio-{}.img", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("if=none,id=d0,format=raw,file={}", disk.display());
+    let extra = [
+        "-device",
+        "virtio-rng-pci",
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0",
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-device",
+        "virtio-serial-pci",
+    ];
+    let command = "cat /sys/class/misc/hw_random/rng_available; ls -1 /sys/block /sys/class/net; \
+                   for d in /sys/bus/virtio/devices/*; do echo bound: $(basename $(readlink $d/driver)); done; \
+                   ls -1d /sys/module/button /sys/module/evdev";
+    let run = common::boot(&qemu, &kit, &cmdline("", Some(command)), &extra, None);
+    std::fs::remove_file(&disk).unwrap();
+    run.assert_contains("virtio_rng.0");
+    run.assert_contains("\nvda\n");
+    run.assert_contains("\neth0\n");
+    for driver in ["virtio_blk", "virtio_net", "virtio_rng", "virtio_console"] {
+        run.assert_contains(&format!("bound: {driver}\n"));
+    }
+    run.assert_contains("/sys/module/button\n/sys/module/evdev\n");
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
+    run.assert_lacks("insmod");
+    run.assert_lacks("Unknown symbol");
+}

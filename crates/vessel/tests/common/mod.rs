@@ -1,0 +1,114 @@
+//! Shared by the integration tests: run the real `vessel` binary, with a deadline, and
+//! decide when a test that needs KVM or root must skip (or fail, under
+//! VESSEL_REQUIRE_KVM=1, as CI runs).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    pub fn dump(&self) -> String {
+        format!(
+            "exit {:?} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+pub fn vessel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+}
+
+/// Runs `cmd` with stdin closed, killing it after `deadline`.
+pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Finished {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vessel");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Finished {
+        code: status.and_then(|s| s.code()),
+        stdout: String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Boots `kernel` (a file) with extra `args`, on KVM.
+pub fn boot(kernel: &Path, args: &[&str], deadline: Duration) -> Finished {
+    let mut cmd = vessel();
+    cmd.arg("run").arg("--kernel").arg(kernel).args(args);
+    run_with_deadline(cmd, deadline)
+}
+
+fn required() -> bool {
+    std::env::var("VESSEL_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// True when /dev/kvm can be used; otherwise prints why the test skips (or panics
+/// when VESSEL_REQUIRE_KVM=1).
+pub fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(!required(), "VESSEL_REQUIRE_KVM=1 but /dev/kvm: {e}");
+            eprintln!("skipped: /dev/kvm not usable ({e})");
+            false
+        }
+    }
+}
+
+/// True when running as root; otherwise prints why the test skips (or panics when
+/// VESSEL_REQUIRE_KVM=1).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    if !root {
+        assert!(!required(), "VESSEL_REQUIRE_KVM=1 but not running as root");
+        eprintln!("skipped: needs root");
+    }
+    root
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -1,0 +1,323 @@
+//! Small guests assembled in the test, booted by the real `vessel` binary on the real
+//! /dev/kvm. On hosts without VT-x/AMD-V KVM emulates every instruction, so the guests
+//! stay short.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Finished, boot, kvm_available};
+use testguest::code_asm::*;
+use testguest::snippets::{acpi_power_off, halt_forever, hex32_routine, i8042_reset, print};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn boot64(build: impl FnOnce(&mut CodeAssembler), args: &[&str]) -> Finished {
+    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, build);
+    let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
+    boot(&kernel, args, DEADLINE)
+}
+
+#[test]
+fn serial_output_arrives_and_keyboard_reset_ends_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(
+        |a| {
+            print(a, "hello from a 64-bit guest\n");
+            i8042_reset(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout.contains("hello from a 64-bit guest\n"),
+        "{}",
+        r.dump()
+    );
+    assert!(r.stderr.contains("vessel: guest reset"), "{}", r.dump());
+}
+
+#[test]
+fn pvh_entry_starts_in_32bit_protected_mode_without_paging() {
+    if !kvm_available() {
+        return;
+    }
+    let code = testguest::assemble(32, testguest::PVH_ENTRY, |a| {
+        let mut paging_off = a.create_label();
+        // EBX points at hvm_start_info; its first word is the PVH magic.
+        a.cmp(dword_ptr(ebx), 0x336e_c578u32).unwrap();
+        a.jne(paging_off).unwrap(); // wrong magic: skip the "ok" line
+        a.mov(eax, cr0).unwrap();
+        a.test(eax, 0x8000_0000u32).unwrap();
+        a.jnz(paging_off).unwrap();
+        print(a, "pvh ok\n");
+        a.set_label(&mut paging_off).unwrap();
+        acpi_power_off(a);
+    });
+    let (_t, kernel) = testguest::temp_path(&testguest::pvh_elf(&code));
+    let r = boot(&kernel, &[], DEADLINE);
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(r.stdout.contains("pvh ok"), "{}", r.dump());
+    assert!(
+        r.stderr.contains("vessel: guest powered off"),
+        "{}",
+        r.dump()
+    );
+}
+
+#[test]
+fn port_io_and_mmio_reach_the_right_device() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(
+        |a| {
+            let mut hex = a.create_label();
+            let mut main = a.create_label();
+            a.jmp(main).unwrap();
+            hex32_routine(a, &mut hex);
+            a.set_label(&mut main).unwrap();
+            // PCI 00:00.0 vendor/device through configuration mechanism #1 (port I/O).
+            print(a, "cf8=");
+            a.mov(dx, 0xcf8u32).unwrap();
+            a.mov(eax, 0x8000_0000u32).unwrap();
+            a.out(dx, eax).unwrap();
+            a.mov(dx, 0xcfcu32).unwrap();
+            a.in_(eax, dx).unwrap();
+            a.call(hex).unwrap();
+            // The same register through ECAM (MMIO).
+            print(a, " ecam=");
+            a.mov(rbx, 0xe000_0000u64).unwrap();
+            a.mov(eax, dword_ptr(rbx)).unwrap();
+            a.call(hex).unwrap();
+            // CMOS status register D through ports 0x70/0x71: "valid RAM and time".
+            print(a, " cmos=");
+            a.mov(al, 0x0du32).unwrap();
+            a.out(0x70u32, al).unwrap();
+            a.in_(al, 0x71u32).unwrap();
+            a.movzx(eax, al).unwrap();
+            a.call(hex).unwrap();
+            // Nothing at this MMIO address: reads all-ones.
+            print(a, " none=");
+            a.mov(rbx, 0xd000_0000u64).unwrap();
+            a.mov(eax, dword_ptr(rbx)).unwrap();
+            a.call(hex).unwrap();
+            print(a, "\n");
+            i8042_reset(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout
+            .contains("cf8=00081b36 ecam=00081b36 cmos=00000080 none=ffffffff"),
+        "{}",
+        r.dump()
+    );
+}
+
+#[test]
+fn acpi_s5_powers_off_and_the_reset_register_resets() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(acpi_power_off, &[]);
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stderr.contains("vessel: guest powered off"),
+        "{}",
+        r.dump()
+    );
+
+    let r = boot64(
+        |a| {
+            a.mov(dx, 0xcf9u32).unwrap();
+            a.mov(al, 0x06u32).unwrap();
+            a.out(dx, al).unwrap();
+            halt_forever(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(r.stderr.contains("vessel: guest reset"), "{}", r.dump());
+}
+
+#[test]
+fn triple_fault_reports_reason_rip_and_bytes() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(
+        |a| {
+            // No usable IDT: #UD cannot be delivered, then neither can #DF.
+            a.ud2().unwrap();
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.dump());
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("triple fault"))
+        .unwrap_or_else(|| panic!("{}", r.dump()));
+    assert!(
+        line.contains(&format!("RIP {:#x}", testguest::BZIMAGE_ENTRY64)),
+        "{line}"
+    );
+    assert!(line.contains("bytes [0f 0b"), "{line}");
+}
+
+#[test]
+fn boot_timer_port_logs_time_since_start() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(
+        |a| {
+            a.mov(dx, 0x440u32).unwrap();
+            a.mov(al, 0x2au32).unwrap();
+            a.out(dx, al).unwrap();
+            i8042_reset(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("boot-timer:"))
+        .unwrap_or_else(|| panic!("{}", r.dump()));
+    let ms: f64 = line
+        .split("boot-timer:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(ms > 0.0 && ms < r.elapsed.as_secs_f64() * 1000.0, "{line}");
+    assert!(line.contains("0x2a"), "{line}");
+}
+
+#[test]
+fn cmos_gives_the_real_date() {
+    if !kvm_available() {
+        return;
+    }
+    let today = || {
+        let out = std::process::Command::new("date")
+            .args(["-u", "+%y%m%d"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let before = today();
+    let r = boot64(
+        |a| {
+            let mut hex = a.create_label();
+            let mut main = a.create_label();
+            a.jmp(main).unwrap();
+            hex32_routine(a, &mut hex);
+            a.set_label(&mut main).unwrap();
+            // Year, month, day in BCD packed into one word: 0x00YYMMDD.
+            a.xor(ebx, ebx).unwrap();
+            for reg in [9u32, 8, 7] {
+                a.mov(al, reg).unwrap();
+                a.out(0x70u32, al).unwrap();
+                a.in_(al, 0x71u32).unwrap();
+                a.shl(ebx, 8u32).unwrap();
+                a.mov(bl, al).unwrap();
+            }
+            print(a, "date=");
+            a.mov(eax, ebx).unwrap();
+            a.call(hex).unwrap();
+            print(a, "\n");
+            i8042_reset(a);
+        },
+        &[],
+    );
+    let after = today();
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout.contains(&format!("date=00{before}"))
+            || r.stdout.contains(&format!("date=00{after}")),
+        "host says {before}: {}",
+        r.dump()
+    );
+}
+
+/// The application processors start in real mode at the SIPI vector, as Linux brings
+/// them up: each prints the APIC ID its own CPUID reports.
+#[test]
+fn every_vcpu_reports_its_own_apic_id() {
+    if !kvm_available() {
+        return;
+    }
+    const TRAMPOLINE: u32 = 0x1_0000;
+    const LOCK: u32 = 0x800; // offsets from the trampoline segment
+    const COUNT: u32 = 0x801;
+    let ap = testguest::assemble(16, 0, |a| {
+        let mut acquire = a.create_label();
+        a.cli().unwrap();
+        a.mov(ax, TRAMPOLINE >> 4).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.cpuid().unwrap();
+        a.shr(ebx, 24u32).unwrap();
+        a.set_label(&mut acquire).unwrap();
+        a.mov(al, 1u32).unwrap();
+        a.xchg(byte_ptr(LOCK), al).unwrap();
+        a.test(al, al).unwrap();
+        a.jnz(acquire).unwrap();
+        print(a, "apic ");
+        a.mov(al, bl).unwrap();
+        a.add(al, b'0' as u32).unwrap();
+        a.out(dx, al).unwrap();
+        print(a, "\n");
+        a.mov(byte_ptr(LOCK), 0u32).unwrap();
+        a.lock().inc(byte_ptr(COUNT)).unwrap();
+        halt_forever(a);
+    });
+    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, |a| {
+        let mut blob = a.create_label();
+        let mut wait = a.create_label();
+        a.lea(rsi, ptr(blob)).unwrap();
+        a.mov(edi, TRAMPOLINE).unwrap();
+        a.mov(ecx, ap.len() as u32).unwrap();
+        a.rep().movsb().unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.cpuid().unwrap();
+        a.shr(ebx, 24u32).unwrap();
+        print(a, "apic ");
+        a.mov(al, bl).unwrap();
+        a.add(al, b'0' as u32).unwrap();
+        a.out(dx, al).unwrap();
+        print(a, "\n");
+        // Software-enable the local APIC, then INIT and SIPI to all but self.
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
+        a.mov(dword_ptr(rbx + 0x300), 0x000c_4500u32).unwrap();
+        a.mov(dword_ptr(rbx + 0x300), 0x000c_4600u32 | (TRAMPOLINE >> 12))
+            .unwrap();
+        a.set_label(&mut wait).unwrap();
+        a.pause().unwrap();
+        a.cmp(byte_ptr(u64::from(TRAMPOLINE + COUNT)), 3u32)
+            .unwrap();
+        a.jne(wait).unwrap();
+        print(a, "all up\n");
+        i8042_reset(a);
+        a.set_label(&mut blob).unwrap();
+        a.db(&ap).unwrap();
+    });
+    let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
+    let r = boot(&kernel, &["--cpus", "4"], DEADLINE);
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let mut ids: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("apic "))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["0", "1", "2", "3"], "{}", r.dump());
+    assert!(r.stdout.contains("all up"), "{}", r.dump());
+}

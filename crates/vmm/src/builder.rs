@@ -1,0 +1,162 @@
+//! Assembles a VM from its config: guest memory, ACPI, the kernel, the backend, the
+//! device model on its buses, and the vCPUs.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+
+use arch::acpi::{AcpiConfig, AcpiTables};
+use arch::boot::{self, BootSpec};
+use arch::layout::{self, ports};
+use cpu::Vcpu;
+use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq};
+use devices::legacy::{BootTimer, Cmos, I8042, ResetControl, Serial};
+use devices::pci::{ConfigAddressPort, Ecam, PciRoot};
+use devices::{Bus, GuestRequest, IrqLine, RequestSink, acpi_pm::AcpiPm};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::config::VmConfig;
+use crate::error::VmError;
+use crate::vm::{Vm, VmEvent};
+
+/// Guest RAM laid out around the 32-bit MMIO hole.
+pub fn guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+        mib: size >> 20,
+        reason: e.to_string(),
+    })
+}
+
+/// Builds a ready-to-run VM.
+pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
+    config.validate()?;
+    let mem = guest_memory(config.memory)?;
+    let acpi = AcpiTables::build(&AcpiConfig {
+        cpus: config.cpus as u8,
+        ram_size: config.memory,
+    })?;
+    let rsdp = acpi.write(&mem)?;
+    let loaded = boot::load(
+        &mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            ram_size: config.memory,
+            rsdp: Some(rsdp),
+        },
+    )?;
+    tracing::debug!(
+        "kernel {:?} ({:?}) entry {:#x}, initrd {:?}",
+        config.kernel,
+        loaded.format,
+        loaded.entry.rip,
+        loaded.initrd
+    );
+
+    let kvm = Kvm::open()?;
+    let max = kvm.max_vcpus();
+    if usize::from(config.cpus) > max {
+        return Err(VmError::TooManyVcpus {
+            asked: config.cpus,
+            max,
+        });
+    }
+    let vm = kvm.create_vm(&mem)?;
+    let (events_tx, events_rx) = mpsc::channel();
+    let com1_irq: Arc<dyn IrqLine> = Arc::new(KvmEdgeIrq::new(vm.fd(), ports::COM1_IRQ)?);
+    let sci: Arc<dyn IrqLine> = Arc::new(KvmLevelIrq::new(vm.fd().clone(), ports::ACPI_SCI_IRQ));
+    let platform = Platform::new(events_tx.clone(), com1_irq, sci)?;
+
+    let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(usize::from(config.cpus));
+    for index in 0..config.cpus as u8 {
+        let mut vcpu = vm
+            .create_vcpu(index, config.cpus as u8)?
+            .with_memory(mem.clone());
+        if index == 0 {
+            vcpu.set_entry_state(&loaded.entry)?;
+        }
+        vcpus.push(Box::new(vcpu));
+    }
+    Ok(Vm::new(
+        config.console,
+        vcpus,
+        platform,
+        events_tx,
+        events_rx,
+        Box::new((vm, mem)),
+    ))
+}
+
+/// The device model and the two buses it sits on.
+pub struct Platform {
+    pub io: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub boot_timer: Arc<Mutex<Vec<devices::legacy::boot_timer::BootMark>>>,
+}
+
+impl Platform {
+    fn new(
+        events: Sender<VmEvent>,
+        com1_irq: Arc<dyn IrqLine>,
+        sci: Arc<dyn IrqLine>,
+    ) -> Result<Self, VmError> {
+        let events = Mutex::new(events);
+        let requests: RequestSink = Arc::new(move |r: GuestRequest| {
+            let _ = devices::bus::lock(&events).send(VmEvent::Guest(r));
+        });
+        let mut io = Bus::new();
+        let mut mmio = Bus::new();
+
+        let serial = Arc::new(Mutex::new(Serial::new(
+            com1_irq,
+            Box::new(std::io::stdout()),
+        )));
+        io.insert(u64::from(ports::COM1), 8, serial.clone())?;
+        let (kbd_data, kbd_cmd) = I8042::ports(requests.clone());
+        io.insert(
+            u64::from(ports::I8042_DATA),
+            1,
+            Arc::new(Mutex::new(kbd_data)),
+        )?;
+        io.insert(
+            u64::from(ports::I8042_COMMAND),
+            1,
+            Arc::new(Mutex::new(kbd_cmd)),
+        )?;
+        io.insert(u64::from(ports::CMOS), 2, Arc::new(Mutex::new(Cmos::new())))?;
+        let pm = AcpiPm::new(sci, requests.clone());
+        io.insert(
+            u64::from(ports::ACPI_PM1A_EVT),
+            devices::acpi_pm::WINDOW_LEN,
+            Arc::new(Mutex::new(pm)),
+        )?;
+        let timer = BootTimer::new(crate::process_start());
+        let boot_timer = timer.marks();
+        io.insert(u64::from(ports::BOOT_TIMER), 1, Arc::new(Mutex::new(timer)))?;
+
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let reset = Box::new(ResetControl::new(requests));
+        let config_port = ConfigAddressPort::new(root.clone()).with_reset_control(reset);
+        io.insert(
+            u64::from(ports::PCI_CONFIG_ADDRESS),
+            8,
+            Arc::new(Mutex::new(config_port)),
+        )?;
+        mmio.insert(
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(Ecam::new(root))),
+        )?;
+        Ok(Platform {
+            io: Arc::new(io),
+            mmio: Arc::new(mmio),
+            serial,
+            boot_timer,
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! What one VM is made of, validated before anything is built.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub const MIN_MEMORY: u64 = 32 << 20;
+pub const MAX_VCPUS: u16 = 255;
+
+/// Which CPU backend runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleMode {
+    /// The process's stdin/stdout (a terminal in raw mode when stdin is one).
+    Stdio,
+    /// Output only, to stdout; stdin is not read.
+    OutputOnly,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u16,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub accel: Accel,
+    pub console: ConsoleMode,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Cpus(u16),
+    #[error("--memory {0} MiB is below the 32 MiB minimum")]
+    MemoryTooSmall(u64),
+    #[error("--memory {asked_mib} MiB is more than this host's {host_mib} MiB of RAM")]
+    MemoryTooLarge { asked_mib: u64, host_mib: u64 },
+    #[error(
+        "invalid memory size {0:?}: use a number with an optional K, M, G or T suffix (e.g. 512M, 2G)"
+    )]
+    BadSize(String),
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_VCPUS {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(self.memory >> 20));
+        }
+        if let Some(host) = host_memory_bytes()
+            && self.memory > host
+        {
+            return Err(ConfigError::MemoryTooLarge {
+                asked_mib: self.memory >> 20,
+                host_mib: host >> 20,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parses sizes like `512M`, `2G`, `1.5G`, `65536K`, `268435456` (plain numbers are MiB,
+/// as with QEMU's -m).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(text.to_string());
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (number, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 20),
+    };
+    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// The host's RAM (MemTotal), if /proc/meminfo says.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_qemu() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("65536K"), Ok(64 << 20));
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        for bad in ["", "M", "12Q", "-5M", "1e3M", "0", "lots", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn config(cpus: u16, memory: u64) -> VmConfig {
+        VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus,
+            memory,
+            accel: Accel::Kvm,
+            console: ConsoleMode::OutputOnly,
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        assert_eq!(config(0, 64 << 20).validate(), Err(ConfigError::Cpus(0)));
+        assert_eq!(
+            config(256, 64 << 20).validate(),
+            Err(ConfigError::Cpus(256))
+        );
+        assert_eq!(
+            config(1, 16 << 20).validate(),
+            Err(ConfigError::MemoryTooSmall(16))
+        );
+        assert!(matches!(
+            config(1, 1 << 50).validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        assert_eq!(config(255, 32 << 20).validate(), Ok(()));
+    }
+}

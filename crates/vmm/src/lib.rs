@@ -1,0 +1,33 @@
+//! One virtual machine: assembled from a [`VmConfig`] by the builder, run by the
+//! dispatcher (one loop per vCPU), ended by the guest or the user.
+
+pub mod builder;
+pub mod config;
+pub mod console;
+pub mod dispatcher;
+mod error;
+pub mod vm;
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub use config::{Accel, ConfigError, ConsoleMode, VmConfig, parse_size};
+pub use error::VmError;
+pub use vm::{Vm, VmOutcome};
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Records the process start; call first thing in `main` so the boot timer measures
+/// from there.
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(Instant::now);
+}
+
+pub fn process_start() -> Instant {
+    *PROCESS_START.get_or_init(Instant::now)
+}
+
+/// Builds and runs a VM to its end.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
+    builder::build(config)?.run()
+}

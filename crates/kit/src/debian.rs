@@ -35,8 +35,41 @@ fn reason(out: &Output) -> String {
     line.unwrap_or("no error output").trim().to_string()
 }
 
-/// `apt-get download` one package (optionally `name=version`) into `dir`.
+/// `apt-get download` one package (optionally `name=version`) into `dir`. On a fresh
+/// machine apt's package lists are empty: as root, refresh them once and retry.
 pub(crate) fn download(spec: &str, dir: &Path) -> Result<Deb, KitError> {
+    static REFRESHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match download_once(spec, dir) {
+        Err(KitError::AptListsEmpty { .. })
+            if running_as_root() && !REFRESHED.swap(true, std::sync::atomic::Ordering::SeqCst) =>
+        {
+            tracing::info!("apt package lists are empty or stale: running apt-get update");
+            let out = run("apt-get", &["update", "-q"], None)?;
+            if !out.status.success() {
+                return Err(KitError::AptDownload {
+                    package: "(apt-get update)".into(),
+                    detail: reason(&out),
+                });
+            }
+            download_once(spec, dir)
+        }
+        result => result,
+    }
+}
+
+/// Is this process root? (From /proc, to keep this crate free of unsafe code.)
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn download_once(spec: &str, dir: &Path) -> Result<Deb, KitError> {
     let package = spec.split('=').next().unwrap_or(spec).to_string();
     // As root apt drops to the `_apt` user, which cannot write into a cache under /root
     // and says so; downloading as ourselves keeps the output clean and the file ours.

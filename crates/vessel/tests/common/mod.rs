@@ -112,3 +112,20 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+/// The default guest kit, built if needed. None (after printing why) when it cannot be
+/// had; under VESSEL_REQUIRE_KVM=1 that is a failure.
+pub fn kit() -> Option<kit::Kit> {
+    let dir = kit::default_cache_dir().ok()?;
+    if let Some(k) = kit::locate(&dir) {
+        return Some(k);
+    }
+    match kit::build(&kit::KitOptions::default()) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            assert!(!required(), "VESSEL_REQUIRE_KVM=1 but the kit is unavailable: {e}");
+            eprintln!("skipped: no guest kit ({e})");
+            None
+        }
+    }
+}

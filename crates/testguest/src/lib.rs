@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+pub mod report;
 pub mod snippets;
 
 pub use iced_x86::code_asm;

@@ -1,14 +1,17 @@
 //! vessel's own messages on stderr, one line each: `vessel: text` (info),
-//! `vessel: warning: text`, `vessel: error: text`. `VESSEL_LOG` sets the filter
-//! (tracing's env-filter syntax, e.g. `debug` or `vmm=trace`).
+//! `vessel: warning: text`, `vessel: error: text`. `VESSEL_LOG` sets the filter:
+//! a level (`debug`) or targets with levels (`vmm=trace,info`). A plain target filter,
+//! not a regex engine: the monitor's own memory stays small.
 
 use std::fmt;
 
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 struct OneLine;
 
@@ -46,10 +49,24 @@ where
 }
 
 pub fn init() {
-    let filter = EnvFilter::try_from_env("VESSEL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .event_format(OneLine)
+    let spec = std::env::var("VESSEL_LOG").unwrap_or_default();
+    let filter: Targets = spec.parse().unwrap_or_else(|_| {
+        eprintln!(
+            "vessel: warning: ignoring VESSEL_LOG={spec:?} (want e.g. debug or vmm=trace,info)"
+        );
+        Targets::new().with_default(tracing::Level::INFO)
+    });
+    let filter = if spec.is_empty() {
+        Targets::new().with_default(tracing::Level::INFO)
+    } else {
+        filter
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .event_format(OneLine),
+        )
+        .with(filter)
         .init();
 }

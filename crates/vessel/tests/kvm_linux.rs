@@ -27,7 +27,11 @@ fn debian_kernel_boots_on_kvm_through_pvh() {
         assert_eq!(r.code, Some(0), "{}", r.dump());
         assert!(r.stdout.contains(kit::INIT_MARKER), "{}", r.dump());
         assert!(r.stdout.contains("linux-on-kvm-ok"), "{}", r.dump());
-        assert!(r.stdout.contains("VESSEL-KIT: exit status 0"), "{}", r.dump());
+        assert!(
+            r.stdout.contains("VESSEL-KIT: exit status 0"),
+            "{}",
+            r.dump()
+        );
         return;
     }
     let r = boot(

@@ -12,7 +12,9 @@ use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq};
 use devices::legacy::{BootTimer, Cmos, I8042, ResetControl, Serial};
 use devices::pci::{ConfigAddressPort, Ecam, PciRoot};
 use devices::{Bus, GuestRequest, IrqLine, RequestSink, acpi_pm::AcpiPm};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::config::VmConfig;
 use crate::error::VmError;
@@ -24,10 +26,19 @@ pub fn guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
         mib: size >> 20,
         reason: e.to_string(),
-    })
+    })?;
+    // Guest RAM never goes to a forked child (as QEMU does): forks stay cheap and a
+    // child never shares the guest's memory.
+    for region in mem.iter() {
+        if let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) {
+            // SAFETY: advising on a mapping vm-memory owns, for its whole length.
+            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
+        }
+    }
+    Ok(mem)
 }
 
 /// Builds a ready-to-run VM.
@@ -66,6 +77,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
         });
     }
     let vm = kvm.create_vm(&mem)?;
+    let vm_fd = std::os::fd::AsRawFd::as_raw_fd(vm.fd().as_ref());
     let (events_tx, events_rx) = mpsc::channel();
     let com1_irq: Arc<dyn IrqLine> = Arc::new(KvmEdgeIrq::new(vm.fd(), ports::COM1_IRQ)?);
     let sci: Arc<dyn IrqLine> = Arc::new(KvmLevelIrq::new(vm.fd().clone(), ports::ACPI_SCI_IRQ));
@@ -88,6 +100,7 @@ pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
         events_tx,
         events_rx,
         Box::new((vm, mem)),
+        vm_fd,
     ))
 }
 

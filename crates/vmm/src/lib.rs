@@ -6,6 +6,7 @@ pub mod config;
 pub mod console;
 pub mod dispatcher;
 mod error;
+mod teardown;
 pub mod vm;
 
 use std::sync::OnceLock;
@@ -27,7 +28,10 @@ pub fn process_start() -> Instant {
     *PROCESS_START.get_or_init(Instant::now)
 }
 
-/// Builds and runs a VM to its end.
+/// Builds and runs a VM to its end, for a process that exits right after: the kernel's
+/// teardown of the VM is left to a short-lived child.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
-    builder::build(config)?.run()
+    let mut vm = builder::build(config)?;
+    vm.detach_teardown();
+    vm.run()
 }

@@ -67,6 +67,9 @@ pub struct Vm {
     events_rx: Receiver<VmEvent>,
     /// The backend VM and guest memory: kept alive until every vCPU has stopped.
     _backing: Box<dyn std::any::Any + Send>,
+    /// The KVM VM descriptor whose teardown may be left to a child process.
+    vm_fd: std::os::fd::RawFd,
+    detach_teardown: bool,
 }
 
 impl Vm {
@@ -77,6 +80,7 @@ impl Vm {
         events_tx: Sender<VmEvent>,
         events_rx: Receiver<VmEvent>,
         backing: Box<dyn std::any::Any + Send>,
+        vm_fd: std::os::fd::RawFd,
     ) -> Self {
         Vm {
             console,
@@ -85,7 +89,15 @@ impl Vm {
             events_tx,
             events_rx,
             _backing: backing,
+            vm_fd,
+            detach_teardown: false,
         }
+    }
+
+    /// When the VM ends, leave the kernel's VM teardown to a child process (for a
+    /// process that exits right after the VM does).
+    pub fn detach_teardown(&mut self) {
+        self.detach_teardown = true;
     }
 
     /// The guest's boot-timer marks so far.
@@ -151,6 +163,9 @@ impl Vm {
         }
         for (_, handle) in threads {
             let _ = handle.join();
+        }
+        if self.detach_teardown {
+            crate::teardown::defer_vm_teardown(self.vm_fd);
         }
         Ok(outcome)
     }

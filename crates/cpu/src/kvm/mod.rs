@@ -3,7 +3,7 @@
 //! and vessel's interpreter takes over where that emulator gives up.
 
 mod irq;
-mod regs;
+pub mod regs;
 mod vcpu;
 mod vm;
 

@@ -123,7 +123,10 @@ pub fn kit() -> Option<kit::Kit> {
     match kit::build(&kit::KitOptions::default()) {
         Ok(k) => Some(k),
         Err(e) => {
-            assert!(!required(), "VESSEL_REQUIRE_KVM=1 but the kit is unavailable: {e}");
+            assert!(
+                !required(),
+                "VESSEL_REQUIRE_KVM=1 but the kit is unavailable: {e}"
+            );
             eprintln!("skipped: no guest kit ({e})");
             None
         }

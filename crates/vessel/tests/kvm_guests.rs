@@ -321,3 +321,37 @@ fn every_vcpu_reports_its_own_apic_id() {
     assert_eq!(ids, ["0", "1", "2", "3"], "{}", r.dump());
     assert!(r.stdout.contains("all up"), "{}", r.dump());
 }
+
+/// Host input reaches the guest's UART: the guest polls the line status register and
+/// echoes what it reads; Ctrl-A x on the console quits with exit code 0.
+#[test]
+fn console_input_reaches_the_guest_and_ctrl_a_x_quits() {
+    if !kvm_available() {
+        return;
+    }
+    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, |a| {
+        let mut poll = a.create_label();
+        print(a, "type:\n");
+        a.set_label(&mut poll).unwrap();
+        a.mov(dx, 0x3fdu32).unwrap(); // line status: bit 0 = data ready
+        a.in_(al, dx).unwrap();
+        a.test(al, 1u32).unwrap();
+        a.jz(poll).unwrap();
+        a.mov(dx, 0x3f8u32).unwrap();
+        a.in_(al, dx).unwrap();
+        a.xor(al, 0x20u32).unwrap(); // echo with the case flipped
+        a.out(dx, al).unwrap();
+        a.jmp(poll).unwrap();
+    });
+    let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
+    let mut cmd = common::vessel();
+    cmd.arg("run").arg("--kernel").arg(&kernel);
+    let r = common::run_with_input(cmd, Some(&[b"vessel", b"\x01x"]), DEADLINE);
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(r.stdout.contains("type:\nVESSEL"), "{}", r.dump());
+    assert!(
+        r.stderr.contains("vessel: quit from the console"),
+        "{}",
+        r.dump()
+    );
+}

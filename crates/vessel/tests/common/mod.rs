@@ -29,10 +29,21 @@ pub fn vessel() -> Command {
 }
 
 /// Runs `cmd` with stdin closed, killing it after `deadline`.
-pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Finished {
+pub fn run_with_deadline(cmd: Command, deadline: Duration) -> Finished {
+    run_with_input(cmd, None, deadline)
+}
+
+/// Runs `cmd`, writing each chunk of `input` to its stdin after a short pause (so the
+/// guest is up, and has handled the previous chunk), killing it after `deadline`.
+pub fn run_with_input(mut cmd: Command, input: Option<&[&[u8]]>, deadline: Duration) -> Finished {
     let start = Instant::now();
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -49,6 +60,18 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration) -> Finished {
         let _ = err.read_to_end(&mut s);
         s
     });
+    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
+        let chunks: Vec<Vec<u8>> = input.iter().map(|c| c.to_vec()).collect();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for chunk in chunks {
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = pipe.write_all(&chunk);
+            }
+            // Keep the pipe open: EOF must not be what ends the VM.
+            std::thread::sleep(Duration::from_secs(3600));
+        });
+    }
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break Some(status);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use vmm::{Accel, ConsoleMode, VmConfig, VmOutcome};
+use vmm::{Accel, VmConfig, VmOutcome};
 
 /// Command line used for kernels given with --kernel when --cmdline is not.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -131,7 +131,6 @@ fn run(args: RunArgs) -> Result<ExitCode, UsageError> {
         accel: match args.accel {
             AccelArg::Kvm => Accel::Kvm,
         },
-        console: ConsoleMode::Stdio,
     };
     let outcome = vmm::run(&config)?;
     eprintln!("vessel: {outcome}");

@@ -18,7 +18,35 @@ use vm_memory::{
 
 use crate::config::VmConfig;
 use crate::error::VmError;
-use crate::vm::{Vm, VmEvent};
+use crate::metrics::Metrics;
+use crate::vm::{Vm, VmEvent, VmParts};
+
+/// Where the guest's serial console goes.
+pub enum Console {
+    /// This process's stdin and stdout (stdin in raw mode when it is a terminal).
+    Stdio,
+    /// Output to a writer (a log, console clients); input through `VmHandle::console_input`.
+    Output(Box<dyn std::io::Write + Send>),
+}
+
+/// Counts console bytes on their way out.
+struct CountingOutput {
+    out: Box<dyn std::io::Write + Send>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::io::Write for CountingOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.metrics
+            .console_out_bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
 
 /// Guest RAM laid out around the 32-bit MMIO hole.
 pub fn guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
@@ -42,7 +70,7 @@ pub fn guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
 }
 
 /// Builds a ready-to-run VM.
-pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
+pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
     config.validate()?;
     let mem = guest_memory(config.memory)?;
     let acpi = AcpiTables::build(&AcpiConfig {
@@ -81,7 +109,16 @@ pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
     let (events_tx, events_rx) = mpsc::channel();
     let com1_irq: Arc<dyn IrqLine> = Arc::new(KvmEdgeIrq::new(vm.fd(), ports::COM1_IRQ)?);
     let sci: Arc<dyn IrqLine> = Arc::new(KvmLevelIrq::new(vm.fd().clone(), ports::ACPI_SCI_IRQ));
-    let platform = Platform::new(events_tx.clone(), com1_irq, sci)?;
+    let metrics = Arc::new(Metrics::new());
+    let (stdio_console, output): (bool, Box<dyn std::io::Write + Send>) = match console {
+        Console::Stdio => (true, Box::new(std::io::stdout())),
+        Console::Output(out) => (false, out),
+    };
+    let output = Box::new(CountingOutput {
+        out: output,
+        metrics: metrics.clone(),
+    });
+    let platform = Platform::new(events_tx.clone(), com1_irq, sci, output)?;
 
     let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus as u8 {
@@ -93,15 +130,16 @@ pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
         }
         vcpus.push(Box::new(vcpu));
     }
-    Ok(Vm::new(
-        config.console,
+    Ok(Vm::new(VmParts {
+        stdio_console,
         vcpus,
         platform,
+        metrics,
         events_tx,
         events_rx,
-        Box::new((vm, mem)),
+        backing: Box::new((vm, mem)),
         vm_fd,
-    ))
+    }))
 }
 
 /// The device model and the two buses it sits on.
@@ -109,6 +147,7 @@ pub struct Platform {
     pub io: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub serial: Arc<Mutex<Serial>>,
+    pub pm: Arc<Mutex<AcpiPm>>,
     pub boot_timer: Arc<Mutex<Vec<devices::legacy::boot_timer::BootMark>>>,
 }
 
@@ -117,6 +156,7 @@ impl Platform {
         events: Sender<VmEvent>,
         com1_irq: Arc<dyn IrqLine>,
         sci: Arc<dyn IrqLine>,
+        console: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, VmError> {
         let events = Mutex::new(events);
         let requests: RequestSink = Arc::new(move |r: GuestRequest| {
@@ -125,10 +165,7 @@ impl Platform {
         let mut io = Bus::new();
         let mut mmio = Bus::new();
 
-        let serial = Arc::new(Mutex::new(Serial::new(
-            com1_irq,
-            Box::new(std::io::stdout()),
-        )));
+        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, console)));
         io.insert(u64::from(ports::COM1), 8, serial.clone())?;
         let (kbd_data, kbd_cmd) = I8042::ports(requests.clone());
         io.insert(
@@ -142,11 +179,11 @@ impl Platform {
             Arc::new(Mutex::new(kbd_cmd)),
         )?;
         io.insert(u64::from(ports::CMOS), 2, Arc::new(Mutex::new(Cmos::new())))?;
-        let pm = AcpiPm::new(sci, requests.clone());
+        let pm = Arc::new(Mutex::new(AcpiPm::new(sci, requests.clone())));
         io.insert(
             u64::from(ports::ACPI_PM1A_EVT),
             devices::acpi_pm::WINDOW_LEN,
-            Arc::new(Mutex::new(pm)),
+            pm.clone(),
         )?;
         let timer = BootTimer::new(crate::process_start());
         let boot_timer = timer.marks();
@@ -169,6 +206,7 @@ impl Platform {
             io: Arc::new(io),
             mmio: Arc::new(mmio),
             serial,
+            pm,
             boot_timer,
         })
     }

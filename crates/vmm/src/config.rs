@@ -13,15 +13,6 @@ pub enum Accel {
     Kvm,
 }
 
-/// Where the guest's serial console goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConsoleMode {
-    /// The process's stdin/stdout (a terminal in raw mode when stdin is one).
-    Stdio,
-    /// Output only, to stdout; stdin is not read.
-    OutputOnly,
-}
-
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -31,7 +22,6 @@ pub struct VmConfig {
     /// Guest RAM in bytes.
     pub memory: u64,
     pub accel: Accel,
-    pub console: ConsoleMode,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -134,7 +124,6 @@ mod tests {
             cpus,
             memory,
             accel: Accel::Kvm,
-            console: ConsoleMode::OutputOnly,
         }
     }
 

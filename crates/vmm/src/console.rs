@@ -3,13 +3,9 @@
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::bus::lock;
-use devices::legacy::Serial;
-
-use crate::vm::VmEvent;
+use crate::vm::{VmEvent, VmHandle};
 
 const CTRL_A: u8 = 0x01;
 
@@ -93,7 +89,7 @@ impl EscapeFilter {
 }
 
 /// Reads stdin until EOF, feeding the guest's serial port. Runs on its own thread.
-pub fn forward_stdin(serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) {
+pub fn forward_stdin(vm: VmHandle, events: Sender<VmEvent>) {
     let mut stdin = io::stdin().lock();
     let mut filter = EscapeFilter::default();
     let mut buf = [0u8; 256];
@@ -121,7 +117,7 @@ pub fn forward_stdin(serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) {
         }
         // The UART's receive FIFO is small: hand over what fits, wait for the guest.
         while !pending.is_empty() {
-            let taken = lock(&serial).enqueue_input(&pending);
+            let taken = vm.console_input(&pending);
             pending.drain(..taken);
             if !pending.is_empty() {
                 std::thread::sleep(Duration::from_millis(2));

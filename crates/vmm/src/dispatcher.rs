@@ -3,27 +3,38 @@
 //! power-offs to the VM, anything fatal to the VM with the vCPU's location.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 
 use cpu::{Exit, Vcpu};
 use devices::{Bus, GuestRequest};
 
+use crate::control::VmControl;
+use crate::metrics::{ExitReason, Metrics};
 use crate::vm::VmEvent;
 
 /// What every vCPU thread shares.
 pub struct Dispatcher {
     pub io: Arc<Bus>,
     pub mmio: Arc<Bus>,
-    pub stop: Arc<AtomicBool>,
+    pub control: Arc<VmControl>,
     pub events: Sender<VmEvent>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Tells the VM control a vCPU has left its loop, however it leaves.
+struct Exited<'a>(&'a VmControl);
+impl Drop for Exited<'_> {
+    fn drop(&mut self) {
+        self.0.vcpu_exited();
+    }
 }
 
 impl Dispatcher {
     /// Runs `vcpu` until the VM stops or the vCPU cannot go on.
     pub fn run_vcpu(&self, vcpu: &mut dyn Vcpu) {
+        let _exited = Exited(&self.control);
         let index = vcpu.index();
-        while !self.stop.load(Ordering::Acquire) {
+        while self.control.keep_running() {
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => {
@@ -34,29 +45,41 @@ impl Dispatcher {
             };
             match exit {
                 Exit::IoIn { port, data } => {
+                    self.metrics.exit(ExitReason::IoIn);
                     if !self.io.read(u64::from(port), data) {
                         tracing::trace!("vCPU {index}: read from unassigned port {port:#x}");
                     }
                 }
                 Exit::IoOut { port, data } => {
+                    self.metrics.exit(ExitReason::IoOut);
                     if !self.io.write(u64::from(port), data) {
                         tracing::trace!("vCPU {index}: write to unassigned port {port:#x}");
                     }
                 }
                 Exit::MmioRead { addr, data } => {
+                    self.metrics.exit(ExitReason::MmioRead);
                     if !self.mmio.read(addr, data) {
                         tracing::debug!("vCPU {index}: read from unassigned MMIO {addr:#x}");
                     }
                 }
                 Exit::MmioWrite { addr, data } => {
+                    self.metrics.exit(ExitReason::MmioWrite);
                     if !self.mmio.write(addr, data) {
                         tracing::debug!("vCPU {index}: write to unassigned MMIO {addr:#x}");
                     }
                 }
-                Exit::Halt | Exit::Interrupted => {}
-                Exit::SystemReset => self.request(GuestRequest::Reset),
-                Exit::SystemPowerOff => self.request(GuestRequest::PowerOff),
+                Exit::Halt => self.metrics.exit(ExitReason::Halt),
+                Exit::Interrupted => self.metrics.exit(ExitReason::Interrupted),
+                Exit::SystemReset => {
+                    self.metrics.exit(ExitReason::System);
+                    self.request(GuestRequest::Reset);
+                }
+                Exit::SystemPowerOff => {
+                    self.metrics.exit(ExitReason::System);
+                    self.request(GuestRequest::PowerOff);
+                }
                 Exit::EmulationFailure => {
+                    self.metrics.exit(ExitReason::EmulationFailure);
                     let location = vcpu.location();
                     self.fail(
                         index,

@@ -4,17 +4,21 @@
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod dispatcher;
 mod error;
+pub mod metrics;
 mod teardown;
 pub mod vm;
 
 use std::sync::OnceLock;
 use std::time::Instant;
 
-pub use config::{Accel, ConfigError, ConsoleMode, VmConfig, parse_size};
+pub use builder::Console;
+pub use config::{Accel, ConfigError, VmConfig, parse_size};
+pub use control::{ControlError, RunState};
 pub use error::VmError;
-pub use vm::{Vm, VmOutcome};
+pub use vm::{Vm, VmHandle, VmOutcome};
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
@@ -31,7 +35,7 @@ pub fn process_start() -> Instant {
 /// Builds and runs a VM to its end, for a process that exits right after: the kernel's
 /// teardown of the VM is left to a short-lived child.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
-    let mut vm = builder::build(config)?;
+    let mut vm = builder::build(config, Console::Stdio)?;
     vm.detach_teardown();
     vm.run()
 }

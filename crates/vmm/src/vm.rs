@@ -1,20 +1,25 @@
 //! A built VM running: one thread per vCPU through the dispatcher, the console on
-//! another, and this thread waiting for the event that ends the VM.
+//! another, and this thread waiting for the event that ends the VM. A [`VmHandle`]
+//! lets other threads (the control API) pause, resume, press the power button, reset
+//! or kill it while it runs.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use cpu::{KickFlag, Location, Vcpu};
+use cpu::{Location, Vcpu};
 use devices::GuestRequest;
+use devices::acpi_pm::AcpiPm;
+use devices::bus::lock;
+use devices::legacy::Serial;
 
 use crate::builder::Platform;
-use crate::config::ConsoleMode;
 use crate::console::{self, RawTerminal};
+use crate::control::{ControlError, RunState, VmControl};
 use crate::dispatcher::Dispatcher;
 use crate::error::VmError;
+use crate::metrics::Metrics;
 
 /// Something that happened to the VM, reported to the thread that owns it.
 #[derive(Debug)]
@@ -27,15 +32,22 @@ pub enum VmEvent {
     },
     /// The user typed the console's quit escape.
     ConsoleQuit,
+    /// The host ends the VM now (no guest shutdown).
+    Kill,
+    /// The host resets the VM (no guest shutdown).
+    HostReset,
 }
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmOutcome {
     PoweredOff,
+    /// Reset by the guest or by the host.
     Reset,
     /// The user quit from the console.
     Quit,
+    /// The host killed it.
+    Killed,
     /// A vCPU could not go on.
     Crashed {
         vcpu: u8,
@@ -50,6 +62,7 @@ impl std::fmt::Display for VmOutcome {
             VmOutcome::PoweredOff => write!(f, "guest powered off"),
             VmOutcome::Reset => write!(f, "guest reset"),
             VmOutcome::Quit => write!(f, "quit from the console"),
+            VmOutcome::Killed => write!(f, "killed"),
             VmOutcome::Crashed {
                 vcpu,
                 reason,
@@ -59,10 +72,72 @@ impl std::fmt::Display for VmOutcome {
     }
 }
 
+/// Controls a running VM from other threads.
+#[derive(Clone)]
+pub struct VmHandle {
+    control: Arc<VmControl>,
+    events: Sender<VmEvent>,
+    pm: Arc<Mutex<AcpiPm>>,
+    serial: Arc<Mutex<Serial>>,
+    metrics: Arc<Metrics>,
+}
+
+impl VmHandle {
+    pub fn state(&self) -> RunState {
+        self.control.state()
+    }
+
+    /// Stops guest execution; returns once no vCPU runs guest code.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.control.pause()
+    }
+
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.control.resume()
+    }
+
+    /// The ACPI power button: the guest decides to shut down (or not).
+    pub fn press_power_button(&self) -> Result<(), ControlError> {
+        match self.control.state() {
+            RunState::Running => {
+                lock(&self.pm).press_power_button();
+                Ok(())
+            }
+            RunState::Paused => Err(ControlError::Wrong("paused")),
+            RunState::Stopping => Err(ControlError::Wrong("stopping")),
+        }
+    }
+
+    /// Ends the VM at once.
+    pub fn kill(&self) {
+        let _ = self.events.send(VmEvent::Kill);
+    }
+
+    /// Resets the VM at once (as a reset button would).
+    pub fn reset(&self) {
+        let _ = self.events.send(VmEvent::HostReset);
+    }
+
+    /// Feeds console input to the guest's serial port; returns the bytes accepted.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        let n = lock(&self.serial).enqueue_input(bytes);
+        self.metrics
+            .console_in_bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        n
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
 pub struct Vm {
-    console: ConsoleMode,
+    stdio_console: bool,
     vcpus: Vec<Box<dyn Vcpu>>,
     platform: Platform,
+    control: Arc<VmControl>,
+    metrics: Arc<Metrics>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     /// The backend VM and guest memory: kept alive until every vCPU has stopped.
@@ -72,24 +147,30 @@ pub struct Vm {
     detach_teardown: bool,
 }
 
+/// What the builder hands over.
+pub(crate) struct VmParts {
+    pub stdio_console: bool,
+    pub vcpus: Vec<Box<dyn Vcpu>>,
+    pub platform: Platform,
+    pub metrics: Arc<Metrics>,
+    pub events_tx: Sender<VmEvent>,
+    pub events_rx: Receiver<VmEvent>,
+    pub backing: Box<dyn std::any::Any + Send>,
+    pub vm_fd: std::os::fd::RawFd,
+}
+
 impl Vm {
-    pub(crate) fn new(
-        console: ConsoleMode,
-        vcpus: Vec<Box<dyn Vcpu>>,
-        platform: Platform,
-        events_tx: Sender<VmEvent>,
-        events_rx: Receiver<VmEvent>,
-        backing: Box<dyn std::any::Any + Send>,
-        vm_fd: std::os::fd::RawFd,
-    ) -> Self {
+    pub(crate) fn new(p: VmParts) -> Self {
         Vm {
-            console,
-            vcpus,
-            platform,
-            events_tx,
-            events_rx,
-            _backing: backing,
-            vm_fd,
+            stdio_console: p.stdio_console,
+            vcpus: p.vcpus,
+            platform: p.platform,
+            control: Arc::new(VmControl::new()),
+            metrics: p.metrics,
+            events_tx: p.events_tx,
+            events_rx: p.events_rx,
+            _backing: p.backing,
+            vm_fd: p.vm_fd,
             detach_teardown: false,
         }
     }
@@ -100,36 +181,45 @@ impl Vm {
         self.detach_teardown = true;
     }
 
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            control: self.control.clone(),
+            events: self.events_tx.clone(),
+            pm: self.platform.pm.clone(),
+            serial: self.platform.serial.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// The guest's boot-timer marks so far.
-    pub fn boot_marks(&self) -> Arc<std::sync::Mutex<Vec<devices::legacy::boot_timer::BootMark>>> {
+    pub fn boot_marks(&self) -> Arc<Mutex<Vec<devices::legacy::boot_timer::BootMark>>> {
         self.platform.boot_timer.clone()
     }
 
-    /// Runs the guest until it powers off, resets, crashes or the user quits.
+    /// Runs the guest until it powers off, resets, crashes, is killed or the user quits.
     pub fn run(self) -> Result<VmOutcome, VmError> {
         cpu::kick::install_handler().map_err(VmError::Thread)?;
-        let stop = Arc::new(AtomicBool::new(false));
         let dispatcher = Arc::new(Dispatcher {
             io: self.platform.io.clone(),
             mmio: self.platform.mmio.clone(),
-            stop: stop.clone(),
+            control: self.control.clone(),
             events: self.events_tx.clone(),
+            metrics: self.metrics.clone(),
         });
-        let _raw = match self.console {
-            ConsoleMode::Stdio => {
-                let raw = RawTerminal::enter();
-                let serial = self.platform.serial.clone();
-                let events = self.events_tx.clone();
-                std::thread::Builder::new()
-                    .name("console".into())
-                    .spawn(move || console::forward_stdin(serial, events))
-                    .map_err(VmError::Thread)?;
-                raw
-            }
-            ConsoleMode::OutputOnly => None,
+        let _raw = if self.stdio_console {
+            let raw = RawTerminal::enter();
+            let handle = self.handle();
+            let events = self.events_tx.clone();
+            std::thread::Builder::new()
+                .name("console".into())
+                .spawn(move || console::forward_stdin(handle, events))
+                .map_err(VmError::Thread)?;
+            raw
+        } else {
+            None
         };
 
-        let mut threads: Vec<(KickFlag, JoinHandle<()>)> = Vec::new();
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for mut vcpu in self.vcpus {
             let d = dispatcher.clone();
             let flag = vcpu.kick_flag();
@@ -137,31 +227,34 @@ impl Vm {
                 .name(format!("vcpu{}", vcpu.index()))
                 .spawn(move || d.run_vcpu(vcpu.as_mut()))
                 .map_err(VmError::Thread)?;
-            threads.push((flag, handle));
+            self.control.add_vcpu(flag, handle.as_pthread_t());
+            self.metrics.add_vcpu_thread(handle.as_pthread_t());
+            threads.push(handle);
         }
 
-        let outcome = match self.events_rx.recv() {
-            Ok(VmEvent::Guest(GuestRequest::PowerOff)) => VmOutcome::PoweredOff,
-            Ok(VmEvent::Guest(GuestRequest::Reset)) => VmOutcome::Reset,
-            Ok(VmEvent::ConsoleQuit) => VmOutcome::Quit,
-            Ok(VmEvent::VcpuFailed {
-                index,
-                reason,
-                location,
-            }) => VmOutcome::Crashed {
-                vcpu: index,
-                reason,
-                location,
-            },
-            // Every sender is held by this struct; recv cannot fail while we hold one.
-            Err(_) => VmOutcome::PoweredOff,
+        let outcome = loop {
+            let event = self.events_rx.recv();
+            break match event {
+                Ok(VmEvent::Guest(GuestRequest::PowerOff)) => VmOutcome::PoweredOff,
+                Ok(VmEvent::Guest(GuestRequest::Reset) | VmEvent::HostReset) => VmOutcome::Reset,
+                Ok(VmEvent::ConsoleQuit) => VmOutcome::Quit,
+                Ok(VmEvent::Kill) => VmOutcome::Killed,
+                Ok(VmEvent::VcpuFailed {
+                    index,
+                    reason,
+                    location,
+                }) => VmOutcome::Crashed {
+                    vcpu: index,
+                    reason,
+                    location,
+                },
+                // Every sender is held by this struct; recv cannot fail while we hold one.
+                Err(_) => continue,
+            };
         };
 
-        stop.store(true, Ordering::Release);
-        for (flag, handle) in &threads {
-            flag.kick(handle.as_pthread_t());
-        }
-        for (_, handle) in threads {
+        self.control.stop();
+        for handle in threads {
             let _ = handle.join();
         }
         if self.detach_teardown {

@@ -1,0 +1,221 @@
+//! What the VM has been doing, as counters: exits by reason, instructions the
+//! interpreter took over from KVM by mnemonic, console bytes, vCPU time. Rendered in
+//! Prometheus' text format for the control API, and as a summary for `--stats`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use devices::bus::lock;
+
+/// Why the dispatcher was entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Halt,
+    Interrupted,
+    EmulationFailure,
+    System,
+}
+
+impl ExitReason {
+    const ALL: [ExitReason; 8] = [
+        ExitReason::IoIn,
+        ExitReason::IoOut,
+        ExitReason::MmioRead,
+        ExitReason::MmioWrite,
+        ExitReason::Halt,
+        ExitReason::Interrupted,
+        ExitReason::EmulationFailure,
+        ExitReason::System,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ExitReason::IoIn => "io_in",
+            ExitReason::IoOut => "io_out",
+            ExitReason::MmioRead => "mmio_read",
+            ExitReason::MmioWrite => "mmio_write",
+            ExitReason::Halt => "halt",
+            ExitReason::Interrupted => "interrupted",
+            ExitReason::EmulationFailure => "emulation_failure",
+            ExitReason::System => "system",
+        }
+    }
+}
+
+pub struct Metrics {
+    started: Instant,
+    exits: [AtomicU64; ExitReason::ALL.len()],
+    fallbacks: Mutex<BTreeMap<String, u64>>,
+    pub console_out_bytes: AtomicU64,
+    pub console_in_bytes: AtomicU64,
+    /// CPU-time clocks of the vCPU threads (pthread_getcpuclockid).
+    vcpu_clocks: Mutex<Vec<libc::clockid_t>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            started: Instant::now(),
+            exits: Default::default(),
+            fallbacks: Mutex::default(),
+            console_out_bytes: AtomicU64::new(0),
+            console_in_bytes: AtomicU64::new(0),
+            vcpu_clocks: Mutex::default(),
+        }
+    }
+
+    pub fn exit(&self, reason: ExitReason) {
+        self.exits[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn exits(&self, reason: ExitReason) -> u64 {
+        self.exits[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// An instruction KVM could not emulate and vessel's interpreter ran.
+    pub fn fallback(&self, mnemonic: &str) {
+        *lock(&self.fallbacks)
+            .entry(mnemonic.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn fallbacks(&self) -> BTreeMap<String, u64> {
+        lock(&self.fallbacks).clone()
+    }
+
+    pub(crate) fn add_vcpu_thread(&self, thread: libc::pthread_t) {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `thread` is a live thread of this process; `clock` is a valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } == 0 {
+            lock(&self.vcpu_clocks).push(clock);
+        }
+    }
+
+    /// CPU seconds each vCPU thread has used (0 for threads that have exited).
+    pub fn vcpu_seconds(&self) -> Vec<f64> {
+        lock(&self.vcpu_clocks)
+            .iter()
+            .map(|clock| {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: a valid clock id and out-pointer; an exited thread's clock
+                // returns an error, which we read as zero.
+                match unsafe { libc::clock_gettime(*clock, &mut ts) } {
+                    0 => ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9,
+                    _ => 0.0,
+                }
+            })
+            .collect()
+    }
+
+    pub fn uptime_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self, vm: &str) -> String {
+        let mut s = String::new();
+        let vm = vm.replace(['\\', '"', '\n'], "_");
+        let _ = writeln!(
+            s,
+            "# HELP vessel_uptime_seconds Time since the VM was built."
+        );
+        let _ = writeln!(s, "# TYPE vessel_uptime_seconds gauge");
+        let _ = writeln!(
+            s,
+            "vessel_uptime_seconds{{vm=\"{vm}\"}} {:.3}",
+            self.uptime_seconds()
+        );
+        let _ = writeln!(
+            s,
+            "# HELP vessel_vcpu_exits_total vCPU exits (KVM) or traps (emu) by reason."
+        );
+        let _ = writeln!(s, "# TYPE vessel_vcpu_exits_total counter");
+        for r in ExitReason::ALL {
+            let _ = writeln!(
+                s,
+                "vessel_vcpu_exits_total{{vm=\"{vm}\",reason=\"{}\"}} {}",
+                r.label(),
+                self.exits(r)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP vessel_interpreter_fallbacks_total Instructions KVM could not emulate, run by vessel's interpreter."
+        );
+        let _ = writeln!(s, "# TYPE vessel_interpreter_fallbacks_total counter");
+        for (m, n) in self.fallbacks() {
+            let _ = writeln!(
+                s,
+                "vessel_interpreter_fallbacks_total{{vm=\"{vm}\",mnemonic=\"{m}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP vessel_console_bytes_total Bytes through the serial console."
+        );
+        let _ = writeln!(s, "# TYPE vessel_console_bytes_total counter");
+        for (dir, n) in [
+            ("out", &self.console_out_bytes),
+            ("in", &self.console_in_bytes),
+        ] {
+            let _ = writeln!(
+                s,
+                "vessel_console_bytes_total{{vm=\"{vm}\",direction=\"{dir}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP vessel_vcpu_seconds_total CPU time used by each vCPU thread."
+        );
+        let _ = writeln!(s, "# TYPE vessel_vcpu_seconds_total counter");
+        for (i, secs) in self.vcpu_seconds().iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "vessel_vcpu_seconds_total{{vm=\"{vm}\",vcpu=\"{i}\"}} {secs:.6}"
+            );
+        }
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_typed_counters() {
+        let m = Metrics::new();
+        m.exit(ExitReason::IoOut);
+        m.exit(ExitReason::IoOut);
+        m.fallback("popcnt");
+        let text = m.prometheus("web\"1");
+        assert!(text.contains("vessel_vcpu_exits_total{vm=\"web_1\",reason=\"io_out\"} 2\n"));
+        assert!(
+            text.contains(
+                "vessel_interpreter_fallbacks_total{vm=\"web_1\",mnemonic=\"popcnt\"} 1\n"
+            )
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("vessel_"), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}

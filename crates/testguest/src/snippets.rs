@@ -68,3 +68,41 @@ pub fn halt_forever(a: &mut CodeAssembler) {
     a.hlt().unwrap();
     a.jmp(l).unwrap();
 }
+
+/// A guest that prints `count N` (hex) forever, one line per `delay` loop iterations.
+pub fn counter(a: &mut CodeAssembler, delay: u32) {
+    let mut hex = a.create_label();
+    let mut main = a.create_label();
+    let mut lp = a.create_label();
+    let mut wait = a.create_label();
+    a.jmp(main).unwrap();
+    hex32_routine(a, &mut hex);
+    a.set_label(&mut main).unwrap();
+    a.xor(esi, esi).unwrap();
+    a.set_label(&mut lp).unwrap();
+    print(a, "count ");
+    a.mov(eax, esi).unwrap();
+    a.call(hex).unwrap();
+    print(a, "\n");
+    a.inc(esi).unwrap();
+    a.mov(ecx, delay).unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(wait).unwrap();
+    a.jmp(lp).unwrap();
+}
+
+/// The last complete `count N` line a counter guest printed in `log` (the line being
+/// written may be cut short).
+pub fn last_count(log: &str) -> Option<u32> {
+    let complete = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .rev()
+        .filter_map(|l| l.trim().strip_prefix("count "))
+        .find_map(|n| {
+            (n.len() == 8)
+                .then(|| u32::from_str_radix(n, 16).ok())
+                .flatten()
+        })
+}

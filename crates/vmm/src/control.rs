@@ -20,9 +20,9 @@ pub enum RunState {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ControlError {
-    #[error("the VM is already {0}")]
+    #[error("already {0}")]
     Already(&'static str),
-    #[error("the VM is {0}")]
+    #[error("{0}")]
     Wrong(&'static str),
 }
 

@@ -1,0 +1,18 @@
+//! The management layer: a VM is a folder (a *bundle*) under vessel's home holding its
+//! `vm.toml`, its disks, its serial log and, while it runs, its sockets. A running VM is
+//! one monitor process serving a control API on its own socket; the CLI talks only to
+//! that API. Starting a VM goes through host admission control.
+
+pub mod bundle;
+mod error;
+pub mod home;
+pub mod host;
+pub mod monitor;
+pub mod spec;
+pub mod status;
+
+pub use bundle::Bundle;
+pub use error::ManagerError;
+pub use home::Home;
+pub use spec::VmSpec;
+pub use status::{Status, VmState};

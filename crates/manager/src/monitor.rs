@@ -1,0 +1,482 @@
+//! The monitor: the process behind one running VM. It builds and runs the VM, serves
+//! the control API on `control.sock`, the serial console on `console.sock` and in
+//! `serial.log`, restarts the guest when it reboots (per the restart policy), and keeps
+//! `status.json` current. [`start`] is the CLI's side: admission, spawn, wait until
+//! the API answers.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use api::model::{Action, ActionRequest, StateBody, VmInfo};
+use api::{Method, Request, Response};
+use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
+
+use crate::bundle::Bundle;
+use crate::error::ManagerError;
+use crate::home::Home;
+use crate::host::{self, Allocation, Host};
+use crate::spec::{Restart, VmSpec};
+use crate::status::{self, Status, VmState};
+
+/// How long `start` waits for a monitor to answer on its control socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Holds `path` locked (flock) until dropped.
+struct FileLock {
+    _held: File,
+}
+
+impl FileLock {
+    fn acquire(path: &Path) -> Result<Self, ManagerError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(ManagerError::io(dir))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(ManagerError::io(path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(ManagerError::io(path)(std::io::Error::last_os_error()));
+        }
+        Ok(FileLock { _held: file })
+    }
+}
+
+/// Starts `name` in a detached monitor process (`exe __monitor NAME`) after admission
+/// control, and waits until its control API answers.
+pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError> {
+    let _admission = FileLock::acquire(&home.admission_lock())?;
+    let bundle = Bundle::open(home, name)?;
+    let state = bundle.status().state;
+    if matches!(state, VmState::Running | VmState::Paused) {
+        return Err(ManagerError::WrongState {
+            name: name.into(),
+            state: state.to_string(),
+            what: "it is already started".into(),
+        });
+    }
+    let spec = bundle.spec()?;
+    let host = Host::load(home)?;
+    let held = host::allocations(home)?;
+    let want = Allocation {
+        name: name.into(),
+        cpus: u32::from(spec.cpus),
+        memory: spec.memory_bytes(),
+    };
+    host.admit(&held, &want)
+        .map_err(|missing| ManagerError::Admission {
+            name: name.into(),
+            missing,
+        })?;
+
+    let log_path = bundle.monitor_log();
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(ManagerError::io(&log_path))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = Command::new(exe);
+    cmd.arg("__monitor")
+        .arg(name)
+        .env("VESSEL_HOME", home.root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the monitor from our session and
+    // terminal, so it outlives the CLI and never receives its terminal's signals.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        ManagerError::Other(format!("cannot start the monitor {}: {e}", exe.display()))
+    })?;
+    let client = api::Client::new(bundle.control_socket()).with_timeout(Duration::from_secs(5));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            let why = last_line_since(&log_path, log_start)
+                .unwrap_or_else(|| "the monitor exited".into());
+            let why = why
+                .strip_prefix("vessel: error: ")
+                .unwrap_or(&why)
+                .to_string();
+            return Err(ManagerError::Other(format!(
+                "{name} failed to start: {why}"
+            )));
+        }
+        if client
+            .get::<StateBody>(&format!("/v1/vms/{name}/state"))
+            .is_ok()
+        {
+            return Ok(bundle.status());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(ManagerError::Other(format!(
+                "{name} did not answer on its control socket within {}s",
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn last_line_since(path: &Path, offset: u64) -> Option<String> {
+    let mut f = File::open(path).ok()?;
+    let mut s = String::new();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).ok()?;
+    f.read_to_string(&mut s).ok()?;
+    s.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_string)
+}
+
+/// Serial output: everything to `serial.log`, and to the attached console client
+/// without ever blocking the vCPU (a slow client loses output; the log keeps it all).
+struct ConsoleHub {
+    log: Mutex<File>,
+    client: Mutex<Option<UnixStream>>,
+}
+
+struct HubWriter(Arc<ConsoleHub>);
+
+impl Write for HubWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0.log).write_all(buf)?;
+        let mut client = lock(&self.0.client);
+        if let Some(c) = client.as_ref() {
+            // SAFETY: a non-blocking send of `buf` on a socket we own; no SIGPIPE.
+            let sent = unsafe {
+                libc::send(
+                    c.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if sent < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
+            {
+                *client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the API, the console and the boot loop share.
+struct Monitor {
+    name: String,
+    bundle: Bundle,
+    spec: VmSpec,
+    handle: Mutex<Option<VmHandle>>,
+    boots: AtomicU64,
+    started: Instant,
+    started_unix: u64,
+    pid_start: Option<u64>,
+    /// The host asked for a reboot: boot again whatever the restart policy.
+    reboot_requested: AtomicBool,
+    /// The host asked to kill the VM: never boot it again.
+    kill_requested: AtomicBool,
+    status_lock: Mutex<()>,
+}
+
+impl Monitor {
+    fn write_status(&self, state: VmState, last_exit: Option<String>) {
+        let _g = lock(&self.status_lock);
+        let alive = matches!(state, VmState::Running | VmState::Paused);
+        let s = Status {
+            state,
+            pid: alive.then(std::process::id),
+            pid_start: if alive { self.pid_start } else { None },
+            started_unix: Some(self.started_unix),
+            boots: self.boots.load(Ordering::Relaxed),
+            last_exit,
+        };
+        if let Err(e) = s.write(&self.bundle.status_path()) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        match lock(&self.handle).as_ref().map(VmHandle::state) {
+            Some(RunState::Paused) => "paused",
+            Some(RunState::Stopping) => "stopping",
+            _ => "running",
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        let vcpu_seconds = lock(&self.handle)
+            .as_ref()
+            .map(|h| h.metrics().vcpu_seconds())
+            .unwrap_or_default();
+        VmInfo {
+            name: self.name.clone(),
+            state: self.state_name().into(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            boots: self.boots.load(Ordering::Relaxed),
+            cpus: self.spec.cpus,
+            memory_mib: self.spec.memory_bytes() >> 20,
+            accel: self.spec.accel.clone(),
+            kernel: self.spec.kernel.clone(),
+            cmdline: self.spec.cmdline.clone().unwrap_or_default(),
+            vcpu_seconds,
+            monitor_rss_kib: rss_kib(),
+        }
+    }
+
+    fn act(&self, action: Action) -> Response {
+        if action == Action::Kill {
+            self.kill_requested.store(true, Ordering::SeqCst);
+        }
+        let Some(handle) = lock(&self.handle).clone() else {
+            // Between two boots: a kill or reboot takes effect there; the rest must wait.
+            return match action {
+                Action::Kill | Action::Reboot => Response::json(
+                    200,
+                    &StateBody {
+                        state: "running".into(),
+                    },
+                ),
+                _ => Response::error(409, format!("VM {} is rebooting; try again", self.name)),
+            };
+        };
+        let conflict = |e: ControlError| Response::error(409, format!("VM {} is {e}", self.name));
+        let result = match action {
+            Action::Pause => handle
+                .pause()
+                .map(|()| self.write_status(VmState::Paused, None)),
+            Action::Resume => handle
+                .resume()
+                .map(|()| self.write_status(VmState::Running, None)),
+            Action::Shutdown => handle.press_power_button(),
+            Action::Reboot => {
+                self.reboot_requested.store(true, Ordering::SeqCst);
+                handle.reset();
+                Ok(())
+            }
+            Action::Kill => {
+                handle.kill();
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => Response::json(
+                200,
+                &StateBody {
+                    state: self.state_name().into(),
+                },
+            ),
+            Err(e) => conflict(e),
+        }
+    }
+
+    fn handle_request(&self, r: &Request) -> Response {
+        let Some(rest) = r.path.strip_prefix("/v1/vms/") else {
+            return Response::error(404, format!("no such resource {}", r.path));
+        };
+        let (name, sub) = rest.split_once('/').unwrap_or((rest, ""));
+        if name != self.name {
+            return Response::error(
+                404,
+                format!("no VM named {name} here (this monitor runs {})", self.name),
+            );
+        }
+        match (r.method, sub) {
+            (Method::Get, "") => Response::json(200, &self.info()),
+            (Method::Get, "state") => Response::json(
+                200,
+                &StateBody {
+                    state: self.state_name().into(),
+                },
+            ),
+            (Method::Post, "actions") => match serde_json::from_slice::<ActionRequest>(&r.body) {
+                Ok(req) => self.act(req.action),
+                Err(e) => Response::error(400, format!("invalid action request: {e}")),
+            },
+            (Method::Get, "metrics") => {
+                let text = lock(&self.handle)
+                    .as_ref()
+                    .map(|h| h.metrics().prometheus(&self.name))
+                    .unwrap_or_default();
+                Response::text(200, "text/plain; version=0.0.4", text)
+            }
+            (_, "" | "state" | "actions" | "metrics") => Response::error(405, "method not allowed"),
+            (_, other) => Response::error(404, format!("no such resource {other:?}")),
+        }
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn bind(path: &Path) -> Result<UnixListener, ManagerError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(ManagerError::io(path))
+}
+
+/// Accepts console clients one at a time (a new one takes over) and forwards their
+/// input to the guest.
+fn serve_console(listener: UnixListener, hub: Arc<ConsoleHub>, monitor: Arc<Monitor>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { return };
+        let Ok(reader) = stream.try_clone() else {
+            continue;
+        };
+        if let Some(old) = lock(&hub.client).replace(stream) {
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+        let monitor = monitor.clone();
+        let _ = std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || forward_input(reader, &monitor));
+    }
+}
+
+fn forward_input(mut client: UnixStream, monitor: &Monitor) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut pending = &buf[..n];
+        while !pending.is_empty() {
+            let taken = lock(&monitor.handle)
+                .as_ref()
+                .map_or(0, |h| h.console_input(pending));
+            pending = &pending[taken..];
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+/// The monitor process's main: runs `name` until it stops. Returns the exit code.
+pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
+    let bundle = Bundle::open(home, name)?;
+    let spec = bundle.spec()?;
+    let log_path = bundle.serial_log();
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(ManagerError::io(&log_path))?;
+    let hub = Arc::new(ConsoleHub {
+        log: Mutex::new(log),
+        client: Mutex::new(None),
+    });
+    // Build the first boot before announcing ourselves, so configuration errors reach
+    // `vessel start` (through monitor.log) and the VM never shows as running.
+    let config = spec.to_vm_config(&bundle.dir)?;
+    let mut vm = Some(
+        vmm::builder::build(&config, Console::Output(Box::new(HubWriter(hub.clone()))))
+            .map_err(|e| ManagerError::Other(e.to_string()))?,
+    );
+    let monitor = Arc::new(Monitor {
+        name: name.to_string(),
+        bundle: bundle.clone(),
+        spec: spec.clone(),
+        handle: Mutex::new(None),
+        boots: AtomicU64::new(0),
+        started: Instant::now(),
+        started_unix: status::now_unix(),
+        pid_start: status::process_start_time(std::process::id()),
+        reboot_requested: AtomicBool::new(false),
+        kill_requested: AtomicBool::new(false),
+        status_lock: Mutex::new(()),
+    });
+    let control = bind(&bundle.control_socket())?;
+    let console = bind(&bundle.console_socket())?;
+    let in_flight = api::InFlight::default();
+    {
+        let m = monitor.clone();
+        let handler = move |r: &Request| m.handle_request(r);
+        let in_flight = in_flight.clone();
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || api::serve(control, Arc::new(handler), in_flight))
+            .map_err(|e| ManagerError::Other(e.to_string()))?;
+        let (hub, m) = (hub.clone(), monitor.clone());
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || serve_console(console, hub, m))
+            .map_err(|e| ManagerError::Other(e.to_string()))?;
+    }
+
+    let last_exit = loop {
+        if monitor.kill_requested.load(Ordering::SeqCst) {
+            break VmOutcome::Killed.to_string();
+        }
+        let this = match vm.take() {
+            Some(vm) => vm,
+            None => {
+                let config = spec.to_vm_config(&bundle.dir)?;
+                match vmm::builder::build(
+                    &config,
+                    Console::Output(Box::new(HubWriter(hub.clone()))),
+                ) {
+                    Ok(vm) => vm,
+                    Err(e) => break format!("could not boot again: {e}"),
+                }
+            }
+        };
+        *lock(&monitor.handle) = Some(this.handle());
+        monitor.boots.fetch_add(1, Ordering::Relaxed);
+        monitor.write_status(VmState::Running, None);
+        let outcome = this.run();
+        *lock(&monitor.handle) = None;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => break e.to_string(),
+        };
+        tracing::info!("{outcome}");
+        let reboot = monitor.reboot_requested.swap(false, Ordering::SeqCst);
+        if monitor.kill_requested.load(Ordering::SeqCst) {
+            break VmOutcome::Killed.to_string();
+        }
+        match outcome {
+            VmOutcome::Reset if reboot || spec.restart == Restart::OnReboot => continue,
+            other => break other.to_string(),
+        }
+    };
+    let _ = std::fs::remove_file(bundle.control_socket());
+    let _ = std::fs::remove_file(bundle.console_socket());
+    // Answer the request that ended the VM (a kill) before going away.
+    in_flight.drain(Duration::from_secs(2));
+    monitor.write_status(VmState::Stopped, Some(last_exit));
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! `vm.toml`: what a VM is. Paths are relative to the bundle (so copying the folder
+//! copies the VM); `kernel = "kit"` means the default guest kit, found at start time.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vmm::{Accel, VmConfig};
+
+use crate::error::ManagerError;
+
+pub const KIT: &str = "kit";
+
+/// What a guest-initiated reboot does to a managed VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    /// Boot again (as a physical machine would).
+    #[default]
+    OnReboot,
+    /// Stop.
+    Never,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub cpus: u16,
+    /// Guest RAM, e.g. "512M" or "2G".
+    pub memory: String,
+    /// A bzImage or PVH vmlinux, or "kit".
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    #[serde(default)]
+    pub restart: Restart,
+}
+
+fn default_accel() -> String {
+    "kvm".into()
+}
+
+/// Command line for kernels other than the kit, when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+impl VmSpec {
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ManagerError> {
+        let spec: VmSpec = toml::from_str(text).map_err(|e| ManagerError::BadConfig {
+            path: path.into(),
+            reason: e.message().to_string(),
+        })?;
+        spec.validate().map_err(|reason| ManagerError::BadConfig {
+            path: path.into(),
+            reason,
+        })?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks what can be checked without touching files.
+    pub fn validate(&self) -> Result<(), String> {
+        let memory = vmm::parse_size(&self.memory).map_err(|e| e.to_string())?;
+        self.accel()?;
+        let config = VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: self.cpus,
+            memory,
+            accel: Accel::Kvm,
+        };
+        config.validate().map_err(|e| e.to_string())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        vmm::parse_size(&self.memory).unwrap_or(0)
+    }
+
+    fn accel(&self) -> Result<Accel, String> {
+        match self.accel.as_str() {
+            "kvm" => Ok(Accel::Kvm),
+            other => Err(format!("unknown accel {other:?} (use kvm)")),
+        }
+    }
+
+    /// Sets one `key=value` (what `vessel set` does); on error nothing changes.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let mut next = self.clone();
+        next.set_unchecked(key, value)?;
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    fn set_unchecked(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "cpus" => {
+                self.cpus = value
+                    .parse()
+                    .map_err(|_| format!("cpus: not a number: {value:?}"))?
+            }
+            "memory" => self.memory = value.to_string(),
+            "kernel" => self.kernel = value.to_string(),
+            "initrd" => self.initrd = (!value.is_empty()).then(|| value.to_string()),
+            "cmdline" => self.cmdline = (!value.is_empty()).then(|| value.to_string()),
+            "accel" => self.accel = value.to_string(),
+            "restart" => {
+                self.restart = match value {
+                    "on-reboot" => Restart::OnReboot,
+                    "never" => Restart::Never,
+                    _ => return Err(format!("restart: {value:?} is not on-reboot or never")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, restart)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM as the monitor builds it; `dir` is the bundle.
+    pub fn to_vm_config(&self, dir: &Path) -> Result<VmConfig, ManagerError> {
+        let resolve = |p: &str| -> PathBuf {
+            let p = PathBuf::from(p);
+            if p.is_absolute() { p } else { dir.join(p) }
+        };
+        let (kernel, initrd, cmdline) = if self.kernel == KIT {
+            let kit = default_kit()?;
+            let initrd = match self.initrd.as_deref() {
+                None | Some(KIT) => Some(kit.initrd),
+                Some(p) => Some(resolve(p)),
+            };
+            let cmdline = self
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| kit::DEFAULT_CMDLINE.to_string());
+            (kit.vmlinux, initrd, cmdline)
+        } else {
+            (
+                resolve(&self.kernel),
+                self.initrd.as_deref().map(resolve),
+                self.cmdline
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            )
+        };
+        Ok(VmConfig {
+            kernel,
+            initrd,
+            cmdline,
+            cpus: self.cpus,
+            memory: self.memory_bytes(),
+            accel: self.accel().map_err(ManagerError::Other)?,
+        })
+    }
+}
+
+/// The cached kit, built on first use.
+pub fn default_kit() -> Result<kit::Kit, ManagerError> {
+    let dir = kit::default_cache_dir().map_err(|e| ManagerError::Other(e.to_string()))?;
+    if let Some(k) = kit::locate(&dir) {
+        return Ok(k);
+    }
+    kit::build(&kit::KitOptions::default()).map_err(|e| ManagerError::Other(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            cpus: 2,
+            memory: "1G".into(),
+            kernel: "vmlinuz".into(),
+            initrd: None,
+            cmdline: Some("console=ttyS0".into()),
+            accel: "kvm".into(),
+            restart: Restart::OnReboot,
+        }
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let s = spec();
+        let text = s.to_toml();
+        assert_eq!(VmSpec::from_toml(Path::new("vm.toml"), &text).unwrap(), s);
+        assert!(text.contains("restart = \"on-reboot\""), "{text}");
+    }
+
+    #[test]
+    fn invalid_configs_are_reported_not_skipped() {
+        let p = Path::new("/b/vm.toml");
+        for (text, needle) in [
+            (
+                "cpus = 1\nmemory = \"1G\"\nkernel = \"k\"\ncolour = \"red\"\n",
+                "unknown field `colour`",
+            ),
+            (
+                "cpus = 0\nmemory = \"1G\"\nkernel = \"k\"\n",
+                "--cpus must be between",
+            ),
+            (
+                "cpus = 1\nmemory = \"lots\"\nkernel = \"k\"\n",
+                "invalid memory size",
+            ),
+            (
+                "cpus = 1\nmemory = \"1G\"\nkernel = \"k\"\naccel = \"warp\"\n",
+                "unknown accel",
+            ),
+            ("cpus = 1\nkernel = \"k\"\n", "missing field `memory`"),
+            ("this is not toml", ""),
+        ] {
+            let err = VmSpec::from_toml(p, text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("/b/vm.toml: ") && err.contains(needle),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn set_validates() {
+        let mut s = spec();
+        s.set("cpus", "4").unwrap();
+        assert_eq!(s.cpus, 4);
+        assert!(s.set("cpus", "0").is_err());
+        assert_eq!(s.cpus, 4, "a refused setting changes nothing");
+        assert!(s.set("memory", "12Q").is_err());
+        assert!(
+            s.set("colour", "red")
+                .unwrap_err()
+                .contains("unknown setting")
+        );
+        s.set("restart", "never").unwrap();
+        assert_eq!(s.restart, Restart::Never);
+    }
+
+    #[test]
+    fn relative_paths_resolve_inside_the_bundle() {
+        let mut s = spec();
+        s.initrd = Some("/abs/initrd".into());
+        let c = s.to_vm_config(Path::new("/home/vms/a")).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/home/vms/a/vmlinuz"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd")));
+        assert_eq!(c.memory, 1 << 30);
+    }
+}

@@ -1,0 +1,463 @@
+//! The VM lifecycle: define, list, start, stop, pause, resume, inspect, change, delete.
+//! Running VMs are reached only through their control API.
+
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use api::model::{Action, ActionRequest, StateBody, VmInfo};
+use clap::Args;
+use manager::host::{self, Allocation, Host};
+use manager::spec::{KIT, Restart, VmSpec};
+use manager::{Bundle, Home, ManagerError, Status, VmState};
+use serde_json::json;
+
+use super::{CliResult, Failure, VmArgs};
+
+#[derive(Args)]
+pub struct NameArg {
+    /// The VM's name.
+    name: String,
+}
+
+impl NameArg {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    name: String,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// What a guest-initiated reboot does: boot again (on-reboot) or stop (never).
+    #[arg(long, default_value = "on-reboot", value_parser = ["on-reboot", "never"])]
+    restart: String,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct StopArgs {
+    name: String,
+    /// Kill the VM if it has not powered off within the timeout.
+    #[arg(long)]
+    force: bool,
+    /// Seconds to wait for the guest to power off.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    timeout: u64,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    name: String,
+    /// Keep printing new output until the VM stops.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+#[derive(Args)]
+pub struct SetArgs {
+    name: String,
+    /// key=value pairs.
+    #[arg(required = true, value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+}
+
+fn home() -> Result<Home, Failure> {
+    Ok(Home::from_env()?)
+}
+
+fn absolute(p: &Path) -> Result<String, Failure> {
+    std::path::absolute(p)
+        .map(|p| p.display().to_string())
+        .map_err(|e| Failure::usage(format!("{}: {e}", p.display())))
+}
+
+pub fn create(args: CreateArgs) -> CliResult {
+    let a = args.vm;
+    // Paths given here are relative to where the command runs; vm.toml keeps them absolute.
+    let kernel = match &a.kernel {
+        Some(k) => {
+            std::fs::metadata(k)
+                .map_err(|e| Failure::usage(format!("kernel {}: {e}", k.display())))?;
+            absolute(k)?
+        }
+        None => KIT.to_string(),
+    };
+    let initrd = match &a.initrd {
+        Some(i) => {
+            std::fs::metadata(i)
+                .map_err(|e| Failure::usage(format!("initrd {}: {e}", i.display())))?;
+            Some(absolute(i)?)
+        }
+        None => None,
+    };
+    let spec = VmSpec {
+        cpus: a.cpus,
+        memory: a.memory.clone(),
+        kernel,
+        initrd,
+        cmdline: a.cmdline.clone(),
+        accel: a.accel.name().to_string(),
+        restart: if args.restart == "never" {
+            Restart::Never
+        } else {
+            Restart::OnReboot
+        },
+    };
+    let home = home()?;
+    let bundle = Bundle::create(&home, &args.name, &spec)?;
+    println!("created {} in {}", bundle.name, bundle.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open(name: &str) -> Result<(Home, Bundle), Failure> {
+    let home = home()?;
+    let bundle = Bundle::open(&home, name)?;
+    Ok((home, bundle))
+}
+
+fn uptime(status: &Status) -> String {
+    match (status.state, status.started_unix) {
+        (VmState::Running | VmState::Paused, Some(t)) => {
+            let s = manager::status::now_unix().saturating_sub(t);
+            format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
+        }
+        _ => "-".into(),
+    }
+}
+
+pub fn list(args: ListArgs) -> CliResult {
+    let home = home()?;
+    let vms = Bundle::list(&home)?;
+    if args.json {
+        let rows: Vec<serde_json::Value> = vms
+            .iter()
+            .map(|(b, spec)| {
+                let s = b.status();
+                match spec {
+                    Ok(spec) => json!({
+                        "name": b.name, "state": s.state, "cpus": spec.cpus,
+                        "memory_mib": spec.memory_bytes() >> 20, "pid": s.pid,
+                        "boots": s.boots, "last_exit": s.last_exit,
+                        "log_tail": if s.state == VmState::Crashed { b.log_tail(5) } else { vec![] },
+                    }),
+                    Err(e) => json!({"name": b.name, "state": "invalid", "error": e.to_string()}),
+                }
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<9} {:>4} {:>8}  {:>10}",
+        "NAME", "STATE", "CPUS", "MEMORY", "UPTIME"
+    );
+    for (b, spec) in &vms {
+        match spec {
+            Ok(spec) => {
+                let s = b.status();
+                println!(
+                    "{:<20} {:<9} {:>4} {:>8}  {:>10}",
+                    b.name,
+                    s.state.to_string(),
+                    spec.cpus,
+                    host::human(spec.memory_bytes() as f64),
+                    uptime(&s)
+                );
+                if s.state == VmState::Crashed {
+                    for line in b.log_tail(5) {
+                        println!("    | {line}");
+                    }
+                }
+            }
+            Err(e) => println!("{:<20} invalid   {e}", b.name),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn start(args: NameArg) -> CliResult {
+    let home = home()?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Failure::usage(format!("cannot find the vessel binary: {e}")))?;
+    let status = manager::monitor::start(&home, &args.name, &exe)?;
+    println!(
+        "started {} (monitor pid {})",
+        args.name,
+        status.pid.unwrap_or(0)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The API client for a VM that must be running (or paused).
+fn client(bundle: &Bundle, doing: &str) -> Result<api::Client, Failure> {
+    let state = bundle.status().state;
+    if !matches!(state, VmState::Running | VmState::Paused) {
+        return Err(ManagerError::WrongState {
+            name: bundle.name.clone(),
+            state: state.to_string(),
+            what: format!("cannot {doing}"),
+        }
+        .into());
+    }
+    Ok(api::Client::new(bundle.control_socket()))
+}
+
+fn post_action(bundle: &Bundle, action: Action) -> Result<StateBody, Failure> {
+    let verb = serde_json::to_value(action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let c = client(bundle, &verb)?;
+    Ok(c.post(
+        &format!("/v1/vms/{}/actions", bundle.name),
+        &ActionRequest { action },
+    )?)
+}
+
+pub fn action(args: NameArg, action: Action) -> CliResult {
+    let (_, bundle) = open(&args.name)?;
+    let state = post_action(&bundle, action)?;
+    match action {
+        Action::Kill => {
+            wait_stopped(&bundle, Duration::from_secs(30))?;
+            println!("{} is stopped", bundle.name);
+        }
+        Action::Reboot => println!("{} is rebooting", bundle.name),
+        _ => println!("{} is {}", bundle.name, state.state),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the monitor has gone (status stopped or crashed).
+fn wait_stopped(bundle: &Bundle, timeout: Duration) -> Result<bool, Failure> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !matches!(bundle.status().state, VmState::Running | VmState::Paused) {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(false)
+}
+
+pub fn stop(args: StopArgs) -> CliResult {
+    let (_, bundle) = open(&args.name)?;
+    post_action(&bundle, Action::Shutdown)?;
+    if wait_stopped(&bundle, Duration::from_secs(args.timeout))? {
+        println!("{} powered off", bundle.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.force {
+        return Err(Failure::refused(format!(
+            "{} did not power off within {}s (use --force to kill it)",
+            bundle.name, args.timeout
+        )));
+    }
+    post_action(&bundle, Action::Kill)?;
+    wait_stopped(&bundle, Duration::from_secs(30))?;
+    println!(
+        "{} did not power off within {}s: killed",
+        bundle.name, args.timeout
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn info(args: InfoArgs) -> CliResult {
+    let (_, bundle) = open(&args.name)?;
+    let status = bundle.status();
+    let spec = bundle.spec()?;
+    let live: Option<VmInfo> = match status.state {
+        VmState::Running | VmState::Paused => {
+            Some(client(&bundle, "ask")?.get(&format!("/v1/vms/{}", bundle.name))?)
+        }
+        _ => None,
+    };
+    if args.json {
+        let v = json!({
+            "name": bundle.name, "dir": bundle.dir, "state": live.as_ref().map(|l| l.state.clone()).unwrap_or(status.state.to_string()),
+            "config": spec, "status": status, "live": live,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("name      {}", bundle.name);
+    println!("folder    {}", bundle.dir.display());
+    println!(
+        "state     {}",
+        live.as_ref()
+            .map(|l| l.state.clone())
+            .unwrap_or(status.state.to_string())
+    );
+    println!("cpus      {}", spec.cpus);
+    println!("memory    {}", spec.memory);
+    println!("kernel    {}", spec.kernel);
+    if let Some(i) = &spec.initrd {
+        println!("initrd    {i}");
+    }
+    if let Some(c) = &spec.cmdline {
+        println!("cmdline   {c}");
+    }
+    println!("accel     {}", spec.accel);
+    println!(
+        "restart   {}",
+        if spec.restart == Restart::Never {
+            "never"
+        } else {
+            "on-reboot"
+        }
+    );
+    if let Some(l) = live {
+        println!("pid       {}", l.pid);
+        println!("uptime    {:.1}s", l.uptime_seconds);
+        println!("boots     {}", l.boots);
+        println!(
+            "vcpu time {}",
+            l.vcpu_seconds
+                .iter()
+                .map(|s| format!("{s:.2}s"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!("monitor   {} KiB resident", l.monitor_rss_kib);
+    } else if let Some(e) = &status.last_exit {
+        println!("last exit {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(args: LogsArgs) -> CliResult {
+    let (_, bundle) = open(&args.name)?;
+    let path = bundle.serial_log();
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ExitCode::SUCCESS),
+        Err(e) => return Err(Failure::usage(format!("{}: {e}", path.display()))),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        file.read_to_end(&mut buf)
+            .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+        let _ = out.write_all(&buf);
+        let _ = out.flush();
+        if !args.follow || !matches!(bundle.status().state, VmState::Running | VmState::Paused) {
+            // One more read after the VM stopped, for its last words.
+            if args.follow {
+                buf.clear();
+                let _ = file.read_to_end(&mut buf);
+                let _ = out.write_all(&buf);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let _ = file.stream_position();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn set(args: SetArgs) -> CliResult {
+    let (_, bundle) = open(&args.name)?;
+    let state = bundle.status().state;
+    if matches!(state, VmState::Running | VmState::Paused) {
+        return Err(Failure::refused(format!(
+            "VM {} is {state}: settings change only when it is stopped",
+            bundle.name
+        )));
+    }
+    let mut spec = bundle.spec()?;
+    for kv in &args.settings {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(format!("{kv:?} is not key=value")))?;
+        let v = match k {
+            "kernel" | "initrd" if !v.is_empty() && v != KIT => absolute(&PathBuf::from(v))?,
+            _ => v.to_string(),
+        };
+        spec.set(k, &v).map_err(Failure::usage)?;
+    }
+    bundle.save_spec(&spec)?;
+    println!("{} updated", bundle.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn remove(args: NameArg) -> CliResult {
+    let (_, bundle) = open(&args.name)?;
+    let state = bundle.status().state;
+    if matches!(state, VmState::Running | VmState::Paused) {
+        return Err(Failure::refused(format!(
+            "VM {} is {state}: stop or kill it first",
+            bundle.name
+        )));
+    }
+    let name = bundle.name.clone();
+    bundle.remove()?;
+    println!("removed {name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn host(args: ListArgs) -> CliResult {
+    let home = home()?;
+    let h = Host::load(&home)?;
+    let held = host::allocations(&home)?;
+    let cpus: u32 = held.iter().map(|a| a.cpus).sum();
+    let memory: u64 = held.iter().map(|a| a.memory).sum();
+    if args.json {
+        let v = json!({
+            "host": h, "cpu_capacity": h.cpu_capacity(), "memory_capacity": h.memory_capacity() as u64,
+            "cpus_allocated": cpus, "memory_allocated": memory, "vms": held,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cpus      {} (overcommit {}: {} vCPUs)",
+        h.cpus,
+        h.cpu_overcommit,
+        h.cpu_capacity()
+    );
+    println!(
+        "memory    {} (overcommit {}: {})",
+        host::human(h.memory as f64),
+        h.memory_overcommit,
+        host::human(h.memory_capacity())
+    );
+    println!("allocated {cpus} vCPUs, {}", host::human(memory as f64));
+    println!(
+        "free      {} vCPUs, {}",
+        h.cpu_capacity() - f64::from(cpus),
+        host::human((h.memory_capacity() - memory as f64).max(0.0))
+    );
+    for Allocation { name, cpus, memory } in held {
+        println!(
+            "  {name:<20} {cpus:>3} vCPUs {:>10}",
+            host::human(memory as f64)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn monitor(args: NameArg) -> CliResult {
+    let home = home()?;
+    manager::monitor::run(&home, &args.name)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,186 @@
+//! Subcommands and their arguments. Every failure is one line on stderr: exit code 2
+//! for bad input (arguments, names, files), 1 for a refusal (a VM in the wrong state,
+//! a host without room).
+
+mod console;
+mod manage;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "vessel",
+    version,
+    about = "A virtual machine monitor for Linux hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot one VM in the foreground, its serial console on this terminal
+    /// (Ctrl-A x quits). With no --kernel, boots the default guest (the kit).
+    Run(run::RunArgs),
+    /// Build (or find) the default guest kit from Debian's packages and print its paths.
+    Kit(run::KitArgs),
+    /// Define a VM (a bundle under the state directory); it starts with `vessel start`.
+    Create(manage::CreateArgs),
+    /// List the VMs.
+    Ls(manage::ListArgs),
+    /// Start a VM in the background (after admission control).
+    Start(manage::NameArg),
+    /// Attach to a VM's serial console (Ctrl-] detaches; the VM keeps running).
+    Console(manage::NameArg),
+    /// Press a VM's ACPI power button and wait for it to power off.
+    Stop(manage::StopArgs),
+    /// End a VM at once.
+    Kill(manage::NameArg),
+    /// Reset a VM (it boots again).
+    Reboot(manage::NameArg),
+    /// Stop a VM's vCPUs (its memory and devices stay).
+    Pause(manage::NameArg),
+    /// Let a paused VM's vCPUs run again.
+    Resume(manage::NameArg),
+    /// Show a VM's configuration and, while it runs, its live figures.
+    Info(manage::InfoArgs),
+    /// Print a VM's serial console log.
+    Logs(manage::LogsArgs),
+    /// Change a stopped VM's settings: cpus, memory, kernel, initrd, cmdline, accel, restart.
+    Set(manage::SetArgs),
+    /// Delete a stopped VM and its folder.
+    Rm(manage::NameArg),
+    /// Show the host's CPUs and memory and what running VMs hold.
+    Host(manage::ListArgs),
+    /// The monitor process behind a started VM (used by `vessel start`).
+    #[command(name = "__monitor", hide = true)]
+    Monitor(manage::NameArg),
+}
+
+/// The VM options shared by `run` and `create`.
+#[derive(Args, Clone)]
+pub struct VmArgs {
+    /// Linux kernel: a bzImage or an ELF vmlinux with a PVH note (default: the kit's).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<std::path::PathBuf>,
+    /// Initial ramdisk (default with the kit: the kit's initramfs).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<std::path::PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1-255).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    cpus: u16,
+    /// Guest memory, e.g. 256M or 2G.
+    #[arg(long, default_value = "512M", value_name = "SIZE")]
+    memory: String,
+    /// CPU backend.
+    #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
+    accel: AccelArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AccelArg {
+    /// Linux KVM (/dev/kvm).
+    Kvm,
+}
+
+impl AccelArg {
+    fn name(self) -> &'static str {
+        match self {
+            AccelArg::Kvm => "kvm",
+        }
+    }
+}
+
+/// A failure: one line, and the exit code it deserves.
+pub struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    /// Bad input: exit code 2.
+    pub fn usage(message: impl std::fmt::Display) -> Self {
+        Failure {
+            message: message.to_string(),
+            code: 2,
+        }
+    }
+
+    /// A refusal (wrong state, no room): exit code 1.
+    pub fn refused(message: impl std::fmt::Display) -> Self {
+        Failure {
+            message: message.to_string(),
+            code: 1,
+        }
+    }
+}
+
+impl From<manager::ManagerError> for Failure {
+    fn from(e: manager::ManagerError) -> Self {
+        use manager::ManagerError as E;
+        match &e {
+            E::WrongState { .. } | E::Admission { .. } => Failure::refused(e),
+            E::Api(api::ClientError::Status { status: 409, .. }) => Failure::refused(e),
+            _ => Failure::usage(e),
+        }
+    }
+}
+
+impl From<api::ClientError> for Failure {
+    fn from(e: api::ClientError) -> Self {
+        manager::ManagerError::Api(e).into()
+    }
+}
+
+pub type CliResult = Result<ExitCode, Failure>;
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // clap's message, without its usage block: one line, like every error.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("vessel: error: {first} (see vessel --help)");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Kit(args) => run::kit(args),
+        Command::Create(args) => manage::create(args),
+        Command::Ls(args) => manage::list(args),
+        Command::Start(args) => manage::start(args),
+        Command::Console(args) => console::attach(args),
+        Command::Stop(args) => manage::stop(args),
+        Command::Kill(args) => manage::action(args, api::model::Action::Kill),
+        Command::Reboot(args) => manage::action(args, api::model::Action::Reboot),
+        Command::Pause(args) => manage::action(args, api::model::Action::Pause),
+        Command::Resume(args) => manage::action(args, api::model::Action::Resume),
+        Command::Info(args) => manage::info(args),
+        Command::Logs(args) => manage::logs(args),
+        Command::Set(args) => manage::set(args),
+        Command::Rm(args) => manage::remove(args),
+        Command::Host(args) => manage::host(args),
+        Command::Monitor(args) => manage::monitor(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure { message, code }) => {
+            eprintln!("vessel: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! `vessel run` and `vessel kit`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use vmm::{Accel, VmConfig, VmOutcome};
+
+use super::{AccelArg, CliResult, Failure, VmArgs};
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Args)]
+pub struct KitArgs {
+    /// Rebuild even if a complete kit is cached.
+    #[arg(long)]
+    force: bool,
+    /// Cache directory (default: $VESSEL_KIT_DIR, else ~/.cache/vessel/kit).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> CliResult {
+    let a = args.vm;
+    let memory = vmm::parse_size(&a.memory).map_err(Failure::usage)?;
+    let (kernel, initrd, cmdline) = match a.kernel {
+        Some(kernel) => (
+            kernel,
+            a.initrd,
+            a.cmdline
+                .unwrap_or_else(|| manager::spec::DEFAULT_CMDLINE.into()),
+        ),
+        None => {
+            let kit = default_kit()?;
+            (
+                kit.vmlinux,
+                a.initrd.or(Some(kit.initrd)),
+                a.cmdline.unwrap_or_else(|| kit::DEFAULT_CMDLINE.into()),
+            )
+        }
+    };
+    let config = VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        cpus: a.cpus,
+        memory,
+        accel: match a.accel {
+            AccelArg::Kvm => Accel::Kvm,
+        },
+    };
+    let outcome = vmm::run(&config).map_err(Failure::usage)?;
+    eprintln!("vessel: {outcome}");
+    Ok(match outcome {
+        VmOutcome::Crashed { .. } => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// The cached kit, built on first use.
+fn default_kit() -> Result<kit::Kit, Failure> {
+    let dir = kit::default_cache_dir().map_err(Failure::usage)?;
+    if let Some(kit) = kit::locate(&dir) {
+        return Ok(kit);
+    }
+    eprintln!(
+        "vessel: building the default guest kit in {} (first run)",
+        dir.display()
+    );
+    kit::build(&kit::KitOptions::default()).map_err(Failure::usage)
+}
+
+pub fn kit(args: KitArgs) -> CliResult {
+    let kit = kit::build(&kit::KitOptions {
+        cache_dir: args.dir,
+        force: args.force,
+    })
+    .map_err(Failure::usage)?;
+    println!("kernel   {}", kit.bzimage.display());
+    println!("vmlinux  {}", kit.vmlinux.display());
+    println!("initrd   {}", kit.initrd.display());
+    println!("version  {}", kit.kernel_version);
+    Ok(ExitCode::SUCCESS)
+}

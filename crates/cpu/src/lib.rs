@@ -19,6 +19,18 @@ pub trait Vcpu: Send {
     fn location(&mut self) -> Location;
     /// The flag other threads set (with a signal) to make `run` return `Interrupted`.
     fn kick_flag(&self) -> KickFlag;
+
+    /// The full architectural state (for the interpreter, later for snapshots).
+    fn state(&mut self) -> Result<x86::CpuState, VcpuError>;
+    /// Replaces the architectural state.
+    fn set_state(&mut self, state: &x86::CpuState) -> Result<(), VcpuError>;
+    /// Delivers `exception` to the guest before its next instruction.
+    fn inject(&mut self, exception: x86::Exception) -> Result<(), VcpuError>;
+    /// CPUID as this vCPU's guest sees it: [eax, ebx, ecx, edx].
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// An MSR the architectural state does not hold; None if the guest may not read it.
+    fn rdmsr(&mut self, msr: u32) -> Option<u64>;
+    fn wrmsr(&mut self, msr: u32, value: u64) -> bool;
 }
 
 /// A vCPU's position, as best the backend can tell.
@@ -47,4 +59,16 @@ pub enum VcpuError {
         index: u8,
         source: vmm_sys_util::errno::Error,
     },
+    #[error("vCPU {index}: {source}")]
+    Kvm { index: u8, source: kvm::KvmError },
+}
+
+/// Looks `leaf`/`subleaf` up in a CPUID table (the subleaf only matters for leaves
+/// that have them).
+pub fn cpuid_lookup(table: &[arch::cpuid::CpuidEntry], leaf: u32, subleaf: u32) -> [u32; 4] {
+    const SIGNIFICANT_INDEX: u32 = 1;
+    table
+        .iter()
+        .find(|e| e.function == leaf && (e.flags & SIGNIFICANT_INDEX == 0 || e.index == subleaf))
+        .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx])
 }

@@ -106,3 +106,36 @@ pub fn last_count(log: &str) -> Option<u32> {
                 .flatten()
         })
 }
+
+/// A subroutine printing rax as 16 hex digits on COM1 (64-bit code; preserves all but
+/// flags). Call it with `call label`.
+pub fn hex64_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
+    let mut lp = a.create_label();
+    let mut digit = a.create_label();
+    a.set_label(label).unwrap();
+    a.push(rax).unwrap();
+    a.push(rbx).unwrap();
+    a.push(rcx).unwrap();
+    a.push(rdx).unwrap();
+    a.mov(ecx, 16u32).unwrap();
+    a.mov(dx, COM1 as u32).unwrap();
+    a.set_label(&mut lp).unwrap();
+    a.rol(rax, 4u32).unwrap();
+    a.mov(rbx, rax).unwrap();
+    a.and(ebx, 0xfu32).unwrap();
+    a.add(bl, b'0' as u32).unwrap();
+    a.cmp(bl, b'9' as u32).unwrap();
+    a.jbe(digit).unwrap();
+    a.add(bl, (b'a' - b'9' - 1) as u32).unwrap();
+    a.set_label(&mut digit).unwrap();
+    a.xchg(rax, rbx).unwrap();
+    a.out(dx, al).unwrap();
+    a.xchg(rax, rbx).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(lp).unwrap();
+    a.pop(rdx).unwrap();
+    a.pop(rcx).unwrap();
+    a.pop(rbx).unwrap();
+    a.pop(rax).unwrap();
+    a.ret().unwrap();
+}

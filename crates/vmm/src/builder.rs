@@ -137,8 +137,9 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         metrics,
         events_tx,
         events_rx,
-        backing: Box::new((vm, mem)),
+        backing: Box::new((vm, mem.clone())),
         vm_fd,
+        mem,
     }))
 }
 

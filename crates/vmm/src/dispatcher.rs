@@ -7,6 +7,8 @@ use std::sync::mpsc::Sender;
 
 use cpu::{Exit, Vcpu};
 use devices::{Bus, GuestRequest};
+use vm_memory::GuestMemoryMmap;
+use x86::{CodeCoherence, Interpreter};
 
 use crate::control::VmControl;
 use crate::metrics::{ExitReason, Metrics};
@@ -19,6 +21,8 @@ pub struct Dispatcher {
     pub control: Arc<VmControl>,
     pub events: Sender<VmEvent>,
     pub metrics: Arc<Metrics>,
+    /// Guest RAM, for the interpreter when KVM cannot emulate an instruction.
+    pub mem: GuestMemoryMmap,
 }
 
 /// Tells the VM control a vCPU has left its loop, however it leaves.
@@ -34,6 +38,8 @@ impl Dispatcher {
     pub fn run_vcpu(&self, vcpu: &mut dyn Vcpu) {
         let _exited = Exited(&self.control);
         let index = vcpu.index();
+        // Made on first use: most vCPUs on hosts with VT-x/AMD-V never need it.
+        let mut interpreter: Option<Interpreter> = None;
         while self.control.keep_running() {
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
@@ -80,13 +86,21 @@ impl Dispatcher {
                 }
                 Exit::EmulationFailure => {
                     self.metrics.exit(ExitReason::EmulationFailure);
-                    let location = vcpu.location();
-                    self.fail(
-                        index,
-                        "KVM could not emulate an instruction".into(),
-                        location,
+                    let interp = interpreter
+                        .get_or_insert_with(|| Interpreter::new(CodeCoherence::Validate));
+                    let done = crate::fallback::emulate(
+                        interp,
+                        vcpu,
+                        &self.mem,
+                        &self.io,
+                        &self.mmio,
+                        &self.metrics,
                     );
-                    return;
+                    if let Err(f) = done {
+                        let location = f.location.unwrap_or_else(|| vcpu.location());
+                        self.fail(index, f.reason, location);
+                        return;
+                    }
                 }
                 Exit::Fatal(fatal) => {
                     let location = vcpu.location();

@@ -7,6 +7,7 @@ pub mod console;
 pub mod control;
 pub mod dispatcher;
 mod error;
+mod fallback;
 pub mod metrics;
 mod teardown;
 pub mod vm;
@@ -34,8 +35,9 @@ pub fn process_start() -> Instant {
 
 /// Builds and runs a VM to its end, for a process that exits right after: the kernel's
 /// teardown of the VM is left to a short-lived child.
-pub fn run(config: &VmConfig) -> Result<VmOutcome, VmError> {
+pub fn run(config: &VmConfig) -> Result<(VmOutcome, std::sync::Arc<metrics::Metrics>), VmError> {
     let mut vm = builder::build(config, Console::Stdio)?;
     vm.detach_teardown();
-    vm.run()
+    let metrics = vm.handle().metrics().clone();
+    Ok((vm.run()?, metrics))
 }

@@ -121,6 +121,33 @@ impl Metrics {
         self.started.elapsed().as_secs_f64()
     }
 
+    /// Two lines for `vessel run --stats`: exits by reason, and the instructions vessel's
+    /// interpreter ran for KVM, by mnemonic.
+    pub fn summary(&self) -> String {
+        let exits: Vec<String> = ExitReason::ALL
+            .iter()
+            .filter(|r| self.exits(**r) > 0)
+            .map(|r| format!("{}={}", r.label(), self.exits(*r)))
+            .collect();
+        let fallbacks = self.fallbacks();
+        let total: u64 = fallbacks.values().sum();
+        let by_mnemonic: Vec<String> = fallbacks.iter().map(|(m, n)| format!("{m}={n}")).collect();
+        format!(
+            "exits: {}\ninterpreter fallbacks: {total}{}{}",
+            if exits.is_empty() {
+                "none".into()
+            } else {
+                exits.join(" ")
+            },
+            if total > 0 { " (" } else { "" },
+            if total > 0 {
+                by_mnemonic.join(" ") + ")"
+            } else {
+                String::new()
+            },
+        )
+    }
+
     /// Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self, vm: &str) -> String {
         let mut s = String::new();

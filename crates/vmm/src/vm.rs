@@ -145,6 +145,7 @@ pub struct Vm {
     /// The KVM VM descriptor whose teardown may be left to a child process.
     vm_fd: std::os::fd::RawFd,
     detach_teardown: bool,
+    mem: vm_memory::GuestMemoryMmap,
 }
 
 /// What the builder hands over.
@@ -157,6 +158,7 @@ pub(crate) struct VmParts {
     pub events_rx: Receiver<VmEvent>,
     pub backing: Box<dyn std::any::Any + Send>,
     pub vm_fd: std::os::fd::RawFd,
+    pub mem: vm_memory::GuestMemoryMmap,
 }
 
 impl Vm {
@@ -172,6 +174,7 @@ impl Vm {
             _backing: p.backing,
             vm_fd: p.vm_fd,
             detach_teardown: false,
+            mem: p.mem,
         }
     }
 
@@ -205,6 +208,7 @@ impl Vm {
             control: self.control.clone(),
             events: self.events_tx.clone(),
             metrics: self.metrics.clone(),
+            mem: self.mem.clone(),
         });
         let _raw = if self.stdio_console {
             let raw = RawTerminal::enter();

@@ -4,6 +4,7 @@
 
 mod irq;
 pub mod regs;
+pub mod state;
 mod vcpu;
 mod vm;
 

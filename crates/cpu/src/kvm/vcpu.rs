@@ -26,6 +26,10 @@ pub struct KvmVcpu {
     kick: KickFlag,
     /// For reading instruction bytes in fatal-exit reports.
     mem: Option<GuestMemoryMmap>,
+    /// The CPUID table given to KVM (the interpreter answers CPUID from it too).
+    cpuid: Vec<CpuidEntry>,
+    /// The state as last read, so writing back touches only what changed.
+    last_read: Option<super::state::KvmState>,
 }
 
 impl KvmVcpu {
@@ -43,9 +47,9 @@ impl KvmVcpu {
                 ..Default::default()
             })
             .collect();
-        let cpuid = CpuId::from_entries(&entries)
+        let kvm_cpuid = CpuId::from_entries(&entries)
             .map_err(|_| KvmError::MissingCapability("CPUID table size"))?;
-        fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&kvm_cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
 
         let msrs: Vec<kvm_msr_entry> = arch::msr::boot_msrs()
             .into_iter()
@@ -86,6 +90,8 @@ impl KvmVcpu {
             index,
             kick: KickFlag::default(),
             mem: None,
+            cpuid: cpuid.to_vec(),
+            last_read: None,
         })
     }
 
@@ -177,6 +183,91 @@ impl Vcpu for KvmVcpu {
             },
             other => Exit::Fatal(FatalExit::Unhandled(format!("{other:?}"))),
         })
+    }
+
+    fn state(&mut self) -> Result<x86::CpuState, VcpuError> {
+        let index = self.index;
+        let (state, read) = super::state::read(&self.fd, &self.cpuid)
+            .map_err(|source| VcpuError::Kvm { index, source })?;
+        self.last_read = Some(read);
+        Ok(state)
+    }
+
+    fn set_state(&mut self, state: &x86::CpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let err = |source| VcpuError::Kvm { index, source };
+        let mut old = match self.last_read.take() {
+            Some(old) => old,
+            None => super::state::read(&self.fd, &self.cpuid).map_err(err)?.1,
+        };
+        super::state::write(&self.fd, &self.cpuid, state, &mut old).map_err(err)?;
+        self.last_read = Some(old);
+        Ok(())
+    }
+
+    fn inject(&mut self, exception: x86::Exception) -> Result<(), VcpuError> {
+        let index = self.index;
+        let err = |source| VcpuError::Kvm { index, source };
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(super::ioctl("KVM_GET_VCPU_EVENTS"))
+            .map_err(err)?;
+        if let x86::Exception::SoftwareInterrupt(vector) = exception {
+            // INT n: a software interrupt, delivered with RIP already past the instruction.
+            events.interrupt.injected = 1;
+            events.interrupt.nr = vector;
+            events.interrupt.soft = 1;
+        } else {
+            if let x86::Exception::PageFault { address, .. } = exception {
+                let mut sregs = self
+                    .fd
+                    .get_sregs()
+                    .map_err(super::ioctl("KVM_GET_SREGS"))
+                    .map_err(err)?;
+                sregs.cr2 = address;
+                self.fd
+                    .set_sregs(&sregs)
+                    .map_err(super::ioctl("KVM_SET_SREGS"))
+                    .map_err(err)?;
+                self.last_read = None;
+            }
+            events.exception.injected = 1;
+            events.exception.nr = exception.vector();
+            events.exception.has_error_code = u8::from(exception.error_code().is_some());
+            events.exception.error_code = exception.error_code().unwrap_or(0);
+        }
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(super::ioctl("KVM_SET_VCPU_EVENTS"))
+            .map_err(err)
+    }
+
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        crate::cpuid_lookup(&self.cpuid, leaf, subleaf)
+    }
+
+    fn rdmsr(&mut self, msr: u32) -> Option<u64> {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry {
+            index: msr,
+            ..Default::default()
+        }])
+        .ok()?;
+        match self.fd.get_msrs(&mut one) {
+            Ok(1) => Some(one.as_slice()[0].data),
+            _ => None,
+        }
+    }
+
+    fn wrmsr(&mut self, msr: u32, value: u64) -> bool {
+        let Ok(one) = Msrs::from_entries(&[kvm_msr_entry {
+            index: msr,
+            data: value,
+            ..Default::default()
+        }]) else {
+            return false;
+        };
+        matches!(self.fd.set_msrs(&one), Ok(1))
     }
 
     fn location(&mut self) -> Location {

@@ -12,6 +12,10 @@ use super::{AccelArg, CliResult, Failure, VmArgs};
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// At exit, print vCPU exits by reason and the instructions vessel's interpreter
+    /// ran for KVM, by mnemonic.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Args)]
@@ -53,8 +57,13 @@ pub fn run(args: RunArgs) -> CliResult {
             AccelArg::Kvm => Accel::Kvm,
         },
     };
-    let outcome = vmm::run(&config).map_err(Failure::usage)?;
+    let (outcome, metrics) = vmm::run(&config).map_err(Failure::usage)?;
     eprintln!("vessel: {outcome}");
+    if args.stats {
+        for line in metrics.summary().lines() {
+            eprintln!("vessel: stats: {line}");
+        }
+    }
     Ok(match outcome {
         VmOutcome::Crashed { .. } => ExitCode::from(1),
         _ => ExitCode::SUCCESS,

@@ -1,0 +1,395 @@
+//! The only module that holds host pointers into guest RAM: page handles, the software TLB
+//! that caches them, and the host atomics that locked guest instructions map to.
+//!
+//! # Why the pointers stay valid
+//! A [`HostPage`] is made only by [`HostPage::lookup`], from a `VolatileSlice` of at least
+//! one page that vm-memory hands out for a guest-physical page; that slice points into a
+//! mapping owned (through `Arc`ed regions) by the platform's `GuestMemory`. The mapping lives
+//! as long as that memory object does and never moves. A `HostPage` is used only while the
+//! memory object it came from is unchanged, which the interpreter guarantees by construction:
+//! every `step`/`run` starts a new TLB generation (nothing cached by an earlier call can
+//! match), and every call that hands the platform `&mut` (MMIO, port I/O, MSRs, CPUID, TSC)
+//! goes through [`crate::machine::Machine::platform`], which starts a new generation too,
+//! because only with `&mut` could the platform replace its memory. Between those points the
+//! interpreter holds the only `&mut` to the platform, so the memory object cannot change.
+//!
+//! # Why accesses are atomics
+//! Guest RAM is shared with other vCPUs (KVM threads now, emu threads later) and devices.
+//! Aligned accesses are host atomics: on x86 they compile to plain moves, they are
+//! single-copy atomic as the guest expects of aligned accesses, and they keep the Rust side
+//! free of data races. Unaligned accesses are composed of aligned loads or byte stores, as
+//! the architecture allows. Locked read-modify-writes are host compare-exchanges on the same
+//! address, so they are atomic against KVM vCPUs running the guest natively; a locked access
+//! that is misaligned takes a process-wide lock instead (a guest split lock).
+
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
+
+/// Guest loads are acquire and stores release: on x86 both are plain moves, and together
+/// they keep the compiler from reordering guest accesses, so guest code sees the x86
+/// (TSO) ordering it was written for. Locked operations are sequentially consistent.
+const LOAD: Ordering = Ordering::Acquire;
+const STORE: Ordering = Ordering::Release;
+const RMW: Ordering = Ordering::SeqCst;
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
+
+pub(crate) const PAGE: usize = 4096;
+pub(crate) const PAGE_MASK: u64 = !0xfff;
+
+/// Serialises misaligned locked read-modify-writes (they cannot use one host atomic).
+static SPLIT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Taken around a locked access that cannot be one host atomic (split across pages, MMIO).
+pub(crate) fn split_lock() -> std::sync::MutexGuard<'static, ()> {
+    SPLIT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A 4 KiB page of guest RAM mapped in this process.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HostPage(NonNull<u8>);
+
+fn mask(n: usize) -> u64 {
+    if n >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (n * 8)) - 1
+    }
+}
+
+impl HostPage {
+    /// The host mapping of the guest-physical page at `gpa_page` (page aligned), if it is
+    /// RAM mapped as one piece. `write` marks the page dirty in vm-memory's dirty bitmap
+    /// (writes through the returned handle bypass it, so the whole page is marked up front).
+    pub(crate) fn lookup<M: GuestMemory + ?Sized>(
+        mem: &M,
+        gpa_page: u64,
+        write: bool,
+    ) -> Option<HostPage> {
+        let perm = if write {
+            Permissions::ReadWrite
+        } else {
+            Permissions::Read
+        };
+        let slice = mem
+            .get_slices(GuestAddress(gpa_page), PAGE, perm)
+            .ok()?
+            .next()?
+            .ok()?;
+        if slice.len() < PAGE {
+            return None;
+        }
+        if write {
+            slice.bitmap().mark_dirty(0, PAGE);
+        }
+        NonNull::new(slice.ptr_guard_mut().as_ptr()).map(HostPage)
+    }
+
+    #[inline(always)]
+    fn at(self, off: usize, n: usize) -> *mut u8 {
+        assert!(off <= PAGE - n, "access beyond the page");
+        self.0.as_ptr().wrapping_add(off)
+    }
+
+    /// Loads `N` (1, 2, 4 or 8) bytes at `off`, little endian, zero extended.
+    #[inline(always)]
+    pub(crate) fn load<const N: usize>(self, off: usize) -> u64 {
+        let p = self.at(off, N);
+        if !off.is_multiple_of(N) {
+            return self.load_unaligned(off, N);
+        }
+        // SAFETY: `p` is in bounds of a live page mapping (module doc) and aligned to N;
+        // guest RAM is only ever accessed through atomics or by other processes/threads
+        // outside Rust's knowledge, so a relaxed atomic load is race free on our side.
+        unsafe {
+            match N {
+                1 => u64::from(AtomicU8::from_ptr(p).load(LOAD)),
+                2 => u64::from(AtomicU16::from_ptr(p.cast()).load(LOAD)),
+                4 => u64::from(AtomicU32::from_ptr(p.cast()).load(LOAD)),
+                _ => AtomicU64::from_ptr(p.cast()).load(LOAD),
+            }
+        }
+    }
+
+    #[inline(never)]
+    fn load_unaligned(self, off: usize, n: usize) -> u64 {
+        // The aligned words covering an in-page access lie inside the page too.
+        let base = off & !7;
+        let sh = (off & 7) * 8;
+        let lo = self.load::<8>(base);
+        if (off & 7) + n <= 8 {
+            (lo >> sh) & mask(n)
+        } else {
+            let hi = self.load::<8>(base + 8);
+            ((lo >> sh) | (hi << (64 - sh))) & mask(n)
+        }
+    }
+
+    /// Stores the low `N` bytes of `v` at `off`.
+    #[inline(always)]
+    pub(crate) fn store<const N: usize>(self, off: usize, v: u64) {
+        let p = self.at(off, N);
+        if !off.is_multiple_of(N) {
+            for k in 0..N {
+                self.store::<1>(off + k, v >> (8 * k));
+            }
+            return;
+        }
+        // SAFETY: as in `load`: in bounds, aligned, atomic.
+        unsafe {
+            match N {
+                1 => AtomicU8::from_ptr(p).store(v as u8, STORE),
+                2 => AtomicU16::from_ptr(p.cast()).store(v as u16, STORE),
+                4 => AtomicU32::from_ptr(p.cast()).store(v as u32, STORE),
+                _ => AtomicU64::from_ptr(p.cast()).store(v, STORE),
+            }
+        }
+    }
+
+    /// Atomically replaces the `N` bytes at `off` with `new` if they equal `old`; returns
+    /// the value found (Ok when it was `old`).
+    pub(crate) fn compare_exchange<const N: usize>(
+        self,
+        off: usize,
+        old: u64,
+        new: u64,
+    ) -> Result<u64, u64> {
+        let p = self.at(off, N);
+        if !off.is_multiple_of(N) {
+            let _guard = split_lock();
+            let cur = self.load::<N>(off);
+            if cur != old & mask(N) {
+                return Err(cur);
+            }
+            self.store::<N>(off, new);
+            return Ok(cur);
+        }
+        // SAFETY: in bounds, aligned, atomic (see `load`).
+        unsafe {
+            match N {
+                1 => AtomicU8::from_ptr(p)
+                    .compare_exchange(old as u8, new as u8, RMW, LOAD)
+                    .map(u64::from)
+                    .map_err(u64::from),
+                2 => AtomicU16::from_ptr(p.cast())
+                    .compare_exchange(old as u16, new as u16, RMW, LOAD)
+                    .map(u64::from)
+                    .map_err(u64::from),
+                4 => AtomicU32::from_ptr(p.cast())
+                    .compare_exchange(old as u32, new as u32, RMW, LOAD)
+                    .map(u64::from)
+                    .map_err(u64::from),
+                _ => AtomicU64::from_ptr(p.cast()).compare_exchange(old, new, RMW, LOAD),
+            }
+        }
+    }
+
+    /// Atomic read-modify-write: applies `f` until it wins the race; returns the old value.
+    #[inline]
+    pub(crate) fn update<const N: usize>(self, off: usize, mut f: impl FnMut(u64) -> u64) -> u64 {
+        let mut cur = self.load::<N>(off);
+        loop {
+            match self.compare_exchange::<N>(off, cur, f(cur)) {
+                Ok(old) => return old,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// `lock cmpxchg16b` on the 16-byte aligned location at `off`.
+    pub(crate) fn compare_exchange16(self, off: usize, old: u128, new: u128) -> Result<u128, u128> {
+        assert!(off.is_multiple_of(16), "cmpxchg16b needs 16-byte alignment");
+        let p = self.at(off, 16);
+        let mut lo = old as u64;
+        let mut hi = (old >> 64) as u64;
+        let ok: u8;
+        // SAFETY: `p` is 16-byte aligned and in bounds of a live page mapping (module doc).
+        // RBX cannot be an asm operand, so the new low half is swapped into it and back.
+        unsafe {
+            std::arch::asm!(
+                "xchg rbx, {nlo}",
+                "lock cmpxchg16b xmmword ptr [{p}]",
+                "sete {ok}",
+                "xchg rbx, {nlo}",
+                p = in(reg) p,
+                nlo = inout(reg) new as u64 => _,
+                ok = out(reg_byte) ok,
+                in("rcx") (new >> 64) as u64,
+                inout("rax") lo,
+                inout("rdx") hi,
+                options(nostack),
+            );
+        }
+        let found = u128::from(lo) | (u128::from(hi) << 64);
+        if ok != 0 { Ok(found) } else { Err(found) }
+    }
+
+    /// Atomically ORs `bits` into the 8-byte word at `off` (page-table A/D updates).
+    pub(crate) fn fetch_or64(self, off: usize, bits: u64) -> u64 {
+        assert!(off.is_multiple_of(8));
+        let p = self.at(off, 8);
+        // SAFETY: aligned, in bounds, atomic (see `load`).
+        unsafe { AtomicU64::from_ptr(p.cast()).fetch_or(bits, RMW) }
+    }
+
+    /// Atomically ORs `bits` into the 4-byte word at `off` (32-bit page tables).
+    pub(crate) fn fetch_or32(self, off: usize, bits: u32) -> u32 {
+        assert!(off.is_multiple_of(4));
+        let p = self.at(off, 4);
+        // SAFETY: aligned, in bounds, atomic (see `load`).
+        unsafe { AtomicU32::from_ptr(p.cast()).fetch_or(bits, RMW) }
+    }
+
+    pub(crate) fn read_bytes(self, off: usize, out: &mut [u8]) {
+        for (k, b) in out.iter_mut().enumerate() {
+            *b = self.load::<1>(off + k) as u8;
+        }
+    }
+
+    pub(crate) fn write_bytes(self, off: usize, data: &[u8]) {
+        for (k, b) in data.iter().enumerate() {
+            self.store::<1>(off + k, u64::from(*b));
+        }
+    }
+}
+
+pub(crate) const TLB_SIZE: usize = 256;
+
+/// Permission bits of a cached translation (effective over all paging levels).
+pub(crate) mod perm {
+    pub const WRITE: u8 = 1;
+    pub const USER: u8 = 2;
+    pub const EXEC: u8 = 4;
+    /// The final entry's dirty bit is already set: writes need no walk.
+    pub const DIRTY: u8 = 8;
+    /// The host handle was looked up for writing (marked dirty in vm-memory's bitmap).
+    pub const HOST_WRITE: u8 = 16;
+}
+
+/// One cached translation. Tags are `linear page | generation`; a tag matches only in the
+/// generation it was written in, so bumping the generation empties the TLB in O(1).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TlbEntry {
+    /// Set when a read in this entry's privilege context may use `host` directly.
+    read_tag: u64,
+    /// Set when a write may use `host` directly (writable, dirty, RAM, holds no cached code).
+    write_tag: u64,
+    /// Set whenever the entry holds a translation (checked on the slower path).
+    page_tag: u64,
+    pub(crate) gpa: u64,
+    pub(crate) perm: u8,
+    host: Option<HostPage>,
+}
+
+/// What a walk produced, to be cached.
+pub(crate) struct Fill {
+    pub lin_page: u64,
+    pub gpa: u64,
+    pub perm: u8,
+    pub host: Option<HostPage>,
+    pub fast_read: bool,
+    pub fast_write: bool,
+}
+
+/// Software TLB: one direct-mapped array per privilege context (user, supervisor), so
+/// that a CPL change does not flush.
+pub(crate) struct Tlb {
+    /// Inline (the owner boxes the whole Tlb) so an access costs one pointer chase.
+    sets: [[TlbEntry; TLB_SIZE]; 2],
+    epoch: u64,
+}
+
+// SAFETY: the host pointers in a Tlb are never dereferenced outside the `step`/`run` call
+// that cached them (each call starts a new generation, see the module doc), so moving the
+// Tlb to another thread between calls cannot let a pointer be used on the wrong side.
+unsafe impl Send for Tlb {}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Tlb {
+            sets: [[TlbEntry::default(); TLB_SIZE]; 2],
+            epoch: 1,
+        }
+    }
+}
+
+#[inline(always)]
+fn slot(lin: u64) -> usize {
+    (lin >> 12) as usize & (TLB_SIZE - 1)
+}
+
+impl Tlb {
+    /// Forgets every translation and host pointer.
+    pub(crate) fn flush(&mut self) {
+        self.epoch += 1;
+        if self.epoch > 0xfff {
+            for set in self.sets.iter_mut() {
+                set.fill(TlbEntry::default());
+            }
+            self.epoch = 1;
+        }
+    }
+
+    /// The current generation; anything tagged with another one is stale.
+    pub(crate) fn generation(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Stops fast writes to a guest-physical page (it now holds cached code).
+    pub(crate) fn protect_gpa(&mut self, gpa_page: u64) {
+        for set in self.sets.iter_mut() {
+            for e in set.iter_mut() {
+                if e.gpa == gpa_page {
+                    e.write_tag = 0;
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn read_fast<const N: usize>(&self, set: usize, lin: u64) -> Option<u64> {
+        let e = &self.sets[set & 1][slot(lin)];
+        let off = (lin & 0xfff) as usize;
+        if e.read_tag == (lin & PAGE_MASK) | self.epoch && off <= PAGE - N {
+            Some(e.host?.load::<N>(off))
+        } else {
+            None
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn write_fast<const N: usize>(&self, set: usize, lin: u64, v: u64) -> bool {
+        let e = &self.sets[set & 1][slot(lin)];
+        let off = (lin & 0xfff) as usize;
+        if e.write_tag == (lin & PAGE_MASK) | self.epoch
+            && off <= PAGE - N
+            && let Some(h) = e.host
+        {
+            h.store::<N>(off, v);
+            return true;
+        }
+        false
+    }
+
+    /// The cached translation of `lin`'s page, if any: (gpa page, perm, host).
+    #[inline]
+    pub(crate) fn lookup(&self, set: usize, lin: u64) -> Option<(u64, u8, Option<HostPage>)> {
+        let e = &self.sets[set & 1][slot(lin)];
+        (e.page_tag == (lin & PAGE_MASK) | self.epoch).then_some((e.gpa, e.perm, e.host))
+    }
+
+    pub(crate) fn fill(&mut self, set: usize, f: Fill) {
+        let tag = f.lin_page | self.epoch;
+        let ram = f.host.is_some();
+        self.sets[set & 1][slot(f.lin_page)] = TlbEntry {
+            read_tag: if f.fast_read && ram { tag } else { 0 },
+            write_tag: if f.fast_write && ram { tag } else { 0 },
+            page_tag: tag,
+            gpa: f.gpa,
+            perm: f.perm,
+            host: f.host,
+        };
+    }
+}

@@ -1,0 +1,371 @@
+//! The execution context handlers run against: a working copy of the registers, the lazy
+//! flags, the CPU state, the TLB and the platform; operand access helpers.
+
+use std::collections::HashSet;
+
+use crate::cache::FastHash;
+use crate::decode::{Cx, Insn};
+use crate::exception::Exception;
+use crate::flags::Flags;
+use crate::hostmem::Tlb;
+use crate::platform::Bus;
+use crate::state::{CpuMode, CpuState, SegReg, ctl, rflags};
+
+pub(crate) type R<T = ()> = Result<T, Exception>;
+
+/// Index of RIP in [`Machine::regs`]; while an instruction executes it holds the address of
+/// the *next* instruction (what RIP-relative addressing and relative branches add to).
+pub(crate) const RIP: u8 = 16;
+/// Index of a register that always reads zero (absent base/index).
+pub(crate) const ZERO: u8 = 17;
+/// Segment index whose base is always zero (64-bit mode ignores ES/CS/SS/DS bases).
+pub(crate) const SEG_NONE: u8 = 6;
+
+/// Set in [`Machine::exit`]: end the current block after this instruction (code or mode
+/// changed under it).
+pub(crate) const EXIT_BLOCK: u8 = 1;
+/// Set in [`Machine::exit`]: return from `run` after this instruction.
+pub(crate) const EXIT_RUN: u8 = 2;
+
+/// Set in [`Machine::exit`] by the placeholder handler of an instruction the interpreter
+/// does not implement (nothing was changed).
+pub(crate) const EXIT_UNSUPPORTED: u8 = 4;
+
+/// Why an instruction asked `run` to return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    Halt,
+}
+
+pub(crate) struct Machine<'a> {
+    /// GPRs 0-15, RIP (16), zero (17); sized 32 so that masked indices need no bounds check.
+    pub regs: [u64; 32],
+    pub flags: Flags,
+    /// Segment bases as addressing uses them (ES, CS, SS, DS, FS, GS, zero, zero).
+    pub seg_base: [u64; 8],
+    pub cpu: &'a mut CpuState,
+    pub tlb: &'a mut Tlb,
+    pub bus: &'a mut dyn Bus,
+    /// Guest-physical pages holding decoded code (writes to them invalidate it).
+    pub code_pages: &'a mut HashSet<u64, FastHash>,
+    /// TLB context: 1 at CPL 3, else 0.
+    pub tlb_set: usize,
+    /// Mode the code decodes in, derived from CR0/EFER/CS.
+    pub mode: CpuMode,
+    /// Stack address size mask (RSP, ESP or SP), from the mode and SS.B.
+    pub stack_mask: u64,
+    pub exit: u8,
+    pub stop: Option<StopReason>,
+    /// Code pages written by the current instruction, for the cache to invalidate.
+    pub smc: Vec<u64>,
+}
+
+impl<'a> Machine<'a> {
+    pub(crate) fn new(
+        cpu: &'a mut CpuState,
+        tlb: &'a mut Tlb,
+        bus: &'a mut dyn Bus,
+        code_pages: &'a mut HashSet<u64, FastHash>,
+        smc: Vec<u64>,
+    ) -> Self {
+        let mut regs = [0; 32];
+        regs[..16].copy_from_slice(&cpu.gpr);
+        regs[RIP as usize] = cpu.rip;
+        let flags = Flags::from_bits(cpu.rflags);
+        let mut m = Machine {
+            regs,
+            flags,
+            seg_base: [0; 8],
+            cpu,
+            tlb,
+            bus,
+            code_pages,
+            tlb_set: 0,
+            mode: CpuMode::Real,
+            stack_mask: u64::MAX,
+            exit: 0,
+            stop: None,
+            smc,
+        };
+        m.reload_segments();
+        m
+    }
+
+    /// Writes the working registers and flags back into the CPU state.
+    pub(crate) fn sync(&mut self) {
+        self.cpu.gpr.copy_from_slice(&self.regs[..16]);
+        self.cpu.rip = self.regs[RIP as usize];
+        self.cpu.rflags = self.rflags();
+    }
+
+    /// Full RFLAGS with the lazy status flags materialised.
+    pub(crate) fn rflags(&self) -> u64 {
+        (self.cpu.rflags & !rflags::ARITH) | self.flags.bits() | rflags::FIXED
+    }
+
+    /// Re-derives what addressing caches from the segment registers and the privilege
+    /// level; called after anything that loads a segment or changes CPL/mode.
+    pub(crate) fn reload_segments(&mut self) {
+        self.mode = self.cpu.mode();
+        let long = self.mode == CpuMode::Long64;
+        self.stack_mask = if long {
+            u64::MAX
+        } else if self.cpu.seg[SegReg::Ss as usize].db() {
+            0xffff_ffff
+        } else {
+            0xffff
+        };
+        for (k, s) in self.cpu.seg.iter().enumerate() {
+            self.seg_base[k] = if long && k < SegReg::Fs as usize {
+                0
+            } else {
+                s.base
+            };
+        }
+        self.tlb_set = usize::from(self.cpu.cpl() == 3);
+    }
+
+    /// Decoding context for the current mode.
+    pub(crate) fn cx(&self) -> Cx {
+        Cx {
+            bitness: self.mode.bitness(),
+        }
+    }
+
+    /// Linear address of code at offset `rip` in CS.
+    #[inline(always)]
+    pub(crate) fn code_linear(&self, rip: u64) -> u64 {
+        if self.mode == CpuMode::Long64 {
+            rip
+        } else {
+            rip.wrapping_add(self.seg_base[SegReg::Cs as usize]) & 0xffff_ffff
+        }
+    }
+
+    pub(crate) fn long_mode(&self) -> bool {
+        self.cpu.efer & ctl::EFER_LMA != 0
+    }
+
+    #[inline(always)]
+    pub(crate) fn rip(&self) -> u64 {
+        self.regs[RIP as usize]
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_rip(&mut self, v: u64) {
+        self.regs[RIP as usize] = v;
+    }
+
+    /// Reads register `r` at width W (for bytes, bit 4 of `r` selects AH..BH).
+    #[inline(always)]
+    pub(crate) fn reg<W: Width>(&self, r: u8) -> u64 {
+        let v = self.regs[(r & 15) as usize];
+        if W::BYTES == 1 {
+            (v >> (u32::from((r >> 4) & 1) * 8)) & 0xff
+        } else {
+            v & W::MASK
+        }
+    }
+
+    /// Writes register `r` at width W with the architectural merge rules: 8/16-bit writes
+    /// keep the other bits, 32-bit writes zero the upper half.
+    #[inline(always)]
+    pub(crate) fn set_reg<W: Width>(&mut self, r: u8, v: u64) {
+        let x = &mut self.regs[(r & 15) as usize];
+        match W::BYTES {
+            1 => {
+                let sh = u32::from((r >> 4) & 1) * 8;
+                *x = (*x & !(0xff << sh)) | ((v & 0xff) << sh);
+            }
+            2 => *x = (*x & !0xffff) | (v & 0xffff),
+            4 => *x = v & 0xffff_ffff,
+            _ => *x = v,
+        }
+    }
+
+    /// Effective linear address of the instruction's memory operand.
+    #[inline(always)]
+    pub(crate) fn ea(&self, i: &Insn) -> u64 {
+        let off = i
+            .disp
+            .wrapping_add(self.regs[(i.base & 31) as usize])
+            .wrapping_add(self.regs[(i.index & 31) as usize] << (i.scale & 3))
+            & i.amask;
+        self.linear(i, off)
+    }
+
+    /// Segment offset -> linear address for the instruction's segment.
+    #[inline(always)]
+    pub(crate) fn linear(&self, i: &Insn, off: u64) -> u64 {
+        let lin = off.wrapping_add(self.seg_base[(i.seg & 7) as usize]);
+        if i.wrap32 { lin & 0xffff_ffff } else { lin }
+    }
+
+    #[inline(always)]
+    pub(crate) fn read<const N: usize>(&mut self, lin: u64) -> R<u64> {
+        match self.tlb.read_fast::<N>(self.tlb_set, lin) {
+            Some(v) => Ok(v),
+            None => self.read_slow(lin, N),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn write<const N: usize>(&mut self, lin: u64, v: u64) -> R {
+        if self.tlb.write_fast::<N>(self.tlb_set, lin, v) {
+            Ok(())
+        } else {
+            self.write_slow(lin, N, v)
+        }
+    }
+
+    pub(crate) fn read128(&mut self, lin: u64) -> R<u128> {
+        if lin & 0xfff <= 0xff0 {
+            // Both halves are in one page: translate once via the first read.
+            let lo = self.read::<8>(lin)?;
+            let hi = self.read::<8>(lin + 8)?;
+            return Ok(u128::from(lo) | (u128::from(hi) << 64));
+        }
+        let mut b = [0u8; 16];
+        self.read_bytes(lin, &mut b)?;
+        Ok(u128::from_le_bytes(b))
+    }
+
+    pub(crate) fn write128(&mut self, lin: u64, v: u128) -> R {
+        // Probe both ends first so a fault leaves memory untouched.
+        self.probe_write(lin, 16)?;
+        self.write::<8>(lin, v as u64)?;
+        self.write::<8>(lin.wrapping_add(8), (v >> 64) as u64)
+    }
+
+    /// Runs a platform callback. The callback gets `&mut` to the platform, which could
+    /// change its guest memory, so cached host pointers are dropped afterwards
+    /// (see `hostmem`).
+    pub(crate) fn platform<T>(&mut self, f: impl FnOnce(&mut dyn Bus) -> T) -> T {
+        let r = f(self.bus);
+        self.tlb.flush();
+        r
+    }
+
+    /// Ends the current block after this instruction.
+    pub(crate) fn end_block(&mut self) {
+        self.exit |= EXIT_BLOCK;
+    }
+}
+
+/// An operand width. Values are carried in u64s; the width decides masking, sign bit and
+/// the memory access size.
+pub(crate) trait Width: 'static {
+    const BYTES: usize;
+    const BITS: u32;
+    const MASK: u64;
+    fn read(m: &mut Machine, lin: u64) -> R<u64>;
+    fn write(m: &mut Machine, lin: u64, v: u64) -> R;
+    #[inline(always)]
+    fn sext(v: u64) -> u64 {
+        (((v << (64 - Self::BITS)) as i64) >> (64 - Self::BITS)) as u64
+    }
+    #[inline(always)]
+    fn sign(v: u64) -> bool {
+        (v >> (Self::BITS - 1)) & 1 != 0
+    }
+}
+
+macro_rules! width {
+    ($name:ident, $n:literal) => {
+        pub(crate) struct $name;
+        impl Width for $name {
+            const BYTES: usize = $n;
+            const BITS: u32 = $n * 8;
+            const MASK: u64 = if $n == 8 {
+                u64::MAX
+            } else {
+                (1u64 << ($n * 8)) - 1
+            };
+            #[inline(always)]
+            fn read(m: &mut Machine, lin: u64) -> R<u64> {
+                m.read::<$n>(lin)
+            }
+            #[inline(always)]
+            fn write(m: &mut Machine, lin: u64, v: u64) -> R {
+                m.write::<$n>(lin, v)
+            }
+        }
+    };
+}
+width!(W8, 1);
+width!(W16, 2);
+width!(W32, 4);
+width!(W64, 8);
+
+/// Where an operand lives, chosen at decode time so handlers are monomorphised per form.
+pub(crate) trait Loc: 'static {
+    const IS_MEM: bool = false;
+    const IS_IMM: bool = false;
+    /// Resolves the address once so a read-modify-write reads and writes the same place.
+    #[inline(always)]
+    fn addr(_m: &Machine, _i: &Insn) -> u64 {
+        0
+    }
+    fn get<W: Width>(m: &mut Machine, i: &Insn, a: u64) -> R<u64>;
+    fn put<W: Width>(m: &mut Machine, i: &Insn, a: u64, v: u64) -> R;
+}
+
+/// The register in `Insn::d`.
+pub(crate) struct Rd;
+/// The register in `Insn::s`.
+pub(crate) struct Rs;
+/// The memory operand.
+pub(crate) struct Mem;
+/// The immediate (already sign-extended to the operand size at decode).
+pub(crate) struct Imm;
+
+impl Loc for Rd {
+    #[inline(always)]
+    fn get<W: Width>(m: &mut Machine, i: &Insn, _a: u64) -> R<u64> {
+        Ok(m.reg::<W>(i.d))
+    }
+    #[inline(always)]
+    fn put<W: Width>(m: &mut Machine, i: &Insn, _a: u64, v: u64) -> R {
+        m.set_reg::<W>(i.d, v);
+        Ok(())
+    }
+}
+
+impl Loc for Rs {
+    #[inline(always)]
+    fn get<W: Width>(m: &mut Machine, i: &Insn, _a: u64) -> R<u64> {
+        Ok(m.reg::<W>(i.s))
+    }
+    #[inline(always)]
+    fn put<W: Width>(m: &mut Machine, i: &Insn, _a: u64, v: u64) -> R {
+        m.set_reg::<W>(i.s, v);
+        Ok(())
+    }
+}
+
+impl Loc for Mem {
+    const IS_MEM: bool = true;
+    #[inline(always)]
+    fn addr(m: &Machine, i: &Insn) -> u64 {
+        m.ea(i)
+    }
+    #[inline(always)]
+    fn get<W: Width>(m: &mut Machine, _i: &Insn, a: u64) -> R<u64> {
+        W::read(m, a)
+    }
+    #[inline(always)]
+    fn put<W: Width>(m: &mut Machine, _i: &Insn, a: u64, v: u64) -> R {
+        W::write(m, a, v)
+    }
+}
+
+impl Loc for Imm {
+    const IS_IMM: bool = true;
+    #[inline(always)]
+    fn get<W: Width>(_m: &mut Machine, i: &Insn, _a: u64) -> R<u64> {
+        Ok(i.imm & W::MASK)
+    }
+    fn put<W: Width>(_m: &mut Machine, _i: &Insn, _a: u64, _v: u64) -> R {
+        unreachable!("immediates are never destinations")
+    }
+}

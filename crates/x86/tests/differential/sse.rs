@@ -1,0 +1,322 @@
+//! SSE/SSE2 families.
+
+use iced_x86::Mnemonic as Mn;
+
+use crate::cases::{Fixup, Tweaks};
+use crate::{Family, no_hooks, no_skip, run_family, run_family_in};
+
+/// maskmovdqu stores through DS:rDI.
+fn maskmov_hooks(f: &mut Fixup) -> bool {
+    if f.probing() {
+        if f.mnemonic == Mn::Maskmovdqu {
+            f.pins.push(7);
+        }
+        return true;
+    }
+    if f.mnemonic == Mn::Maskmovdqu {
+        f.regs.gpr[7] = f.data_base + 0x100 + f.rng.below(0x1c00);
+    }
+    true
+}
+
+fn sse_moves_family() -> Family<'static> {
+    Family {
+        name: "sse moves",
+        mnemonics: &[
+            Mn::Movaps,
+            Mn::Movups,
+            Mn::Movapd,
+            Mn::Movupd,
+            Mn::Movdqa,
+            Mn::Movdqu,
+            Mn::Movntps,
+            Mn::Movntpd,
+            Mn::Movntdq,
+            Mn::Movnti,
+            Mn::Movss,
+            Mn::Movsd,
+            Mn::Movlps,
+            Mn::Movhps,
+            Mn::Movlpd,
+            Mn::Movhpd,
+            Mn::Movlhps,
+            Mn::Movhlps,
+            Mn::Movd,
+            Mn::Movq,
+            Mn::Pextrw,
+            Mn::Pinsrw,
+            Mn::Pmovmskb,
+            Mn::Movmskps,
+            Mn::Movmskpd,
+            Mn::Maskmovdqu,
+        ],
+        per_form: 60,
+        seed: 20,
+        tweaks: Tweaks::default(),
+        hooks: &maskmov_hooks,
+        skip: &no_skip,
+    }
+}
+
+#[test]
+fn sse_moves() {
+    run_family(&sse_moves_family());
+}
+
+#[test]
+fn sse_moves_32() {
+    let mut f = sse_moves_family();
+    f.per_form = (f.per_form / 2).max(20);
+    run_family_in(&f, 32);
+}
+
+fn sse_integer_family() -> Family<'static> {
+    Family {
+        name: "sse2 integer",
+        mnemonics: &[
+            Mn::Paddb,
+            Mn::Paddw,
+            Mn::Paddd,
+            Mn::Paddq,
+            Mn::Psubb,
+            Mn::Psubw,
+            Mn::Psubd,
+            Mn::Psubq,
+            Mn::Paddsb,
+            Mn::Paddsw,
+            Mn::Psubsb,
+            Mn::Psubsw,
+            Mn::Paddusb,
+            Mn::Paddusw,
+            Mn::Psubusb,
+            Mn::Psubusw,
+            Mn::Pmullw,
+            Mn::Pmulhw,
+            Mn::Pmulhuw,
+            Mn::Pmuludq,
+            Mn::Pmaddwd,
+            Mn::Psadbw,
+            Mn::Pavgb,
+            Mn::Pavgw,
+            Mn::Pminub,
+            Mn::Pmaxub,
+            Mn::Pminsw,
+            Mn::Pmaxsw,
+            Mn::Pcmpeqb,
+            Mn::Pcmpeqw,
+            Mn::Pcmpeqd,
+            Mn::Pcmpgtb,
+            Mn::Pcmpgtw,
+            Mn::Pcmpgtd,
+            Mn::Psllw,
+            Mn::Pslld,
+            Mn::Psllq,
+            Mn::Psrlw,
+            Mn::Psrld,
+            Mn::Psrlq,
+            Mn::Psraw,
+            Mn::Psrad,
+            Mn::Pslldq,
+            Mn::Psrldq,
+        ],
+        per_form: 40,
+        seed: 21,
+        tweaks: Tweaks::default(),
+        hooks: &no_hooks,
+        skip: &no_skip,
+    }
+}
+
+#[test]
+fn sse_integer() {
+    run_family(&sse_integer_family());
+}
+
+#[test]
+fn sse_integer_32() {
+    let mut f = sse_integer_family();
+    f.per_form = (f.per_form / 2).max(20);
+    run_family_in(&f, 32);
+}
+
+fn sse_logic_shuffle_family() -> Family<'static> {
+    Family {
+        name: "sse logic/shuffle/unpack",
+        mnemonics: &[
+            Mn::Pand,
+            Mn::Pandn,
+            Mn::Por,
+            Mn::Pxor,
+            Mn::Andps,
+            Mn::Andnps,
+            Mn::Orps,
+            Mn::Xorps,
+            Mn::Andpd,
+            Mn::Andnpd,
+            Mn::Orpd,
+            Mn::Xorpd,
+            Mn::Packsswb,
+            Mn::Packssdw,
+            Mn::Packuswb,
+            Mn::Punpcklbw,
+            Mn::Punpcklwd,
+            Mn::Punpckldq,
+            Mn::Punpcklqdq,
+            Mn::Punpckhbw,
+            Mn::Punpckhwd,
+            Mn::Punpckhdq,
+            Mn::Punpckhqdq,
+            Mn::Pshufd,
+            Mn::Pshuflw,
+            Mn::Pshufhw,
+            Mn::Shufps,
+            Mn::Shufpd,
+            Mn::Unpcklps,
+            Mn::Unpckhps,
+            Mn::Unpcklpd,
+            Mn::Unpckhpd,
+        ],
+        per_form: 40,
+        seed: 22,
+        tweaks: Tweaks::default(),
+        hooks: &no_hooks,
+        skip: &no_skip,
+    }
+}
+
+#[test]
+fn sse_logic_shuffle() {
+    run_family(&sse_logic_shuffle_family());
+}
+
+const FLOAT: Tweaks = Tweaks {
+    random_mxcsr: true,
+    random_df: false,
+    float_values: true,
+    mem_size: 0,
+    mem_align: 0,
+};
+
+fn sse_float_arith_family() -> Family<'static> {
+    Family {
+        name: "sse float arithmetic",
+        mnemonics: &[
+            Mn::Addps,
+            Mn::Addss,
+            Mn::Addpd,
+            Mn::Addsd,
+            Mn::Subps,
+            Mn::Subss,
+            Mn::Subpd,
+            Mn::Subsd,
+            Mn::Mulps,
+            Mn::Mulss,
+            Mn::Mulpd,
+            Mn::Mulsd,
+            Mn::Divps,
+            Mn::Divss,
+            Mn::Divpd,
+            Mn::Divsd,
+            Mn::Minps,
+            Mn::Minss,
+            Mn::Minpd,
+            Mn::Minsd,
+            Mn::Maxps,
+            Mn::Maxss,
+            Mn::Maxpd,
+            Mn::Maxsd,
+            Mn::Sqrtps,
+            Mn::Sqrtss,
+            Mn::Sqrtpd,
+            Mn::Sqrtsd,
+            Mn::Rcpps,
+            Mn::Rcpss,
+            Mn::Rsqrtps,
+            Mn::Rsqrtss,
+        ],
+        per_form: 50,
+        seed: 23,
+        tweaks: FLOAT,
+        hooks: &no_hooks,
+        skip: &no_skip,
+    }
+}
+
+#[test]
+fn sse_float_arith() {
+    run_family(&sse_float_arith_family());
+}
+
+#[test]
+fn sse_float_arith_32() {
+    let mut f = sse_float_arith_family();
+    f.per_form = (f.per_form / 2).max(20);
+    run_family_in(&f, 32);
+}
+
+fn sse_float_compare_family() -> Family<'static> {
+    Family {
+        name: "sse float compare",
+        mnemonics: &[
+            Mn::Cmpps,
+            Mn::Cmpss,
+            Mn::Cmppd,
+            Mn::Cmpsd,
+            Mn::Comiss,
+            Mn::Ucomiss,
+            Mn::Comisd,
+            Mn::Ucomisd,
+        ],
+        per_form: 150,
+        seed: 24,
+        tweaks: FLOAT,
+        hooks: &no_hooks,
+        skip: &no_skip,
+    }
+}
+
+#[test]
+fn sse_float_compare() {
+    run_family(&sse_float_compare_family());
+}
+
+fn sse_conversions_family() -> Family<'static> {
+    Family {
+        name: "sse conversions",
+        mnemonics: &[
+            Mn::Cvtdq2ps,
+            Mn::Cvtps2dq,
+            Mn::Cvttps2dq,
+            Mn::Cvtdq2pd,
+            Mn::Cvtpd2dq,
+            Mn::Cvttpd2dq,
+            Mn::Cvtps2pd,
+            Mn::Cvtpd2ps,
+            Mn::Cvtss2sd,
+            Mn::Cvtsd2ss,
+            Mn::Cvtsi2ss,
+            Mn::Cvtsi2sd,
+            Mn::Cvtss2si,
+            Mn::Cvttss2si,
+            Mn::Cvtsd2si,
+            Mn::Cvttsd2si,
+        ],
+        per_form: 80,
+        seed: 25,
+        tweaks: FLOAT,
+        hooks: &no_hooks,
+        skip: &no_skip,
+    }
+}
+
+#[test]
+fn sse_conversions() {
+    run_family(&sse_conversions_family());
+}
+
+#[test]
+fn sse_conversions_32() {
+    let mut f = sse_conversions_family();
+    f.per_form = (f.per_form / 2).max(20);
+    run_family_in(&f, 32);
+}

@@ -52,21 +52,48 @@ fn kick(thread: libc::pthread_t) {
     }
 }
 
+/// Wakes a vCPU that sleeps in user space (the software CPU in HLT).
+pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// A vCPU's "come out" request: set by the kicker, consumed by the vCPU's `run`.
-#[derive(Clone, Debug, Default)]
-pub struct KickFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+#[derive(Clone, Default)]
+pub struct KickFlag {
+    pending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    waker: Option<Waker>,
+}
+
+impl std::fmt::Debug for KickFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KickFlag")
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
 
 impl KickFlag {
+    /// A flag whose kicks also call `waker` (for vCPUs that sleep in user space).
+    pub fn with_waker(waker: Waker) -> Self {
+        KickFlag {
+            pending: Default::default(),
+            waker: Some(waker),
+        }
+    }
+
     /// Consumes a pending kick.
     pub fn take(&self) -> bool {
-        self.0.swap(false, std::sync::atomic::Ordering::AcqRel)
+        self.pending
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Asks the vCPU running on `thread` to return from `run` soon.
     ///
     /// `thread` must not have been joined yet (its id could be reused).
     pub fn kick(&self, thread: libc::pthread_t) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
+        self.pending
+            .store(true, std::sync::atomic::Ordering::Release);
         kick(thread);
+        if let Some(wake) = &self.waker {
+            wake();
+        }
     }
 }

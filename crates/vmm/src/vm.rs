@@ -143,7 +143,7 @@ pub struct Vm {
     /// The backend VM and guest memory: kept alive until every vCPU has stopped.
     _backing: Box<dyn std::any::Any + Send>,
     /// The KVM VM descriptor whose teardown may be left to a child process.
-    vm_fd: std::os::fd::RawFd,
+    vm_fd: Option<std::os::fd::RawFd>,
     detach_teardown: bool,
     mem: vm_memory::GuestMemoryMmap,
 }
@@ -157,7 +157,7 @@ pub(crate) struct VmParts {
     pub events_tx: Sender<VmEvent>,
     pub events_rx: Receiver<VmEvent>,
     pub backing: Box<dyn std::any::Any + Send>,
-    pub vm_fd: std::os::fd::RawFd,
+    pub vm_fd: Option<std::os::fd::RawFd>,
     pub mem: vm_memory::GuestMemoryMmap,
 }
 
@@ -261,8 +261,8 @@ impl Vm {
         for handle in threads {
             let _ = handle.join();
         }
-        if self.detach_teardown {
-            crate::teardown::defer_vm_teardown(self.vm_fd);
+        if let (true, Some(fd)) = (self.detach_teardown, self.vm_fd) {
+            crate::teardown::defer_vm_teardown(fd);
         }
         Ok(outcome)
     }

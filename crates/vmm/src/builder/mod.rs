@@ -1,6 +1,8 @@
 //! Assembles a VM from its config: guest memory, ACPI, the kernel, the backend, the
 //! device model on its buses, and the vCPUs.
 
+mod kvm;
+
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -8,7 +10,7 @@ use arch::acpi::{AcpiConfig, AcpiTables};
 use arch::boot::{self, BootSpec};
 use arch::layout::{self, ports};
 use cpu::Vcpu;
-use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq};
+use devices::bus::SharedDevice;
 use devices::legacy::{BootTimer, Cmos, I8042, ResetControl, Serial};
 use devices::pci::{ConfigAddressPort, Ecam, PciRoot};
 use devices::{Bus, GuestRequest, IrqLine, RequestSink, acpi_pm::AcpiPm};
@@ -16,7 +18,7 @@ use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use crate::config::VmConfig;
+use crate::config::{Accel, VmConfig};
 use crate::error::VmError;
 use crate::metrics::Metrics;
 use crate::vm::{Vm, VmEvent, VmParts};
@@ -96,19 +98,10 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         loaded.initrd
     );
 
-    let kvm = Kvm::open()?;
-    let max = kvm.max_vcpus();
-    if usize::from(config.cpus) > max {
-        return Err(VmError::TooManyVcpus {
-            asked: config.cpus,
-            max,
-        });
-    }
-    let vm = kvm.create_vm(&mem)?;
-    let vm_fd = std::os::fd::AsRawFd::as_raw_fd(vm.fd().as_ref());
+    let backend = match config.accel {
+        Accel::Kvm => kvm::backend(config, &mem, &loaded.entry)?,
+    };
     let (events_tx, events_rx) = mpsc::channel();
-    let com1_irq: Arc<dyn IrqLine> = Arc::new(KvmEdgeIrq::new(vm.fd(), ports::COM1_IRQ)?);
-    let sci: Arc<dyn IrqLine> = Arc::new(KvmLevelIrq::new(vm.fd().clone(), ports::ACPI_SCI_IRQ));
     let metrics = Arc::new(Metrics::new());
     let (stdio_console, output): (bool, Box<dyn std::io::Write + Send>) = match console {
         Console::Stdio => (true, Box::new(std::io::stdout())),
@@ -118,18 +111,14 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         out: output,
         metrics: metrics.clone(),
     });
-    let platform = Platform::new(events_tx.clone(), com1_irq, sci, output)?;
-
-    let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(usize::from(config.cpus));
-    for index in 0..config.cpus as u8 {
-        let mut vcpu = vm
-            .create_vcpu(index, config.cpus as u8)?
-            .with_memory(mem.clone());
-        if index == 0 {
-            vcpu.set_entry_state(&loaded.entry)?;
-        }
-        vcpus.push(Box::new(vcpu));
-    }
+    let platform = Platform::new(
+        events_tx.clone(),
+        backend.com1_irq,
+        backend.sci,
+        output,
+        backend.devices,
+    )?;
+    let vcpus = (backend.vcpus)(&platform)?;
     Ok(Vm::new(VmParts {
         stdio_console,
         vcpus,
@@ -137,10 +126,30 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         metrics,
         events_tx,
         events_rx,
-        backing: Box::new((vm, mem.clone())),
-        vm_fd,
+        backing: backend.backing,
+        vm_fd: backend.vm_fd,
         mem,
     }))
+}
+
+/// Where a device sits: port I/O or MMIO, base, length.
+pub enum Placement {
+    Io(u16, u64),
+    Mmio(u64, u64),
+}
+
+/// What a CPU backend contributes to a VM: how devices raise interrupts, devices of
+/// its own (the software CPU's interrupt controllers and timer), and its vCPUs.
+pub(crate) struct Backend {
+    pub com1_irq: Arc<dyn IrqLine>,
+    pub sci: Arc<dyn IrqLine>,
+    pub devices: Vec<(Placement, SharedDevice)>,
+    /// Makes the vCPUs once the device model exists.
+    pub vcpus: Box<dyn FnOnce(&Platform) -> Result<Vec<Box<dyn Vcpu>>, VmError>>,
+    /// Kept alive until every vCPU has stopped (the KVM VM, the interrupt controllers).
+    pub backing: Box<dyn std::any::Any + Send>,
+    /// A KVM VM descriptor, whose teardown may be left to a child process.
+    pub vm_fd: Option<std::os::fd::RawFd>,
 }
 
 /// The device model and the two buses it sits on.
@@ -158,6 +167,7 @@ impl Platform {
         com1_irq: Arc<dyn IrqLine>,
         sci: Arc<dyn IrqLine>,
         console: Box<dyn std::io::Write + Send>,
+        backend_devices: Vec<(Placement, SharedDevice)>,
     ) -> Result<Self, VmError> {
         let events = Mutex::new(events);
         let requests: RequestSink = Arc::new(move |r: GuestRequest| {
@@ -203,6 +213,12 @@ impl Platform {
             layout::PCI_ECAM_SIZE,
             Arc::new(Mutex::new(Ecam::new(root))),
         )?;
+        for (placement, device) in backend_devices {
+            match placement {
+                Placement::Io(port, len) => io.insert(u64::from(port), len, device)?,
+                Placement::Mmio(base, len) => mmio.insert(base, len, device)?,
+            }
+        }
         Ok(Platform {
             io: Arc::new(io),
             mmio: Arc::new(mmio),

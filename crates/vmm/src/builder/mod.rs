@@ -138,14 +138,16 @@ pub enum Placement {
     Mmio(u64, u64),
 }
 
+/// Makes the vCPUs once the device model exists.
+pub(crate) type MakeVcpus = Box<dyn FnOnce(&Platform) -> Result<Vec<Box<dyn Vcpu>>, VmError>>;
+
 /// What a CPU backend contributes to a VM: how devices raise interrupts, devices of
 /// its own (the software CPU's interrupt controllers and timer), and its vCPUs.
 pub(crate) struct Backend {
     pub com1_irq: Arc<dyn IrqLine>,
     pub sci: Arc<dyn IrqLine>,
     pub devices: Vec<(Placement, SharedDevice)>,
-    /// Makes the vCPUs once the device model exists.
-    pub vcpus: Box<dyn FnOnce(&Platform) -> Result<Vec<Box<dyn Vcpu>>, VmError>>,
+    pub vcpus: MakeVcpus,
     /// Kept alive until every vCPU has stopped (the KVM VM, the interrupt controllers).
     pub backing: Box<dyn std::any::Any + Send>,
     /// A KVM VM descriptor, whose teardown may be left to a child process.

@@ -103,7 +103,14 @@ pub fn emulate(
             vcpu.set_state(&state).map_err(failed)?;
             vcpu.inject(e).map_err(failed)
         }
-        Err(Fault::Unsupported(u)) => Err(FallbackFailure {
+        Err(fault) => Err(failure(fault)),
+    }
+}
+
+/// Why the interpreter could not run the instruction either.
+fn failure(fault: Fault) -> FallbackFailure {
+    match fault {
+        Fault::Unsupported(u) => FallbackFailure {
             reason: format!(
                 "KVM could not emulate {:?}, and neither can vessel's interpreter",
                 u.mnemonic
@@ -114,6 +121,10 @@ pub fn emulate(
                 rip: u.rip,
                 bytes: u.bytes().to_vec(),
             }),
-        }),
+        },
+        other => FallbackFailure {
+            reason: format!("the interpreter stopped: {other:?}"),
+            location: None,
+        },
     }
 }

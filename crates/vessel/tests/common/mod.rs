@@ -33,6 +33,58 @@ pub fn run_with_deadline(cmd: Command, deadline: Duration) -> Finished {
     run_with_input(cmd, None, deadline)
 }
 
+/// Runs `cmd` with stdin closed until its stdout contains `marker` (then kills it; the
+/// result has no exit code), it exits, or `deadline` passes.
+pub fn run_until(mut cmd: Command, marker: &str, deadline: Duration) -> Finished {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vessel");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut stdout = Vec::new();
+    let status = loop {
+        while let Ok(chunk) = rx.try_recv() {
+            stdout.extend_from_slice(&chunk);
+        }
+        if String::from_utf8_lossy(&stdout).contains(marker) || start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        stdout.extend_from_slice(&chunk);
+    }
+    Finished {
+        code: status.and_then(|s| s.code()),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
 /// Runs `cmd`, writing each chunk of `input` to its stdin after a short pause (so the
 /// guest is up, and has handled the previous chunk), killing it after `deadline`.
 pub fn run_with_input(mut cmd: Command, input: Option<&[&[u8]]>, deadline: Duration) -> Finished {

@@ -22,3 +22,19 @@ impl IrqLine for NoIrq {
         Ok(())
     }
 }
+
+/// Where message-signalled interrupts go: KVM (KVM_SIGNAL_MSI or an MSI route) or the
+/// software CPU's local APICs. Devices keep their MSI-X tables and send the messages.
+pub trait MsiSink: Send + Sync {
+    /// Delivers one message: `data` written to `address`, as the device would on the bus.
+    fn send(&self, address: u64, data: u32) -> io::Result<()>;
+}
+
+/// A sink that drops every message: for devices built before the VMM wires MSI.
+pub struct NoMsi;
+
+impl MsiSink for NoMsi {
+    fn send(&self, _address: u64, _data: u32) -> io::Result<()> {
+        Ok(())
+    }
+}

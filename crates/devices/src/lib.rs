@@ -5,10 +5,12 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod interrupt;
+pub mod irqchip;
 pub mod legacy;
 pub mod pci;
 pub mod request;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
-pub use interrupt::IrqLine;
+pub use interrupt::{IrqLine, MsiSink};
 pub use request::{GuestRequest, RequestSink};

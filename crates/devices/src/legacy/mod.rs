@@ -4,6 +4,7 @@
 pub mod boot_timer;
 pub mod cmos;
 pub mod i8042;
+pub mod pit;
 pub mod reset;
 pub mod serial;
 

@@ -68,6 +68,18 @@ impl PciRoot {
         self.functions.insert(Bdf::from(slot & 0x1f) << 3, device);
     }
 
+    /// The lowest bus-0 slot with nothing in it.
+    pub fn free_slot(&self) -> Option<u8> {
+        (1..32u8).find(|slot| !self.functions.contains_key(&(Bdf::from(*slot) << 3)))
+    }
+
+    /// Places `device` in the lowest free slot and returns that slot.
+    pub fn add_next(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<u8, super::PciError> {
+        let slot = self.free_slot().ok_or(super::PciError::BusFull)?;
+        self.add(slot, device);
+        Ok(slot)
+    }
+
     fn read(&self, bdf: Bdf, offset: usize, data: &mut [u8]) {
         match self.functions.get(&bdf) {
             Some(f) => lock(f).config_read(offset, data),

@@ -1,0 +1,277 @@
+//! The virtio-blk request path in-process (no guest): requests laid out in guest
+//! memory as a driver would, served by the same `BlockQueue::process` the device's
+//! worker thread runs, against the same I/O done directly with pread/pwrite on the
+//! same file, in the same run. Prints one `BENCH {...}` JSON line per case.
+//!
+//! `cargo bench -p devices --bench block` (set `VESSEL_BENCH_SECS` to change the time
+//! per measurement, default 1; `VESSEL_BENCH_DIR` for where the image file goes).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{DriverQueue, Mem, Rng, memory};
+use devices::interrupt::NoMsi;
+use devices::virtio::block::request::types;
+use devices::virtio::block::{BlockQueue, Disk};
+use devices::virtio::{VirtioInterrupt, features};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+const QUEUE: u16 = 256;
+/// Guest memory: the rings, request headers, status bytes, data buffers.
+const RING: u64 = 0x1_0000;
+const HEADERS: u64 = 0x10_0000;
+const STATUS: u64 = 0x18_0000;
+const DATA: u64 = 0x20_0000;
+/// Measurements per path and case (interleaved); the best of each is reported.
+const ROUNDS: usize = 5;
+
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    size: usize,
+    random: bool,
+    write: bool,
+    /// Requests per notification: a driver with a queue depth of 32 (4 KiB) or 4
+    /// (1 MiB). The direct path does the same number of calls per round.
+    depth: usize,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        name: "4k-random-read",
+        size: 4096,
+        random: true,
+        write: false,
+        depth: 32,
+    },
+    Case {
+        name: "4k-random-write",
+        size: 4096,
+        random: true,
+        write: true,
+        depth: 32,
+    },
+    Case {
+        name: "1m-sequential-read",
+        size: 1 << 20,
+        random: false,
+        write: false,
+        depth: 4,
+    },
+    Case {
+        name: "1m-sequential-write",
+        size: 1 << 20,
+        random: false,
+        write: true,
+        depth: 4,
+    },
+];
+
+/// The offsets a case visits, the same for both paths.
+struct Offsets {
+    rng: Rng,
+    next: u64,
+    case: Case,
+    file_size: u64,
+}
+
+impl Offsets {
+    fn new(case: Case, file_size: u64) -> Self {
+        Offsets {
+            rng: Rng::new(42),
+            next: 0,
+            case,
+            file_size,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        let size = self.case.size as u64;
+        if self.case.random {
+            self.rng.below(self.file_size / size) * size
+        } else {
+            let at = self.next;
+            self.next = (self.next + size) % self.file_size;
+            at
+        }
+    }
+}
+
+/// Direct I/O on the host file: one pread/pwrite per request, into and out of the
+/// very buffers the guest's requests use (so both paths copy to the same memory and
+/// the difference is the request path).
+fn direct(file: &File, mem: &Mem, case: Case, secs: f64) -> f64 {
+    let file_size = file.metadata().unwrap().len();
+    let bufs: Vec<*mut u8> = (0..case.depth as u64)
+        .map(|i| {
+            let addr = GuestAddress(DATA + i * case.size as u64);
+            assert!(mem.check_range(addr, case.size));
+            mem.get_host_address(addr).unwrap()
+        })
+        .collect();
+    let fd = file.as_raw_fd();
+    let mut offsets = Offsets::new(case, file_size);
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for buf in &bufs {
+            let at = offsets.next() as libc::off_t;
+            // SAFETY: `buf` points at `case.size` bytes of guest memory (checked above),
+            // which `mem` keeps mapped; nothing else touches it meanwhile.
+            let n = unsafe {
+                if case.write {
+                    libc::pwrite(fd, buf.cast(), case.size, at)
+                } else {
+                    libc::pread(fd, buf.cast(), case.size, at)
+                }
+            };
+            assert_eq!(n, case.size as isize);
+            bytes += case.size as u64;
+        }
+    }
+    bytes as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// Throughput through virtio-blk: (device path only, end to end with the driver's
+/// side). Each round makes `depth` requests available, notifies once (a call to the
+/// queue handler, as the worker thread does on a notification), and collects the
+/// completions. The driver's side is kept lean (fixed descriptors, one write for the
+/// available ring) since in a VM it is the guest's work, not the monitor's.
+fn virtio(mem: &Mem, disk: &Arc<Disk>, case: Case, secs: f64) -> (f64, f64) {
+    let q = DriverQueue::new(mem, RING, QUEUE);
+    let interrupt = Arc::new(VirtioInterrupt::new("bench", 1, Arc::new(NoMsi), None));
+    let feats = features::COMMON | (1 << 9);
+    let mut blk = BlockQueue::new(
+        mem.clone(),
+        q.device_queue(true),
+        disk.clone(),
+        interrupt,
+        feats,
+    );
+    let ty = if case.write { types::OUT } else { types::IN };
+    let depth = case.depth as u64;
+    for i in 0..depth {
+        let hdr = HEADERS + i * 16;
+        mem.write_obj(ty, GuestAddress(hdr)).unwrap();
+        let (n, w) = (common::DESC_F_NEXT, common::DESC_F_WRITE);
+        let data_flags = if case.write { n } else { n | w };
+        let d = (3 * i) as u16;
+        q.write_desc(mem, q.desc, d, (hdr, 16, n, d + 1));
+        q.write_desc(
+            mem,
+            q.desc,
+            d + 1,
+            (
+                DATA + i * case.size as u64,
+                case.size as u32,
+                data_flags,
+                d + 2,
+            ),
+        );
+        q.write_desc(mem, q.desc, d + 2, (STATUS + i, 1, w, 0));
+    }
+    let heads: Vec<u8> = (0..depth)
+        .flat_map(|i| ((3 * i) as u16).to_le_bytes())
+        .collect();
+    let mut avail_idx = 0u16;
+    let mut offsets = Offsets::new(case, disk.size());
+    let mut statuses = vec![0u8; case.depth];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let mut in_device = Duration::ZERO;
+    while start.elapsed().as_secs_f64() < secs {
+        for i in 0..depth {
+            let sector = offsets.next() / 512;
+            mem.write_obj(sector, GuestAddress(HEADERS + i * 16 + 8))
+                .unwrap();
+        }
+        // QUEUE is a multiple of every depth, so a round never wraps the ring.
+        let slot = u64::from(avail_idx % QUEUE);
+        mem.write_slice(&heads, GuestAddress(q.avail + 4 + 2 * slot))
+            .unwrap();
+        avail_idx = avail_idx.wrapping_add(depth as u16);
+        mem.write_obj(
+            avail_idx.wrapping_sub(1),
+            GuestAddress(q.avail + 4 + 2 * u64::from(QUEUE)),
+        )
+        .unwrap();
+        mem.store(avail_idx, GuestAddress(q.avail + 2), Ordering::Release)
+            .unwrap();
+        let t = Instant::now();
+        blk.process().unwrap();
+        in_device += t.elapsed();
+        assert_eq!(q.used_idx(mem), avail_idx);
+        mem.read_slice(&mut statuses, GuestAddress(STATUS)).unwrap();
+        assert!(statuses.iter().all(|s| *s == 0));
+        bytes += (case.size * case.depth) as u64;
+    }
+    let mb = bytes as f64 / 1e6;
+    (
+        mb / in_device.as_secs_f64(),
+        mb / start.elapsed().as_secs_f64(),
+    )
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let secs: f64 = std::env::var("VESSEL_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 0.05 } else { 1.0 });
+    let dir = std::env::var("VESSEL_BENCH_DIR")
+        .unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+    // `cargo test --benches` runs this as a smoke test: a small image and short runs.
+    let file_size: u64 = if quick { 16 << 20 } else { 256 << 20 };
+    if quick {
+        println!("smoke run (not `cargo bench`): the figures below mean nothing");
+    }
+    let image = tempfile::NamedTempFile::new_in(&dir).unwrap();
+    // A fully written image, in the page cache for both paths.
+    let chunk = vec![0x5au8; 1 << 20];
+    for i in 0..file_size / (1 << 20) {
+        image.as_file().write_all_at(&chunk, i << 20).unwrap();
+    }
+    image.as_file().sync_all().unwrap();
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(image.path())
+        .unwrap();
+    let disk = Arc::new(Disk::from_file(file.try_clone().unwrap(), false, [0; 20]).unwrap());
+    let mem = memory(64 << 20);
+
+    println!(
+        "virtio-blk request path vs direct pread/pwrite, {} MiB image in {dir}, {secs} s per run",
+        file_size >> 20
+    );
+    let only = std::env::var("VESSEL_BENCH_CASE").ok();
+    for case in CASES {
+        if only.as_deref().is_some_and(|o| !case.name.contains(o)) {
+            continue;
+        }
+        // Interleave the two paths and keep each one's best of three.
+        let (mut best_virtio, mut best_e2e, mut best_direct) = (0f64, 0f64, 0f64);
+        for _ in 0..ROUNDS {
+            best_direct = best_direct.max(direct(&file, &mem, case, secs));
+            let (device, e2e) = virtio(&mem, &disk, case, secs);
+            best_virtio = best_virtio.max(device);
+            best_e2e = best_e2e.max(e2e);
+        }
+        let ratio = best_virtio / best_direct;
+        println!(
+            "{:<20} virtio {:>9.1} MB/s (with driver {:>9.1})   direct {:>9.1} MB/s   ratio {:.3}",
+            case.name, best_virtio, best_e2e, best_direct, ratio
+        );
+        println!(
+            "BENCH {{\"bench\":\"virtio-blk\",\"case\":\"{}\",\"virtio_mb_s\":{:.1},\"virtio_with_driver_mb_s\":{:.1},\"direct_mb_s\":{:.1},\"ratio\":{:.3},\"depth\":{}}}",
+            case.name, best_virtio, best_e2e, best_direct, ratio, case.depth
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! What `--disk` asks for.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::virtio::options::{on_off, pairs};
+
+/// The most bytes of a disk ID (the serial the guest reads with GET_ID).
+pub const ID_BYTES: usize = 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockConfig {
+    /// A raw image (or a block device).
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The serial the guest sees (`/sys/block/vda/serial`); at most 20 bytes. Default:
+    /// the image's file name, cut to 20 bytes.
+    pub id: Option<String>,
+}
+
+impl BlockConfig {
+    /// Parses `path=FILE[,readonly=on][,id=NAME]` (a bare first item is the path).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut path = None;
+        let mut readonly = false;
+        let mut id = None;
+        for (k, v) in pairs("--disk", s, "path")? {
+            match k {
+                "path" if v.is_empty() => return Err("--disk: path is empty".into()),
+                "path" => path = Some(PathBuf::from(v)),
+                "readonly" | "ro" => readonly = on_off("--disk", k, v)?,
+                "id" | "serial" => {
+                    if v.len() > ID_BYTES {
+                        return Err(format!("--disk: id '{v}' is longer than {ID_BYTES} bytes"));
+                    }
+                    id = Some(v.to_string());
+                }
+                _ => {
+                    return Err(format!(
+                        "--disk: unknown option '{k}' (expected path, readonly, id)"
+                    ));
+                }
+            }
+        }
+        let path = path.ok_or("--disk: path=FILE is missing")?;
+        Ok(BlockConfig { path, readonly, id })
+    }
+
+    /// The ID bytes GET_ID answers with (NUL-padded).
+    pub fn id_bytes(&self) -> [u8; ID_BYTES] {
+        let name = match &self.id {
+            Some(id) => id.clone(),
+            None => self
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let mut id = [0u8; ID_BYTES];
+        let n = name.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let c = BlockConfig::parse("path=/img/a.raw,readonly=on,id=root").unwrap();
+        assert_eq!(c.path, PathBuf::from("/img/a.raw"));
+        assert!(c.readonly);
+        assert_eq!(c.id.as_deref(), Some("root"));
+        assert_eq!(&c.id_bytes()[..5], b"root\0");
+        let c = BlockConfig::parse("disk.img").unwrap();
+        assert!(!c.readonly);
+        assert_eq!(&c.id_bytes()[..9], b"disk.img\0");
+        for bad in [
+            "",
+            "readonly=on",
+            "path=a,readonly=maybe",
+            "path=a,colour=red",
+            "path=a,id=123456789012345678901",
+            "path=",
+            "a,b",
+        ] {
+            let e = BlockConfig::parse(bad).unwrap_err();
+            assert!(e.starts_with("--disk") && !e.contains('\n'), "{bad}: {e}");
+        }
+    }
+}

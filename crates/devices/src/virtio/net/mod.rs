@@ -1,0 +1,412 @@
+//! virtio-net over a TAP interface (or any [`NetBackend`]): one receive and one
+//! transmit queue, the 12-byte virtio 1.x header passed through to the backend,
+//! checksum and TSO offloads, mergeable receive buffers.
+
+mod config;
+mod tap;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemory;
+use vmm_sys_util::epoll::EventSet;
+
+pub use config::{NetConfig, format_mac, generated_mac, parse_mac};
+pub use tap::Tap;
+
+use super::chain::{Chain, Cursor, Segment, UsedRing, pop, pop_all};
+use super::worker::{QueueHandler, Worker};
+use super::{
+    ActivateError, Activation, DeviceError, DeviceType, GuestMemoryShared, VirtioDevice,
+    VirtioInterrupt, features, finish, read_config_bytes,
+};
+
+/// Feature bits (virtio 1.x, 5.1.3).
+pub mod feature_bits {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start,
+/// csum_offset, num_buffers.
+pub const HEADER_LEN: usize = 12;
+const NUM_BUFFERS_OFFSET: u64 = 10;
+/// The largest frame with its header: a 64 KiB GSO packet plus Ethernet and VLAN.
+pub const MAX_FRAME: usize = HEADER_LEN + 65535 + 14 + 4;
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const LINK_UP: u16 = 1;
+
+/// Where frames go and come from. Every frame starts with the 12-byte header.
+pub trait NetBackend: Send + Sync + 'static {
+    /// Readable (edge-triggered is fine) when a frame can be received.
+    fn as_raw_fd(&self) -> RawFd;
+    /// One frame into `buf`; `WouldBlock` when there is none.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// One frame out.
+    fn send(&self, frame: &[u8]) -> io::Result<usize>;
+    /// The guest accepts what the negotiated GUEST_* bits say; the backend must not
+    /// hand it anything else (partial checksums, GSO frames).
+    fn set_offloads(&self, guest_features: u64) -> io::Result<()>;
+}
+
+pub struct VirtioNet {
+    backend: Arc<dyn NetBackend>,
+    config: Vec<u8>,
+    worker: Option<Worker>,
+}
+
+impl VirtioNet {
+    /// Opens (or creates) the TAP `config` names; `default_mac` (see
+    /// [`generated_mac`]) unless the config gives one.
+    pub fn open(config: &NetConfig, default_mac: [u8; 6]) -> io::Result<Self> {
+        let tap = Tap::open(&config.tap)
+            .map_err(|e| io::Error::new(e.kind(), format!("TAP {}: {e}", config.tap)))?;
+        Ok(Self::new(Arc::new(tap), config.mac.unwrap_or(default_mac)))
+    }
+
+    pub fn new(backend: Arc<dyn NetBackend>, mac: [u8; 6]) -> Self {
+        // mac, status, max_virtqueue_pairs
+        let mut config = vec![0u8; 10];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        VirtioNet {
+            backend,
+            config,
+            worker: None,
+        }
+    }
+}
+
+impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
+    fn device_type(&self) -> DeviceType {
+        DeviceType::Net
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        use feature_bits::*;
+        features::COMMON
+            | CSUM
+            | GUEST_CSUM
+            | MAC
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | GUEST_ECN
+            | HOST_TSO4
+            | HOST_TSO6
+            | HOST_ECN
+            | MRG_RXBUF
+            | STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, a: Activation<M>) -> Result<(), ActivateError> {
+        let n = a.queues.len();
+        let Ok([rx, tx]) = <[Queue; 2]>::try_from(a.queues) else {
+            return Err(ActivateError::Queues(n));
+        };
+        self.backend
+            .set_offloads(a.features)
+            .map_err(|e| ActivateError::Backend(format!("setting offloads: {e}")))?;
+        let handler = NetQueues::new(
+            a.mem,
+            rx,
+            tx,
+            self.backend.clone(),
+            a.interrupt.clone(),
+            a.features,
+        );
+        self.worker = Some(
+            Worker::spawn("virtio-net", handler, a.queue_events, a.interrupt)
+                .map_err(ActivateError::Worker)?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+        if let Err(e) = self.backend.set_offloads(0) {
+            tracing::debug!("virtio-net: clearing offloads: {e}");
+        }
+    }
+}
+
+/// What became of one received frame.
+enum Delivery {
+    Delivered,
+    /// Not enough receive buffers: keep the frame until the driver adds some.
+    NoBuffers,
+    Dropped,
+}
+
+/// The two queues and the backend: what the worker thread runs.
+pub struct NetQueues<M> {
+    mem: M,
+    rx: Queue,
+    tx: Queue,
+    backend: Arc<dyn NetBackend>,
+    interrupt: Arc<VirtioInterrupt>,
+    mergeable: bool,
+    chain: Chain,
+    heads: Vec<u16>,
+    rx_used: UsedRing,
+    tx_used: UsedRing,
+    /// A received frame waiting for buffers.
+    pending: Option<usize>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    /// The first receive buffer of the frame being delivered.
+    first: Vec<Segment>,
+}
+
+impl<M: GuestMemory> NetQueues<M> {
+    pub fn new(
+        mem: M,
+        rx: Queue,
+        tx: Queue,
+        backend: Arc<dyn NetBackend>,
+        interrupt: Arc<VirtioInterrupt>,
+        features: u64,
+    ) -> Self {
+        NetQueues {
+            mem,
+            rx_used: UsedRing::new(&rx),
+            tx_used: UsedRing::new(&tx),
+            rx,
+            tx,
+            backend,
+            interrupt,
+            mergeable: features & feature_bits::MRG_RXBUF != 0,
+            chain: Chain::new(),
+            heads: Vec::new(),
+            pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: Vec::with_capacity(MAX_FRAME),
+            first: Vec::new(),
+        }
+    }
+
+    /// Frames from the backend into receive buffers, while both last.
+    pub fn receive(&mut self) -> Result<(), DeviceError> {
+        if !self.rx.ready() {
+            return Ok(());
+        }
+        let served = self.serve_rx();
+        self.rx_used.clear(); // a frame cut short by an error is not published
+        finish(
+            &mut self.rx_used,
+            &mut self.rx,
+            &self.mem,
+            &self.interrupt,
+            RX,
+        )?;
+        served
+    }
+
+    fn serve_rx(&mut self) -> Result<(), DeviceError> {
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    // End of file: the backend went away; nothing more will come.
+                    Ok(0) => return Ok(()),
+                    Ok(len) if len < HEADER_LEN => {
+                        tracing::debug!("virtio-net: {len}-byte frame from the backend dropped");
+                        continue;
+                    }
+                    Ok(len) => {
+                        self.pending = Some(len);
+                        len
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: receive from the backend failed: {e}");
+                        return Ok(());
+                    }
+                },
+            };
+            match self.deliver(len)? {
+                Delivery::NoBuffers => return Ok(()),
+                Delivery::Delivered => {
+                    self.pending = None;
+                    self.rx_used
+                        .publish(&mut self.rx, &self.mem)
+                        .map_err(|reason| DeviceError::Ring { queue: RX, reason })?;
+                }
+                Delivery::Dropped => self.pending = None,
+            }
+        }
+    }
+
+    fn deliver(&mut self, len: usize) -> Result<Delivery, DeviceError> {
+        let chain_err = |source| DeviceError::Chain { queue: RX, source };
+        let start = self.rx.next_avail();
+        let num_buffers: u16 = if self.mergeable { 0 } else { 1 };
+        self.rx_buf[NUM_BUFFERS_OFFSET as usize..HEADER_LEN]
+            .copy_from_slice(&num_buffers.to_le_bytes());
+        let mut done = 0;
+        let mut buffers = 0u16;
+        while done < len {
+            let Some(head) = pop(&mut self.rx, &self.mem).map_err(chain_err)? else {
+                // Out of buffers: ask the driver to tell us when it adds some.
+                if self
+                    .rx
+                    .enable_notification(&self.mem)
+                    .map_err(|e| DeviceError::ring(RX, e))?
+                {
+                    continue;
+                }
+                self.rx.set_next_avail(start);
+                self.rx_used.clear();
+                return Ok(Delivery::NoBuffers);
+            };
+            self.chain
+                .walk(&self.mem, &self.rx, head)
+                .map_err(chain_err)?;
+            if !self.chain.readable.is_empty() {
+                return Err(direction_error(RX, head, "device-readable"));
+            }
+            if buffers == 0 {
+                if self.chain.writable_len() < HEADER_LEN as u64 {
+                    return Err(DeviceError::Request {
+                        queue: RX,
+                        reason: format!(
+                            "receive buffer (head {head}) is smaller than the {HEADER_LEN}-byte header"
+                        ),
+                    });
+                }
+                self.first.clear();
+                self.first.extend_from_slice(&self.chain.writable);
+            }
+            let n = Cursor::new(&self.chain.writable).write(&self.mem, &self.rx_buf[done..len]);
+            self.rx_used.push(head, n as u32);
+            buffers += 1;
+            done += n;
+            if !self.mergeable {
+                break;
+            }
+        }
+        if done < len {
+            // Without mergeable buffers one buffer must hold the frame; the driver
+            // posts big enough ones for what it negotiated, so this frame is not for it.
+            tracing::debug!("virtio-net: {len}-byte frame does not fit a receive buffer");
+            self.rx.set_next_avail(start);
+            self.rx_used.clear();
+            return Ok(Delivery::Dropped);
+        }
+        if self.mergeable {
+            let mut c = Cursor::new(&self.first);
+            c.skip(NUM_BUFFERS_OFFSET);
+            c.write(&self.mem, &buffers.to_le_bytes());
+        }
+        Ok(Delivery::Delivered)
+    }
+
+    /// Frames from the transmit queue to the backend.
+    pub fn transmit(&mut self) -> Result<(), DeviceError> {
+        if !self.tx.ready() {
+            return Ok(());
+        }
+        let served = self.serve_tx();
+        finish(
+            &mut self.tx_used,
+            &mut self.tx,
+            &self.mem,
+            &self.interrupt,
+            TX,
+        )?;
+        served
+    }
+
+    fn serve_tx(&mut self) -> Result<(), DeviceError> {
+        let chain_err = |source| DeviceError::Chain { queue: TX, source };
+        loop {
+            self.tx
+                .disable_notification(&self.mem)
+                .map_err(|e| DeviceError::ring(TX, e))?;
+            pop_all(&mut self.tx, &self.mem, &mut self.heads).map_err(chain_err)?;
+            for i in 0..self.heads.len() {
+                let head = self.heads[i];
+                self.chain
+                    .walk(&self.mem, &self.tx, head)
+                    .map_err(chain_err)?;
+                if !self.chain.writable.is_empty() {
+                    return Err(direction_error(TX, head, "device-writable"));
+                }
+                let len = self.chain.readable_len() as usize;
+                if (HEADER_LEN..=MAX_FRAME).contains(&len) {
+                    self.tx_buf.resize(len, 0);
+                    if Cursor::new(&self.chain.readable).read(&self.mem, &mut self.tx_buf)
+                        && let Err(e) = self.backend.send(&self.tx_buf)
+                    {
+                        tracing::debug!("virtio-net: frame not sent: {e}");
+                    }
+                } else {
+                    tracing::debug!("virtio-net: {len}-byte transmit buffer dropped");
+                }
+                self.tx_used.push(head, 0);
+            }
+            self.tx_used
+                .publish(&mut self.tx, &self.mem)
+                .map_err(|reason| DeviceError::Ring { queue: TX, reason })?;
+            if !self
+                .tx
+                .enable_notification(&self.mem)
+                .map_err(|e| DeviceError::ring(TX, e))?
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn direction_error(queue: usize, head: u16, what: &str) -> DeviceError {
+    DeviceError::Request {
+        queue,
+        reason: format!("chain (head {head}) has {what} buffers"),
+    }
+}
+
+impl<M: GuestMemoryShared> QueueHandler for NetQueues<M> {
+    fn queue_notified(&mut self, index: usize) -> Result<(), DeviceError> {
+        match index {
+            RX => self.receive(),
+            TX => self.transmit(),
+            _ => Ok(()),
+        }
+    }
+
+    fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
+        vec![(
+            self.backend.as_raw_fd(),
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )]
+    }
+
+    fn fd_ready(&mut self, _which: usize, _events: EventSet) -> Result<(), DeviceError> {
+        self.receive()
+    }
+}

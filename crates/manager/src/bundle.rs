@@ -173,6 +173,9 @@ mod tests {
             cmdline: None,
             accel: "kvm".into(),
             restart: Restart::OnReboot,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
 use serde::{Deserialize, Serialize};
 use vmm::{Accel, VmConfig};
 
@@ -37,6 +39,15 @@ pub struct VmSpec {
     pub accel: String,
     #[serde(default)]
     pub restart: Restart,
+    /// virtio-blk disks: `path=FILE[,readonly=on][,id=NAME]` (paths relative to the bundle).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
+    /// virtio-net devices: `tap=NAME[,mac=MAC]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<String>,
+    /// A virtio-rng device.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rng: bool,
 }
 
 fn default_accel() -> String {
@@ -67,6 +78,12 @@ impl VmSpec {
     pub fn validate(&self) -> Result<(), String> {
         let memory = vmm::parse_size(&self.memory).map_err(|e| e.to_string())?;
         self.accel()?;
+        for d in &self.disks {
+            BlockConfig::parse(d).map_err(|e| format!("disk {d:?}: {e}"))?;
+        }
+        for n in &self.nets {
+            NetConfig::parse(n).map_err(|e| format!("net {n:?}: {e}"))?;
+        }
         let config = VmConfig {
             kernel: PathBuf::new(),
             initrd: None,
@@ -74,6 +91,9 @@ impl VmSpec {
             cpus: self.cpus,
             memory,
             accel: Accel::Kvm,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
         };
         config.validate().map_err(|e| e.to_string())
     }
@@ -152,6 +172,20 @@ impl VmSpec {
                     .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             )
         };
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let mut c = BlockConfig::parse(d).map_err(ManagerError::Other)?;
+                c.path = resolve(&c.path.to_string_lossy());
+                Ok(c)
+            })
+            .collect::<Result<_, ManagerError>>()?;
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| NetConfig::parse(n).map_err(ManagerError::Other))
+            .collect::<Result<_, _>>()?;
         Ok(VmConfig {
             kernel,
             initrd,
@@ -159,6 +193,9 @@ impl VmSpec {
             cpus: self.cpus,
             memory: self.memory_bytes(),
             accel: self.accel().map_err(ManagerError::Other)?,
+            disks,
+            nets,
+            rng: self.rng,
         })
     }
 }
@@ -185,6 +222,9 @@ mod tests {
             cmdline: Some("console=ttyS0".into()),
             accel: "kvm".into(),
             restart: Restart::OnReboot,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
         }
     }
 

@@ -79,6 +79,29 @@ fn cpu_and_memory_limits() {
 }
 
 #[test]
+fn bad_device_specs() {
+    let (_t, k) = tiny_kernel();
+    assert_one_line_error(
+        &run(&[
+            "run",
+            "--kernel",
+            &k,
+            "--disk",
+            "path=/nonexistent/disk.img",
+        ]),
+        "disk /nonexistent/disk.img",
+    );
+    assert_one_line_error(
+        &run(&["run", "--kernel", &k, "--disk", "path=/tmp,colour=red"]),
+        "--disk \"path=/tmp,colour=red\"",
+    );
+    assert_one_line_error(
+        &run(&["run", "--kernel", &k, "--net", "tap=t0,mac=zz:00"]),
+        "--net \"tap=t0,mac=zz:00\"",
+    );
+}
+
+#[test]
 fn initrd_that_does_not_fit() {
     let (_t, k) = tiny_kernel();
     let (_i, initrd) = testguest::temp_path(&vec![0u8; 48 << 20]);

@@ -355,3 +355,43 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_quits() {
         r.dump()
     );
 }
+
+/// `--rng` puts a virtio-rng function on the PCI bus (00:01.0, vendor 0x1af4, device
+/// 0x1044), with its BAR in the 32-bit window.
+#[test]
+fn virtio_devices_appear_on_the_pci_bus() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(
+        |a| {
+            let mut hex = a.create_label();
+            let mut main = a.create_label();
+            a.jmp(main).unwrap();
+            hex32_routine(a, &mut hex);
+            a.set_label(&mut main).unwrap();
+            a.mov(rbx, 0xe000_8000u64).unwrap(); // ECAM: bus 0, device 1, function 0
+            print(a, "id=");
+            a.mov(eax, dword_ptr(rbx)).unwrap();
+            a.call(hex).unwrap();
+            print(a, " bar0=");
+            a.mov(eax, dword_ptr(rbx + 0x10)).unwrap();
+            a.call(hex).unwrap();
+            print(a, "\n");
+            i8042_reset(a);
+        },
+        &["--rng"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("id="))
+        .unwrap_or_default();
+    assert!(line.starts_with("id=10441af4 bar0="), "{}", r.dump());
+    let bar0 = u32::from_str_radix(&line[17..25], 16).unwrap();
+    assert!(
+        (0xc000_0000..0xe000_0000).contains(&(bar0 & !0xf)),
+        "{line}"
+    );
+}

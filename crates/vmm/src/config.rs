@@ -22,6 +22,12 @@ pub struct VmConfig {
     /// Guest RAM in bytes.
     pub memory: u64,
     pub accel: Accel,
+    /// virtio-blk devices, in order (/dev/vda, /dev/vdb, ...).
+    pub disks: Vec<devices::virtio::block::BlockConfig>,
+    /// virtio-net devices over TAP interfaces.
+    pub nets: Vec<devices::virtio::net::NetConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    pub rng: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -124,6 +130,9 @@ mod tests {
             cpus,
             memory,
             accel: Accel::Kvm,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
         }
     }
 

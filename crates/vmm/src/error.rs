@@ -18,6 +18,10 @@ pub enum VmError {
     Bus(#[from] devices::BusError),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Device(String),
+    #[error("{0}")]
+    Backend(String),
     #[error("this KVM supports at most {max} vCPUs; asked for {asked}")]
     TooManyVcpus { asked: u16, max: usize },
 }

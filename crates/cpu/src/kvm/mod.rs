@@ -8,7 +8,7 @@ pub mod state;
 mod vcpu;
 mod vm;
 
-pub use irq::{KvmEdgeIrq, KvmLevelIrq};
+pub use irq::{KvmEdgeIrq, KvmLevelIrq, KvmMsi, register_notify};
 pub use vcpu::KvmVcpu;
 pub use vm::{Kvm, KvmVm};
 

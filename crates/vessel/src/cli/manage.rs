@@ -88,6 +88,21 @@ fn absolute(p: &Path) -> Result<String, Failure> {
         .map_err(|e| Failure::usage(format!("{}: {e}", p.display())))
 }
 
+/// A --disk spec with its path made absolute (vm.toml paths are relative to the bundle).
+fn absolute_disk(spec: &str) -> Result<String, Failure> {
+    let c = devices::virtio::block::BlockConfig::parse(spec)
+        .map_err(|e| Failure::usage(format!("--disk {spec:?}: {e}")))?;
+    let path = absolute(&c.path)?;
+    let mut out = format!("path={path}");
+    if c.readonly {
+        out += ",readonly=on";
+    }
+    if let Some(id) = c.id {
+        out += &format!(",id={id}");
+    }
+    Ok(out)
+}
+
 pub fn create(args: CreateArgs) -> CliResult {
     let a = args.vm;
     // Paths given here are relative to where the command runs; vm.toml keeps them absolute.
@@ -119,7 +134,15 @@ pub fn create(args: CreateArgs) -> CliResult {
         } else {
             Restart::OnReboot
         },
+        disks: a
+            .disks
+            .iter()
+            .map(|d| absolute_disk(d))
+            .collect::<Result<_, _>>()?,
+        nets: a.nets.clone(),
+        rng: a.rng,
     };
+    a.devices()?;
     let home = home()?;
     let bundle = Bundle::create(&home, &args.name, &spec)?;
     println!("created {} in {}", bundle.name, bundle.dir.display());

@@ -82,6 +82,48 @@ pub struct VmArgs {
     /// CPU backend.
     #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
     accel: AccelArg,
+    /// A virtio-blk disk (raw image): `path=FILE[,readonly=on][,id=NAME]`. Repeatable;
+    /// the first is /dev/vda.
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<String>,
+    /// A virtio-net device on a TAP interface (opened, or created for the VM's
+    /// lifetime): `tap=NAME[,mac=MAC]`. Repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+}
+
+impl VmArgs {
+    /// The --disk and --net specs, parsed.
+    fn devices(
+        &self,
+    ) -> Result<
+        (
+            Vec<devices::virtio::block::BlockConfig>,
+            Vec<devices::virtio::net::NetConfig>,
+        ),
+        Failure,
+    > {
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                devices::virtio::block::BlockConfig::parse(d)
+                    .map_err(|e| Failure::usage(format!("--disk {d:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| {
+                devices::virtio::net::NetConfig::parse(n)
+                    .map_err(|e| Failure::usage(format!("--net {n:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((disks, nets))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -29,24 +29,28 @@ pub struct KitArgs {
 }
 
 pub fn run(args: RunArgs) -> CliResult {
-    let a = args.vm;
+    let a = &args.vm;
     let memory = vmm::parse_size(&a.memory).map_err(Failure::usage)?;
-    let (kernel, initrd, cmdline) = match a.kernel {
+    let (kernel, initrd, cmdline) = match a.kernel.clone() {
         Some(kernel) => (
             kernel,
-            a.initrd,
+            a.initrd.clone(),
             a.cmdline
+                .clone()
                 .unwrap_or_else(|| manager::spec::DEFAULT_CMDLINE.into()),
         ),
         None => {
             let kit = default_kit()?;
             (
                 kit.vmlinux,
-                a.initrd.or(Some(kit.initrd)),
-                a.cmdline.unwrap_or_else(|| kit::DEFAULT_CMDLINE.into()),
+                a.initrd.clone().or(Some(kit.initrd)),
+                a.cmdline
+                    .clone()
+                    .unwrap_or_else(|| kit::DEFAULT_CMDLINE.into()),
             )
         }
     };
+    let (disks, nets) = a.devices()?;
     let config = VmConfig {
         kernel,
         initrd,
@@ -56,6 +60,9 @@ pub fn run(args: RunArgs) -> CliResult {
         accel: match a.accel {
             AccelArg::Kvm => Accel::Kvm,
         },
+        disks,
+        nets,
+        rng: a.rng,
     };
     let (outcome, metrics) = vmm::run(&config).map_err(Failure::usage)?;
     eprintln!("vessel: {outcome}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use arch::entry::EntryState;
 use arch::layout::ports;
 use cpu::Vcpu;
-use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq};
+use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq, KvmMsi};
 use devices::IrqLine;
 use vm_memory::GuestMemoryMmap;
 
@@ -40,10 +40,13 @@ pub(crate) fn backend(
         }
         vcpus.push(Box::new(vcpu));
     }
+    let notify_vm = vm.fd().clone();
     Ok(Backend {
         com1_irq,
         sci,
         devices: Vec::new(),
+        msi: Arc::new(KvmMsi::new(vm.fd().clone())),
+        notify: Box::new(move |gpa, event| Ok(cpu::kvm::register_notify(&notify_vm, gpa, event)?)),
         vcpus: Box::new(move |_| Ok(vcpus)),
         backing: Box::new((vm, mem.clone())),
         vm_fd: Some(vm_fd),

@@ -2,6 +2,7 @@
 //! device model on its buses, and the vCPUs.
 
 mod kvm;
+mod virtio;
 
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -11,12 +12,14 @@ use arch::boot::{self, BootSpec};
 use arch::layout::{self, ports};
 use cpu::Vcpu;
 use devices::bus::SharedDevice;
+use devices::interrupt::MsiSink;
 use devices::legacy::{BootTimer, Cmos, I8042, ResetControl, Serial};
 use devices::pci::{ConfigAddressPort, Ecam, PciRoot};
 use devices::{Bus, GuestRequest, IrqLine, RequestSink, acpi_pm::AcpiPm};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Accel, VmConfig};
 use crate::error::VmError;
@@ -98,7 +101,7 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         loaded.initrd
     );
 
-    let backend = match config.accel {
+    let mut backend = match config.accel {
         Accel::Kvm => kvm::backend(config, &mem, &loaded.entry)?,
     };
     let (events_tx, events_rx) = mpsc::channel();
@@ -111,13 +114,8 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         out: output,
         metrics: metrics.clone(),
     });
-    let platform = Platform::new(
-        events_tx.clone(),
-        backend.com1_irq,
-        backend.sci,
-        output,
-        backend.devices,
-    )?;
+    let virtio = virtio::devices(config)?;
+    let platform = Platform::new(events_tx.clone(), output, &mut backend, virtio, &mem)?;
     let vcpus = (backend.vcpus)(&platform)?;
     Ok(Vm::new(VmParts {
         stdio_console,
@@ -141,12 +139,20 @@ pub enum Placement {
 /// Makes the vCPUs once the device model exists.
 pub(crate) type MakeVcpus = Box<dyn FnOnce(&Platform) -> Result<Vec<Box<dyn Vcpu>>, VmError>>;
 
+/// See [`Backend::notify`].
+pub(crate) type NotifyHook = Box<dyn Fn(u64, &EventFd) -> Result<(), VmError>>;
+
 /// What a CPU backend contributes to a VM: how devices raise interrupts, devices of
 /// its own (the software CPU's interrupt controllers and timer), and its vCPUs.
 pub(crate) struct Backend {
     pub com1_irq: Arc<dyn IrqLine>,
     pub sci: Arc<dyn IrqLine>,
     pub devices: Vec<(Placement, SharedDevice)>,
+    /// Where devices' MSI-X messages go.
+    pub msi: Arc<dyn MsiSink>,
+    /// Registers a virtio queue notify address with the backend (KVM ioeventfd), or
+    /// does nothing where MMIO writes reach the device anyway.
+    pub notify: NotifyHook,
     pub vcpus: MakeVcpus,
     /// Kept alive until every vCPU has stopped (the KVM VM, the interrupt controllers).
     pub backing: Box<dyn std::any::Any + Send>,
@@ -166,10 +172,10 @@ pub struct Platform {
 impl Platform {
     fn new(
         events: Sender<VmEvent>,
-        com1_irq: Arc<dyn IrqLine>,
-        sci: Arc<dyn IrqLine>,
         console: Box<dyn std::io::Write + Send>,
-        backend_devices: Vec<(Placement, SharedDevice)>,
+        backend: &mut Backend,
+        virtio: Vec<Box<dyn devices::virtio::VirtioDevice<GuestMemoryMmap>>>,
+        mem: &GuestMemoryMmap,
     ) -> Result<Self, VmError> {
         let events = Mutex::new(events);
         let requests: RequestSink = Arc::new(move |r: GuestRequest| {
@@ -178,7 +184,7 @@ impl Platform {
         let mut io = Bus::new();
         let mut mmio = Bus::new();
 
-        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, console)));
+        let serial = Arc::new(Mutex::new(Serial::new(backend.com1_irq.clone(), console)));
         io.insert(u64::from(ports::COM1), 8, serial.clone())?;
         let (kbd_data, kbd_cmd) = I8042::ports(requests.clone());
         io.insert(
@@ -192,7 +198,10 @@ impl Platform {
             Arc::new(Mutex::new(kbd_cmd)),
         )?;
         io.insert(u64::from(ports::CMOS), 2, Arc::new(Mutex::new(Cmos::new())))?;
-        let pm = Arc::new(Mutex::new(AcpiPm::new(sci, requests.clone())));
+        let pm = Arc::new(Mutex::new(AcpiPm::new(
+            backend.sci.clone(),
+            requests.clone(),
+        )));
         io.insert(
             u64::from(ports::ACPI_PM1A_EVT),
             devices::acpi_pm::WINDOW_LEN,
@@ -213,9 +222,10 @@ impl Platform {
         mmio.insert(
             layout::PCI_ECAM_START,
             layout::PCI_ECAM_SIZE,
-            Arc::new(Mutex::new(Ecam::new(root))),
+            Arc::new(Mutex::new(Ecam::new(root.clone()))),
         )?;
-        for (placement, device) in backend_devices {
+        virtio::attach(virtio, mem, &root, &mut mmio, backend)?;
+        for (placement, device) in std::mem::take(&mut backend.devices) {
             match placement {
                 Placement::Io(port, len) => io.insert(u64::from(port), len, device)?,
                 Placement::Mmio(base, len) => mmio.insert(base, len, device)?,

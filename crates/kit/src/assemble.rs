@@ -1,8 +1,9 @@
-//! The build itself: download, unpack, extract vmlinux, pack the initramfs, and publish
-//! the result atomically so a reader never sees half a kit.
+//! The build itself: download, unpack, extract vmlinux, pack the initramfs and the root
+//! disk, and publish the result atomically so a reader never sees half a kit.
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -13,7 +14,8 @@ use flate2::write::GzEncoder;
 use crate::cpio::CpioWriter;
 use crate::debian::{self, Deb};
 use crate::modules::{ModulePlan, ModuleTree};
-use crate::{DEFAULT_CMDLINE, KIT_FORMAT, Kit, KitError, MANIFEST, init, locate};
+use crate::tree::Tree;
+use crate::{DEFAULT_CMDLINE, KIT_FORMAT, Kit, KitError, MANIFEST, bootmark, init, locate, rootfs};
 
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -148,7 +150,15 @@ fn assemble(work: &Path, out: &Path) -> Result<String, KitError> {
             dir: kernel_root.clone(),
         })?;
     let plan = ModuleTree::scan(&modules_root)?.plan(REQUIRED_MODULES, OPTIONAL_MODULES)?;
-    let initrd = initramfs(&busybox_root, &modules_root, &kernel_version, &plan)?;
+    let system = system_tree(&busybox_root, &modules_root, &kernel_version, &plan)?;
+    let initrd = initramfs(system.clone(), &kernel_version, &plan)?;
+    root_disk(
+        system,
+        &kernel_version,
+        &plan,
+        work,
+        &out.join(rootfs::ROOTFS_FILE),
+    )?;
 
     for (name, data) in [
         ("bzImage", &bzimage),
@@ -179,33 +189,33 @@ fn find_bzimage(kernel_root: &Path) -> Result<(PathBuf, String), KitError> {
         .ok_or_else(missing)
 }
 
-/// The gzip-compressed newc initramfs: busybox and its applet links, the modules,
-/// `/dev/console`, the boot-mark program and `/init`.
-fn initramfs(
+/// What both the initramfs and the root disk hold: busybox and its applet links, the
+/// modules, the boot-mark program, a minimal /etc, acpid's power-button action and the
+/// halt script.
+fn system_tree(
     busybox_root: &Path,
     modules_root: &Path,
     kernel_version: &str,
     plan: &ModulePlan,
-) -> Result<Vec<u8>, KitError> {
-    let mut cpio = CpioWriter::new(GzEncoder::new(Vec::new(), Compression::default()));
+) -> Result<Tree, KitError> {
+    let mut tree = Tree::default();
     for dir in [
-        "dev", "proc", "sys", "tmp", "run", "root", "etc", "bin", "sbin", "usr/bin", "usr/sbin",
-        "mnt",
+        "dev", "proc", "sys", "run", "etc", "bin", "sbin", "usr/bin", "usr/sbin", "mnt", "var",
     ] {
-        cpio.dir(dir, 0o755)?;
+        tree.dir(dir, 0o755);
     }
-    // The kernel opens /dev/console for init before anything mounts devtmpfs.
-    cpio.char_device("dev/console", 0o600, 5, 1)?;
+    tree.dir("tmp", 0o1777);
+    tree.dir("root", 0o700);
 
     let busybox_path = busybox_root.join("bin/busybox");
     let busybox = fs::read(&busybox_path).map_err(|_| KitError::PackageContent {
         what: "bin/busybox",
         dir: busybox_root.to_path_buf(),
     })?;
-    cpio.file("bin/busybox", 0o755, &busybox)?;
+    tree.file("bin/busybox", 0o755, busybox);
     for applet in busybox_applets(&busybox_path)? {
         if applet != "bin/busybox" {
-            cpio.symlink(&applet, "/bin/busybox")?;
+            tree.symlink(&applet, "/bin/busybox");
         }
     }
 
@@ -213,30 +223,75 @@ fn initramfs(
     for module in plan.required.iter().chain(&plan.optional) {
         let src = modules_root.join(&module.rel_path);
         let data = fs::read(&src).map_err(KitError::io(&src))?;
-        cpio.file(
+        tree.file(
             &format!("{modules_dir}/{}", module.rel_path.display()),
             0o644,
-            &data,
-        )?;
+            data,
+        );
     }
-    cpio.file(
+    tree.file(
         &format!("{modules_dir}/modules.dep"),
         0o644,
-        plan.modules_dep().as_bytes(),
-    )?;
+        plan.modules_dep(),
+    );
 
-    cpio.file(init::BOOT_MARK_PATH, 0o755, &init::boot_mark_elf()?)?;
-    cpio.file("etc/hostname", 0o644, b"vessel\n")?;
-    cpio.file(
-        "init",
+    tree.file(bootmark::BOOT_MARK_PATH, 0o755, bootmark::boot_mark_elf()?);
+    tree.file("etc/hostname", 0o644, "vessel\n");
+    tree.file(
+        "etc/hosts",
+        0o644,
+        "127.0.0.1\tlocalhost\n127.0.1.1\tvessel\n",
+    );
+    tree.file("etc/passwd", 0o644, "root::0:0:root:/root:/bin/sh\n");
+    tree.file("etc/group", 0o644, "root:x:0:\n");
+    tree.symlink("etc/mtab", "/proc/self/mounts");
+    tree.file("etc/acpid.conf", 0o644, init::ACPID_CONF);
+    tree.file(
+        init::POWER_BUTTON_HANDLER_PATH,
         0o755,
-        init::init_script(kernel_version, plan).as_bytes(),
-    )?;
+        init::power_button_handler(),
+    );
+    tree.file(init::HALT_PATH, 0o755, init::halt_script());
+    Ok(tree)
+}
+
+/// The gzip-compressed newc initramfs: the system, `/dev/console` and `/init`.
+fn initramfs(mut tree: Tree, kernel_version: &str, plan: &ModulePlan) -> Result<Vec<u8>, KitError> {
+    tree.file("init", 0o755, init::initramfs_init(kernel_version, plan));
+    let mut cpio = CpioWriter::new(GzEncoder::new(Vec::new(), Compression::default()));
+    tree.write_cpio(&mut cpio)?;
+    // The kernel opens /dev/console for init before anything mounts devtmpfs.
+    cpio.char_device("dev/console", 0o600, 5, 1)?;
     let mut gz = cpio.finish()?;
     gz.flush()
         .map_err(|e| KitError::Cpio(format!("gzip: {e}")))?;
     gz.finish()
         .map_err(|e| KitError::Cpio(format!("gzip: {e}")))
+}
+
+/// The root disk image at `image`: the system with the disk's own `/sbin/init` (in place
+/// of busybox's), staged under `work` and packed by mkfs.ext4.
+fn root_disk(
+    mut tree: Tree,
+    kernel_version: &str,
+    plan: &ModulePlan,
+    work: &Path,
+    image: &Path,
+) -> Result<(), KitError> {
+    let started = Instant::now();
+    tree.file("sbin/init", 0o755, init::disk_init(kernel_version, plan));
+    let staging = work.join("rootfs");
+    fs::create_dir_all(&staging).map_err(KitError::io(&staging))?;
+    tree.write_dir(&staging)?;
+    rootfs::make_image(&staging, image, rootfs::ROOTFS_SIZE)?;
+    let allocated = fs::metadata(image).map_err(KitError::io(image))?.blocks() * 512;
+    tracing::info!(
+        "root disk built in {:.1?}: {} MiB, {:.1} MiB allocated",
+        started.elapsed(),
+        rootfs::ROOTFS_SIZE >> 20,
+        allocated as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 /// The applets busybox offers, with their install paths (`sbin/insmod`), from
@@ -284,6 +339,8 @@ fn manifest(kernel_version: &str, debs: &[&Deb], plan: &ModulePlan) -> Result<St
     text.push_str(&format!("format = {KIT_FORMAT}\n"));
     text.push_str(&format!("kernel_version = {}\n", quote(kernel_version)?));
     text.push_str(&format!("cmdline = {}\n", quote(DEFAULT_CMDLINE)?));
+    text.push_str(&format!("rootfs = {}\n", quote(rootfs::ROOTFS_FILE)?));
+    text.push_str(&format!("rootfs_size = {}\n", rootfs::ROOTFS_SIZE));
     let names = |mods: &[crate::modules::Module]| -> Result<String, KitError> {
         let quoted: Result<Vec<String>, KitError> = mods.iter().map(|m| quote(&m.name)).collect();
         Ok(format!("[{}]", quoted?.join(", ")))

@@ -15,6 +15,11 @@ pub enum KitError {
     },
     #[error("{tool} not found: vessel kit needs a Debian host")]
     ToolMissing { tool: &'static str },
+    #[error("{tool} not found: install the {package} package")]
+    ToolNeedsPackage {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error("{command} failed: {detail}")]
     ToolFailed { command: String, detail: String },
     #[error(

@@ -1,37 +1,85 @@
-//! What runs first in the kit guest: the `/init` script, and the tiny `vessel-boot-mark`
-//! program that tells the VMM (through I/O port 0x440) that user space has started.
+//! What runs first in the kit guest: the initramfs `/init`, the root disk's `/sbin/init`,
+//! and the small scripts both use. The two inits share their text: the module loader and
+//! everything after it ([`AFTER_MODULES`]: acpid, then the command line's request) are one
+//! template each, so the disk system behaves exactly like the initramfs one.
 
-use iced_x86::code_asm::*;
-
-use crate::KitError;
-use crate::modules::ModulePlan;
+use crate::bootmark::BOOT_MARK_PATH;
+use crate::modules::{Module, ModulePlan};
 
 /// The line init prints on the console before anything else: proof that user space runs.
 pub const INIT_MARKER: &str = "VESSEL-KIT: init started";
-/// The I/O port whose writes the VMM logs with the time since its start.
-pub const BOOT_TIMER_PORT: u16 = 0x440;
-/// Where the boot-mark program lives in the guest.
-pub const BOOT_MARK_PATH: &str = "/bin/vessel-boot-mark";
+/// What the root disk's `/sbin/init` prints first, followed by the device mounted on `/`
+/// (`VESSEL-KIT: root on /dev/vda`): proof that the system runs from the disk.
+pub const ROOT_MARKER_PREFIX: &str = "VESSEL-KIT: root on ";
+/// What the guest prints when the ACPI power button (`vessel stop`) makes it power off.
+pub const POWER_BUTTON_MARKER: &str = "VESSEL-KIT: power button";
 
-/// The `/init` script for a kernel whose modules live in `/lib/modules/<kernel_version>`.
-pub(crate) fn init_script(kernel_version: &str, plan: &ModulePlan) -> String {
-    let list = |mods: &[crate::modules::Module]| {
+/// Stops the machine at once, leaving a root disk clean (in both systems).
+pub(crate) const HALT_PATH: &str = "/sbin/vessel-halt";
+/// Where busybox acpid finds the power button's action: `<conf dir>/PWRF/00000080`.
+pub(crate) const POWER_BUTTON_HANDLER_PATH: &str = "/etc/acpi/PWRF/00000080";
+/// busybox acpid's action file: event name (as in its built-in KEY_POWER mapping, which
+/// reports `button/power PWRF 00000080`) to the handler's path under `/etc/acpi`.
+pub(crate) const ACPID_CONF: &str = "\
+# busybox acpid: an event whose description contains the first word runs the file (or,
+# for a directory, every file: run-parts) named by the second, under /etc/acpi.
+PWRF PWRF/00000080
+PWRB PWRF/00000080
+";
+
+/// The initramfs `/init`: basics, marker, boot mark, modules, then a switch to the root
+/// disk when the command line says `root=/dev/vd*`, else the shared tail.
+pub(crate) fn initramfs_init(kernel_version: &str, plan: &ModulePlan) -> String {
+    fill(
+        &[INITRAMFS_HEAD, LOAD_MODULES, SWITCH_ROOT, AFTER_MODULES].concat(),
+        kernel_version,
+        plan,
+    )
+}
+
+/// The root disk's `/sbin/init`: what the initramfs hands over to with `switch_root`.
+pub(crate) fn disk_init(kernel_version: &str, plan: &ModulePlan) -> String {
+    fill(
+        &[DISK_HEAD, LOAD_MODULES, AFTER_MODULES].concat(),
+        kernel_version,
+        plan,
+    )
+}
+
+/// `/sbin/vessel-halt poweroff|reboot`.
+pub(crate) fn halt_script() -> &'static str {
+    HALT_SCRIPT
+}
+
+/// What acpid runs on the power button.
+pub(crate) fn power_button_handler() -> String {
+    POWER_BUTTON_HANDLER
+        .replace("@POWER_BUTTON@", POWER_BUTTON_MARKER)
+        .replace("@HALT@", HALT_PATH)
+}
+
+fn fill(template: &str, kernel_version: &str, plan: &ModulePlan) -> String {
+    // `name:path` pairs: the loader skips a module whose /sys/module/<name> exists.
+    let list = |mods: &[Module]| {
         mods.iter()
-            .map(|m| m.rel_path.display().to_string())
+            .map(|m| format!("{}:{}", m.name, m.rel_path.display()))
             .collect::<Vec<_>>()
             .join(" ")
     };
-    INIT_TEMPLATE
+    template
         .replace("@MARKER@", INIT_MARKER)
+        .replace("@ROOT_MARKER@", ROOT_MARKER_PREFIX)
         .replace("@BOOT_MARK@", BOOT_MARK_PATH)
+        .replace("@HALT@", HALT_PATH)
         .replace("@KVER@", kernel_version)
         .replace("@REQUIRED@", &list(&plan.required))
         .replace("@OPTIONAL@", &list(&plan.optional))
 }
 
-const INIT_TEMPLATE: &str = r#"#!/bin/sh
-# vessel kit init: mount the basics, announce ourselves, load drivers, then do what the
-# kernel command line asks (run the command after " -- ", power off, or give a shell).
+const INITRAMFS_HEAD: &str = r#"#!/bin/sh
+# vessel kit init (initramfs): mount the basics, announce ourselves, load drivers, switch
+# to the root disk if the command line names one (root=/dev/vd*), else do what the kernel
+# command line asks (run the command after " -- ", power off, or give a shell).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
 set -f
 mount -t proc proc /proc
@@ -39,20 +87,87 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "@MARKER@"
 @BOOT_MARK@ || echo "VESSEL-KIT: boot mark failed"
+"#;
 
+const DISK_HEAD: &str = r#"#!/bin/sh
+# vessel kit init (root disk): the initramfs mounted this disk and moved /proc, /sys and
+# /dev here; announce the root, then do what the kernel command line asks, as there.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
+set -f
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+[ -e /dev/null ] || mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+echo "@ROOT_MARKER@$(awk '$2 == "/" { d = $1 } END { print d }' /proc/mounts)"
+"#;
+
+const LOAD_MODULES: &str = r#"
 M=/lib/modules/@KVER@
 for m in @REQUIRED@; do
-    insmod "$M/$m" || echo "VESSEL-KIT: insmod $m failed"
+    [ -d "/sys/module/${m%%:*}" ] && continue
+    insmod "$M/${m#*:}" || echo "VESSEL-KIT: insmod ${m#*:} failed"
 done
 for m in @OPTIONAL@; do
-    [ -e "$M/$m" ] || continue
-    insmod "$M/$m" 2>/dev/null || echo "VESSEL-KIT: optional module $m not loaded"
+    [ -d "/sys/module/${m%%:*}" ] || [ ! -e "$M/${m#*:}" ] && continue
+    insmod "$M/${m#*:}" 2>/dev/null || echo "VESSEL-KIT: optional module ${m#*:} not loaded"
 done
+"#;
 
+const SWITCH_ROOT: &str = r#"
+root=
+fstype=ext4
+mode=rw
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+    --) break ;;
+    root=*) root=${w#root=} ;;
+    rootfstype=*) fstype=${w#rootfstype=} ;;
+    ro | rw) mode=$w ;;
+    esac
+done
+case "$root" in
+"") ;;
+/dev/vd*)
+    # devtmpfs makes the node once virtio_blk has probed the disk.
+    n=0
+    while [ ! -b "$root" ] && [ $n -lt 50 ]; do
+        usleep 100000
+        n=$((n + 1))
+    done
+    mkdir -p /newroot
+    if [ ! -b "$root" ]; then
+        echo "VESSEL-KIT: root device $root did not appear; staying in the initramfs"
+    elif ! mount -t "$fstype" -o "$mode" "$root" /newroot; then
+        echo "VESSEL-KIT: cannot mount $root; staying in the initramfs"
+    elif [ ! -x /newroot/sbin/init ]; then
+        echo "VESSEL-KIT: $root has no /sbin/init; staying in the initramfs"
+        umount /newroot
+    else
+        for d in proc sys dev; do
+            mount -o move "/$d" "/newroot/$d"
+        done
+        exec switch_root /newroot /sbin/init "$@"
+    fi
+    ;;
+*) echo "VESSEL-KIT: root=$root is not supported (only /dev/vd*); staying in the initramfs" ;;
+esac
+"#;
+
+/// The shared tail of both inits.
+const AFTER_MODULES: &str = r#"
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 hostname vessel
 ifconfig lo 127.0.0.1 up
+
+# The ACPI power button reaches user space as KEY_POWER on an evdev device (button.ko,
+# evdev.ko); acpid runs /etc/acpi/PWRF/00000080 for it, which powers off.
+if [ -e /dev/input/event0 ]; then
+    acpid -c /etc/acpi -a /etc/acpid.conf -l /dev/console -p /run/acpid.pid ||
+        echo "VESSEL-KIT: acpid did not start; the power button will do nothing"
+else
+    echo "VESSEL-KIT: no input devices; the power button will do nothing"
+fi
 
 at_once=
 action=poweroff
@@ -65,10 +180,7 @@ for w in $(cat /proc/cmdline); do
 done
 
 halt_vm() {
-    sync
-    $action -f
-    sleep 10
-    echo "VESSEL-KIT: $action -f did not stop the machine"
+    @HALT@ $action
     exit 1
 }
 
@@ -83,159 +195,132 @@ setsid cttyhack sh
 halt_vm
 "#;
 
-/// Load address of the boot-mark program; any canonical user address would do.
-const BOOT_MARK_BASE: u64 = 0x40_0000;
-const ELF_HEADER_SIZE: u64 = 64;
-const PROGRAM_HEADER_SIZE: u64 = 56;
+const HALT_SCRIPT: &str = r#"#!/bin/sh
+# vessel-halt poweroff|reboot: stop the machine now. The root file system is written out
+# and remounted read-only first, so a root disk is left clean for the host to read.
+case "$1" in
+poweroff | reboot) ;;
+*) echo "usage: vessel-halt poweroff|reboot" >&2; exit 2 ;;
+esac
+sync
+mount -o remount,ro / 2>/dev/null
+sync
+"$1" -f
+sleep 10
+echo "VESSEL-KIT: $1 -f did not stop the machine"
+exit 1
+"#;
 
-/// The machine code: `iopl(3)`, `out 0x440, byte`, `exit(0)`; `exit(1)` if iopl fails.
-/// The byte is 1, or the first character of argv[1] when given.
-fn boot_mark_code(entry: u64) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut have_byte = a.create_label();
-    let mut fail = a.create_label();
-    a.mov(ebx, 1)?;
-    a.mov(rcx, qword_ptr(rsp))?; // argc
-    a.cmp(rcx, 2)?;
-    a.jb(have_byte)?;
-    a.mov(rsi, qword_ptr(rsp + 16))?; // argv[1]
-    a.movzx(ebx, byte_ptr(rsi))?;
-    a.set_label(&mut have_byte)?;
-    a.mov(eax, 172)?; // iopl
-    a.mov(edi, 3)?;
-    a.syscall()?;
-    a.test(eax, eax)?;
-    a.jnz(fail)?;
-    a.mov(eax, ebx)?;
-    a.mov(edx, i32::from(BOOT_TIMER_PORT))?;
-    a.out(dx, al)?;
-    a.mov(eax, 60)?; // exit
-    a.xor(edi, edi)?;
-    a.syscall()?;
-    a.set_label(&mut fail)?;
-    a.mov(eax, 60)?;
-    a.mov(edi, 1)?;
-    a.syscall()?;
-    a.assemble(entry)
-}
-
-/// A complete static x86-64 ELF executable: header, one PT_LOAD segment, the code.
-pub(crate) fn boot_mark_elf() -> Result<Vec<u8>, KitError> {
-    let code_offset = ELF_HEADER_SIZE + PROGRAM_HEADER_SIZE;
-    let entry = BOOT_MARK_BASE + code_offset;
-    let code = boot_mark_code(entry).map_err(|e| KitError::Assemble(e.to_string()))?;
-    let size = code_offset + code.len() as u64;
-
-    let mut elf = Vec::with_capacity(size as usize);
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LE, SysV
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-    elf.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
-    elf.extend_from_slice(&entry.to_le_bytes());
-    elf.extend_from_slice(&ELF_HEADER_SIZE.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff: no sections
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for half in [ELF_HEADER_SIZE, PROGRAM_HEADER_SIZE, 1, 64, 0, 0] {
-        elf.extend_from_slice(&(half as u16).to_le_bytes()); // ehsize phentsize phnum shentsize shnum shstrndx
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // PF_R | PF_X
-    for word in [0, BOOT_MARK_BASE, BOOT_MARK_BASE, size, size, 0x1000] {
-        elf.extend_from_slice(&word.to_le_bytes()); // offset vaddr paddr filesz memsz align
-    }
-    elf.extend_from_slice(&code);
-    Ok(elf)
-}
+const POWER_BUTTON_HANDLER: &str = r#"#!/bin/sh
+# busybox acpid runs this for the ACPI power button (KEY_POWER): power off.
+echo "@POWER_BUTTON@" >/dev/console
+exec @HALT@ poweroff
+"#;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::elf::{Elf, PT_LOAD, u16_at, u32_at, u64_at};
-    use iced_x86::{Code, Decoder, DecoderOptions};
 
-    #[test]
-    fn boot_mark_is_a_well_formed_static_executable() {
-        let elf = boot_mark_elf().unwrap();
-        let parsed = Elf::parse(&elf).unwrap();
-        assert_eq!(u16_at(&elf, 0x10), Some(2), "ET_EXEC");
-        assert_eq!(u16_at(&elf, 0x12), Some(0x3e), "x86-64");
-        assert_eq!(u32_at(&elf, 0x14), Some(1));
-        assert_eq!(u16_at(&elf, 0x34), Some(64));
-        let phs = parsed.program_headers().unwrap();
-        assert_eq!(phs.len(), 1);
-        assert_eq!(
-            (phs[0].p_type, phs[0].offset, phs[0].filesz),
-            (PT_LOAD, 0, elf.len() as u64)
-        );
-        assert_eq!(u32_at(&elf, 64 + 4), Some(5), "readable and executable");
-        assert_eq!(u64_at(&elf, 64 + 16), Some(BOOT_MARK_BASE));
-        assert_eq!(u64_at(&elf, 64 + 40), Some(elf.len() as u64), "memsz");
-        assert_eq!(parsed.file_extent().unwrap(), elf.len() as u64);
-        let entry = u64_at(&elf, 0x18).unwrap();
-        assert_eq!(entry, BOOT_MARK_BASE + 120);
-        assert!(parsed.sections().unwrap().is_empty());
-    }
-
-    #[test]
-    fn boot_mark_code_does_iopl_out_and_exit() {
-        let elf = boot_mark_elf().unwrap();
-        let entry = u64_at(&elf, 0x18).unwrap();
-        let code = &elf[(entry - BOOT_MARK_BASE) as usize..];
-        let decoded: Vec<_> = Decoder::with_ip(64, code, entry, DecoderOptions::NONE)
-            .into_iter()
-            .collect();
-        assert!(decoded.iter().all(|i| !i.is_invalid()));
-        assert_eq!(
-            decoded.last().unwrap().next_ip(),
-            BOOT_MARK_BASE + elf.len() as u64
-        );
-        let codes: Vec<Code> = decoded.iter().map(|i| i.code()).collect();
-        assert_eq!(codes.iter().filter(|c| **c == Code::Syscall).count(), 3);
-        let out = codes
-            .iter()
-            .position(|c| *c == Code::Out_DX_AL)
-            .expect("out dx, al");
-        let iopl = decoded
-            .iter()
-            .position(|i| i.code() == Code::Mov_r32_imm32 && i.immediate32() == 172)
-            .expect("mov eax, 172");
-        assert!(iopl < out, "iopl before the port write");
-        assert!(
-            decoded
-                .iter()
-                .any(|i| i.code() == Code::Mov_r32_imm32 && i.immediate32() == 0x440)
-        );
-    }
-
-    #[test]
-    fn init_script_is_valid_shell_with_the_marker_first() {
-        let plan = ModulePlan {
-            required: vec![crate::modules::Module {
-                name: "virtio".into(),
-                rel_path: "kernel/drivers/virtio/virtio.ko".into(),
-                depends: vec![],
-            }],
-            optional: vec![],
+    fn plan() -> ModulePlan {
+        let module = |name: &str, rel: &str| Module {
+            name: name.into(),
+            rel_path: rel.into(),
+            depends: vec![],
         };
-        let script = init_script("6.1.0-test", &plan);
-        assert!(!script.contains('@'), "unfilled placeholder");
+        ModulePlan {
+            required: vec![
+                module("virtio", "kernel/drivers/virtio/virtio.ko"),
+                module("virtio_rng", "kernel/drivers/char/hw_random/virtio-rng.ko"),
+            ],
+            optional: vec![module("evdev", "kernel/drivers/input/evdev.ko")],
+        }
+    }
+
+    /// `sh -n` (and busybox's own sh, the one the guest runs, when the host has it).
+    fn assert_valid_shell(script: &str) {
+        for shell in [&["sh"][..], &["busybox", "sh"]] {
+            let Ok(out) = std::process::Command::new(shell[0])
+                .args(&shell[1..])
+                .arg("-n")
+                .arg("-c")
+                .arg(script)
+                .output()
+            else {
+                eprintln!("skipping the {shell:?} syntax check: not on this host");
+                continue;
+            };
+            assert!(
+                out.status.success(),
+                "{shell:?}: {}\n{script}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn assert_filled(script: &str) {
+        let bytes = script.as_bytes();
+        for (i, _) in script.match_indices('@') {
+            let next = bytes.get(i + 1).copied().unwrap_or(b' ');
+            assert!(
+                !next.is_ascii_uppercase(),
+                "unfilled placeholder at {}",
+                &script[i..]
+            );
+        }
+    }
+
+    #[test]
+    fn initramfs_init_is_valid_shell_with_the_marker_first() {
+        let script = initramfs_init("6.1.0-test", &plan());
+        assert_filled(&script);
         let marker = script.find(INIT_MARKER).unwrap();
         assert!(marker < script.find("insmod").unwrap());
         assert!(script.contains("M=/lib/modules/6.1.0-test\n"));
-        assert!(script.contains("for m in kernel/drivers/virtio/virtio.ko; do"));
-        let Ok(out) = std::process::Command::new("sh")
-            .arg("-n")
-            .arg("-c")
-            .arg(&script)
-            .output()
-        else {
-            eprintln!("skipping the shell syntax check: no sh on this host");
-            return;
-        };
+        assert!(script.contains(
+            "for m in virtio:kernel/drivers/virtio/virtio.ko \
+             virtio_rng:kernel/drivers/char/hw_random/virtio-rng.ko; do"
+        ));
+        assert!(script.contains("for m in evdev:kernel/drivers/input/evdev.ko; do"));
+        let switch = script
+            .find("exec switch_root /newroot /sbin/init \"$@\"")
+            .unwrap();
+        assert!(script.find("insmod").unwrap() < switch);
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            switch < script.find("acpid -c").unwrap(),
+            "acpid after the switch"
+        );
+        assert_valid_shell(&script);
+    }
+
+    #[test]
+    fn disk_init_shares_the_loader_and_tail_but_never_switches() {
+        let initramfs = initramfs_init("6.1.0-test", &plan());
+        let disk = disk_init("6.1.0-test", &plan());
+        assert_filled(&disk);
+        assert!(disk.starts_with("#!/bin/sh\n"));
+        assert!(disk.contains(&format!("echo \"{ROOT_MARKER_PREFIX}$(awk")));
+        assert!(!disk.contains(INIT_MARKER));
+        assert!(!disk.contains("switch_root"));
+        assert!(!disk.contains(BOOT_MARK_PATH), "one boot mark per boot");
+        let tail = fill(AFTER_MODULES, "6.1.0-test", &plan());
+        let loader = fill(LOAD_MODULES, "6.1.0-test", &plan());
+        assert!(disk.ends_with(&format!("{loader}{tail}")));
+        assert!(initramfs.ends_with(&tail));
+        assert!(initramfs.contains(&loader));
+        assert_valid_shell(&disk);
+    }
+
+    #[test]
+    fn halt_and_power_button_scripts_are_valid_shell() {
+        assert_valid_shell(halt_script());
+        let handler = power_button_handler();
+        assert_filled(&handler);
+        assert!(handler.contains(&format!("echo \"{POWER_BUTTON_MARKER}\" >/dev/console")));
+        assert!(handler.contains(&format!("exec {HALT_PATH} poweroff")));
+        assert_valid_shell(&handler);
+        assert!(
+            ACPID_CONF.contains("PWRF PWRF/00000080\n")
+                && POWER_BUTTON_HANDLER_PATH.ends_with("/PWRF/00000080")
         );
     }
 }

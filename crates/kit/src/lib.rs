@@ -1,15 +1,17 @@
-//! The kit: vessel's default guest, a Debian cloud kernel plus a busybox initramfs, built
-//! from the host's own Debian packages so `vessel run` works with no kernel at hand.
+//! The kit: vessel's default guest, a Debian cloud kernel plus a busybox initramfs and a
+//! busybox ext4 root disk, built from the host's own Debian packages so `vessel run` works
+//! with no kernel at hand.
 //!
 //! Layout of the cache directory (see [`default_cache_dir`]):
 //! ```text
 //! <cache>/current -> kit-<stamp>   symlink, swapped atomically when a build completes
-//! <cache>/kit-<stamp>/             bzImage, vmlinux, initrd.img, kit.toml
+//! <cache>/kit-<stamp>/             bzImage, vmlinux, initrd.img, root.ext4, kit.toml
 //! <cache>/.build-<pid>/            scratch space of a running build
 //! <cache>/.lock                    serialises builds
 //! ```
 
 mod assemble;
+mod bootmark;
 pub mod bzimage;
 mod cpio;
 mod debian;
@@ -17,12 +19,16 @@ mod elf;
 mod error;
 mod init;
 mod modules;
+mod rootfs;
+mod tree;
 
 use std::path::{Path, PathBuf};
 
+pub use bootmark::{BOOT_MARK_PATH, BOOT_TIMER_PORT};
 pub use bzimage::{extract_vmlinux, pvh_entry};
 pub use error::KitError;
-pub use init::{BOOT_MARK_PATH, BOOT_TIMER_PORT, INIT_MARKER};
+pub use init::{INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX};
+pub use rootfs::fresh_rootfs;
 
 /// The kernel command line the kit expects: serial console, quiet (every console byte is
 /// a port exit for the VMM), and reboot on panic so a broken guest ends instead of hanging.
@@ -30,7 +36,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 /// What init prints after running a command from the command line, before the status.
 pub const EXIT_STATUS_PREFIX: &str = "VESSEL-KIT: exit status ";
 /// Bumped whenever the kit's contents change meaning, so older kits are rebuilt.
-const KIT_FORMAT: u32 = 1;
+const KIT_FORMAT: u32 = 2;
 const MANIFEST: &str = "kit.toml";
 
 /// How to get a kit.
@@ -52,6 +58,10 @@ pub struct Kit {
     pub vmlinux: PathBuf,
     /// gzip-compressed cpio initramfs with busybox, the virtio modules and `/init`.
     pub initrd: PathBuf,
+    /// A raw ext4 image (sparse) holding the same system with its own `/sbin/init`: the
+    /// initramfs switches to it with `root=/dev/vda` on the command line. The cached one
+    /// stays pristine: boot a copy from [`fresh_rootfs`].
+    pub rootfs: PathBuf,
     /// `uname -r` of the kernel, e.g. `6.1.0-56-cloud-amd64`.
     pub kernel_version: String,
 }
@@ -110,10 +120,11 @@ pub fn locate(dir: &Path) -> Option<Kit> {
         bzimage: kit_dir.join("bzImage"),
         vmlinux: kit_dir.join("vmlinux"),
         initrd: kit_dir.join("initrd.img"),
+        rootfs: kit_dir.join(rootfs::ROOTFS_FILE),
         kernel_version: manifest_value(&manifest, "kernel_version")?.to_string(),
         dir: kit_dir,
     };
-    let complete = [&kit.bzimage, &kit.vmlinux, &kit.initrd]
+    let complete = [&kit.bzimage, &kit.vmlinux, &kit.initrd, &kit.rootfs]
         .iter()
         .all(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0));
     complete.then_some(kit)
@@ -196,7 +207,7 @@ mod tests {
         std::fs::create_dir_all(&kit_dir).unwrap();
         std::os::unix::fs::symlink("kit-1", dir.join("current")).unwrap();
         assert_eq!(locate(&dir), None);
-        for f in ["bzImage", "vmlinux", "initrd.img"] {
+        for f in ["bzImage", "vmlinux", "initrd.img", "root.ext4"] {
             std::fs::write(kit_dir.join(f), b"x").unwrap();
         }
         assert_eq!(locate(&dir), None, "no manifest");

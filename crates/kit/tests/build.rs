@@ -58,7 +58,7 @@ fn a_forced_rebuild_replaces_the_kit_and_clears_leftovers() {
     assert_eq!(entries(&cache), expected);
     assert_eq!(
         entries(&second.dir),
-        ["bzImage", "initrd.img", "kit.toml", "vmlinux"]
+        ["bzImage", "initrd.img", "kit.toml", "root.ext4", "vmlinux"]
     );
     std::fs::remove_dir_all(&cache).unwrap();
 }

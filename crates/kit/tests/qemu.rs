@@ -3,7 +3,12 @@
 
 mod common;
 
-use kit::{EXIT_STATUS_PREFIX, INIT_MARKER, cmdline};
+use std::time::Duration;
+
+use common::Action;
+use kit::{
+    EXIT_STATUS_PREFIX, INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX, cmdline, fresh_rootfs,
+};
 
 const POWER_DOWN: &str = "reboot: Power down";
 const RESTART: &str = "reboot: Restarting system";
@@ -86,7 +91,7 @@ fn without_a_command_init_gives_an_interactive_shell() {
         &kit,
         &cmdline("", None),
         &[],
-        Some(("vessel:/# ", input)),
+        Some(("vessel:/# ", Action::Type(input))),
     );
     assert!(run.status.success(), "{:?}", run.status);
     run.assert_contains("hi-42 /dev/ttyS0");
@@ -150,4 +155,144 @@ fn virtio_drivers_bind_to_virtio_devices() {
     run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
     run.assert_lacks("insmod");
     run.assert_lacks("Unknown symbol");
+}
+
+/// A fresh copy of the kit's root disk, and the QEMU arguments that attach it as the
+/// first virtio disk (`/dev/vda`).
+fn root_disk(kit: &kit::Kit, name: &str) -> (std::path::PathBuf, String) {
+    let copy = fresh_rootfs(kit, &common::temp_path(name).with_extension("ext4")).unwrap();
+    let drive = format!("file={},format=raw,if=virtio", copy.display());
+    (copy, drive)
+}
+
+#[test]
+fn the_root_disk_boots_and_keeps_what_the_guest_wrote() {
+    let Some((qemu, kit)) = setup() else { return };
+    if common::e2fs("debugfs").is_none() {
+        return;
+    }
+    let pristine = std::fs::metadata(&kit.rootfs).unwrap().modified().unwrap();
+    let (copy, drive) = root_disk(&kit, "rootdisk");
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline(
+            "root=/dev/vda",
+            Some("cat /proc/mounts; echo data > /root/f; sync"),
+        ),
+        &["-drive", &drive],
+        None,
+    );
+    assert!(run.status.success(), "{:?}", run.status);
+    run.assert_contains(&format!("{INIT_MARKER}\n"));
+    run.assert_contains(&format!("{ROOT_MARKER_PREFIX}/dev/vda\n"));
+    run.assert_contains("\n/dev/vda / ext4 rw,");
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
+    run.assert_contains(POWER_DOWN);
+    run.assert_lacks("failed");
+    run.assert_lacks("staying in the initramfs");
+    let (init, root) = (
+        run.output.find(INIT_MARKER).unwrap(),
+        run.output.find(ROOT_MARKER_PREFIX).unwrap(),
+    );
+    assert!(init < root && root < run.output.find("/dev/vda / ext4").unwrap());
+
+    // The guest wrote its disk, and left it clean (remounted read-only before power-off).
+    assert_eq!(common::debugfs(&copy, "cat /root/f"), "data\n");
+    common::fsck(&copy).unwrap_or_else(|report| panic!("after the guest: {report}"));
+    assert_eq!(
+        std::fs::metadata(&kit.rootfs).unwrap().modified().unwrap(),
+        pristine,
+        "the kit's own image is untouched"
+    );
+    std::fs::remove_file(&copy).unwrap();
+}
+
+#[test]
+fn ro_on_the_command_line_mounts_the_root_read_only() {
+    let Some((qemu, kit)) = setup() else { return };
+    let (copy, drive) = root_disk(&kit, "rootdisk-ro");
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline(
+            "root=/dev/vda ro",
+            Some("grep ' / ' /proc/mounts; touch /x"),
+        ),
+        &["-drive", &drive],
+        None,
+    );
+    std::fs::remove_file(&copy).unwrap();
+    run.assert_contains(&format!("{ROOT_MARKER_PREFIX}/dev/vda\n"));
+    run.assert_contains("\n/dev/vda / ext4 ro,");
+    run.assert_contains("Read-only file system");
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}1\n"));
+    run.assert_contains(POWER_DOWN);
+}
+
+#[test]
+fn a_missing_root_disk_leaves_the_initramfs_in_charge() {
+    let Some((qemu, kit)) = setup() else { return };
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("root=/dev/vdb", Some("echo still-here")),
+        &[],
+        None,
+    );
+    run.assert_contains(
+        "VESSEL-KIT: root device /dev/vdb did not appear; staying in the initramfs\n",
+    );
+    run.assert_lacks(ROOT_MARKER_PREFIX);
+    run.assert_contains("\nstill-here\n");
+    run.assert_contains(&format!("{EXIT_STATUS_PREFIX}0\n"));
+}
+
+/// QEMU's `system_powerdown` is what `vessel stop` does: the ACPI power button. Linux's
+/// button driver turns it into KEY_POWER; acpid runs the kit's handler, which powers off.
+fn assert_powered_off_by_the_button(run: &common::Run) {
+    assert!(run.status.success(), "{:?}", run.status);
+    run.assert_contains(&format!("{POWER_BUTTON_MARKER}\n"));
+    run.assert_contains(POWER_DOWN);
+    let pressed = run.acted_after.expect("the button was pressed");
+    let took = run.elapsed - pressed;
+    eprintln!("powered off {took:.2?} after the button");
+    assert!(took < Duration::from_secs(15), "{took:?} after the button");
+    let button = run.output.find(POWER_BUTTON_MARKER).unwrap();
+    assert!(button < run.output.find(POWER_DOWN).unwrap());
+}
+
+#[test]
+fn the_power_button_powers_the_guest_off() {
+    let Some((qemu, kit)) = setup() else { return };
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("", Some("echo button-ready; sleep 60; echo slept")),
+        &[],
+        Some(("button-ready\n", Action::PowerButton)),
+    );
+    assert_powered_off_by_the_button(&run);
+    run.assert_lacks("slept");
+    run.assert_lacks(EXIT_STATUS_PREFIX);
+}
+
+#[test]
+fn the_power_button_powers_a_disk_root_off_cleanly() {
+    let Some((qemu, kit)) = setup() else { return };
+    if common::e2fs("e2fsck").is_none() {
+        return;
+    }
+    let (copy, drive) = root_disk(&kit, "rootdisk-button");
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("root=/dev/vda", None),
+        &["-drive", &drive],
+        Some(("vessel:/# ", Action::PowerButton)),
+    );
+    assert_powered_off_by_the_button(&run);
+    run.assert_contains(&format!("{ROOT_MARKER_PREFIX}/dev/vda\n"));
+    common::fsck(&copy).unwrap_or_else(|report| panic!("after the button: {report}"));
+    std::fs::remove_file(&copy).unwrap();
 }

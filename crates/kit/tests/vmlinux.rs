@@ -50,6 +50,10 @@ fn initramfs_holds_init_busybox_and_the_virtio_modules() {
         "/button.ko\0",
         "/evdev.ko\0",
         "/modules.dep\0",
+        "sbin/vessel-halt\0",
+        "etc/acpid.conf\0",
+        "etc/acpi/PWRF/00000080\0",
+        kit::POWER_BUTTON_MARKER,
         kit::INIT_MARKER,
         "TRAILER!!!\0",
     ] {

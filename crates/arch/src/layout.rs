@@ -51,6 +51,8 @@ pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 pub mod ports {
     pub const PIC_MASTER: u16 = 0x20;
     pub const PIT: u16 = 0x40;
+    /// NMI status and control (PIT channel 2 gate, speaker).
+    pub const NMI_STATUS: u16 = 0x61;
     pub const I8042_DATA: u16 = 0x60;
     pub const I8042_COMMAND: u16 = 0x64;
     pub const CMOS: u16 = 0x70;

@@ -2,12 +2,17 @@
 //! emulator on hosts without VT-x/AMD-V) and, later, `emu` (vessel's software CPU).
 //! The dispatcher sees an [`Exit`], never a `kvm_run`.
 
+pub mod emu;
 mod exit;
 pub mod kick;
 pub mod kvm;
 
 pub use exit::{Exit, FatalExit};
 pub use kick::KickFlag;
+
+/// Guest RAM as vessel allocates it: writes through vm-memory (devices, loaders) reach
+/// the interpreters' decoded-code map.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<x86::CodeBitmap>;
 
 /// One virtual CPU, run by one thread.
 pub trait Vcpu: Send {
@@ -61,6 +66,8 @@ pub enum VcpuError {
     },
     #[error("vCPU {index}: {source}")]
     Kvm { index: u8, source: kvm::KvmError },
+    #[error("vCPU {index}: {reason}")]
+    Emu { index: u8, reason: String },
 }
 
 /// Looks `leaf`/`subleaf` up in a CPUID table (the subleaf only matters for leaves

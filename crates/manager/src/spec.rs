@@ -51,7 +51,7 @@ pub struct VmSpec {
 }
 
 fn default_accel() -> String {
-    "kvm".into()
+    "auto".into()
 }
 
 /// Command line for kernels other than the kit, when none is given.
@@ -105,7 +105,9 @@ impl VmSpec {
     fn accel(&self) -> Result<Accel, String> {
         match self.accel.as_str() {
             "kvm" => Ok(Accel::Kvm),
-            other => Err(format!("unknown accel {other:?} (use kvm)")),
+            "emu" => Ok(Accel::Emu),
+            "auto" => Ok(vmm::choose_accel().0),
+            other => Err(format!("unknown accel {other:?} (use kvm, emu or auto)")),
         }
     }
 

@@ -136,7 +136,7 @@ fn missing_dev_kvm() {
         "--",
         "sh",
         "-c",
-        "mount -t tmpfs none /dev && exec \"$0\" run --kernel \"$1\"",
+        "mount -t tmpfs none /dev && exec \"$0\" run --accel kvm --kernel \"$1\"",
     ])
     .arg(env!("CARGO_BIN_EXE_vessel"))
     .arg(&k);
@@ -161,7 +161,7 @@ fn inaccessible_dev_kvm() {
     let mut cmd = std::process::Command::new("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(env!("CARGO_BIN_EXE_vessel"))
-        .args(["run", "--kernel", &k]);
+        .args(["run", "--accel", "kvm", "--kernel", &k]);
     let r = run_with_deadline(cmd, Duration::from_secs(30));
     assert_one_line_error(&r, "permission denied");
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{boot, kvm_available};
+use common::{boot_kvm, kvm_available};
 use testguest::code_asm::*;
 use testguest::snippets::{hex64_routine, i8042_reset, print};
 
@@ -140,7 +140,7 @@ fn instructions_kvm_cannot_emulate_run_through_the_interpreter() {
     // The int3 sits right before the "done" print; find its address for the check.
     let int3_at = code.iter().rposition(|&b| b == 0xcc).unwrap() as u64;
     let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
-    let r = boot(&kernel, &["--stats"], Duration::from_secs(120));
+    let r = boot_kvm(&kernel, &["--stats"], Duration::from_secs(120));
     assert_eq!(r.code, Some(0), "{}", r.dump());
     let out = &r.stdout;
     let expect = [

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Finished, boot, kvm_available};
+use common::{Finished, boot_kvm, kvm_available};
 use testguest::code_asm::*;
 use testguest::snippets::{acpi_power_off, halt_forever, hex32_routine, i8042_reset, print};
 
@@ -15,7 +15,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 fn boot64(build: impl FnOnce(&mut CodeAssembler), args: &[&str]) -> Finished {
     let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, build);
     let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
-    boot(&kernel, args, DEADLINE)
+    boot_kvm(&kernel, args, DEADLINE)
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn pvh_entry_starts_in_32bit_protected_mode_without_paging() {
         acpi_power_off(a);
     });
     let (_t, kernel) = testguest::temp_path(&testguest::pvh_elf(&code));
-    let r = boot(&kernel, &[], DEADLINE);
+    let r = boot_kvm(&kernel, &[], DEADLINE);
     assert_eq!(r.code, Some(0), "{}", r.dump());
     assert!(r.stdout.contains("pvh ok"), "{}", r.dump());
     assert!(
@@ -310,7 +310,7 @@ fn every_vcpu_reports_its_own_apic_id() {
         a.db(&ap).unwrap();
     });
     let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
-    let r = boot(&kernel, &["--cpus", "4"], DEADLINE);
+    let r = boot_kvm(&kernel, &["--cpus", "4"], DEADLINE);
     assert_eq!(r.code, Some(0), "{}", r.dump());
     let mut ids: Vec<&str> = r
         .stdout

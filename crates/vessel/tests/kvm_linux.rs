@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{boot, kit, kvm_available};
+use common::{boot_kvm, kit, kvm_available};
 
 #[test]
 fn debian_kernel_boots_on_kvm_through_pvh() {
@@ -20,7 +20,7 @@ fn debian_kernel_boots_on_kvm_through_pvh() {
     let initrd = kit.initrd.display().to_string();
     if cpu::kvm::host_has_hardware_virtualization() {
         let cmdline = kit::cmdline("", Some("echo linux-on-kvm-ok"));
-        let r = boot(
+        let r = boot_kvm(
             &kit.vmlinux,
             &["--initrd", &initrd, "--cmdline", &cmdline],
             Duration::from_secs(120),
@@ -37,6 +37,7 @@ fn debian_kernel_boots_on_kvm_through_pvh() {
     }
     let mut cmd = common::vessel();
     cmd.arg("run")
+        .args(["--accel", "kvm"])
         .arg("--kernel")
         .arg(&kit.vmlinux)
         .args(["--initrd", &initrd, "--cmdline"])

@@ -117,15 +117,14 @@ fn counter() -> (tempfile::TempPath, String) {
     guest(|a| snippets::counter(a, 20_000))
 }
 
-#[test]
-fn pausing_one_of_three_vms_freezes_only_its_counter() {
-    if !kvm_available() {
-        return;
-    }
+/// Pause really stops guest execution, on each backend.
+fn pausing_freezes_only_the_paused_vm(accel: &str) {
     let home = Home::new();
     let (_k, kernel) = counter();
     for name in ["a", "b", "c"] {
-        home.ok(&["create", name, "--kernel", &kernel, "--memory", "64M"]);
+        home.ok(&[
+            "create", name, "--kernel", &kernel, "--memory", "64M", "--accel", accel,
+        ]);
     }
     for name in ["a", "b", "c"] {
         home.ok(&["start", name]);
@@ -156,10 +155,19 @@ fn pausing_one_of_three_vms_freezes_only_its_counter() {
 }
 
 #[test]
-fn a_killed_monitor_shows_as_crashed_and_the_others_run_on() {
-    if !kvm_available() {
-        return;
+fn pausing_one_of_three_kvm_vms_freezes_only_its_counter() {
+    if kvm_available() {
+        pausing_freezes_only_the_paused_vm("kvm");
     }
+}
+
+#[test]
+fn pausing_one_of_three_emu_vms_freezes_only_its_counter() {
+    pausing_freezes_only_the_paused_vm("emu");
+}
+
+#[test]
+fn a_killed_monitor_shows_as_crashed_and_the_others_run_on() {
     let home = Home::new();
     let (_k, kernel) = counter();
     for name in ["x", "y", "z"] {
@@ -211,9 +219,6 @@ fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn the_control_api_answers_bad_requests_with_4xx_and_keeps_serving() {
-    if !kvm_available() {
-        return;
-    }
     let home = Home::new();
     let (_k, kernel) = counter();
     home.ok(&["create", "api", "--kernel", &kernel, "--memory", "64M"]);
@@ -303,9 +308,6 @@ fn acpi_aware_guest() -> (tempfile::TempPath, String) {
 
 #[test]
 fn stop_powers_off_through_acpi_and_force_ends_a_guest_that_ignores_it() {
-    if !kvm_available() {
-        return;
-    }
     let home = Home::new();
     let (_k, aware) = acpi_aware_guest();
     home.ok(&["create", "polite", "--kernel", &aware, "--memory", "64M"]);
@@ -334,9 +336,6 @@ fn stop_powers_off_through_acpi_and_force_ends_a_guest_that_ignores_it() {
 
 #[test]
 fn a_guest_reboot_restarts_a_managed_vm_unless_its_policy_says_never() {
-    if !kvm_available() {
-        return;
-    }
     let home = Home::new();
     let (_k, kernel) = guest(|a| {
         print(a, "booted\n");
@@ -373,9 +372,6 @@ fn a_guest_reboot_restarts_a_managed_vm_unless_its_policy_says_never() {
 
 #[test]
 fn admission_control_the_classic_example() {
-    if !kvm_available() {
-        return;
-    }
     let home = Home::new();
     std::fs::write(
         home.path().join("host.toml"),

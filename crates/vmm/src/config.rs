@@ -10,7 +10,30 @@ pub const MAX_VCPUS: u16 = 255;
 /// Which CPU backend runs the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
+    /// Linux KVM: hardware-assisted where the host has VT-x/AMD-V.
     Kvm,
+    /// vessel's software CPU: full virtualization by emulation.
+    Emu,
+}
+
+/// `--accel auto`: KVM where the host has VT-x/AMD-V and /dev/kvm can be opened, the
+/// software CPU otherwise (without them KVM emulates every instruction, far slower
+/// than vessel's interpreter). Returns the choice and why, in a line.
+pub fn choose_accel() -> (Accel, String) {
+    let hardware = cpu::kvm::host_has_hardware_virtualization();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    match (hardware, kvm) {
+        (true, Ok(_)) => (Accel::Kvm, "kvm (VT-x/AMD-V and /dev/kvm available)".into()),
+        (true, Err(e)) => (Accel::Emu, format!("emu (/dev/kvm: {e})")),
+        (false, Ok(_)) => (
+            Accel::Emu,
+            "emu (no VT-x/AMD-V: KVM here would emulate every instruction)".into(),
+        ),
+        (false, Err(_)) => (Accel::Emu, "emu (no VT-x/AMD-V, no /dev/kvm)".into()),
+    }
 }
 
 #[derive(Clone, Debug)]

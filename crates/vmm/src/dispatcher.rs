@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
+use cpu::GuestMemory;
 use cpu::{Exit, Vcpu};
 use devices::{Bus, GuestRequest};
-use vm_memory::GuestMemoryMmap;
 use x86::{CodeCoherence, Interpreter};
 
 use crate::control::VmControl;
@@ -22,7 +22,7 @@ pub struct Dispatcher {
     pub events: Sender<VmEvent>,
     pub metrics: Arc<Metrics>,
     /// Guest RAM, for the interpreter when KVM cannot emulate an instruction.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMemory,
 }
 
 /// Tells the VM control a vCPU has left its loop, however it leaves.

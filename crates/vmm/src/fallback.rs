@@ -5,9 +5,9 @@
 //! one instruction against guest memory and the same buses, write the state back (or
 //! inject the exception it raised), and let KVM carry on.
 
+use cpu::GuestMemory;
 use cpu::{Location, Vcpu};
 use devices::Bus;
-use vm_memory::GuestMemoryMmap;
 use x86::{Exception, Fault, Interpreter};
 
 use crate::metrics::Metrics;
@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 /// The machine around the instruction, as the interpreter sees it.
 struct FallbackPlatform<'a> {
     vcpu: &'a mut dyn Vcpu,
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMemory,
     io: &'a Bus,
     mmio: &'a Bus,
 }
@@ -23,9 +23,9 @@ struct FallbackPlatform<'a> {
 const IA32_TSC: u32 = 0x10;
 
 impl x86::Platform for FallbackPlatform<'_> {
-    type Memory = GuestMemoryMmap;
+    type Memory = GuestMemory;
 
-    fn memory(&self) -> &GuestMemoryMmap {
+    fn memory(&self) -> &GuestMemory {
         self.mem
     }
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
@@ -74,7 +74,7 @@ fn exception_label(e: &Exception) -> String {
 pub fn emulate(
     interp: &mut Interpreter,
     vcpu: &mut dyn Vcpu,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     io: &Bus,
     mmio: &Bus,
     metrics: &Metrics,

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub use builder::Console;
-pub use config::{Accel, ConfigError, VmConfig, parse_size};
+pub use config::{Accel, ConfigError, VmConfig, choose_accel, parse_size};
 pub use control::{ControlError, RunState};
 pub use error::VmError;
 pub use vm::{Vm, VmHandle, VmOutcome};
@@ -35,8 +35,13 @@ pub fn process_start() -> Instant {
 
 /// Builds and runs a VM to its end, for a process that exits right after: the kernel's
 /// teardown of the VM is left to a short-lived child.
-pub fn run(config: &VmConfig) -> Result<(VmOutcome, std::sync::Arc<metrics::Metrics>), VmError> {
+/// `built` runs once the VM is built, before it starts.
+pub fn run(
+    config: &VmConfig,
+    built: impl FnOnce(),
+) -> Result<(VmOutcome, std::sync::Arc<metrics::Metrics>), VmError> {
     let mut vm = builder::build(config, Console::Stdio)?;
+    built();
     vm.detach_teardown();
     let metrics = vm.handle().metrics().clone();
     Ok((vm.run()?, metrics))

@@ -145,7 +145,7 @@ pub struct Vm {
     /// The KVM VM descriptor whose teardown may be left to a child process.
     vm_fd: Option<std::os::fd::RawFd>,
     detach_teardown: bool,
-    mem: vm_memory::GuestMemoryMmap,
+    mem: cpu::GuestMemory,
 }
 
 /// What the builder hands over.
@@ -158,7 +158,7 @@ pub(crate) struct VmParts {
     pub events_rx: Receiver<VmEvent>,
     pub backing: Box<dyn std::any::Any + Send>,
     pub vm_fd: Option<std::os::fd::RawFd>,
-    pub mem: vm_memory::GuestMemoryMmap,
+    pub mem: cpu::GuestMemory,
 }
 
 impl Vm {

@@ -2,15 +2,14 @@
 //! guest-physical address, a jump cache keyed by linear RIP in front of it, and the
 //! bookkeeping that invalidates blocks when their code page is written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
 use crate::decode::{Cx, Insn, decode, ends_block};
-use crate::exception::Exception;
 use crate::hostmem::{PAGE, PAGE_MASK};
-use crate::machine::Machine;
+use crate::machine::{Machine, R};
 use crate::mmu::Access;
 
 /// A multiply-rotate hasher for integer keys (SipHash is needlessly slow here and the keys
@@ -53,15 +52,39 @@ pub(crate) struct Block {
     /// Guest-physical address of the first byte.
     pub gpa: u64,
     key: u64,
+    /// The page's index in the code map (NO_INDEX: untracked, validated by its bytes).
+    code_idx: u32,
+    /// The page's code-map state the block was decoded under.
+    code_state: u32,
     pub valid: bool,
 }
 
-#[derive(Clone, Copy, Default)]
+const NO_INDEX: u32 = u32::MAX;
+
+/// A jump-cache entry: linear RIP -> the block's instructions, with what proves it
+/// current (the translation generation and mode, the code page's state). 32 bytes.
+#[derive(Clone, Copy)]
 struct Jump {
     lin: u64,
     /// TLB generation << 2 | mode: the linear->physical mapping this entry relied on.
     tag: u64,
-    block: u32,
+    start: u32,
+    count: u32,
+    code_idx: u32,
+    code_state: u32,
+}
+
+impl Default for Jump {
+    fn default() -> Self {
+        Jump {
+            lin: 0,
+            tag: 0,
+            start: 0,
+            count: 0,
+            code_idx: NO_INDEX,
+            code_state: 0,
+        }
+    }
 }
 
 pub(crate) struct CodeCache {
@@ -102,33 +125,28 @@ fn jump_slot(lin: u64) -> usize {
     ((lin ^ (lin >> JUMP_BITS)) & ((1 << JUMP_BITS) - 1)) as usize
 }
 
-/// A block found or made for the current RIP.
+/// A block found or made for the current RIP: its instructions in the arena.
 pub(crate) struct Found {
-    pub block: u32,
+    pub start: u32,
+    pub count: u32,
     /// Decoded for this execution only (not cacheable: code in MMIO, or an instruction
     /// that crosses a page); dropped with [`CodeCache::drop_transient`].
     pub transient: bool,
 }
 
 impl CodeCache {
-    /// Drops everything (the code-page set belongs to the interpreter and is cleared too).
-    pub(crate) fn clear(&mut self, code_pages: &mut HashSet<u64, FastHash>) {
+    /// Drops everything.
+    pub(crate) fn clear(&mut self) {
         self.insns.clear();
         self.bytes.clear();
         self.blocks.clear();
         self.map.clear();
         self.page_blocks.clear();
         self.jump.fill(Jump::default());
-        code_pages.clear();
     }
 
     /// Invalidates every block decoded from the guest-physical page.
-    pub(crate) fn invalidate_page(
-        &mut self,
-        gpa_page: u64,
-        code_pages: &mut HashSet<u64, FastHash>,
-    ) {
-        code_pages.remove(&gpa_page);
+    pub(crate) fn invalidate_page(&mut self, gpa_page: u64) {
         if let Some(list) = self.page_blocks.remove(&gpa_page) {
             for b in list {
                 let blk = &mut self.blocks[b as usize];
@@ -151,15 +169,40 @@ impl CodeCache {
         }
     }
 
-    pub(crate) fn block_insns(&self, b: u32) -> &[Insn] {
+    #[inline(always)]
+    pub(crate) fn block_insns(&self, f: &Found) -> &[Insn] {
+        &self.insns[f.start as usize..(f.start + f.count) as usize]
+    }
+
+    fn found(&self, b: u32) -> Found {
         let blk = &self.blocks[b as usize];
-        &self.insns[blk.start as usize..(blk.start + blk.count) as usize]
+        Found {
+            start: blk.start,
+            count: blk.count,
+            transient: !blk.valid,
+        }
+    }
+
+    /// Points the jump cache's entry for `lin` at block `b` (tracked blocks only: the
+    /// fast path proves an entry current by its code page's state).
+    fn remember(&mut self, lin: u64, tag: u64, b: u32) {
+        let blk = &self.blocks[b as usize];
+        if blk.code_idx != NO_INDEX {
+            self.jump[jump_slot(lin)] = Jump {
+                lin,
+                tag,
+                start: blk.start,
+                count: blk.count,
+                code_idx: blk.code_idx,
+                code_state: blk.code_state,
+            };
+        }
     }
 
     /// Whether the bytes a block was decoded from are still in guest memory.
     fn still_matches(&self, m: &mut Machine, b: u32) -> bool {
         let blk = self.blocks[b as usize];
-        let Some(h) = m.bus.ram_page(blk.gpa & PAGE_MASK, false) else {
+        let Some(h) = m.ram_page(blk.gpa & PAGE_MASK, false) else {
             return false;
         };
         let mut cur = [0u8; MAX_BLOCK_BYTES];
@@ -170,59 +213,74 @@ impl CodeCache {
         cur == want
     }
 
-    /// The block starting at the current RIP, decoding it if needed. `validate` compares a
-    /// cached block's bytes with guest memory first (for callers whose guest code can
-    /// change without the interpreter seeing the write).
-    pub(crate) fn find(&mut self, m: &mut Machine, validate: bool) -> Result<Found, Exception> {
+    /// Whether a cached block still describes guest memory: its page's code-map state is
+    /// unchanged, or (untracked pages, `Validate` mode) its bytes are.
+    #[inline(always)]
+    fn fresh(&self, m: &mut Machine, b: u32) -> bool {
+        let blk = &self.blocks[b as usize];
+        match m.code {
+            Some(map) if blk.code_idx != NO_INDEX => {
+                map.state(blk.code_idx as usize) == blk.code_state
+            }
+            _ => self.still_matches(m, b),
+        }
+    }
+
+    /// The block starting at the current RIP, decoding it if needed. The common case (the
+    /// jump cache knows RIP, the block is current) is small enough to inline into the run
+    /// loop; everything else is `find_slow`.
+    #[inline(always)]
+    pub(crate) fn find(&mut self, m: &mut Machine) -> R<Found> {
+        let lin = m.code_linear(m.rip());
+        let j = &self.jump[jump_slot(lin)];
+        if j.lin == lin
+            && j.tag == (m.tlb.generation() << 2) | m.mode_tag
+            && let Some(map) = m.code
+            && j.code_idx != NO_INDEX
+            && map.state(j.code_idx as usize) == j.code_state
+        {
+            return Ok(Found {
+                start: j.start,
+                count: j.count,
+                transient: false,
+            });
+        }
+        self.find_slow(m)
+    }
+
+    #[inline(never)]
+    fn find_slow(&mut self, m: &mut Machine) -> R<Found> {
         let rip = m.rip();
         let cx = m.cx();
         let lin = m.code_linear(rip);
         let tag = (m.tlb.generation() << 2) | mode_code(cx.bitness);
-        let slot = jump_slot(lin);
-        let j = self.jump[slot];
-        if j.lin == lin
-            && j.tag == tag
-            && self.blocks.get(j.block as usize).is_some_and(|b| b.valid)
-        {
-            if !validate || self.still_matches(m, j.block) {
-                return Ok(Found {
-                    block: j.block,
-                    transient: false,
-                });
-            }
-            let gpa = self.blocks[j.block as usize].gpa;
-            self.invalidate_page(gpa & PAGE_MASK, m.code_pages);
-        }
         let t = m.translate(lin, Access::Exec)?;
         let key = (t.gpa << 2) | mode_code(cx.bitness);
         if let Some(&b) = self.map.get(&key) {
-            if !validate || self.still_matches(m, b) {
-                self.jump[slot] = Jump { lin, tag, block: b };
-                return Ok(Found {
-                    block: b,
-                    transient: false,
-                });
+            if self.fresh(m, b) {
+                self.remember(lin, tag, b);
+                return Ok(self.found(b));
             }
-            self.invalidate_page(t.gpa & PAGE_MASK, m.code_pages);
+            self.invalidate_page(t.gpa & PAGE_MASK);
         }
         if self.insns.len() >= MAX_CACHED_INSNS {
-            self.clear(m.code_pages);
+            self.clear();
         }
-        let found = self.decode_block(m, lin, rip, t.gpa, t.host.is_some(), &cx)?;
+        let b = self.decode_block(m, lin, rip, t.gpa, t.host.is_some(), &cx)?;
+        let found = self.found(b);
         if !found.transient {
-            let b = found.block;
             self.map.insert(key, b);
             self.page_blocks
                 .entry(t.gpa & PAGE_MASK)
                 .or_default()
                 .push(b);
-            if m.code_pages.insert(t.gpa & PAGE_MASK) {
-                m.tlb.protect_gpa(t.gpa & PAGE_MASK);
-            }
             // The decode may have flushed the TLB (MMIO fetch): tag with the generation now.
             let tag = (m.tlb.generation() << 2) | mode_code(cx.bitness);
-            self.jump[slot] = Jump { lin, tag, block: b };
+            self.remember(lin, tag, b);
         }
+        // A page that just became code must lose its fast write entries before the block
+        // runs (it may store into itself).
+        m.check_code_epoch();
         Ok(found)
     }
 
@@ -234,9 +292,14 @@ impl CodeCache {
         gpa: u64,
         ram: bool,
         cx: &Cx,
-    ) -> Result<Found, Exception> {
+    ) -> R<u32> {
         let off = (lin & 0xfff) as usize;
         let want = (PAGE - off).min(MAX_BLOCK_BYTES);
+        // Mark the page as code before reading it (see `code`).
+        let (code_idx, code_state) = match m.code.and_then(|c| Some((c, c.index(gpa)?))) {
+            Some((c, i)) if ram => (i as u32, c.mark_code(i)),
+            _ => (NO_INDEX, 0),
+        };
         let mut buf = [0u8; MAX_BLOCK_BYTES];
         let n = m.fetch(lin, &mut buf[..want])?;
         let start = self.insns.len() as u32;
@@ -257,7 +320,7 @@ impl CodeCache {
                 }
                 break;
             }
-            let d = decode(&ins, cx);
+            let d = decode(&ins, cx, &buf[used..used + ins.len()]);
             self.insns.push(d);
             used += ins.len();
             let stop = ends_block(&ins)
@@ -279,6 +342,8 @@ impl CodeCache {
             bytes_len: used as u32,
             gpa,
             key: 0,
+            code_idx,
+            code_state,
             valid: !transient,
         });
         let b = self.blocks.len() as u32 - 1;
@@ -286,19 +351,10 @@ impl CodeCache {
             self.decoded += 1;
             self.blocks[b as usize].key = (gpa << 2) | mode_code(cx.bitness);
         }
-        Ok(Found {
-            block: b,
-            transient,
-        })
+        Ok(b)
     }
 
-    fn decode_crossing(
-        &mut self,
-        m: &mut Machine,
-        lin: u64,
-        rip: u64,
-        cx: &Cx,
-    ) -> Result<(), Exception> {
+    fn decode_crossing(&mut self, m: &mut Machine, lin: u64, rip: u64, cx: &Cx) -> R {
         let mut buf = [0u8; 15];
         let n = m.fetch(lin, &mut buf)?;
         let mut dec = Decoder::with_ip(cx.bitness, &buf[..n], rip, DecoderOptions::NONE);
@@ -308,7 +364,7 @@ impl CodeCache {
             // The rest of the instruction is on a page that cannot be fetched.
             m.translate((lin & PAGE_MASK).wrapping_add(PAGE as u64), Access::Exec)?;
         }
-        self.insns.push(decode(&ins, cx));
+        self.insns.push(decode(&ins, cx, &buf[..ins.len().min(n)]));
         self.bytes.extend_from_slice(&buf[..ins.len().max(1)]);
         Ok(())
     }

@@ -65,7 +65,7 @@ fn unsupported(m: &mut Machine, _i: &Insn) -> R {
 }
 
 pub(crate) fn invalid_opcode(_m: &mut Machine, _i: &Insn) -> R {
-    Err(Exception::InvalidOpcode)
+    Err(Exception::InvalidOpcode.into())
 }
 
 /// What the decoder needs to know about the mode the code runs in.
@@ -174,8 +174,8 @@ pub(crate) fn op_size(i: &Instruction, n: u32) -> usize {
     }
 }
 
-/// Decodes `i` (at linear address `ip`) into an `Insn` for mode `cx`.
-pub(crate) fn decode(i: &Instruction, cx: &Cx) -> Insn {
+/// Decodes `i` (whose encoding is `bytes`) into an `Insn` for mode `cx`.
+pub(crate) fn decode(i: &Instruction, cx: &Cx, bytes: &[u8]) -> Insn {
     let next = i.next_ip();
     let mut d = Insn {
         handler: unsupported,
@@ -263,6 +263,11 @@ pub(crate) fn decode(i: &Instruction, cx: &Cx) -> Insn {
         Some(h) => d.handler = h,
         None => d.known = false,
     }
+    if d.imm2 & exec::fpu::FOP_FROM_BYTES != 0 {
+        // x87 memory forms: FOP holds the ModRM as encoded (mod and rm included).
+        let fop = exec::fpu::fop_from_bytes(bytes).unwrap_or(0);
+        d.imm2 = (d.imm2 & 0xff) | (fop << 16);
+    }
     d
 }
 
@@ -303,10 +308,14 @@ fn decode_mem(i: &Instruction, d: &mut Insn, cx: &Cx) {
     d.amask = size_mask(asize);
 }
 
-/// Whether decoding must stop after this instruction: control flow, or anything that can
-/// change how the following bytes decode or translate.
+/// Whether decoding must stop after this instruction: control flow (but conditional
+/// branches, which end the block only when taken), or anything that can change how the
+/// following bytes decode or translate.
 pub(crate) fn ends_block(i: &Instruction) -> bool {
-    if i.flow_control() != FlowControl::Next {
+    if !matches!(
+        i.flow_control(),
+        FlowControl::Next | FlowControl::ConditionalBranch
+    ) {
         return true;
     }
     matches!(

@@ -143,4 +143,194 @@ pub enum Fault {
     /// The instruction is not implemented; the state is unchanged, RIP at the instruction.
     #[error("unsupported instruction: {0}")]
     Unsupported(UnsupportedInstruction),
+    /// [`Interpreter::deliver`](crate::Interpreter::deliver) met a fault while delivering
+    /// a double fault: the processor shuts down. The state is as the failed delivery found
+    /// it.
+    #[error("triple fault")]
+    TripleFault,
+}
+
+/// Something [`Interpreter::deliver`](crate::Interpreter::deliver) delivers through the
+/// IDT (or the real-mode IVT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Event {
+    /// An exception raised by an instruction (as `run`/`step` return it), or injected by
+    /// the caller. `SoftwareInterrupt`, `Breakpoint` and `Overflow` are `int n`, `int3`
+    /// and `into`: the gate's DPL is checked against CPL.
+    Exception(Exception),
+    /// An external maskable interrupt with this vector (the caller checked RFLAGS.IF and
+    /// the interrupt shadow).
+    Interrupt(u8),
+    /// A non-maskable interrupt (vector 2); NMI blocking is the caller's.
+    Nmi,
+}
+
+impl Event {
+    pub fn vector(&self) -> u8 {
+        match self {
+            Event::Exception(e) => e.vector(),
+            Event::Interrupt(v) => *v,
+            Event::Nmi => 2,
+        }
+    }
+}
+
+/// How an exception combines with another raised while delivering it (SDM Vol. 3
+/// 6.15, table 6-5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    Benign,
+    Contributory,
+    PageFault,
+    DoubleFault,
+}
+
+impl Exception {
+    pub(crate) fn class(&self) -> Class {
+        match self {
+            Exception::DivideError
+            | Exception::InvalidTss(_)
+            | Exception::SegmentNotPresent(_)
+            | Exception::StackFault(_)
+            | Exception::GeneralProtection(_) => Class::Contributory,
+            Exception::PageFault { .. } => Class::PageFault,
+            Exception::DoubleFault => Class::DoubleFault,
+            _ => Class::Benign,
+        }
+    }
+}
+
+/// An [`Exception`] on its way out of a handler, packed into eight non-zero bytes so that
+/// a handler's `Result<(), Ex>` is one register (the hot loop tests it after every
+/// instruction). Bits 0-4: the variant; bits 5-52: a page fault's address (canonical, so
+/// 48 bits hold it) or the selector/vector; bits 53-62: a page fault's error code; bit 63
+/// set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ex(std::num::NonZeroU64);
+
+impl std::fmt::Debug for Ex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl Ex {
+    /// The exception this stands for.
+    pub(crate) fn get(self) -> Exception {
+        let v = self.0.get();
+        let payload = (v >> 5) & ((1 << 48) - 1);
+        let small = payload as u16;
+        match v & 0x1f {
+            0 => Exception::DivideError,
+            1 => Exception::Debug,
+            2 => Exception::Breakpoint,
+            3 => Exception::Overflow,
+            4 => Exception::BoundRange,
+            5 => Exception::InvalidOpcode,
+            6 => Exception::DeviceNotAvailable,
+            7 => Exception::DoubleFault,
+            8 => Exception::InvalidTss(small),
+            9 => Exception::SegmentNotPresent(small),
+            10 => Exception::StackFault(small),
+            11 => Exception::GeneralProtection(small),
+            12 => Exception::PageFault {
+                address: (((payload << 16) as i64) >> 16) as u64,
+                error_code: ((v >> 53) & 0x3ff) as u32,
+            },
+            13 => Exception::FloatingPoint,
+            14 => Exception::AlignmentCheck,
+            15 => Exception::SimdFloatingPoint,
+            _ => Exception::SoftwareInterrupt(small as u8),
+        }
+    }
+
+    pub(crate) fn is_trap(self) -> bool {
+        self.get().is_trap()
+    }
+}
+
+impl From<Exception> for Ex {
+    #[inline]
+    fn from(e: Exception) -> Ex {
+        let (kind, payload, code): (u64, u64, u64) = match e {
+            Exception::DivideError => (0, 0, 0),
+            Exception::Debug => (1, 0, 0),
+            Exception::Breakpoint => (2, 0, 0),
+            Exception::Overflow => (3, 0, 0),
+            Exception::BoundRange => (4, 0, 0),
+            Exception::InvalidOpcode => (5, 0, 0),
+            Exception::DeviceNotAvailable => (6, 0, 0),
+            Exception::DoubleFault => (7, 0, 0),
+            Exception::InvalidTss(s) => (8, u64::from(s), 0),
+            Exception::SegmentNotPresent(s) => (9, u64::from(s), 0),
+            Exception::StackFault(s) => (10, u64::from(s), 0),
+            Exception::GeneralProtection(s) => (11, u64::from(s), 0),
+            Exception::PageFault {
+                address,
+                error_code,
+            } => {
+                debug_assert!(
+                    ((address << 16) as i64 >> 16) as u64 == address && error_code < 0x400,
+                    "page faults are at canonical addresses with small error codes"
+                );
+                (12, address & ((1 << 48) - 1), u64::from(error_code) & 0x3ff)
+            }
+            Exception::FloatingPoint => (13, 0, 0),
+            Exception::AlignmentCheck => (14, 0, 0),
+            Exception::SimdFloatingPoint => (15, 0, 0),
+            Exception::SoftwareInterrupt(n) => (16, u64::from(n), 0),
+        };
+        let v = (1 << 63) | (code << 53) | (payload << 5) | kind;
+        Ex(std::num::NonZeroU64::new(v).expect("bit 63 is set"))
+    }
+}
+
+impl From<Ex> for Exception {
+    fn from(e: Ex) -> Exception {
+        e.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Ex, Exception};
+
+    #[test]
+    fn packed_exceptions_round_trip() {
+        let all = [
+            Exception::DivideError,
+            Exception::Debug,
+            Exception::Breakpoint,
+            Exception::Overflow,
+            Exception::BoundRange,
+            Exception::InvalidOpcode,
+            Exception::DeviceNotAvailable,
+            Exception::DoubleFault,
+            Exception::InvalidTss(0xfffc),
+            Exception::SegmentNotPresent(0x1b),
+            Exception::StackFault(0),
+            Exception::GeneralProtection(0x40b),
+            Exception::PageFault {
+                address: 0xffff_ffff_8123_4567,
+                error_code: 0x1f,
+            },
+            Exception::PageFault {
+                address: 0x7fff_ffff_f000,
+                error_code: 0,
+            },
+            Exception::PageFault {
+                address: 0xfff0_1234,
+                error_code: 6,
+            },
+            Exception::FloatingPoint,
+            Exception::AlignmentCheck,
+            Exception::SimdFloatingPoint,
+            Exception::SoftwareInterrupt(0x80),
+            Exception::SoftwareInterrupt(0xff),
+        ];
+        for e in all {
+            assert_eq!(Ex::from(e).get(), e);
+        }
+        assert_eq!(std::mem::size_of::<Result<(), Ex>>(), 8);
+    }
 }

@@ -36,6 +36,9 @@ pub(crate) enum FlagOp {
     Shr,
     /// res = a >> b (arithmetic).
     Sar,
+    /// mul/imul: res = the low half of the product, b = 1 when it overflowed (CF = OF =
+    /// b; SF/ZF/PF from res, AF clear: what Intel parts leave in the undefined flags).
+    Mul,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -68,6 +71,10 @@ impl Flags {
 
     #[inline(always)]
     pub(crate) fn new(op: FlagOp, bits: u32, a: u64, b: u64, res: u64) -> Self {
+        debug_assert!(
+            bits == 64 || (a | b | res) >> bits == 0,
+            "flag operands must be masked to the width"
+        );
         Flags {
             op,
             sh: (64 - bits) as u8,
@@ -84,13 +91,14 @@ impl Flags {
 
     #[inline]
     pub(crate) fn cf(&self) -> bool {
-        let (a, b, r) = (self.al(self.a), self.al(self.b), self.al(self.res));
+        // Operands and results are masked to the width, so unsigned compares of the raw
+        // values give the carry without aligning them.
         match self.op {
             FlagOp::Eager => self.res & CF != 0,
-            FlagOp::Add => r < a,
-            FlagOp::Adc => r <= a,
-            FlagOp::Sub => a < b,
-            FlagOp::Sbb => a <= b,
+            FlagOp::Add => self.res < self.a,
+            FlagOp::Adc => self.res <= self.a,
+            FlagOp::Sub => self.a < self.b,
+            FlagOp::Sbb => self.a <= self.b,
             FlagOp::Logic => false,
             FlagOp::Inc | FlagOp::Dec => self.b != 0,
             FlagOp::Shl => {
@@ -103,6 +111,7 @@ impl Flags {
                 let sx = ((self.a << self.sh) as i64) >> self.sh;
                 (sx >> (self.b - 1).min(63)) & 1 != 0
             }
+            FlagOp::Mul => self.b != 0,
         }
     }
 
@@ -110,7 +119,7 @@ impl Flags {
     pub(crate) fn zf(&self) -> bool {
         match self.op {
             FlagOp::Eager => self.res & ZF != 0,
-            _ => self.al(self.res) == 0,
+            _ => self.res == 0,
         }
     }
 
@@ -137,6 +146,7 @@ impl Flags {
             FlagOp::Shl => ((r ^ if self.cf() { 1 << 63 } else { 0 }) as i64) < 0,
             FlagOp::Shr => (a as i64) < 0,
             FlagOp::Sar => false,
+            FlagOp::Mul => self.b != 0,
         }
     }
 
@@ -156,7 +166,7 @@ impl Flags {
                 (self.a ^ self.b ^ self.res) & 0x10 != 0
             }
             FlagOp::Inc | FlagOp::Dec => (self.a ^ self.res ^ 1) & 0x10 != 0,
-            FlagOp::Logic | FlagOp::Shl | FlagOp::Shr | FlagOp::Sar => false,
+            FlagOp::Logic | FlagOp::Shl | FlagOp::Shr | FlagOp::Sar | FlagOp::Mul => false,
         }
     }
 
@@ -198,17 +208,16 @@ impl Flags {
     pub(crate) fn cond(&self, cc: u8) -> bool {
         // Fast paths for the combinations compilers emit: cmp/sub and test/and followed by
         // a branch. Everything else goes through the generic flag getters.
-        let (a, b, r) = (self.al(self.a), self.al(self.b), self.al(self.res));
         let v = match (self.op, cc >> 1) {
-            (_, 2) if self.op != FlagOp::Eager => r == 0,
-            (FlagOp::Sub, 1) => a < b,
-            (FlagOp::Sub, 3) => a <= b,
-            (FlagOp::Sub, 6) => (a as i64) < (b as i64),
-            (FlagOp::Sub, 7) => (a as i64) <= (b as i64),
+            (_, 2) if self.op != FlagOp::Eager => self.res == 0,
+            (FlagOp::Sub, 1) => self.a < self.b,
+            (FlagOp::Sub, 3) => self.a <= self.b,
+            (FlagOp::Sub, 6) => (self.al(self.a) as i64) < (self.al(self.b) as i64),
+            (FlagOp::Sub, 7) => (self.al(self.a) as i64) <= (self.al(self.b) as i64),
             (FlagOp::Logic, 1) => false,
-            (FlagOp::Logic, 3) => r == 0,
-            (FlagOp::Logic, 6) => (r as i64) < 0,
-            (FlagOp::Logic, 7) => (r as i64) <= 0,
+            (FlagOp::Logic, 3) => self.res == 0,
+            (FlagOp::Logic, 6) => (self.al(self.res) as i64) < 0,
+            (FlagOp::Logic, 7) => (self.al(self.res) as i64) <= 0,
             (_, 0) => self.of(),
             (_, 1) => self.cf(),
             (_, 2) => self.zf(),

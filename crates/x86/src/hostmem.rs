@@ -2,16 +2,24 @@
 //! that caches them, and the host atomics that locked guest instructions map to.
 //!
 //! # Why the pointers stay valid
-//! A [`HostPage`] is made only by [`HostPage::lookup`], from a `VolatileSlice` of at least
-//! one page that vm-memory hands out for a guest-physical page; that slice points into a
-//! mapping owned (through `Arc`ed regions) by the platform's `GuestMemory`. The mapping lives
-//! as long as that memory object does and never moves. A `HostPage` is used only while the
-//! memory object it came from is unchanged, which the interpreter guarantees by construction:
-//! every `step`/`run` starts a new TLB generation (nothing cached by an earlier call can
-//! match), and every call that hands the platform `&mut` (MMIO, port I/O, MSRs, CPUID, TSC)
-//! goes through [`crate::machine::Machine::platform`], which starts a new generation too,
-//! because only with `&mut` could the platform replace its memory. Between those points the
-//! interpreter holds the only `&mut` to the platform, so the memory object cannot change.
+//! A [`HostPage`] is made by [`HostPage::lookup`], from a `VolatileSlice` of at least one
+//! page that vm-memory hands out for a guest-physical page, or by [`HostPage::in_layout`]
+//! from the host address and length vm-memory reports for the region holding the page
+//! (`platform::Layout`, taken from the platform's current memory, the page entirely inside
+//! the region); either way it points into a mapping owned (through `Arc`ed regions) by the
+//! platform's `GuestMemory`. The mapping lives as long as that memory object does and never
+//! moves. A cached `HostPage` is used only
+//! while guest RAM is still mapped where it was when the page was looked up: the
+//! interpreter records the memory's layout (each region's guest-physical start, length and
+//! host address, `platform::Layout`) and compares it exactly at the start of every
+//! `step`/`run`/`deliver` and after every call that hands the platform `&mut` (MMIO, port
+//! I/O, MSRs, CPUID, TSC; only with `&mut` could the platform replace its memory, and
+//! [`crate::machine::Machine::platform`] is the only way such calls are made). If anything
+//! differs, a new TLB generation starts and nothing cached can match. If nothing does,
+//! every cached pointer is exactly what a fresh lookup in the current memory would return,
+//! and so points into a live mapping of it. Between those points the interpreter holds
+//! the only `&mut` to the platform, so the memory object cannot change. `Validate`
+//! interpreters (the KVM fallback) also start a new generation at every call.
 //!
 //! # Why accesses are atomics
 //! Guest RAM is shared with other vCPUs (KVM threads now, emu threads later) and devices.
@@ -34,6 +42,8 @@ const STORE: Ordering = Ordering::Release;
 const RMW: Ordering = Ordering::SeqCst;
 
 use vm_memory::bitmap::Bitmap;
+
+use crate::platform::Layout;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 pub(crate) const PAGE: usize = 4096;
@@ -85,6 +95,15 @@ impl HostPage {
             slice.bitmap().mark_dirty(0, PAGE);
         }
         NonNull::new(slice.ptr_guard_mut().as_ptr()).map(HostPage)
+    }
+
+    /// The page at `gpa_page` through `layout`, the current memory's layout (taken from the
+    /// platform's memory in this call, or checked equal to it: see the module doc). No
+    /// dirty bitmap is marked: for reads, and for the page-table updates the walk makes.
+    #[inline]
+    pub(crate) fn in_layout(layout: &Layout, gpa_page: u64) -> Option<HostPage> {
+        let host = layout.host_of(gpa_page)?;
+        NonNull::new(host as *mut u8).map(HostPage)
     }
 
     #[inline(always)]
@@ -253,6 +272,90 @@ impl HostPage {
             self.store::<1>(off + k, u64::from(*b));
         }
     }
+
+    /// The bytes `count` elements of `size` bytes occupy when the first is at `off` and
+    /// they go up (`down` false) or down, checked to lie inside the page.
+    fn string_span(off: usize, size: usize, count: usize, down: bool) -> (usize, usize) {
+        let len = size * count;
+        let lo = if down {
+            (off + size).checked_sub(len)
+        } else {
+            Some(off)
+        };
+        match lo {
+            Some(lo) if count > 0 && lo + len <= PAGE => (lo, len),
+            _ => panic!("string operation beyond the page"),
+        }
+    }
+
+    /// `rep stos`: `count` elements of `size` (1, 2, 4, 8) bytes with value `v`, the first
+    /// at `off`, going up or (`down`) down, all inside the page.
+    pub(crate) fn rep_stos(self, off: usize, size: usize, count: usize, v: u64, down: bool) {
+        Self::string_span(off, size, count, down);
+        let p = self.0.as_ptr().wrapping_add(off);
+        macro_rules! stos {
+            ($insn:literal) => {
+                // SAFETY: `string_span` checked that every element lies in this page of a
+                // live mapping (module doc). These are the stores the guest's own rep stos
+                // makes, in the same order and sizes; other threads only access guest RAM
+                // through atomics or hardware instructions. DF is restored to clear.
+                unsafe {
+                    if down {
+                        std::arch::asm!("std", $insn, "cld", inout("rdi") p => _,
+                            inout("rcx") count => _, in("rax") v, options(nostack));
+                    } else {
+                        std::arch::asm!($insn, inout("rdi") p => _, inout("rcx") count => _,
+                            in("rax") v, options(nostack));
+                    }
+                }
+            };
+        }
+        match size {
+            1 => stos!("rep stosb"),
+            2 => stos!("rep stosw"),
+            4 => stos!("rep stosd"),
+            _ => stos!("rep stosq"),
+        }
+    }
+
+    /// `rep movs`: `count` elements of `size` bytes from `src` at `src_off` to this page
+    /// at `off`, going up or (`down`) down, with the instruction's own overlap semantics.
+    pub(crate) fn rep_movs(
+        self,
+        off: usize,
+        src: HostPage,
+        src_off: usize,
+        size: usize,
+        count: usize,
+        down: bool,
+    ) {
+        Self::string_span(off, size, count, down);
+        Self::string_span(src_off, size, count, down);
+        let d = self.0.as_ptr().wrapping_add(off);
+        let s = src.0.as_ptr().wrapping_add(src_off);
+        macro_rules! movs {
+            ($insn:literal) => {
+                // SAFETY: as in `rep_stos`, for both pages; the host instruction copies
+                // element by element in the guest's direction, so overlapping ranges end up
+                // exactly as the guest's rep movs would leave them.
+                unsafe {
+                    if down {
+                        std::arch::asm!("std", $insn, "cld", inout("rdi") d => _,
+                            inout("rsi") s => _, inout("rcx") count => _, options(nostack));
+                    } else {
+                        std::arch::asm!($insn, inout("rdi") d => _, inout("rsi") s => _,
+                            inout("rcx") count => _, options(nostack));
+                    }
+                }
+            };
+        }
+        match size {
+            1 => movs!("rep movsb"),
+            2 => movs!("rep movsw"),
+            4 => movs!("rep movsd"),
+            _ => movs!("rep movsq"),
+        }
+    }
 }
 
 pub(crate) const TLB_SIZE: usize = 256;
@@ -268,8 +371,9 @@ pub(crate) mod perm {
     pub const HOST_WRITE: u8 = 16;
 }
 
-/// One cached translation. Tags are `linear page | generation`; a tag matches only in the
-/// generation it was written in, so bumping the generation empties the TLB in O(1).
+/// One cached translation. Tags are `linear page | epoch`; a tag matches only in the
+/// epoch it was written in, so bumping an epoch empties the TLB in O(1). Write tags have
+/// their own epoch so that fast writes can be revoked alone (a page became code).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TlbEntry {
     /// Set when a read in this entry's privilege context may use `host` directly.
@@ -291,6 +395,8 @@ pub(crate) struct Fill {
     pub host: Option<HostPage>,
     pub fast_read: bool,
     pub fast_write: bool,
+    /// Size of the guest page the translation came from.
+    pub page_size: u64,
 }
 
 /// Software TLB: one direct-mapped array per privilege context (user, supervisor), so
@@ -298,12 +404,21 @@ pub(crate) struct Fill {
 pub(crate) struct Tlb {
     /// Inline (the owner boxes the whole Tlb) so an access costs one pointer chase.
     sets: [[TlbEntry; TLB_SIZE]; 2],
+    /// Epoch of read and page tags (below 4096: it shares the tag with a page address).
     epoch: u64,
+    /// Epoch of write tags.
+    wepoch: u64,
+    /// Counts flushes without wrapping: what the jump cache tags its entries with.
+    generation: u64,
+    /// Guest large pages (base, size) some entry was filled from, so that invlpg of any
+    /// address in one forgets all of it; `None` once too many to list (invlpg then
+    /// flushes everything).
+    large: Option<([(u64, u64); 8], usize)>,
 }
 
-// SAFETY: the host pointers in a Tlb are never dereferenced outside the `step`/`run` call
-// that cached them (each call starts a new generation, see the module doc), so moving the
-// Tlb to another thread between calls cannot let a pointer be used on the wrong side.
+// SAFETY: a host pointer in a Tlb is dereferenced only after the memory layout it was
+// taken from has been found unchanged in the current call (see the module doc), whichever
+// thread makes the call; the Tlb holds no reference to thread-local state.
 unsafe impl Send for Tlb {}
 
 impl Default for Tlb {
@@ -311,6 +426,9 @@ impl Default for Tlb {
         Tlb {
             sets: [[TlbEntry::default(); TLB_SIZE]; 2],
             epoch: 1,
+            wepoch: 1,
+            generation: 1,
+            large: Some(([(0, 0); 8], 0)),
         }
     }
 }
@@ -323,29 +441,53 @@ fn slot(lin: u64) -> usize {
 impl Tlb {
     /// Forgets every translation and host pointer.
     pub(crate) fn flush(&mut self) {
+        self.generation += 1;
         self.epoch += 1;
-        if self.epoch > 0xfff {
+        self.wepoch += 1;
+        self.large = Some(([(0, 0); 8], 0));
+        self.wrap();
+    }
+
+    /// Forgets the translations of the linear page holding `lin` (invlpg). Decoded-code
+    /// lookups by linear address are revalidated too.
+    pub(crate) fn flush_page(&mut self, lin: u64) {
+        let in_large = match &self.large {
+            Some((list, n)) => list[..*n].iter().any(|&(b, sz)| lin.wrapping_sub(b) < sz),
+            None => true,
+        };
+        if in_large {
+            self.flush();
+            return;
+        }
+        let page = lin & PAGE_MASK;
+        for set in self.sets.iter_mut() {
+            let e = &mut set[slot(page)];
+            if e.page_tag & PAGE_MASK == page {
+                *e = TlbEntry::default();
+            }
+        }
+        self.generation += 1;
+    }
+
+    /// Forgets which pages may be written directly (reads and translations stay).
+    pub(crate) fn drop_fast_writes(&mut self) {
+        self.wepoch += 1;
+        self.wrap();
+    }
+
+    fn wrap(&mut self) {
+        if self.epoch > 0xfff || self.wepoch > 0xfff {
             for set in self.sets.iter_mut() {
                 set.fill(TlbEntry::default());
             }
             self.epoch = 1;
+            self.wepoch = 1;
         }
     }
 
-    /// The current generation; anything tagged with another one is stale.
+    /// Changes whenever any translation may have changed; never repeats.
     pub(crate) fn generation(&self) -> u64 {
-        self.epoch
-    }
-
-    /// Stops fast writes to a guest-physical page (it now holds cached code).
-    pub(crate) fn protect_gpa(&mut self, gpa_page: u64) {
-        for set in self.sets.iter_mut() {
-            for e in set.iter_mut() {
-                if e.gpa == gpa_page {
-                    e.write_tag = 0;
-                }
-            }
-        }
+        self.generation
     }
 
     #[inline(always)]
@@ -363,7 +505,7 @@ impl Tlb {
     pub(crate) fn write_fast<const N: usize>(&self, set: usize, lin: u64, v: u64) -> bool {
         let e = &self.sets[set & 1][slot(lin)];
         let off = (lin & 0xfff) as usize;
-        if e.write_tag == (lin & PAGE_MASK) | self.epoch
+        if e.write_tag == (lin & PAGE_MASK) | self.wepoch
             && off <= PAGE - N
             && let Some(h) = e.host
         {
@@ -371,6 +513,16 @@ impl Tlb {
             return true;
         }
         false
+    }
+
+    /// Lets writes to `lin`'s page (which has a current translation) take the fast path.
+    #[inline]
+    pub(crate) fn arm_write(&mut self, set: usize, lin: u64) {
+        let page = lin & PAGE_MASK;
+        let e = &mut self.sets[set & 1][slot(page)];
+        if e.page_tag == page | self.epoch {
+            e.write_tag = page | self.wepoch;
+        }
     }
 
     /// The cached translation of `lin`'s page, if any: (gpa page, perm, host).
@@ -381,11 +533,28 @@ impl Tlb {
     }
 
     pub(crate) fn fill(&mut self, set: usize, f: Fill) {
+        if f.page_size > PAGE as u64 {
+            let base = f.lin_page & !(f.page_size - 1);
+            if let Some((list, n)) = &mut self.large
+                && !list[..*n].contains(&(base, f.page_size))
+            {
+                if *n == list.len() {
+                    self.large = None;
+                } else {
+                    list[*n] = (base, f.page_size);
+                    *n += 1;
+                }
+            }
+        }
         let tag = f.lin_page | self.epoch;
         let ram = f.host.is_some();
         self.sets[set & 1][slot(f.lin_page)] = TlbEntry {
             read_tag: if f.fast_read && ram { tag } else { 0 },
-            write_tag: if f.fast_write && ram { tag } else { 0 },
+            write_tag: if f.fast_write && ram {
+                f.lin_page | self.wepoch
+            } else {
+                0
+            },
             page_tag: tag,
             gpa: f.gpa,
             perm: f.perm,

@@ -1,16 +1,20 @@
-//! The public entry points: `step` (one instruction, for the KVM fallback) and `run`
-//! (blocks until a budget or an event, for the software CPU).
+//! The public entry points: `step` (one instruction, for the KVM fallback), `run`/`run_with`
+//! (blocks until a budget or an event, for the software CPU) and `deliver` (exceptions and
+//! interrupts through the IDT).
 
-use std::collections::HashSet;
+use std::sync::Arc;
 
 use iced_x86::Mnemonic;
+use vm_memory::{GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::cache::{CodeCache, FastHash};
-use crate::exception::{Fault, UnsupportedInstruction};
+use crate::cache::CodeCache;
+use crate::code::CodeMap;
+use crate::decode::Insn;
+use crate::exception::{Event, Fault, UnsupportedInstruction};
 use crate::hostmem::Tlb;
-use crate::machine::{EXIT_RUN, EXIT_UNSUPPORTED, Machine, RIP, StopReason};
-use crate::platform::Platform;
-use crate::state::CpuState;
+use crate::machine::{EXIT_RUN, EXIT_UNSUPPORTED, Machine, R, RIP, StopReason};
+use crate::platform::{Layout, Platform};
+use crate::state::{CpuState, rflags};
 
 /// How the decoded-code cache learns that guest code changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -19,8 +23,9 @@ pub enum CodeCoherence {
     /// calls): every cached block is compared with the bytes in guest memory before use.
     #[default]
     Validate,
-    /// Every write to guest code goes through this interpreter (its own stores invalidate
-    /// what they hit) or is reported with [`Interpreter::invalidate_code_page`].
+    /// Writes to guest code are seen: this interpreter's own stores, other interpreters'
+    /// and devices' through a shared [`CodeMap`] (see [`Interpreter::with_code_map`]), and
+    /// anything reported with [`Interpreter::invalidate_code_page`].
     Tracked,
 }
 
@@ -51,6 +56,11 @@ pub enum RunExit {
     Budget,
     /// `hlt` executed (RIP is after it).
     Halt,
+    /// [`RunLimits::stop_when_interruptible`] was set and RFLAGS.IF is 1 with no
+    /// interrupt shadow: a pending interrupt can be delivered now.
+    InterruptWindow,
+    /// [`Platform::attention`] returned true between two blocks.
+    Attention,
 }
 
 /// What one `run` did.
@@ -60,14 +70,46 @@ pub struct RunOutcome {
     pub exit: RunExit,
 }
 
+/// When [`Interpreter::run_with`] returns besides faults and `hlt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Instructions to execute at most.
+    pub budget: u64,
+    /// Return [`RunExit::InterruptWindow`] as soon as maskable interrupts can be delivered
+    /// (IF = 1 and no interrupt shadow), checked before the first block and after every
+    /// block; blocks end after anything that changes IF. For a caller holding a pending
+    /// interrupt while the guest runs with IF = 0.
+    pub stop_when_interruptible: bool,
+}
+
+impl RunLimits {
+    pub fn budget(budget: u64) -> Self {
+        RunLimits {
+            budget,
+            stop_when_interruptible: false,
+        }
+    }
+}
+
 /// The interpreter for one vCPU: decoded-code cache, software TLB, counters. The CPU
 /// state is passed in on every call, so the caller owns it (and can hand it to KVM).
 pub struct Interpreter {
     cache: CodeCache,
     tlb: Box<Tlb>,
-    code_pages: HashSet<u64, FastHash>,
-    smc: Vec<u64>,
     coherence: CodeCoherence,
+    /// Tracked mode: the VM's shared map, or a private one made at the first call.
+    code: Option<Arc<CodeMap>>,
+    /// The map's epoch the TLB's fast write entries were made under.
+    code_epoch: u64,
+    /// Kept between calls so that writing code does not allocate.
+    smc: Vec<u64>,
+    /// Where the last trap (int n, int3, into) that ended a run returned to, and its
+    /// length: a fault while delivering it is reported at the instruction itself.
+    trap: Option<(u64, u8)>,
+    /// What the TLB's contents were valid for when the last call ended: guest RAM's host
+    /// layout and CR0, CR3, CR4, EFER. A `Tracked` interpreter keeps its TLB across calls
+    /// that find the same (guest code cannot change translations behind it).
+    kept: Option<(Layout, [u64; 4])>,
     instructions: u64,
 }
 
@@ -78,15 +120,29 @@ impl Default for Interpreter {
 }
 
 impl Interpreter {
+    /// An interpreter with its own code tracking (`Tracked`: a private [`CodeMap`] over the
+    /// platform's RAM, made at the first call) or none (`Validate`).
     pub fn new(coherence: CodeCoherence) -> Self {
         Interpreter {
             cache: CodeCache::default(),
             tlb: Box::default(),
-            code_pages: HashSet::default(),
-            smc: Vec::with_capacity(8),
             coherence,
+            code: None,
+            code_epoch: 0,
+            smc: Vec::with_capacity(8),
+            trap: None,
+            kept: None,
             instructions: 0,
         }
+    }
+
+    /// A `Tracked` interpreter sharing `code` with the VM's other interpreters (one per
+    /// vCPU thread) and its devices (guest RAM from [`crate::guest_memory`]): writes by any
+    /// of them invalidate what the others decoded.
+    pub fn with_code_map(code: Arc<CodeMap>) -> Self {
+        let mut i = Self::new(CodeCoherence::Tracked);
+        i.code = Some(code);
+        i
     }
 
     pub fn stats(&self) -> Stats {
@@ -98,15 +154,38 @@ impl Interpreter {
     }
 
     /// Drops decoded code from the guest-physical page containing `gpa` (someone other
-    /// than this interpreter wrote it: a device, another vCPU, the VMM).
+    /// than this interpreter wrote it: a device, another vCPU, the VMM). With a shared
+    /// [`CodeMap`], the other interpreters drop theirs too.
     pub fn invalidate_code_page(&mut self, gpa: u64) {
-        self.cache
-            .invalidate_page(gpa & !0xfff, &mut self.code_pages);
+        if let Some(map) = &self.code {
+            map.wrote(gpa, 1);
+        }
+        self.cache.invalidate_page(gpa & !0xfff);
     }
 
-    /// Drops all decoded code.
+    /// Up to `len` instruction bytes at CS:RIP, read through the guest's page tables
+    /// (fewer if the code is not mapped): for reporting where a vCPU stopped.
+    pub fn peek_code<P: Platform>(
+        &mut self,
+        cpu: &mut CpuState,
+        platform: &mut P,
+        len: usize,
+    ) -> Vec<u8> {
+        self.with_machine(cpu, platform, |m, _| {
+            let mut buf = vec![0u8; len.min(4096)];
+            let lin = m.code_linear(m.rip());
+            let n = m.fetch(lin, &mut buf).unwrap_or(0);
+            buf.truncate(n);
+            buf
+        })
+    }
+
+    /// Drops all decoded code and cached translations (for a caller that replaced the
+    /// CPU state or guest memory wholesale).
     pub fn invalidate_all_code(&mut self) {
-        self.cache.clear(&mut self.code_pages);
+        self.cache.clear();
+        self.kept = None;
+        self.tlb.flush();
     }
 
     /// Executes the one instruction at RIP. On `Ok` the instruction completed; on
@@ -117,41 +196,105 @@ impl Interpreter {
         cpu: &mut CpuState,
         platform: &mut P,
     ) -> Result<StepOutcome, Fault> {
-        let (out, mnemonic) = self.execute(cpu, platform, 1)?;
+        let (out, mnemonic) = self.execute(cpu, platform, RunLimits::budget(1))?;
         Ok(StepOutcome {
             mnemonic,
             halted: out.exit == RunExit::Halt,
         })
     }
 
-    /// Executes up to `budget` instructions, block by block, stopping early at `hlt`.
-    /// Exceptions end the run with the state as for `step`.
+    /// Executes up to `budget` instructions, block by block, stopping early at `hlt` or
+    /// when the platform asks for attention. Exceptions end the run with the state as for
+    /// `step`.
     pub fn run<P: Platform>(
         &mut self,
         cpu: &mut CpuState,
         platform: &mut P,
         budget: u64,
     ) -> Result<RunOutcome, Fault> {
-        self.execute(cpu, platform, budget).map(|(o, _)| o)
+        self.run_with(cpu, platform, RunLimits::budget(budget))
+    }
+
+    /// [`Interpreter::run`] with the stop conditions of `limits`.
+    pub fn run_with<P: Platform>(
+        &mut self,
+        cpu: &mut CpuState,
+        platform: &mut P,
+        limits: RunLimits,
+    ) -> Result<RunOutcome, Fault> {
+        self.execute(cpu, platform, limits).map(|(o, _)| o)
+    }
+
+    /// Delivers an exception or interrupt: through the IDT in protected and long mode
+    /// (gate checks, privilege change with the TSS stacks, IST, error codes, CR2 for #PF)
+    /// or the IVT in real mode. RIP must be where the event returns to (the faulting
+    /// instruction for faults, the next one for traps and interrupts: as `run` leaves it).
+    /// A fault while delivering is combined with the event as the processor does (#DF, or
+    /// [`Fault::TripleFault`], the only error). Clears the interrupt shadow.
+    pub fn deliver<P: Platform>(
+        &mut self,
+        cpu: &mut CpuState,
+        platform: &mut P,
+        event: Event,
+    ) -> Result<(), Fault> {
+        let trap = self.trap.take();
+        self.with_machine(cpu, platform, |m, _| {
+            let len = match trap {
+                Some((rip, len)) if rip == m.rip() => len,
+                _ => 0,
+            };
+            m.deliver(event, len)
+        })
+    }
+
+    /// Runs `f` against a machine over `cpu` and `platform`, then writes the working state
+    /// back.
+    fn with_machine<P: Platform, T>(
+        &mut self,
+        cpu: &mut CpuState,
+        platform: &mut P,
+        f: impl FnOnce(&mut Machine, &mut CodeCache) -> T,
+    ) -> T {
+        if self.coherence == CodeCoherence::Tracked && self.code.is_none() {
+            self.code = private_code_map(platform.memory()).map(Arc::new);
+        }
+        // Host pointers cached by an earlier call are valid only if guest RAM is mapped as
+        // it was (see hostmem), and translations only under the same control registers.
+        // KVM changes page tables behind a `Validate` interpreter's back.
+        let layout = Layout::of(platform.memory());
+        let ctx = [cpu.cr0, cpu.cr3, cpu.cr4, cpu.efer];
+        let keep = self.coherence == CodeCoherence::Tracked
+            && self.kept.is_some_and(|(l, c)| l.same(&layout) && c == ctx);
+        if !keep {
+            self.tlb.flush();
+        }
+        let mut m = Machine::new(cpu, &mut self.tlb, platform, self.code.as_deref());
+        m.layout = layout;
+        m.code_epoch = self.code_epoch;
+        m.smc = std::mem::take(&mut self.smc);
+        let r = f(&mut m, &mut self.cache);
+        m.sync();
+        self.code_epoch = m.code_epoch;
+        self.smc = std::mem::take(&mut m.smc);
+        self.smc.clear();
+        let layout = m.layout;
+        drop(m);
+        self.kept = Some((layout, [cpu.cr0, cpu.cr3, cpu.cr4, cpu.efer]));
+        r
     }
 
     fn execute<P: Platform>(
         &mut self,
         cpu: &mut CpuState,
         platform: &mut P,
-        budget: u64,
+        limits: RunLimits,
     ) -> Result<(RunOutcome, Mnemonic), Fault> {
-        // Host pointers cached by an earlier call may be stale (see hostmem).
-        self.tlb.flush();
-        let smc = std::mem::take(&mut self.smc);
-        let mut m = Machine::new(cpu, &mut self.tlb, platform, &mut self.code_pages, smc);
-        let validate = self.coherence == CodeCoherence::Validate;
         let mut done = 0;
-        let r = run_loop(&mut m, &mut self.cache, budget, validate, &mut done);
-        m.sync();
-        self.smc = std::mem::take(&mut m.smc);
-        drop(m);
-        self.tlb.flush();
+        let mut trap = None;
+        let r = self.with_machine(cpu, platform, |m, cache| {
+            run_loop(m, cache, limits, &mut done, &mut trap, limits.budget == 1)
+        });
+        self.trap = trap;
         self.instructions += done;
         r.map(|(exit, mn)| {
             (
@@ -165,41 +308,102 @@ impl Interpreter {
     }
 }
 
+/// A code map over the platform's RAM regions, for an interpreter that owns its tracking.
+fn private_code_map<M: GuestMemory>(mem: &M) -> Option<CodeMap> {
+    let phys = mem.physical_memory()?;
+    let ranges: Vec<_> = phys
+        .iter()
+        .map(|r| (r.start_addr(), r.len() as usize))
+        .collect();
+    Some(CodeMap::new(&ranges))
+}
+
+/// The hot loop: for each instruction set RIP to the next one and run its handler, until
+/// one fails or asks to stop. Returns how many ran to completion, the RIP of the one that
+/// stopped (if any) and its result.
+#[inline(never)]
+fn run_block(m: &mut Machine, insns: &[Insn], ip_mask: u64) -> (usize, u64, R) {
+    let mut pc = m.rip();
+    let mut it = insns.iter();
+    while let Some(ins) = it.next() {
+        let next = pc.wrapping_add(u64::from(ins.len)) & ip_mask;
+        m.regs[RIP as usize] = next;
+        let r = (ins.handler)(m, ins);
+        if r.is_err() || m.exit != 0 {
+            return (insns.len() - it.len() - 1, pc, r);
+        }
+        pc = next;
+    }
+    (insns.len(), pc, Ok(()))
+}
+
+/// Instructions between two questions to [`Platform::attention`].
+const ATTENTION_STRIDE: u64 = 256;
+
 fn run_loop(
     m: &mut Machine,
     cache: &mut CodeCache,
-    budget: u64,
-    validate: bool,
+    limits: RunLimits,
     done: &mut u64,
+    trap: &mut Option<(u64, u8)>,
+    want_mnemonic: bool,
 ) -> Result<(RunExit, Mnemonic), Fault> {
     let mut last = Mnemonic::INVALID;
-    while *done < budget {
-        let found = cache.find(m, validate)?;
-        let insns = cache.block_insns(found.block);
-        let n = insns.len().min((budget - *done) as usize);
-        let ip_mask = match m.mode.bitness() {
-            64 => u64::MAX,
-            32 => 0xffff_ffff,
-            _ => 0xffff,
-        };
-        let mut pc = m.rip();
-        let mut result = Ok(());
-        for ins in &insns[..n] {
-            let next = pc.wrapping_add(u64::from(ins.len)) & ip_mask;
-            m.regs[RIP as usize] = next;
-            if let Err(e) = (ins.handler)(m, ins) {
-                if e.is_trap() {
-                    // A trap completes its instruction.
-                    *done += 1;
-                } else {
-                    m.regs[RIP as usize] = pc;
-                }
-                last = ins.mnemonic;
-                result = Err(Fault::Exception(e));
-                break;
+    let budget = limits.budget;
+    // The platform's attention is asked after the first block and then every
+    // ATTENTION_STRIDE instructions (a few microseconds): one compare per block.
+    let mut check_at = 1.min(budget);
+    loop {
+        if limits.stop_when_interruptible && m.interruptible() {
+            return Ok((RunExit::InterruptWindow, last));
+        }
+        if *done >= check_at {
+            if *done >= budget {
+                return Ok((RunExit::Budget, last));
             }
-            if m.exit != 0 {
-                if m.exit & EXIT_UNSUPPORTED != 0 {
+            if *done > 0 && m.bus.attention() {
+                return Ok((RunExit::Attention, last));
+            }
+            check_at = (*done + ATTENTION_STRIDE).min(budget);
+        }
+        m.check_code_epoch();
+        let found = match cache.find(m) {
+            Ok(f) => f,
+            Err(e) => return Err(Fault::Exception(e.get())),
+        };
+        let insns = cache.block_insns(&found);
+        let mut n = insns.len().min((budget - *done) as usize);
+        if m.cpu.interrupt_shadow {
+            // The shadow covers this block's first instruction only (the instructions that
+            // set it end their block, and set it again).
+            m.cpu.interrupt_shadow = false;
+            if limits.stop_when_interruptible {
+                // Look again right after that instruction.
+                n = 1;
+            }
+        }
+        let ip_mask = m.ip_mask;
+        // The hot loop: set RIP to the next instruction, run the handler, and leave only
+        // when it fails or asks to (everything else is sorted out below).
+        let (k, pc, stop) = run_block(m, &insns[..n], ip_mask);
+        let mut result = Ok(());
+        let completed = if k == n {
+            n
+        } else {
+            match stop {
+                Err(e) => {
+                    result = Err(Fault::Exception(e.get()));
+                    if e.is_trap() {
+                        // A trap completes its instruction.
+                        *trap = Some((m.rip(), insns[k].len));
+                        k + 1
+                    } else {
+                        m.regs[RIP as usize] = pc;
+                        k
+                    }
+                }
+                Ok(()) if m.exit & EXIT_UNSUPPORTED != 0 => {
+                    let ins = &insns[k];
                     m.regs[RIP as usize] = pc;
                     let mut u = UnsupportedInstruction {
                         rip: pc,
@@ -213,19 +417,20 @@ fn run_loop(
                     let _ = m.fetch(lin, &mut u.bytes[..len]);
                     result = Err(Fault::Unsupported(u));
                     m.exit = 0;
-                    break;
+                    k
                 }
-                *done += 1;
-                last = ins.mnemonic;
-                break;
+                Ok(()) => k + 1,
             }
-            *done += 1;
-            last = ins.mnemonic;
-            pc = next;
+        };
+        if want_mnemonic && completed > 0 {
+            last = insns[completed - 1].mnemonic;
         }
+        *done += completed as u64;
         cache.drop_transient(&found);
-        while let Some(page) = m.smc.pop() {
-            cache.invalidate_page(page, m.code_pages);
+        if !m.smc.is_empty() {
+            for page in m.smc.drain(..) {
+                cache.invalidate_page(page);
+            }
         }
         result?;
         if m.exit != 0 {
@@ -240,5 +445,12 @@ fn run_loop(
             }
         }
     }
-    Ok((RunExit::Budget, last))
+}
+
+impl Machine<'_> {
+    /// Maskable interrupts can be delivered now.
+    #[inline(always)]
+    pub(crate) fn interruptible(&self) -> bool {
+        self.cpu.rflags & rflags::IF != 0 && !self.cpu.interrupt_shadow
+    }
 }

@@ -7,9 +7,11 @@
 //!    back and resumes KVM. Exceptions come back as [`Fault::Exception`] for the caller to
 //!    inject; instructions not implemented come back as [`Fault::Unsupported`] with their
 //!    bytes and mnemonic, the state untouched.
-//! 2. **Software CPU** (next): [`Interpreter::run`] executes block after block until a
-//!    budget is used up or `hlt`; the emu backend will add interrupt delivery between
-//!    blocks and the system instructions Linux needs (see "Driving blocks" below).
+//! 2. **Software CPU** (`--accel emu`): one interpreter per vCPU thread runs the whole
+//!    guest with [`Interpreter::run_with`] (block after block until a budget, `hlt`, an
+//!    exception, an interrupt window or the platform's attention) and delivers exceptions
+//!    and interrupts with [`Interpreter::deliver`]; vCPUs and devices share guest RAM and
+//!    a [`CodeMap`] (see "Driving blocks" below). [`emu_cpuid`] describes the CPU.
 //!
 //! ```text
 //! Interpreter ── CodeCache (blocks of Insn by guest-physical address, jump cache by RIP)
@@ -24,8 +26,9 @@
 //! # State
 //! [`CpuState`] is plain serialisable data: GPRs, RIP, RFLAGS, segment registers with
 //! their descriptor caches (VMX access-rights layout), descriptor tables, control
-//! registers, EFER, XCR0, the MSRs instructions touch, and the x87/SSE/AVX/AVX-512 register
-//! file. It is the only thing the caller sees. During a call the interpreter works on a
+//! registers, EFER, XCR0, the MSRs instructions touch, the debug registers, the interrupt
+//! shadow, and the x87/SSE/AVX/AVX-512 register file. It is the only thing the caller
+//! sees. During a call the interpreter works on a
 //! `machine::Machine`: a copy of the GPRs and RIP in a flat array (so operand access is
 //! one indexed load, with a zero register for absent base/index), the arithmetic flags in
 //! lazy form, and cached segment bases; everything is written back at the end of the call
@@ -40,7 +43,9 @@
 //! memory, immediate), so `add r64, [mem]` and `add r8, imm8` are separate monomorphised
 //! functions with no operand-kind matching at run time. Only slow paths reach the platform,
 //! through a trait object, which keeps handlers non-generic over the platform type and
-//! storable as plain function pointers.
+//! storable as plain function pointers. Handlers return `Result<(), Ex>`, an exception
+//! packed into eight bytes (`exception::Ex`), so the result comes back in a register and
+//! the hot loop tests it with one instruction.
 //!
 //! # Code cache
 //! Decoded instructions live in basic blocks (ending at control flow, at anything that can
@@ -52,11 +57,18 @@
 //! decoded for one execution and not cached. Coherence has two modes
 //! ([`CodeCoherence`]): `Validate` compares a block's bytes with guest memory before use
 //! (the KVM fallback: KVM writes guest memory without telling anyone); `Tracked` relies on
-//! seeing the writes: every guest-physical page holding decoded code is in a set, TLB
-//! fast-path writes are disabled for those pages, and the write slow path queues the page
-//! for invalidation and ends the current block, so self-modifying code takes effect at
-//! the next instruction. Others' writes are reported with
-//! [`Interpreter::invalidate_code_page`]. Decoding allocates; executing does not.
+//! seeing the writes through a [`CodeMap`]: one `AtomicU32` per page of RAM with a "holds
+//! decoded code" bit and a write generation, shared by every interpreter of the VM
+//! ([`Interpreter::with_code_map`]) and by devices writing through vm-memory
+//! ([`CodeBitmap`], [`guest_memory`]). A block records its page's state when decoded and is
+//! used only while it is unchanged (one relaxed load at block entry). Writes to code pages
+//! never take the TLB fast path in any interpreter; a page becoming code bumps the map's
+//! epoch, and each interpreter drops its fast write entries when it sees a new epoch (once
+//! per block). An interpreter's own store to a code page bumps the generation after the
+//! store and ends the current block, so self-modifying code takes effect at the next
+//! instruction; without a shared map an interpreter builds a private one over the
+//! platform's RAM, and [`Interpreter::invalidate_code_page`] reports other writes.
+//! Decoding allocates; executing does not.
 //!
 //! # Memory and the software TLB
 //! A direct-mapped TLB (256 entries, one array per privilege context so CPL changes do not
@@ -71,9 +83,12 @@
 //! host atomics. Page-crossing accesses are split after translating both pages (a fault
 //! on the second page leaves the first untouched); non-RAM guest-physical addresses go to
 //! the platform's MMIO callbacks with the access size. The TLB is flushed on CR0/CR3/CR4/
-//! EFER writes, `invlpg`, at every call, and after every callback that hands the platform
-//! `&mut` (it could change its memory map): that is what keeps host pointers valid, see
-//! `hostmem`.
+//! EFER writes (a CR3 write flushes global pages too: they are not tracked); `invlpg`
+//! forgets one page (all of a large page's pieces, tracked as a short list). A `Tracked`
+//! interpreter keeps its TLB across calls that find the same control registers, and
+//! across platform callbacks, as long as guest RAM is mapped at the same host addresses
+//! (`platform::Layout`, compared exactly): that is what keeps host pointers valid, see
+//! `hostmem`. `Validate` interpreters flush at every call (KVM changes page tables).
 //!
 //! # Atomics and ordering
 //! Guest memory is shared with other vCPUs and devices. All guest accesses are host
@@ -93,36 +108,57 @@
 //! conversions) runs as the same instruction on the host's SSE unit under the guest's
 //! MXCSR, all exceptions masked, and the raised flags are applied to the guest MXCSR
 //! (unmasked ones raise #XM without writing the result). XSAVE layouts come from the
-//! guest's CPUID leaf 0xD.
+//! guest's CPUID leaf 0xD. x87 instructions (arithmetic, loads/stores of every format,
+//! compares, transcendentals, environment images) run as the same instruction on the
+//! host's x87 unit: the guest state goes in with `fxrstor64`, comes out with `fxsave64`,
+//! memory operands through a buffer, and the last-instruction/operand pointers are
+//! translated back to guest addresses (`exec/fpu/host`, a table of one stub per opcode
+//! and ModRM). Pending unmasked x87 exceptions raise #MF before a waiting instruction, so
+//! the host never takes one. MMX arithmetic runs the same way (normalised to `mm0, mm1`);
+//! MMX moves, shuffles and inserts are done in Rust.
 //!
 //! # Unsafe code
-//! `hostmem` holds every host pointer into guest RAM (page handles, the TLB, atomics) and
-//! argues their validity in one place. The only other `unsafe` is `exec/sse/hostfp`: one
-//! asm block per host SSE operation, each reading and writing only local buffers.
+//! `hostmem` holds every host pointer into guest RAM (page handles, the TLB, atomics, the
+//! host `rep movs`/`rep stos` that bulk string instructions become within a page) and
+//! argues their validity in one place. The only other `unsafe` is host FPU execution:
+//! `exec/sse/hostfp` (one asm block per host SSE operation on local buffers) and
+//! `exec/fpu/host` (the x87/MMX stub table, each stub touching only the frame it is given
+//! and restoring the host's FPU state).
 //!
 //! # Driving blocks (the software CPU)
-//! [`Interpreter::run`] already is the block loop: look up or decode the block at RIP,
-//! run its handlers back to back, stop on budget, `hlt` or an exception. The emu backend
-//! will add, between blocks: pending-interrupt checks (the budget bounds latency),
-//! exception/interrupt delivery through the IDT, `iretq`, `syscall`/`sysret`, far
-//! transfers and mode switches (handlers end the block when they change decoding, so the
-//! next lookup picks up the new mode). For SMP each vCPU thread owns an `Interpreter`;
-//! guest RAM is shared and accessed atomically as above; cross-vCPU code invalidation will
-//! need the code-page set to become shared (a page-indexed atomic bitmap) with
-//! invalidation requests queued to the owning interpreters.
+//! [`Interpreter::run_with`] is the block loop: look up or decode the block at RIP, run its
+//! handlers back to back, and between blocks check the stop conditions of [`RunLimits`]
+//! (budget, and with `stop_when_interruptible` an open interrupt window: IF = 1 and no
+//! interrupt shadow) and [`Platform::attention`] (every 256 instructions). Blocks end after
+//! anything that changes IF, CPL, the mode, CR0/CR3/CR4/EFER or the code being executed.
+//! `sti` (enabling interrupts) and `mov ss`/`pop ss` set [`CpuState::interrupt_shadow`],
+//! which lasts exactly one more instruction (with `stop_when_interruptible` that one runs
+//! alone). [`Interpreter::deliver`] delivers an [`Event`] (exception, external interrupt,
+//! NMI): 16-byte IDT gates in IA-32e mode (privilege change to the TSS's RSPn, IST stacks,
+//! 16-byte alignment, SS:RSP always pushed), 8-byte gates in protected mode (the TSS's
+//! SSn:ESPn), the IVT in real mode; #PF sets CR2; a fault while delivering combines into
+//! #DF as the SDM's table says, and a fault while delivering #DF is
+//! [`Fault::TripleFault`]. `iret`, `syscall`/`sysret`, far `jmp`/`call`/`ret` through code
+//! segments, `ltr`/`lldt`, descriptor probes and the control/debug registers complete
+//! the system instructions Linux uses; `rep movs`/`rep stos` over RAM run as host bulk
+//! copies page by page, restarting after 64 KiB so interrupts are not held off. Each vCPU
+//! thread owns an `Interpreter` (it is `Send`); guest RAM is shared and accessed
+//! atomically as above.
 //!
 //! # Not implemented (returned as [`Fault::Unsupported`] unless noted)
-//! x87 arithmetic (the registers are carried, saved and restored; fninit/fldcw/fnstcw/
-//! fnstsw/fnclex/fwait work), MMX, SSE3 and later, AVX/AVX-512 instructions (their state
-//! is carried, saved and restored), BMI/ADX, rdrand/rdseed, movbe, far call/jmp/ret,
-//! `iret`, `syscall`/`sysret`, `sysenter`, task switches, debug registers, `lldt`/`ltr`,
-//! `int1`. Not modelled: segment limit and type checks on ordinary accesses (flat
-//! segments assumed), alignment checking (#AC), MXCSR.MM (misaligned SSE), the TSS I/O
-//! permission bitmap (port I/O checks CPL <= IOPL only), LA57, XSAVE components other
-//! than x87/SSE/AVX/AVX-512/PKRU (saved as init, ignored on restore), and the exact
-//! flag state for SIMD exceptions that are unmasked (computed with exceptions masked).
+//! SSE3 and later, AVX/AVX-512 instructions (their state is carried, saved and restored),
+//! BMI/ADX, rdrand/rdseed, movbe, MMX-SSE conversions (cvtpi2ps & co), `sysenter`/
+//! `sysexit`, call gates, task gates and task switches (#GP), virtual-8086 mode (#GP),
+//! `int1`, breakpoints in the debug registers (stored only). Not modelled: segment limit
+//! and type checks on ordinary accesses (flat segments assumed), alignment checking (#AC),
+//! MXCSR.MM (misaligned SSE), the TSS I/O permission bitmap (port I/O checks CPL <= IOPL
+//! only), global pages (a CR3 write flushes everything), LA57, XSAVE components other than
+//! x87/SSE/AVX/AVX-512/PKRU (saved as init, ignored on restore), and the exact flag state
+//! for SIMD exceptions that are unmasked (computed with exceptions masked).
 
 mod cache;
+mod code;
+mod cpuid;
 mod decode;
 mod exception;
 mod exec;
@@ -134,10 +170,12 @@ mod mmu;
 mod platform;
 mod state;
 
-pub use exception::{Exception, Fault, UnsupportedInstruction};
+pub use code::{CodeBitmap, CodeMap, guest_memory};
+pub use cpuid::{CpuidLeaf, cpuid_lookup, emu_cpuid};
+pub use exception::{Event, Exception, Fault, UnsupportedInstruction};
 pub use iced_x86::Mnemonic;
-pub use interp::{CodeCoherence, Interpreter, RunExit, RunOutcome, Stats, StepOutcome};
+pub use interp::{CodeCoherence, Interpreter, RunExit, RunLimits, RunOutcome, Stats, StepOutcome};
 pub use platform::Platform;
 pub use state::{
-    CpuMode, CpuState, DescriptorTable, FpuState, Msrs, SegReg, Segment, ctl, gpr, msr, rflags,
+    CpuMode, CpuState, DescriptorTable, FpuState, Msrs, SegReg, Segment, ctl, dr, gpr, msr, rflags,
 };

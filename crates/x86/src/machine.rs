@@ -1,17 +1,14 @@
 //! The execution context handlers run against: a working copy of the registers, the lazy
 //! flags, the CPU state, the TLB and the platform; operand access helpers.
 
-use std::collections::HashSet;
-
-use crate::cache::FastHash;
+use crate::code::CodeMap;
 use crate::decode::{Cx, Insn};
-use crate::exception::Exception;
 use crate::flags::Flags;
-use crate::hostmem::Tlb;
-use crate::platform::Bus;
+use crate::hostmem::{HostPage, Tlb};
+use crate::platform::{Bus, Layout};
 use crate::state::{CpuMode, CpuState, SegReg, ctl, rflags};
 
-pub(crate) type R<T = ()> = Result<T, Exception>;
+pub(crate) type R<T = ()> = Result<T, crate::exception::Ex>;
 
 /// Index of RIP in [`Machine::regs`]; while an instruction executes it holds the address of
 /// the *next* instruction (what RIP-relative addressing and relative branches add to).
@@ -46,18 +43,28 @@ pub(crate) struct Machine<'a> {
     pub cpu: &'a mut CpuState,
     pub tlb: &'a mut Tlb,
     pub bus: &'a mut dyn Bus,
-    /// Guest-physical pages holding decoded code (writes to them invalidate it).
-    pub code_pages: &'a mut HashSet<u64, FastHash>,
+    /// Which guest-physical pages hold decoded code (None: the caller validates blocks
+    /// by their bytes instead).
+    pub code: Option<&'a CodeMap>,
+    /// The code map's epoch the TLB's fast write entries are valid for.
+    pub code_epoch: u64,
     /// TLB context: 1 at CPL 3, else 0.
     pub tlb_set: usize,
     /// Mode the code decodes in, derived from CR0/EFER/CS.
     pub mode: CpuMode,
+    /// `mode` as the code cache tags blocks with it (0: 16-bit, 1: 32-bit, 2: 64-bit).
+    pub mode_tag: u64,
+    /// Instruction-pointer width mask of `mode`.
+    pub ip_mask: u64,
     /// Stack address size mask (RSP, ESP or SP), from the mode and SS.B.
     pub stack_mask: u64,
     pub exit: u8,
     pub stop: Option<StopReason>,
-    /// Code pages written by the current instruction, for the cache to invalidate.
+    /// Code pages this interpreter wrote during the current block, for its cache to drop
+    /// (other interpreters notice through the code map).
     pub smc: Vec<u64>,
+    /// Guest RAM's host mappings the TLB's host pointers were taken from.
+    pub layout: Layout,
 }
 
 impl<'a> Machine<'a> {
@@ -65,8 +72,7 @@ impl<'a> Machine<'a> {
         cpu: &'a mut CpuState,
         tlb: &'a mut Tlb,
         bus: &'a mut dyn Bus,
-        code_pages: &'a mut HashSet<u64, FastHash>,
-        smc: Vec<u64>,
+        code: Option<&'a CodeMap>,
     ) -> Self {
         let mut regs = [0; 32];
         regs[..16].copy_from_slice(&cpu.gpr);
@@ -79,13 +85,17 @@ impl<'a> Machine<'a> {
             cpu,
             tlb,
             bus,
-            code_pages,
+            code,
+            code_epoch: 0,
             tlb_set: 0,
             mode: CpuMode::Real,
+            mode_tag: 0,
+            ip_mask: 0xffff,
             stack_mask: u64::MAX,
             exit: 0,
             stop: None,
-            smc,
+            smc: Vec::new(),
+            layout: Layout::UNKNOWN,
         };
         m.reload_segments();
         m
@@ -107,6 +117,11 @@ impl<'a> Machine<'a> {
     /// level; called after anything that loads a segment or changes CPL/mode.
     pub(crate) fn reload_segments(&mut self) {
         self.mode = self.cpu.mode();
+        (self.mode_tag, self.ip_mask) = match self.mode.bitness() {
+            16 => (0, 0xffff),
+            32 => (1, 0xffff_ffff),
+            _ => (2, u64::MAX),
+        };
         let long = self.mode == CpuMode::Long64;
         self.stack_mask = if long {
             u64::MAX
@@ -238,17 +253,44 @@ impl<'a> Machine<'a> {
     }
 
     /// Runs a platform callback. The callback gets `&mut` to the platform, which could
-    /// change its guest memory, so cached host pointers are dropped afterwards
-    /// (see `hostmem`).
+    /// change its guest memory: cached host pointers are dropped afterwards unless guest
+    /// RAM is still mapped where it was (see `hostmem`).
     pub(crate) fn platform<T>(&mut self, f: impl FnOnce(&mut dyn Bus) -> T) -> T {
         let r = f(self.bus);
-        self.tlb.flush();
+        let now = self.bus.layout();
+        if !now.same(&self.layout) {
+            self.tlb.flush();
+            self.layout = now;
+        }
         r
+    }
+
+    /// The host mapping of a guest-physical RAM page. Reads use the cached layout of guest
+    /// RAM (no region search); writes ask vm-memory, which marks the page dirty.
+    #[inline]
+    pub(crate) fn ram_page(&self, gpa_page: u64, write: bool) -> Option<HostPage> {
+        if !write && let Some(h) = HostPage::in_layout(&self.layout, gpa_page) {
+            return Some(h);
+        }
+        self.bus.ram_page(gpa_page, write)
     }
 
     /// Ends the current block after this instruction.
     pub(crate) fn end_block(&mut self) {
         self.exit |= EXIT_BLOCK;
+    }
+
+    /// Drops the TLB's fast write entries if a page became code since they were made
+    /// (possibly in another interpreter): writes to code pages must take the slow path.
+    #[inline(always)]
+    pub(crate) fn check_code_epoch(&mut self) {
+        if let Some(map) = self.code {
+            let e = map.epoch();
+            if e != self.code_epoch {
+                self.code_epoch = e;
+                self.tlb.drop_fast_writes();
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! fills, and the memory-access slow paths (TLB misses, page-crossing accesses, MMIO,
 //! locked read-modify-writes).
 
-use crate::exception::{Exception, pf};
+use crate::exception::{Ex, Exception, pf};
 use crate::hostmem::{Fill, HostPage, PAGE, PAGE_MASK, perm};
 use crate::machine::{EXIT_BLOCK, Machine, R, Width};
 use crate::state::{ctl, rflags};
@@ -97,7 +97,7 @@ impl Machine<'_> {
     /// Translates `lin` for `acc`, through the TLB or a walk (which fills the TLB).
     pub(crate) fn translate(&mut self, lin: u64, acc: Access) -> R<Target> {
         if self.long_mode() && !canonical(lin) {
-            return Err(Exception::GeneralProtection(0));
+            return Err(Exception::GeneralProtection(0).into());
         }
         let off = lin & 0xfff;
         let ac = self.cpu.rflags & rflags::AC != 0;
@@ -106,15 +106,24 @@ impl Machine<'_> {
             // RAM, a host handle looked up for writing (dirty logging).
             let write_ready = p & perm::DIRTY != 0 && (host.is_none() || p & perm::HOST_WRITE != 0);
             if self.permits(p, acc, ac) && (acc != Access::Write || write_ready) {
+                if acc == Access::Write
+                    && host.is_some()
+                    && self.permits(p, Access::Write, false)
+                    && !self.code.is_some_and(|c| c.is_code(gpa))
+                {
+                    // Fast writes were dropped (a page somewhere became code) and this one
+                    // holds none: let the next writes go straight to it again.
+                    self.tlb.arm_write(self.tlb_set, lin);
+                }
                 return Ok(Target {
                     gpa: gpa | off,
                     host,
                 });
             }
         }
-        let (gpa, mut p) = self.walk(lin, acc)?;
+        let (gpa, mut p, page_size) = self.walk(lin, acc)?;
         let write = acc == Access::Write;
-        let host = self.bus.ram_page(gpa, write);
+        let host = self.ram_page(gpa, write);
         if write {
             p |= perm::HOST_WRITE;
         }
@@ -122,7 +131,7 @@ impl Machine<'_> {
         let fast_write = self.permits(p, Access::Write, false)
             && p & perm::DIRTY != 0
             && write
-            && !self.code_pages.contains(&gpa);
+            && !self.code.is_some_and(|c| c.is_code(gpa));
         self.tlb.fill(
             self.tlb_set,
             Fill {
@@ -132,6 +141,7 @@ impl Machine<'_> {
                 host,
                 fast_read,
                 fast_write,
+                page_size,
             },
         );
         Ok(Target {
@@ -141,7 +151,7 @@ impl Machine<'_> {
     }
 
     fn phys_read(&mut self, gpa: u64, n: usize) -> u64 {
-        match self.bus.ram_page(gpa & PAGE_MASK, false) {
+        match self.ram_page(gpa & PAGE_MASK, false) {
             Some(h) => load_dyn(h, (gpa & 0xfff) as usize, n),
             None => {
                 let mut b = [0u8; 8];
@@ -153,19 +163,25 @@ impl Machine<'_> {
 
     /// Sets accessed/dirty bits in a paging entry, atomically (other vCPUs share it).
     fn set_pte_bits(&mut self, gpa: u64, wide: bool, bits: u64) {
-        if let Some(h) = self.bus.ram_page(gpa & PAGE_MASK, true) {
+        // The layout's mapping (the same pages): A/D updates need no dirty marking.
+        let page = gpa & PAGE_MASK;
+        let host =
+            HostPage::in_layout(&self.layout, page).or_else(|| self.bus.ram_page(page, true));
+        if let Some(h) = host {
             let off = (gpa & 0xfff) as usize;
             if wide {
                 h.fetch_or64(off, bits);
             } else {
                 h.fetch_or32(off, bits as u32);
             }
+            self.note_write(gpa);
         }
     }
 
     /// Walks the guest page tables. Returns the guest-physical page and the effective
     /// permissions (plus DIRTY when the final entry is dirty), or the #PF to raise.
-    pub(crate) fn walk(&mut self, lin: u64, acc: Access) -> R<(u64, u8)> {
+    /// Also returns the size of the page that maps `lin` (4 KiB, 2/4 MiB, 1 GiB).
+    pub(crate) fn walk(&mut self, lin: u64, acc: Access) -> R<(u64, u8, u64)> {
         let (cr0, cr3, cr4, efer) = (self.cpu.cr0, self.cpu.cr3, self.cpu.cr4, self.cpu.efer);
         let all = perm::WRITE | perm::USER | perm::EXEC | perm::DIRTY;
         if cr0 & ctl::CR0_PG == 0 {
@@ -174,7 +190,7 @@ impl Machine<'_> {
             } else {
                 lin & 0xffff_ffff
             };
-            return Ok((a & PAGE_MASK, all));
+            return Ok((a & PAGE_MASK, all, PAGE as u64));
         }
         let user = self.user();
         let write = acc == Access::Write;
@@ -184,13 +200,16 @@ impl Machine<'_> {
         if fetch && (nxe || cr4 & ctl::CR4_SMEP != 0) {
             ec |= pf::FETCH;
         }
-        let fault = |code: u32| Exception::PageFault {
-            address: lin,
-            error_code: code,
+        let fault = |code: u32| -> Ex {
+            Exception::PageFault {
+                address: lin,
+                error_code: code,
+            }
+            .into()
         };
 
         // (entry address, 8-byte entry?) of every level used, for the A/D updates.
-        let mut used: [(u64, bool); 4] = [(0, true); 4];
+        let mut used: [(u64, bool, u64); 4] = [(0, true, 0); 4];
         let mut nused = 0;
         let mut p = perm::WRITE | perm::USER | perm::EXEC;
         let (mut table, wide, shifts): (u64, bool, &[u32]) = if efer & ctl::EFER_LMA != 0 {
@@ -209,6 +228,7 @@ impl Machine<'_> {
         let (bits_per, esize) = if wide { (9, 8) } else { (10, 4) };
         let mut frame = 0;
         let mut last = 0;
+        let mut page_size = PAGE as u64;
         for (level, &shift) in shifts.iter().enumerate() {
             let idx = (lin >> shift) & ((1 << bits_per) - 1);
             let addr = table + idx * esize;
@@ -237,12 +257,13 @@ impl Machine<'_> {
             if wide && nxe && e & PTE_NX != 0 {
                 p &= !perm::EXEC;
             }
-            used[nused] = (addr, wide);
+            used[nused] = (addr, wide, e);
             nused += 1;
             last = e;
             let is_large = large && (wide || cr4 & ctl::CR4_PSE != 0);
             if leaf_level || is_large {
                 let size = 1u64 << shift;
+                page_size = size;
                 frame = if wide {
                     (e & ADDR_MASK & !(size - 1)) | (lin & (size - 1) & PAGE_MASK)
                 } else if is_large {
@@ -261,31 +282,33 @@ impl Machine<'_> {
         if !self.permits(p, acc, self.cpu.rflags & rflags::AC != 0) {
             return Err(fault(ec | pf::PRESENT));
         }
-        for &(addr, w) in &used[..nused] {
-            let e = self.phys_read(addr, if w { 8 } else { 4 });
+        // Entries read with A clear get it set (atomically, so racing walkers agree).
+        for &(addr, w, e) in &used[..nused] {
             if e & PTE_A == 0 {
                 self.set_pte_bits(addr, w, PTE_A);
             }
         }
         let mut dirty = last & PTE_D != 0;
         if write && !dirty {
-            let (addr, w) = used[nused - 1];
+            let (addr, w, _) = used[nused - 1];
             self.set_pte_bits(addr, w, PTE_D);
             dirty = true;
         }
         if dirty {
             p |= perm::DIRTY;
         }
-        Ok((frame, p))
+        Ok((frame, p, page_size))
     }
 
-    /// Records a write to guest-physical `gpa`: if the page holds decoded code, the cache
-    /// must drop it and the current block must end.
+    /// Records a completed write to guest-physical `gpa` (RAM): if the page held decoded
+    /// code, its blocks become stale everywhere and the current block ends (it may be one
+    /// of them).
     #[inline]
-    fn note_write(&mut self, gpa: u64) {
-        let page = gpa & PAGE_MASK;
-        if self.code_pages.contains(&page) {
-            self.smc.push(page);
+    pub(crate) fn note_write(&mut self, gpa: u64) {
+        if let Some(c) = self.code
+            && c.cpu_wrote(gpa)
+        {
+            self.smc.push(gpa & PAGE_MASK);
             self.exit |= EXIT_BLOCK;
         }
     }
@@ -312,9 +335,11 @@ impl Machine<'_> {
     pub(crate) fn write_slow(&mut self, lin: u64, n: usize, v: u64) -> R {
         if (lin & 0xfff) as usize + n <= PAGE {
             let t = self.translate(lin, Access::Write)?;
-            self.note_write(t.gpa);
             match t.host {
-                Some(h) => store_dyn(h, (lin & 0xfff) as usize, n, v),
+                Some(h) => {
+                    store_dyn(h, (lin & 0xfff) as usize, n, v);
+                    self.note_write(t.gpa);
+                }
                 None => {
                     let b = v.to_le_bytes();
                     self.platform(|p| p.mmio_write(t.gpa, &b[..n]));
@@ -372,9 +397,11 @@ impl Machine<'_> {
     }
 
     fn copy_in(&mut self, t: Target, data: &[u8]) {
-        self.note_write(t.gpa);
         match t.host {
-            Some(h) => h.write_bytes((t.gpa & 0xfff) as usize, data),
+            Some(h) => {
+                h.write_bytes((t.gpa & 0xfff) as usize, data);
+                self.note_write(t.gpa);
+            }
             None => self.platform(|p| p.mmio_write(t.gpa, data)),
         }
     }
@@ -411,14 +438,15 @@ impl Machine<'_> {
         if (lin & 0xfff) as usize + n <= PAGE {
             let t = self.translate(lin, Access::Write)?;
             if let Some(h) = t.host {
-                self.note_write(t.gpa);
                 let off = (lin & 0xfff) as usize;
-                return Ok(match n {
+                let old = match n {
                     1 => h.update::<1>(off, f),
                     2 => h.update::<2>(off, f),
                     4 => h.update::<4>(off, f),
                     _ => h.update::<8>(off, f),
-                });
+                };
+                self.note_write(t.gpa);
+                return Ok(old);
             }
         }
         // A split-page or MMIO locked access: serialise against other split locks.

@@ -38,6 +38,7 @@ pub mod ctl {
     pub const CR0_WP: u64 = 1 << 16;
     pub const CR0_AM: u64 = 1 << 18;
     pub const CR0_PG: u64 = 1 << 31;
+    pub const CR4_DE: u64 = 1 << 3;
     pub const CR4_PSE: u64 = 1 << 4;
     pub const CR4_PAE: u64 = 1 << 5;
     pub const CR4_PGE: u64 = 1 << 7;
@@ -285,6 +286,28 @@ pub struct CpuState {
     pub xcr0: u64,
     pub msr: Msrs,
     pub fpu: FpuState,
+    /// DR0-DR7 (DR4 and DR5 alias DR6 and DR7 and are not used). Stored only: the
+    /// interpreter raises no debug exceptions.
+    #[serde(default = "default_dr")]
+    pub dr: [u64; 8],
+    /// Maskable interrupts (and NMIs) are blocked until the next instruction completes:
+    /// the previous one was `sti` enabling interrupts, or `mov ss`/`pop ss`. `run` keeps it
+    /// up to date; event delivery clears it.
+    #[serde(default)]
+    pub interrupt_shadow: bool,
+}
+
+/// DR6 and DR7 after reset: their fixed bits.
+fn default_dr() -> [u64; 8] {
+    [0, 0, 0, 0, 0, 0, dr::DR6_FIXED, dr::DR7_FIXED]
+}
+
+/// Debug-register constants.
+pub mod dr {
+    /// Bits of DR6 that read as one.
+    pub const DR6_FIXED: u64 = 0xffff_0ff0;
+    /// Bit 10 of DR7 reads as one.
+    pub const DR7_FIXED: u64 = 0x400;
 }
 
 impl Default for CpuState {
@@ -332,6 +355,8 @@ impl Default for CpuState {
                 ..Msrs::default()
             },
             fpu: FpuState::default(),
+            dr: default_dr(),
+            interrupt_shadow: false,
         }
     }
 }
@@ -367,6 +392,21 @@ impl CpuState {
         s.rip = 0;
         s.cr0 = ctl::CR0_PE | ctl::CR0_MP | 1 << 4;
         s.cr4 = ctl::CR4_OSFXSR | ctl::CR4_OSXMMEXCPT;
+        s
+    }
+
+    /// The state of an application processor after INIT and a startup IPI with `vector`:
+    /// real mode at `vector << 12` (CS = vector << 8, IP = 0), everything else as after
+    /// reset.
+    pub fn startup_ipi(vector: u8) -> Self {
+        let mut s = CpuState::default();
+        s.seg[SegReg::Cs as usize] = Segment {
+            selector: u16::from(vector) << 8,
+            base: u64::from(vector) << 12,
+            limit: 0xffff,
+            attr: 0xb | Segment::ATTR_S | Segment::ATTR_P,
+        };
+        s.rip = 0;
         s
     }
 

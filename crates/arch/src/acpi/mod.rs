@@ -13,7 +13,7 @@ use acpi_tables::madt::{
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::{Aml, AmlSink, facs::FACS, rsdp::Rsdp, xsdt::XSDT};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::layout::{self, ports};
@@ -109,7 +109,7 @@ impl AcpiTables {
         })
     }
 
-    pub fn write(&self, mem: &GuestMemoryMmap) -> Result<u64, AcpiError> {
+    pub fn write<M: GuestMemoryBackend>(&self, mem: &M) -> Result<u64, AcpiError> {
         for (addr, bytes) in &self.blobs {
             mem.write_slice(bytes, GuestAddress(*addr))
                 .map_err(|_| AcpiError::Write)?;

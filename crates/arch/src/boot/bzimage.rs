@@ -7,7 +7,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{KernelLoader, bzimage::BzImage};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{BootError, BootSpec, KernelFormat, LoadedKernel, paging, place_initrd};
 use crate::e820;
@@ -22,8 +22,8 @@ const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 /// The 64-bit entry sits 0x200 bytes into the protected-mode kernel.
 const STARTUP_64_OFFSET: u64 = 0x200;
 
-pub(super) fn load(
-    mem: &GuestMemoryMmap,
+pub(super) fn load<M: GuestMemoryBackend>(
+    mem: &M,
     spec: &BootSpec,
     initrd: Option<&[u8]>,
 ) -> Result<LoadedKernel, BootError> {
@@ -90,7 +90,7 @@ pub(super) fn load(
         };
     }
     params.e820_entries = map.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<M>(
         &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE_START)),
         mem,
     )

@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::entry::EntryState;
 use crate::layout;
@@ -107,7 +107,7 @@ pub fn detect(path: &Path) -> Result<KernelFormat, BootError> {
 }
 
 /// Loads kernel, command line and initrd into `mem` and returns the entry state.
-pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<LoadedKernel, BootError> {
+pub fn load<M: GuestMemoryBackend>(mem: &M, spec: &BootSpec) -> Result<LoadedKernel, BootError> {
     let format = detect(spec.kernel)?;
     write_cmdline(mem, spec.cmdline)?;
     let initrd = match spec.initrd {
@@ -160,7 +160,7 @@ fn read_initrd(path: &Path) -> Result<Vec<u8>, BootError> {
     Ok(data)
 }
 
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &str) -> Result<(), BootError> {
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
@@ -178,8 +178,8 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> 
 
 /// Places the initrd as high as possible below `limit` and above `floor`, page-aligned
 /// (what bootloaders do, so the kernel's own decompression never runs into it).
-fn place_initrd(
-    mem: &GuestMemoryMmap,
+fn place_initrd<M: GuestMemoryBackend>(
+    mem: &M,
     data: &[u8],
     floor: u64,
     limit: u64,

@@ -1,7 +1,7 @@
 //! The boot GDT and the identity-mapping page tables the 64-bit entry runs on.
 
 use crate::layout;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::BootError;
 
@@ -24,7 +24,7 @@ pub const GDT_PROTECTED_MODE: [u64; layout::GDT_ENTRIES] = [
     0x0000_8b00_0000_0067,
 ];
 
-pub fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), BootError> {
+pub fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<(), BootError> {
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(layout::GDT_START + i as u64 * 8))
             .map_err(|_| BootError::NoRoomForBootStructures)?;
@@ -35,7 +35,7 @@ pub fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), BootError> {
 
 /// Identity-maps the first 4 GiB with 2 MiB pages: enough for the kernel, its
 /// boot_params, command line and initrd wherever they sit in low memory.
-pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64, BootError> {
+pub fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<u64, BootError> {
     let w = |value: u64, addr: u64| {
         mem.write_obj(value, GuestAddress(addr))
             .map_err(|_| BootError::NoRoomForBootStructures)
@@ -67,7 +67,8 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_4gib() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let cr3 = write_identity_page_tables(&mem).unwrap();
         // Walk a few addresses by hand: PML4 -> PDPT -> PD (2 MiB page).
         for addr in [0u64, 0x1234_5678, 0xbfff_ffff, 0xfee0_0000] {

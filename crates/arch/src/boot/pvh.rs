@@ -9,7 +9,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{Elf, KernelLoader, elf::PvhBootCapability};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{BootError, BootSpec, KernelFormat, LoadedKernel, paging, place_initrd};
 use crate::e820;
@@ -18,8 +18,8 @@ use crate::layout;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
-pub(super) fn load(
-    mem: &GuestMemoryMmap,
+pub(super) fn load<M: GuestMemoryBackend>(
+    mem: &M,
     spec: &BootSpec,
     initrd: Option<&[u8]>,
 ) -> Result<LoadedKernel, BootError> {
@@ -86,7 +86,7 @@ pub(super) fn load(
     if !modules.is_empty() {
         params.set_modules(&modules, GuestAddress(layout::PVH_MODLIST_START));
     }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+    PvhBootConfigurator::write_bootparams::<M>(&params, mem)
         .map_err(|_| BootError::NoRoomForBootStructures)?;
 
     paging::write_gdt(mem, &paging::GDT_PROTECTED_MODE)?;

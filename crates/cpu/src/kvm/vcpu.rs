@@ -4,7 +4,9 @@ use arch::cpuid::CpuidEntry;
 use arch::entry::EntryState;
 use kvm_bindings::{CpuId, Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::GuestMemory;
 
 use super::{KvmError, ioctl, regs};
 use crate::exit::{Exit, FatalExit};
@@ -25,7 +27,7 @@ pub struct KvmVcpu {
     index: u8,
     kick: KickFlag,
     /// For reading instruction bytes in fatal-exit reports.
-    mem: Option<GuestMemoryMmap>,
+    mem: Option<GuestMemory>,
     /// The CPUID table given to KVM (the interpreter answers CPUID from it too).
     cpuid: Vec<CpuidEntry>,
     /// The state as last read, so writing back touches only what changed.
@@ -96,7 +98,7 @@ impl KvmVcpu {
     }
 
     /// Lets fatal-exit reports read the instruction bytes at RIP.
-    pub fn with_memory(mut self, mem: GuestMemoryMmap) -> Self {
+    pub fn with_memory(mut self, mem: GuestMemory) -> Self {
         self.mem = Some(mem);
         self
     }

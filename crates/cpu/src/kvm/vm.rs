@@ -7,7 +7,9 @@ use arch::layout;
 use kvm_bindings::{CpuId, kvm_userspace_memory_region};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::GuestMemory;
 
 use super::vcpu::KvmVcpu;
 use super::{KvmError, ioctl};
@@ -48,7 +50,7 @@ impl Kvm {
     }
 
     /// A VM over `mem`, with KVM's interrupt controllers and PIT.
-    pub fn create_vm(&self, mem: &GuestMemoryMmap) -> Result<KvmVm, KvmError> {
+    pub fn create_vm(&self, mem: &GuestMemory) -> Result<KvmVm, KvmError> {
         let fd = self.kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region

@@ -79,8 +79,9 @@ pub struct VmArgs {
     /// Guest memory, e.g. 256M or 2G.
     #[arg(long, default_value = "512M", value_name = "SIZE")]
     memory: String,
-    /// CPU backend.
-    #[arg(long, value_enum, default_value_t = AccelArg::Kvm)]
+    /// CPU backend: kvm, emu (vessel's software CPU), or auto (kvm with VT-x/AMD-V,
+    /// emu otherwise).
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
     /// A virtio-blk disk (raw image): `path=FILE[,readonly=on][,id=NAME]`. Repeatable;
     /// the first is /dev/vda.
@@ -130,12 +131,30 @@ impl VmArgs {
 enum AccelArg {
     /// Linux KVM (/dev/kvm).
     Kvm,
+    /// vessel's software CPU (no hardware virtualization needed).
+    Emu,
+    /// KVM with VT-x/AMD-V, the software CPU otherwise.
+    Auto,
 }
 
 impl AccelArg {
     fn name(self) -> &'static str {
         match self {
             AccelArg::Kvm => "kvm",
+            AccelArg::Emu => "emu",
+            AccelArg::Auto => "auto",
+        }
+    }
+
+    /// The backend to use, and for `auto` the line that says which and why.
+    fn resolve(self) -> (vmm::Accel, Option<String>) {
+        match self {
+            AccelArg::Kvm => (vmm::Accel::Kvm, None),
+            AccelArg::Emu => (vmm::Accel::Emu, None),
+            AccelArg::Auto => {
+                let (accel, why) = vmm::choose_accel();
+                (accel, Some(format!("accel: {why}")))
+            }
         }
     }
 }

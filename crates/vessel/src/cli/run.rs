@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use vmm::{Accel, VmConfig, VmOutcome};
+use vmm::{VmConfig, VmOutcome};
 
-use super::{AccelArg, CliResult, Failure, VmArgs};
+use super::{CliResult, Failure, VmArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -51,20 +51,25 @@ pub fn run(args: RunArgs) -> CliResult {
         }
     };
     let (disks, nets) = a.devices()?;
+    let (accel, why) = a.accel.resolve();
     let config = VmConfig {
         kernel,
         initrd,
         cmdline,
         cpus: a.cpus,
         memory,
-        accel: match a.accel {
-            AccelArg::Kvm => Accel::Kvm,
-        },
+        accel,
         disks,
         nets,
         rng: a.rng,
     };
-    let (outcome, metrics) = vmm::run(&config).map_err(Failure::usage)?;
+    // Said once the VM is built, so that a bad argument is still the only line.
+    let (outcome, metrics) = vmm::run(&config, || {
+        if let Some(why) = &why {
+            eprintln!("vessel: {why}");
+        }
+    })
+    .map_err(Failure::usage)?;
     eprintln!("vessel: {outcome}");
     if args.stats {
         for line in metrics.summary().lines() {

@@ -143,7 +143,14 @@ pub fn run_with_input(mut cmd: Command, input: Option<&[&[u8]]>, deadline: Durat
     }
 }
 
-/// Boots `kernel` (a file) with extra `args`, on KVM.
+/// Boots `kernel` (a file) on KVM, whatever `--accel auto` would choose.
+pub fn boot_kvm(kernel: &Path, args: &[&str], deadline: Duration) -> Finished {
+    let mut all = vec!["--accel", "kvm"];
+    all.extend_from_slice(args);
+    boot(kernel, &all, deadline)
+}
+
+/// Boots `kernel` (a file) with extra `args`.
 pub fn boot(kernel: &Path, args: &[&str], deadline: Duration) -> Finished {
     let mut cmd = vessel();
     cmd.arg("run").arg("--kernel").arg(kernel).args(args);

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use arch::entry::EntryState;
 use arch::layout::ports;
+use cpu::GuestMemory;
 use cpu::Vcpu;
 use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq, KvmMsi};
 use devices::IrqLine;
-use vm_memory::GuestMemoryMmap;
 
 use super::Backend;
 use crate::config::VmConfig;
@@ -16,7 +16,7 @@ use crate::error::VmError;
 
 pub(crate) fn backend(
     config: &VmConfig,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     entry: &EntryState,
 ) -> Result<Backend, VmError> {
     let kvm = Kvm::open()?;

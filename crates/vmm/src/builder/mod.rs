@@ -1,6 +1,7 @@
 //! Assembles a VM from its config: guest memory, ACPI, the kernel, the backend, the
 //! device model on its buses, and the vCPUs.
 
+mod emu;
 mod kvm;
 mod virtio;
 
@@ -10,16 +11,15 @@ use std::sync::{Arc, Mutex};
 use arch::acpi::{AcpiConfig, AcpiTables};
 use arch::boot::{self, BootSpec};
 use arch::layout::{self, ports};
-use cpu::Vcpu;
+use cpu::{GuestMemory, Vcpu};
 use devices::bus::SharedDevice;
 use devices::interrupt::MsiSink;
 use devices::legacy::{BootTimer, Cmos, I8042, ResetControl, Serial};
 use devices::pci::{ConfigAddressPort, Ecam, PciRoot};
 use devices::{Bus, GuestRequest, IrqLine, RequestSink, acpi_pm::AcpiPm};
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
+use x86::CodeMap;
 
 use crate::config::{Accel, VmConfig};
 use crate::error::VmError;
@@ -53,13 +53,15 @@ impl std::io::Write for CountingOutput {
     }
 }
 
-/// Guest RAM laid out around the 32-bit MMIO hole.
-pub fn guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
+/// Guest RAM laid out around the 32-bit MMIO hole, with the map of which pages hold
+/// code the software CPU decoded (every write through vm-memory is reported to it).
+pub fn guest_memory(size: u64) -> Result<(GuestMemory, Arc<CodeMap>), VmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+    let code = Arc::new(CodeMap::new(&ranges));
+    let mem = x86::guest_memory(&ranges, &code).map_err(|e| VmError::Memory {
         mib: size >> 20,
         reason: e.to_string(),
     })?;
@@ -71,13 +73,13 @@ pub fn guest_memory(size: u64) -> Result<GuestMemoryMmap, VmError> {
             unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
         }
     }
-    Ok(mem)
+    Ok((mem, code))
 }
 
 /// Builds a ready-to-run VM.
 pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
     config.validate()?;
-    let mem = guest_memory(config.memory)?;
+    let (mem, code) = guest_memory(config.memory)?;
     let acpi = AcpiTables::build(&AcpiConfig {
         cpus: config.cpus as u8,
         ram_size: config.memory,
@@ -103,6 +105,7 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
 
     let mut backend = match config.accel {
         Accel::Kvm => kvm::backend(config, &mem, &loaded.entry)?,
+        Accel::Emu => emu::backend(config, &mem, &code, &loaded.entry)?,
     };
     let (events_tx, events_rx) = mpsc::channel();
     let metrics = Arc::new(Metrics::new());
@@ -174,8 +177,8 @@ impl Platform {
         events: Sender<VmEvent>,
         console: Box<dyn std::io::Write + Send>,
         backend: &mut Backend,
-        virtio: Vec<Box<dyn devices::virtio::VirtioDevice<GuestMemoryMmap>>>,
-        mem: &GuestMemoryMmap,
+        virtio: Vec<Box<dyn devices::virtio::VirtioDevice<GuestMemory>>>,
+        mem: &GuestMemory,
     ) -> Result<Self, VmError> {
         let events = Mutex::new(events);
         let requests: RequestSink = Arc::new(move |r: GuestRequest| {

@@ -4,13 +4,13 @@
 
 use std::sync::{Arc, Mutex};
 
+use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
 use devices::virtio::block::VirtioBlock;
 use devices::virtio::net::{VirtioNet, generated_mac};
 use devices::virtio::rng::VirtioRng;
 use devices::virtio::{VirtioDevice, VirtioPciDevice};
 use devices::{Bus, BusDevice};
-use vm_memory::GuestMemoryMmap;
 
 use super::Backend;
 use crate::config::VmConfig;
@@ -19,8 +19,8 @@ use crate::error::VmError;
 /// Opens the config's devices: disk images, TAP interfaces, the entropy source.
 pub(super) fn devices(
     config: &VmConfig,
-) -> Result<Vec<Box<dyn VirtioDevice<GuestMemoryMmap>>>, VmError> {
-    let mut out: Vec<Box<dyn VirtioDevice<GuestMemoryMmap>>> = Vec::new();
+) -> Result<Vec<Box<dyn VirtioDevice<GuestMemory>>>, VmError> {
+    let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     for disk in &config.disks {
         let dev = VirtioBlock::new(disk)
             .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
@@ -39,8 +39,8 @@ pub(super) fn devices(
 
 /// Puts `devices` on the root complex and the MMIO bus.
 pub(super) fn attach(
-    devices: Vec<Box<dyn VirtioDevice<GuestMemoryMmap>>>,
-    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn VirtioDevice<GuestMemory>>>,
+    mem: &GuestMemory,
     root: &Mutex<PciRoot>,
     mmio: &mut Bus,
     backend: &Backend,

@@ -6,7 +6,7 @@ use iced_x86::{Instruction, Mnemonic as Mn};
 use crate::decode::{Cx, Handler, Insn, K, kind, op_size};
 use crate::exception::Exception;
 use crate::flags::{FlagOp, Flags};
-use crate::hostmem::{PAGE_MASK, split_lock};
+use crate::hostmem::split_lock;
 use crate::machine::{Machine, R, W32, W64, Width};
 use crate::mmu::Access;
 use crate::state::rflags::ZF;
@@ -91,18 +91,16 @@ fn cmpxchg8b(m: &mut Machine, i: &Insn) -> R {
 fn cmpxchg16b(m: &mut Machine, i: &Insn) -> R {
     let lin = m.ea(i);
     if lin & 15 != 0 {
-        return Err(Exception::GeneralProtection(0));
+        return Err(Exception::GeneralProtection(0).into());
     }
     let cmp = (u128::from(m.regs[2]) << 64) | u128::from(m.regs[0]);
     let new = (u128::from(m.regs[1]) << 64) | u128::from(m.regs[3]);
     let t = m.translate(lin, Access::Write)?;
     let result = match t.host {
         Some(h) => {
-            if m.code_pages.contains(&(t.gpa & PAGE_MASK)) {
-                m.smc.push(t.gpa & PAGE_MASK);
-                m.end_block();
-            }
-            h.compare_exchange16((lin & 0xfff) as usize, cmp, new)
+            let r = h.compare_exchange16((lin & 0xfff) as usize, cmp, new);
+            m.note_write(t.gpa);
+            r
         }
         None => {
             // MMIO: no host atomic exists; serialise with other split/MMIO locked ops.

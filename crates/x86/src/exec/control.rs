@@ -13,7 +13,7 @@ use crate::mmu::canonical;
 fn branch<W: Width>(m: &mut Machine, target: u64) -> R {
     let t = target & W::MASK;
     if W::BYTES == 8 && !canonical(t) {
-        return Err(Exception::GeneralProtection(0));
+        return Err(Exception::GeneralProtection(0).into());
     }
     m.set_rip(t);
     Ok(())
@@ -27,10 +27,18 @@ fn jmp_rel<W: Width>(m: &mut Machine, i: &Insn) -> R {
 
 /// jcc with the condition fixed at decode time, so the flag test folds to the few
 /// instructions that condition needs.
+/// Conditional branches do not end their block: when one is taken, it ends the block
+/// here (the instructions after it in the block are the fall-through path).
+#[inline(always)]
+fn take(m: &mut Machine, i: &Insn, mask: u64) {
+    let t = m.rip().wrapping_add(i.imm) & mask;
+    m.set_rip(t);
+    m.end_block();
+}
+
 fn jcc<W: Width, const CC: u8>(m: &mut Machine, i: &Insn) -> R {
     if m.flags.cond(CC) {
-        let t = m.rip().wrapping_add(i.imm) & W::MASK;
-        m.set_rip(t);
+        take(m, i, W::MASK);
     }
     Ok(())
 }
@@ -53,7 +61,7 @@ fn call_ind<W: Width, S: Loc>(m: &mut Machine, i: &Insn) -> R {
     let sa = S::addr(m, i);
     let t = S::get::<W>(m, i, sa)? & W::MASK;
     if W::BYTES == 8 && !canonical(t) {
-        return Err(Exception::GeneralProtection(0));
+        return Err(Exception::GeneralProtection(0).into());
     }
     let ret = m.rip();
     m.push::<W>(ret)?;
@@ -79,38 +87,36 @@ fn loop_<W: Width, C: Width, const KIND: u8>(m: &mut Machine, i: &Insn) -> R {
             _ => true,
         };
     if go {
-        let t = m.rip().wrapping_add(i.imm) & W::MASK;
-        m.set_rip(t);
+        take(m, i, W::MASK);
     }
     Ok(())
 }
 
 fn jrcxz<W: Width, C: Width>(m: &mut Machine, i: &Insn) -> R {
     if m.reg::<C>(1) == 0 {
-        let t = m.rip().wrapping_add(i.imm) & W::MASK;
-        m.set_rip(t);
+        take(m, i, W::MASK);
     }
     Ok(())
 }
 
 fn int3(_m: &mut Machine, _i: &Insn) -> R {
-    Err(Exception::Breakpoint)
+    Err(Exception::Breakpoint.into())
 }
 
 fn int_n(_m: &mut Machine, i: &Insn) -> R {
-    Err(Exception::SoftwareInterrupt(i.imm as u8))
+    Err(Exception::SoftwareInterrupt(i.imm as u8).into())
 }
 
 fn into(m: &mut Machine, _i: &Insn) -> R {
     if m.flags.of() {
-        Err(Exception::Overflow)
+        Err(Exception::Overflow.into())
     } else {
         Ok(())
     }
 }
 
 fn ud(_m: &mut Machine, _i: &Insn) -> R {
-    Err(Exception::InvalidOpcode)
+    Err(Exception::InvalidOpcode.into())
 }
 
 fn branch_width(i: &Instruction) -> usize {

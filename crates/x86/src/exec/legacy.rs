@@ -108,7 +108,7 @@ fn aaa<const SUB: bool>(m: &mut Machine, _i: &Insn) -> R {
 fn aam(m: &mut Machine, i: &Insn) -> R {
     let base = i.imm & 0xff;
     if base == 0 {
-        return Err(Exception::DivideError);
+        return Err(Exception::DivideError.into());
     }
     let al = m.regs[0] & 0xff;
     let ax = ((al / base) << 8) | (al % base);
@@ -134,7 +134,7 @@ fn bound<W: Width>(m: &mut Machine, i: &Insn) -> R {
     let hi = W::sext(W::read(m, lin.wrapping_add(W::BYTES as u64))?) as i64;
     let v = W::sext(m.reg::<W>(i.d)) as i64;
     if v < lo || v > hi {
-        return Err(Exception::BoundRange);
+        return Err(Exception::BoundRange.into());
     }
     Ok(())
 }

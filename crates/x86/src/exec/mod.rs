@@ -35,7 +35,9 @@ pub(crate) mod alu;
 pub(crate) mod atomic;
 pub(crate) mod bits;
 pub(crate) mod control;
+pub(crate) mod far;
 pub(crate) mod fpu;
+pub(crate) mod interrupt;
 pub(crate) mod legacy;
 pub(crate) mod mov;
 pub(crate) mod muldiv;
@@ -45,11 +47,15 @@ pub(crate) mod sse;
 pub(crate) mod stack;
 pub(crate) mod string;
 pub(crate) mod system;
+pub(crate) mod tables;
 
 pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> {
     alu::select(i, d, cx)
         .or_else(|| mov::select(i, d, cx))
         .or_else(|| control::select(i, d, cx))
+        .or_else(|| far::select(i, d, cx))
+        .or_else(|| interrupt::select(i, d, cx))
+        .or_else(|| tables::select(i, d, cx))
         .or_else(|| stack::select(i, d, cx))
         .or_else(|| shift::select(i, d, cx))
         .or_else(|| muldiv::select(i, d, cx))

@@ -2,18 +2,16 @@
 
 use iced_x86::{Instruction, Mnemonic as Mn};
 
-use super::shift::szp;
 use crate::decode::{Cx, Handler, Insn, K, kind, op_size};
 use crate::exception::Exception;
-use crate::flags::Flags;
+use crate::flags::{FlagOp, Flags};
 use crate::machine::{Imm, Loc, Machine, Mem, R, Rd, Rs, W16, Width};
-use crate::state::rflags::{CF, OF};
 
 /// SF/ZF/AF/PF are undefined after multiplies; they are derived from the low result
-/// (what Intel parts do), CF = OF = `overflow`.
+/// (what Intel parts do), CF = OF = `overflow`. Kept lazily like arithmetic flags.
+#[inline(always)]
 fn mul_flags<W: Width>(lo: u64, overflow: bool) -> Flags {
-    let o = if overflow { CF | OF } else { 0 };
-    Flags::from_bits(szp::<W>(lo) | o)
+    Flags::new(FlagOp::Mul, W::BITS, 0, u64::from(overflow), lo)
 }
 
 /// mul/imul r/m: rDX:rAX (AX for bytes) = rAX * src.
@@ -61,7 +59,7 @@ fn div<W: Width, S: Loc, const SIGNED: bool>(m: &mut Machine, i: &Insn) -> R {
     let sa = S::addr(m, i);
     let b = S::get::<W>(m, i, sa)?;
     if b == 0 {
-        return Err(Exception::DivideError);
+        return Err(Exception::DivideError.into());
     }
     let bits = W::BITS;
     let (lo, hi) = if W::BYTES == 1 {
@@ -77,18 +75,18 @@ fn div<W: Width, S: Loc, const SIGNED: bool>(m: &mut Machine, i: &Insn) -> R {
         let d = i128::from(W::sext(b) as i64);
         // -2^127 / -1 does not fit even in i128 (64-bit idiv of RDX:RAX = 2^127 by -1).
         let Some(q) = n.checked_div(d) else {
-            return Err(Exception::DivideError);
+            return Err(Exception::DivideError.into());
         };
         let min = -(1i128 << (bits - 1));
         let max = (1i128 << (bits - 1)) - 1;
         if q < min || q > max {
-            return Err(Exception::DivideError);
+            return Err(Exception::DivideError.into());
         }
         ((q as u64) & W::MASK, ((n % d) as u64) & W::MASK)
     } else {
         let q = dividend / u128::from(b);
         if q > u128::from(W::MASK) {
-            return Err(Exception::DivideError);
+            return Err(Exception::DivideError.into());
         }
         (q as u64, (dividend % u128::from(b)) as u64)
     };

@@ -55,7 +55,9 @@ impl Machine<'_> {
 #[inline(always)]
 fn stack_fault<T>(r: R<T>) -> R<T> {
     match r {
-        Err(Exception::GeneralProtection(0)) => Err(Exception::StackFault(0)),
+        Err(e) if e.get() == Exception::GeneralProtection(0) => {
+            Err(Exception::StackFault(0).into())
+        }
         r => r,
     }
 }

@@ -4,11 +4,13 @@
 
 use iced_x86::{Instruction, Mnemonic as Mn};
 
-use super::system::io_allowed;
+use super::system::port_allowed;
 use crate::decode::{Cx, Handler, Insn, op_size};
 use crate::exception::Exception;
 use crate::flags::{FlagOp, Flags};
+use crate::hostmem::PAGE;
 use crate::machine::{Machine, R, SEG_NONE, Width};
+use crate::mmu::Access;
 use crate::state::rflags::DF;
 
 const NONE: u8 = 0;
@@ -78,25 +80,174 @@ fn repeat<const REP: u8>(
     }
 }
 
+/// Bytes a rep movs/stos moves in bulk before letting the run loop look at interrupts
+/// (the instruction then restarts where it stopped, as after an interrupt).
+const BULK_SLICE: u64 = 64 << 10;
+
+/// How many `size`-byte elements, the first at linear `lin` (offset `reg` in its
+/// segment), lie entirely in the current page and before the offset wraps, going up or
+/// (`down`) down.
+#[inline(always)]
+fn room(lin: u64, reg: u64, amask: u64, size: u64, down: bool) -> u64 {
+    let off = lin & 0xfff;
+    let page = PAGE as u64;
+    let in_page = if down {
+        if off + size > page { 0 } else { off / size + 1 }
+    } else {
+        (page - off) / size
+    };
+    if amask == u64::MAX {
+        return in_page;
+    }
+    let reg = reg & amask;
+    let in_seg = if down {
+        reg / size + 1
+    } else {
+        (amask - reg + 1) / size
+    };
+    in_page.min(in_seg)
+}
+
+/// Commits `n` elements of a string operation: the index registers move by `n` elements
+/// and rCX counts them off.
+#[inline(always)]
+fn commit(m: &mut Machine, i: &Insn, n: u64, size: u64, down: bool, regs: &[usize]) {
+    let delta = if down {
+        (n * size).wrapping_neg()
+    } else {
+        n * size
+    };
+    for &r in regs {
+        advance(m, r, delta, i.amask);
+    }
+    let c = (m.regs[1] & i.amask) - n;
+    set_areg(m, 1, c, i.amask);
+}
+
+/// Ends the instruction early with rCX/rSI/rDI describing the remaining work and RIP at
+/// the instruction, so it continues after the run loop has looked at interrupts.
+fn restart(m: &mut Machine, i: &Insn) {
+    let ip = m.rip().wrapping_sub(u64::from(i.len));
+    let ip = match m.mode.bitness() {
+        64 => ip,
+        32 => ip & 0xffff_ffff,
+        _ => ip & 0xffff,
+    };
+    m.set_rip(ip);
+    m.end_block();
+}
+
+/// rep movs over RAM: as many whole elements as both pages hold, copied on the host.
+/// Returns how many (0: do the next element one at a time).
+#[inline(always)]
+fn movs_chunk<W: Width>(m: &mut Machine, i: &Insn, c: u64, down: bool) -> R<u64> {
+    let size = W::BYTES as u64;
+    let src = src_lin(m, i);
+    let dst = dst_lin(m, i);
+    let n = c
+        .min(room(src, m.regs[6], i.amask, size, down))
+        .min(room(dst, m.regs[7], i.amask, size, down));
+    if n < 2 {
+        return Ok(0);
+    }
+    let ts = m.translate(src, Access::Read)?;
+    let td = m.translate(dst, Access::Write)?;
+    let (Some(hs), Some(hd)) = (ts.host, td.host) else {
+        return Ok(0);
+    };
+    hd.rep_movs(
+        (dst & 0xfff) as usize,
+        hs,
+        (src & 0xfff) as usize,
+        W::BYTES,
+        n as usize,
+        down,
+    );
+    m.note_write(td.gpa);
+    commit(m, i, n, size, down, &[6, 7]);
+    Ok(n)
+}
+
+/// rep stos over RAM, as `movs_chunk`.
+#[inline(always)]
+fn stos_chunk<W: Width>(m: &mut Machine, i: &Insn, c: u64, v: u64, down: bool) -> R<u64> {
+    let size = W::BYTES as u64;
+    let dst = dst_lin(m, i);
+    let n = c.min(room(dst, m.regs[7], i.amask, size, down));
+    if n < 2 {
+        return Ok(0);
+    }
+    let td = m.translate(dst, Access::Write)?;
+    let Some(hd) = td.host else {
+        return Ok(0);
+    };
+    hd.rep_stos((dst & 0xfff) as usize, W::BYTES, n as usize, v, down);
+    m.note_write(td.gpa);
+    commit(m, i, n, size, down, &[7]);
+    Ok(n)
+}
+
 fn movs<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
     let d = delta::<W>(m);
-    repeat::<REP>(m, i, |m| {
+    let one = |m: &mut Machine| -> R {
         let v = W::read(m, src_lin(m, i))?;
         W::write(m, dst_lin(m, i), v)?;
         advance(m, 6, d, i.amask);
         advance(m, 7, d, i.amask);
-        Ok(true)
-    })
+        Ok(())
+    };
+    if REP == NONE {
+        return one(m);
+    }
+    let down = m.cpu.rflags & DF != 0;
+    let mut moved = 0;
+    loop {
+        let c = m.regs[1] & i.amask;
+        if c == 0 {
+            return Ok(());
+        }
+        if moved >= BULK_SLICE {
+            restart(m, i);
+            return Ok(());
+        }
+        let n = movs_chunk::<W>(m, i, c, down)?;
+        if n == 0 {
+            one(m)?;
+            set_areg(m, 1, c - 1, i.amask);
+        }
+        moved += n.max(1) * W::BYTES as u64;
+    }
 }
 
 fn stos<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
     let d = delta::<W>(m);
     let v = m.reg::<W>(0);
-    repeat::<REP>(m, i, |m| {
+    let one = |m: &mut Machine| -> R {
         W::write(m, dst_lin(m, i), v)?;
         advance(m, 7, d, i.amask);
-        Ok(true)
-    })
+        Ok(())
+    };
+    if REP == NONE {
+        return one(m);
+    }
+    let down = m.cpu.rflags & DF != 0;
+    let mut moved = 0;
+    loop {
+        let c = m.regs[1] & i.amask;
+        if c == 0 {
+            return Ok(());
+        }
+        if moved >= BULK_SLICE {
+            restart(m, i);
+            return Ok(());
+        }
+        let n = stos_chunk::<W>(m, i, c, v, down)?;
+        if n == 0 {
+            one(m)?;
+            set_areg(m, 1, c - 1, i.amask);
+        }
+        moved += n.max(1) * W::BYTES as u64;
+    }
 }
 
 fn lods<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
@@ -144,11 +295,11 @@ fn scas<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
 }
 
 fn ins<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
-    if !io_allowed(m) {
-        return Err(Exception::GeneralProtection(0));
+    let port = m.regs[2] as u16;
+    if !port_allowed(m, port, W::BYTES) {
+        return Err(Exception::GeneralProtection(0).into());
     }
     let d = delta::<W>(m);
-    let port = m.regs[2] as u16;
     repeat::<REP>(m, i, |m| {
         let lin = dst_lin(m, i);
         // The store must be able to succeed before the port is read (reads have effects).
@@ -162,11 +313,11 @@ fn ins<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
 }
 
 fn outs<W: Width, const REP: u8>(m: &mut Machine, i: &Insn) -> R {
-    if !io_allowed(m) {
-        return Err(Exception::GeneralProtection(0));
+    let port = m.regs[2] as u16;
+    if !port_allowed(m, port, W::BYTES) {
+        return Err(Exception::GeneralProtection(0).into());
     }
     let d = delta::<W>(m);
-    let port = m.regs[2] as u16;
     repeat::<REP>(m, i, |m| {
         let v = W::read(m, src_lin(m, i))?;
         let b = v.to_le_bytes();

@@ -3,30 +3,59 @@
 //! fs/gs base, descriptor-table registers). Exception and interrupt
 //! delivery, far transfers and mode switches are the software CPU's (not here yet).
 
-use iced_x86::{Instruction, Mnemonic as Mn, Register};
+use iced_x86::{Code, Instruction, Mnemonic as Mn, Register};
 
 use crate::decode::{Cx, Handler, Insn, K, kind, op_size};
-use crate::exception::Exception;
+use crate::exception::{Ex, Exception};
 use crate::machine::{EXIT_RUN, Loc, Machine, Mem, R, Rd, StopReason, W16, Width};
 use crate::mmu::canonical;
-use crate::state::{CpuMode, SegReg, ctl, msr, rflags};
+use crate::state::{CpuMode, SegReg, Segment, ctl, msr, rflags};
 
-fn gp() -> Exception {
-    Exception::GeneralProtection(0)
+fn gp() -> Ex {
+    Exception::GeneralProtection(0).into()
 }
 
 fn require_cpl0(m: &Machine) -> R {
     if m.cpu.cpl() != 0 { Err(gp()) } else { Ok(()) }
 }
 
-/// Port I/O is allowed in real mode and when CPL <= IOPL (the TSS permission bitmap is not
-/// consulted).
+/// CLI/STI (and port I/O before the bitmap) are allowed in real mode and when
+/// CPL <= IOPL.
 pub(crate) fn io_allowed(m: &Machine) -> bool {
     if m.cpu.mode() == CpuMode::Real {
         return true;
     }
     let iopl = ((m.cpu.rflags & rflags::IOPL) >> 12) as u8;
     m.cpu.cpl() <= iopl
+}
+
+/// Port I/O to `bytes` ports from `port`: allowed by IOPL, or else by the TSS's I/O
+/// permission bitmap (every bit for the ports clear). Linux grants `iopl(3)` and
+/// `ioperm` through the bitmap, not through IOPL.
+pub(crate) fn port_allowed(m: &mut Machine, port: u16, bytes: usize) -> bool {
+    if io_allowed(m) {
+        return true;
+    }
+    let tr = m.cpu.tr;
+    // Only an available/busy 32/64-bit TSS (type 9 or 11) has a bitmap.
+    let tss = tr.attr & Segment::ATTR_UNUSABLE == 0 && tr.attr & 0x9 == 0x9;
+    const BITMAP_OFFSET: u64 = 0x66;
+    if !tss || u64::from(tr.limit) < BITMAP_OFFSET + 1 {
+        return false;
+    }
+    let Ok(base) = m.system_read::<2>(tr.base.wrapping_add(BITMAP_OFFSET)) else {
+        return false;
+    };
+    // The two bytes holding the port's bits must lie within the TSS limit.
+    let at = base + u64::from(port / 8);
+    if at + 1 > u64::from(tr.limit) {
+        return false;
+    }
+    let Ok(bits) = m.system_read::<2>(tr.base.wrapping_add(at)) else {
+        return false;
+    };
+    let mask = ((1u64 << bytes) - 1) << (port % 8);
+    bits & mask == 0
 }
 
 fn cpuid(m: &mut Machine, _i: &Insn) -> R {
@@ -62,7 +91,7 @@ fn rdpid(m: &mut Machine, i: &Insn) -> R {
 /// clac/stac: CPL 0 only (#UD otherwise).
 fn set_ac<const ON: bool>(m: &mut Machine, _i: &Insn) -> R {
     if m.cpu.cpl() != 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     if ON {
         m.cpu.rflags |= rflags::AC;
@@ -74,7 +103,7 @@ fn set_ac<const ON: bool>(m: &mut Machine, _i: &Insn) -> R {
 
 fn xgetbv(m: &mut Machine, _i: &Insn) -> R {
     if m.cpu.cr4 & ctl::CR4_OSXSAVE == 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     let v = match m.regs[1] as u32 {
         0 => m.cpu.xcr0,
@@ -89,7 +118,7 @@ fn xgetbv(m: &mut Machine, _i: &Insn) -> R {
 
 fn xsetbv(m: &mut Machine, _i: &Insn) -> R {
     if m.cpu.cr4 & ctl::CR4_OSXSAVE == 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     require_cpl0(m)?;
     if m.regs[1] as u32 != 0 {
@@ -196,7 +225,7 @@ fn mov_from_cr(m: &mut Machine, i: &Insn) -> R {
         3 => m.cpu.cr3,
         4 => m.cpu.cr4,
         8 => m.cpu.cr8,
-        _ => return Err(Exception::InvalidOpcode),
+        _ => return Err(Exception::InvalidOpcode.into()),
     };
     let w = if m.long_mode() { u64::MAX } else { 0xffff_ffff };
     m.regs[(i.d & 15) as usize] = v & w;
@@ -237,7 +266,7 @@ fn mov_to_cr(m: &mut Machine, i: &Insn) -> R {
             m.cpu.cr4 = v;
         }
         8 => m.cpu.cr8 = v & 0xf,
-        _ => return Err(Exception::InvalidOpcode),
+        _ => return Err(Exception::InvalidOpcode.into()),
     }
     m.tlb.flush();
     m.reload_segments();
@@ -250,14 +279,60 @@ fn cli(m: &mut Machine, _i: &Insn) -> R {
         return Err(gp());
     }
     m.cpu.rflags &= !rflags::IF;
+    m.end_block();
     Ok(())
+}
+
+/// mov reg, drN (the DR number in `s`).
+fn mov_from_dr(m: &mut Machine, i: &Insn) -> R {
+    let n = dr_index(m, i.s)?;
+    let v = m.cpu.dr[n];
+    let w = if m.mode == CpuMode::Long64 {
+        u64::MAX
+    } else {
+        0xffff_ffff
+    };
+    m.regs[(i.d & 15) as usize] = v & w;
+    Ok(())
+}
+
+/// mov drN, reg (the DR number in `d`).
+fn mov_to_dr(m: &mut Machine, i: &Insn) -> R {
+    let n = dr_index(m, i.d)?;
+    let mut v = m.regs[(i.s & 15) as usize];
+    if m.mode != CpuMode::Long64 {
+        v &= 0xffff_ffff;
+    }
+    m.cpu.dr[n] = match n {
+        6 | 7 if v >> 32 != 0 => return Err(gp()),
+        6 => (v & 0x0001_e00f) | crate::state::dr::DR6_FIXED,
+        7 => (v & !0xd800) | crate::state::dr::DR7_FIXED,
+        _ => v,
+    };
+    Ok(())
+}
+
+/// DR4/DR5 alias DR6/DR7 unless CR4.DE (then #UD); CPL 0 only.
+fn dr_index(m: &Machine, r: u8) -> R<usize> {
+    require_cpl0(m)?;
+    Ok(match r & 7 {
+        4 | 5 if m.cpu.cr4 & ctl::CR4_DE != 0 => return Err(Exception::InvalidOpcode.into()),
+        4 => 6,
+        5 => 7,
+        n => usize::from(n),
+    })
 }
 
 fn sti(m: &mut Machine, _i: &Insn) -> R {
     if !io_allowed(m) {
         return Err(gp());
     }
+    if m.cpu.rflags & rflags::IF == 0 {
+        // Interrupts stay blocked until after the next instruction (`sti; hlt` is atomic).
+        m.cpu.interrupt_shadow = true;
+    }
     m.cpu.rflags |= rflags::IF;
+    m.end_block();
     Ok(())
 }
 
@@ -268,10 +343,10 @@ fn hlt(m: &mut Machine, _i: &Insn) -> R {
     Ok(())
 }
 
-fn invlpg(m: &mut Machine, _i: &Insn) -> R {
+fn invlpg(m: &mut Machine, i: &Insn) -> R {
     require_cpl0(m)?;
-    // A full flush (O(1)): the jump cache relies on the TLB generation for code mappings.
-    m.tlb.flush();
+    let lin = m.ea(i);
+    m.tlb.flush_page(lin);
     Ok(())
 }
 
@@ -287,7 +362,7 @@ fn clts(m: &mut Machine, _i: &Insn) -> R {
 
 fn swapgs(m: &mut Machine, _i: &Insn) -> R {
     if m.cpu.mode() != CpuMode::Long64 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     require_cpl0(m)?;
     let c = &mut *m.cpu;
@@ -302,7 +377,7 @@ fn swapgs(m: &mut Machine, _i: &Insn) -> R {
 /// rdfsbase/rdgsbase (SEG 4/5, W = 4 or 8).
 fn rd_base<W: Width, const SEG: usize>(m: &mut Machine, i: &Insn) -> R {
     if m.cpu.cr4 & ctl::CR4_FSGSBASE == 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     let v = m.cpu.seg[SEG].base;
     m.set_reg::<W>(i.d, v & W::MASK);
@@ -311,7 +386,7 @@ fn rd_base<W: Width, const SEG: usize>(m: &mut Machine, i: &Insn) -> R {
 
 fn wr_base<W: Width, const SEG: usize>(m: &mut Machine, i: &Insn) -> R {
     if m.cpu.cr4 & ctl::CR4_FSGSBASE == 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     let v = m.reg::<W>(i.d);
     if !canonical(v) {
@@ -322,13 +397,20 @@ fn wr_base<W: Width, const SEG: usize>(m: &mut Machine, i: &Insn) -> R {
     Ok(())
 }
 
-/// lgdt/lidt (IDT when IDT is true): limit:base, base 8 bytes in 64-bit mode.
-fn load_dt<const IDT: bool>(m: &mut Machine, i: &Insn) -> R {
+/// lgdt/lidt (IDT when IDT is true): limit:base, base 8 bytes in 64-bit mode, 24 bits
+/// with a 16-bit operand size (O16).
+fn load_dt<const IDT: bool, const O16: bool>(m: &mut Machine, i: &Insn) -> R {
     require_cpl0(m)?;
     let lin = m.ea(i);
     let limit = m.read::<2>(lin)? as u16;
     let base = if m.mode == CpuMode::Long64 {
-        m.read::<8>(lin.wrapping_add(2))?
+        let b = m.read::<8>(lin.wrapping_add(2))?;
+        if !canonical(b) {
+            return Err(gp());
+        }
+        b
+    } else if O16 {
+        m.read::<4>(lin.wrapping_add(2))? & 0xff_ffff
     } else {
         m.read::<4>(lin.wrapping_add(2))?
     };
@@ -381,10 +463,10 @@ fn lmsw<S: Loc>(m: &mut Machine, i: &Insn) -> R {
 /// in acc, imm8/dx. W is the accumulator width; the port is the immediate, or DX
 /// when `t` marks the DX form.
 fn in_<W: Width, const DX: bool>(m: &mut Machine, i: &Insn) -> R {
-    if !io_allowed(m) {
+    let port = if DX { m.regs[2] as u16 } else { i.imm as u16 };
+    if !port_allowed(m, port, W::BYTES) {
         return Err(gp());
     }
-    let port = if DX { m.regs[2] as u16 } else { i.imm as u16 };
     let mut b = [0u8; 8];
     m.platform(|p| p.io_in(port, &mut b[..W::BYTES]));
     m.set_reg::<W>(0, u64::from_le_bytes(b));
@@ -392,10 +474,10 @@ fn in_<W: Width, const DX: bool>(m: &mut Machine, i: &Insn) -> R {
 }
 
 fn out<W: Width, const DX: bool>(m: &mut Machine, i: &Insn) -> R {
-    if !io_allowed(m) {
+    let port = if DX { m.regs[2] as u16 } else { i.imm as u16 };
+    if !port_allowed(m, port, W::BYTES) {
         return Err(gp());
     }
-    let port = if DX { m.regs[2] as u16 } else { i.imm as u16 };
     let b = m.reg::<W>(0).to_le_bytes();
     m.platform(|p| p.io_out(port, &b[..W::BYTES]));
     Ok(())
@@ -434,8 +516,18 @@ pub(crate) fn select(i: &Instruction, _d: &mut Insn, cx: &Cx) -> Option<Handler>
                 (false, false) => wr_base::<W, 5>,
             }))
         }
-        Mn::Lgdt => Some(load_dt::<false>),
-        Mn::Lidt => Some(load_dt::<true>),
+        Mn::Lgdt | Mn::Lidt => {
+            let idt = i.mnemonic() == Mn::Lidt;
+            let o16 = matches!(i.code(), Code::Lgdt_m1632_16 | Code::Lidt_m1632_16);
+            Some(match (idt, o16) {
+                (false, false) => load_dt::<false, false> as Handler,
+                (false, true) => load_dt::<false, true>,
+                (true, false) => load_dt::<true, false>,
+                (true, true) => load_dt::<true, true>,
+            })
+        }
+        Mn::Mov if k0 == K::Reg && reg(0).is_dr() => Some(mov_to_dr),
+        Mn::Mov if k1 == K::Reg && reg(1).is_dr() => Some(mov_from_dr),
         Mn::Sgdt => Some(store_dt::<false>),
         Mn::Sidt => Some(store_dt::<true>),
         Mn::Smsw => sized!(op_size(i, 0), |W| Some(match k0 {

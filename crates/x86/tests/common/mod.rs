@@ -19,6 +19,10 @@ pub struct TestPlatform {
     pub msrs: HashMap<u32, u64>,
     pub tsc: u64,
     pub cpuid_calls: Vec<(u32, u32)>,
+    /// What `attention` answers.
+    pub attention: bool,
+    /// How often `attention` was asked.
+    pub attention_asked: std::cell::Cell<u64>,
 }
 
 impl TestPlatform {
@@ -40,6 +44,8 @@ impl TestPlatform {
             msrs: HashMap::new(),
             tsc: 0x1234_5678_9abc,
             cpuid_calls: Vec::new(),
+            attention: false,
+            attention_asked: std::cell::Cell::new(0),
         }
     }
 
@@ -109,6 +115,10 @@ impl Platform for TestPlatform {
     fn tsc(&mut self) -> u64 {
         self.tsc += 1000;
         self.tsc
+    }
+    fn attention(&self) -> bool {
+        self.attention_asked.set(self.attention_asked.get() + 1);
+        self.attention
     }
 }
 

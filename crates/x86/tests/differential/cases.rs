@@ -165,6 +165,11 @@ pub fn generatable(code: Code) -> bool {
                 | OK::xmm_reg
                 | OK::xmm_rm
                 | OK::xmm_or_mem
+                | OK::st0
+                | OK::sti_opcode
+                | OK::mm_reg
+                | OK::mm_rm
+                | OK::mm_or_mem
         )
     })
 }
@@ -536,6 +541,16 @@ impl<'a> Gen<'a> {
                 Op::Br(self.exit_b())
             }
             OK::xmm_reg | OK::xmm_rm => Op::R(self.xmm()),
+            OK::st0 => Op::R(Register::ST0),
+            OK::sti_opcode => Op::R(nth_reg(Register::ST0, self.rng.below(8))),
+            OK::mm_reg | OK::mm_rm => Op::R(nth_reg(Register::MM0, self.rng.below(8))),
+            OK::mm_or_mem => {
+                if self.rng.chance(2) {
+                    Op::R(nth_reg(Register::MM0, self.rng.below(8)))
+                } else {
+                    Op::M(self.mem(msize, 1)?)
+                }
+            }
             OK::xmm_or_mem => {
                 if self.rng.chance(2) {
                     Op::R(self.xmm())
@@ -700,6 +715,12 @@ impl<'r> Fixup<'r> {
             _ => self.read_data(self.targets[0], size),
         }
     }
+}
+
+fn nth_reg(first: Register, k: u64) -> Register {
+    Register::values()
+        .nth(first as usize + k as usize)
+        .expect("register")
 }
 
 pub fn gpr_index(r: Register) -> usize {

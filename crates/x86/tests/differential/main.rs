@@ -10,6 +10,7 @@ mod fpu;
 mod native;
 mod sse;
 mod strings;
+mod x87;
 
 use iced_x86::{Formatter, IntelFormatter};
 use x86::{CodeCoherence, CpuState, Fault, Interpreter, SegReg, Segment, StepOutcome};

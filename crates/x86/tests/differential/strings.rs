@@ -71,7 +71,12 @@ fn string_case(
     let base = native.data_addr();
     regs.gpr[4] = base + 0x1000;
     let si = 0x300 + rng.below(0x1700);
-    let di = 0x300 + rng.below(0x1700);
+    let di = if rng.chance(4) {
+        // Overlapping copies a few bytes apart, both ways.
+        (si + rng.below(24)).saturating_sub(12).max(0x300)
+    } else {
+        0x300 + rng.below(0x1700)
+    };
     let (si, di) = if rng.chance(3) {
         (si & !(size as u64 - 1), di & !(size as u64 - 1))
     } else {
@@ -86,8 +91,18 @@ fn string_case(
     };
     regs.gpr[6] = (base + si) | upper(rng);
     regs.gpr[7] = (base + di) | upper(rng);
-    let count = match rng.below(4) {
+    let down = regs.rflags & DF != 0;
+    // Long runs cross the window's page boundary (the bulk paths split there).
+    let fits = |off: u64| {
+        if down {
+            off / size as u64
+        } else {
+            (DATA_LEN as u64 - off) / size as u64
+        }
+    };
+    let count = match rng.below(5) {
         0 => rng.below(3),
+        1 => rng.below(fits(si).min(fits(di)) + 1),
         _ => rng.below(40),
     };
     regs.gpr[1] = count | upper(rng);

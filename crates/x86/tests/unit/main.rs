@@ -7,10 +7,15 @@
 mod common;
 
 mod cache;
+mod cpuid;
+mod events;
 mod faults;
 mod modes;
 mod paging;
+mod smp;
+mod strings;
 mod system;
+mod transitions;
 
 use common::{PTE_NX, PTE_U, PTE_W, PageTables, TestPlatform};
 use iced_x86::code_asm::CodeAssembler;

@@ -264,3 +264,70 @@ fn locked_increments_are_atomic_across_threads() {
     }
     assert_eq!(vm.p.read_u64(DATA), 4 * 2 * ITER + ITER);
 }
+
+/// The TLB keeps translations across calls (a changed PTE is not seen) until invlpg or a
+/// CR3 write, as hardware does; invlpg of one page leaves the others cached.
+#[test]
+fn tlb_survives_calls_until_invlpg() {
+    let mut vm = Vm::long(0);
+    let lin = 0x90_0000u64;
+    let (x, y) = (0x80_0000u64, 0x81_0000u64);
+    vm.p.write_u64(x, 0x1111);
+    vm.p.write_u64(y, 0x2222);
+    vm.pt.map(&vm.p, lin, x, PTE_W);
+    vm.pt.map(&vm.p, lin + 0x1000, x, PTE_W);
+    vm.code(|a| {
+        a.mov(rax, qword_ptr(lin))?;
+        a.mov(rbx, qword_ptr(lin + 0x1000))?;
+        a.hlt()?;
+        a.invlpg(byte_ptr(lin))?;
+        a.mov(rax, qword_ptr(lin))?;
+        a.mov(rbx, qword_ptr(lin + 0x1000))?;
+        a.hlt()
+    });
+    vm.run(10).expect("first");
+    assert_eq!((vm.cpu.gpr[0], vm.cpu.gpr[3]), (0x1111, 0x1111));
+    // Remap both pages behind the TLB's back.
+    let leaf = vm.pt.leaf(&vm.p, lin);
+    vm.p.write_u64(leaf, y | PTE_P | PTE_W);
+    vm.p.write_u64(leaf + 8, y | PTE_P | PTE_W);
+    vm.run(10).expect("second");
+    assert_eq!(vm.cpu.gpr[0], 0x2222, "invlpg dropped this page");
+    assert_eq!(vm.cpu.gpr[3], 0x1111, "the other page is still cached");
+    // A CR3 write drops everything.
+    vm.code_at(CODE + 0x100, |a| {
+        a.mov(rcx, cr3)?;
+        a.mov(cr3, rcx)?;
+        a.mov(rbx, qword_ptr(lin + 0x1000))?;
+        a.hlt()
+    });
+    vm.cpu.rip = CODE + 0x100;
+    vm.run(10).expect("third");
+    assert_eq!(vm.cpu.gpr[3], 0x2222);
+}
+
+/// invlpg of any address in a large page forgets every 4 KiB piece the TLB holds of it.
+#[test]
+fn invlpg_in_a_large_page() {
+    let mut vm = Vm::long(0);
+    // A 2 MiB page at linear 0x4000_0000 (PML4[0] -> PDPT[1] -> PD[0]).
+    let pd = 0xe0_0000u64;
+    vm.p.write(pd, &[0u8; 4096]);
+    let pdpt = vm.p.read_u64(vm.pt.pml4) & 0x000f_ffff_ffff_f000;
+    vm.p.write_u64(pdpt + 8, pd | PTE_P | PTE_W);
+    vm.p.write_u64(pd, 0x20_0000 | PTE_P | PTE_W | PTE_PS);
+    vm.p.write_u64(0x20_0000 + 0x1000, 0xaaaa);
+    vm.p.write_u64(0x40_0000 + 0x1000, 0xbbbb);
+    vm.code(|a| {
+        a.mov(rax, qword_ptr(0x4000_1000u64))?;
+        a.hlt()?;
+        a.invlpg(byte_ptr(0x4010_0000u64))?;
+        a.mov(rax, qword_ptr(0x4000_1000u64))?;
+        a.hlt()
+    });
+    vm.run(10).expect("first");
+    assert_eq!(vm.cpu.gpr[0], 0xaaaa);
+    vm.p.write_u64(pd, 0x40_0000 | PTE_P | PTE_W | PTE_PS);
+    vm.run(10).expect("second");
+    assert_eq!(vm.cpu.gpr[0], 0xbbbb);
+}

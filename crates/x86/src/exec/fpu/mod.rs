@@ -12,11 +12,15 @@
 use iced_x86::{Code, Instruction, Mnemonic as Mn};
 
 use crate::decode::{Cx, Handler, Insn, K, kind};
-use crate::exception::Exception;
+use crate::exception::{Ex, Exception};
 use crate::machine::{Machine, R};
 use crate::state::{FpuState, ctl};
 
+mod host;
+mod mmx;
+mod x87;
 mod xsave;
+pub(crate) use x87::{FOP_FROM_BYTES, fop_from_bytes};
 use xsave::{XSAVE, XSAVEC, XSAVES, xrstor, xsave};
 
 pub(super) const FX_SIZE: usize = 512;
@@ -27,27 +31,27 @@ pub(super) const HEADER: usize = 512;
 /// Components this interpreter holds state for.
 pub(super) const HELD: u64 = 0b10_1110_0111;
 
-pub(super) fn gp() -> Exception {
-    Exception::GeneralProtection(0)
+pub(super) fn gp() -> Ex {
+    Exception::GeneralProtection(0).into()
 }
 
 /// x87 instructions (and fxsave & co) need CR0.EM clear and CR0.TS clear.
 pub(super) fn fpu_ok(m: &Machine) -> R {
     if m.cpu.cr0 & ctl::CR0_EM != 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     if m.cpu.cr0 & ctl::CR0_TS != 0 {
-        return Err(Exception::DeviceNotAvailable);
+        return Err(Exception::DeviceNotAvailable.into());
     }
     Ok(())
 }
 
 pub(super) fn xsave_ok(m: &Machine) -> R {
     if m.cpu.cr4 & ctl::CR4_OSXSAVE == 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     if m.cpu.cr0 & ctl::CR0_TS != 0 {
-        return Err(Exception::DeviceNotAvailable);
+        return Err(Exception::DeviceNotAvailable.into());
     }
     Ok(())
 }
@@ -287,17 +291,20 @@ fn fnclex(m: &mut Machine, _i: &Insn) -> R {
 
 fn fwait(m: &mut Machine, _i: &Insn) -> R {
     if m.cpu.cr0 & (ctl::CR0_MP | ctl::CR0_TS) == ctl::CR0_MP | ctl::CR0_TS {
-        return Err(Exception::DeviceNotAvailable);
+        return Err(Exception::DeviceNotAvailable.into());
     }
     // A pending unmasked x87 exception would be delivered here (#MF).
     let f = &m.cpu.fpu;
     if f.fsw & 0x3f & !f.fcw & 0x3f != 0 {
-        return Err(Exception::FloatingPoint);
+        return Err(Exception::FloatingPoint.into());
     }
     Ok(())
 }
 
-pub(crate) fn select(i: &Instruction, _d: &mut Insn, _cx: &Cx) -> Option<Handler> {
+pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> {
+    if let Some(h) = x87::select(i, d, cx).or_else(|| mmx::select(i, d, cx)) {
+        return Some(h);
+    }
     let mem = kind(i, 0) == K::Mem;
     Some(match i.mnemonic() {
         Mn::Fxsave if mem => fxsave::<false>,

@@ -20,10 +20,10 @@ use crate::state::ctl;
 pub(crate) fn sse_ok(m: &Machine) -> R {
     let (cr0, cr4) = (m.cpu.cr0, m.cpu.cr4);
     if cr0 & ctl::CR0_EM != 0 || cr4 & ctl::CR4_OSFXSR == 0 {
-        return Err(Exception::InvalidOpcode);
+        return Err(Exception::InvalidOpcode.into());
     }
     if cr0 & ctl::CR0_TS != 0 {
-        return Err(Exception::DeviceNotAvailable);
+        return Err(Exception::DeviceNotAvailable.into());
     }
     Ok(())
 }
@@ -45,9 +45,9 @@ pub(crate) fn mxcsr_flags(m: &mut Machine, raised: u32) -> R {
     m.cpu.fpu.mxcsr = csr | raised;
     if raised & !(csr >> 7) & 0x3f != 0 {
         return Err(if m.cpu.cr4 & ctl::CR4_OSXMMEXCPT != 0 {
-            Exception::SimdFloatingPoint
+            Exception::SimdFloatingPoint.into()
         } else {
-            Exception::InvalidOpcode
+            Exception::InvalidOpcode.into()
         });
     }
     Ok(())
@@ -77,7 +77,7 @@ impl<const N: usize, const ALIGN: bool> XSrc for Xm<N, ALIGN> {
     fn get(m: &mut Machine, i: &Insn) -> R<u128> {
         let lin = m.ea(i);
         if ALIGN && lin & 15 != 0 {
-            return Err(Exception::GeneralProtection(0));
+            return Err(Exception::GeneralProtection(0).into());
         }
         Ok(match N {
             16 => m.read128(lin)?,

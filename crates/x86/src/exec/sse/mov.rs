@@ -62,7 +62,7 @@ fn store<const N: usize, const ALIGN: bool, const HIGH: bool>(m: &mut Machine, i
     sse_ok(m)?;
     let lin = m.ea(i);
     if ALIGN && lin & 15 != 0 {
-        return Err(Exception::GeneralProtection(0));
+        return Err(Exception::GeneralProtection(0).into());
     }
     let v = xmm(m, i.d);
     let v = if HIGH { v >> 64 } else { v };

@@ -1,0 +1,223 @@
+//! The software CPU against QEMU's (TCG) in the same run (issue 4), written to
+//! BENCHMARKS.md:
+//! - Linux boot to init: the kit's kernel and initramfs, time from spawning the VMM to
+//!   the init's marker line on the serial console; vessel `--accel emu` (PVH vmlinux
+//!   and bzImage) vs `qemu-system-x86_64 -accel tcg -M pc -cpu max` (bzImage);
+//! - MIPS on a tight integer loop, the same PVH guest on both; two loop lengths, so the
+//!   start-up cost cancels out of the rate.
+//!
+//! Run with `cargo bench -p vessel --bench emu`. Needs qemu-system-x86_64 and the kit.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testguest::code_asm::*;
+use testguest::report::{median, update_section};
+
+const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
+const QEMU: &str = "qemu-system-x86_64";
+const BOOTS: usize = 5;
+
+fn main() {
+    if Command::new(QEMU).arg("--version").output().is_err() {
+        eprintln!("skipped: {QEMU} not installed (apt-get install qemu-system-x86)");
+        return;
+    }
+    let dir = kit::default_cache_dir().expect("kit dir");
+    let kit =
+        kit::locate(&dir).unwrap_or_else(|| kit::build(&kit::KitOptions::default()).expect("kit"));
+    let mut body = String::from("## Software CPU (`--accel emu`) against QEMU TCG\n\n");
+    body += &boot(&kit);
+    body += &mips();
+    update_section("emu", &body).expect("write BENCHMARKS.md");
+}
+
+/// Spawns `cmd` and returns the time until a stdout line contains `marker` (then kills it).
+fn time_to_line(mut cmd: Command, marker: &str, deadline: Duration) -> Option<f64> {
+    let start = Instant::now();
+    let mut child: Child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut found = None;
+    for line in out.lines() {
+        let Ok(line) = line else { break };
+        if line.contains(marker) {
+            found = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+        if start.elapsed() > deadline {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    found
+}
+
+fn boot(kit: &kit::Kit) -> String {
+    let cmdline = kit::cmdline("", Some("true"));
+    let vessel = |kernel: &std::path::Path| {
+        let mut c = Command::new(VESSEL);
+        c.arg("run")
+            .arg("--accel")
+            .arg("emu")
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(&kit.initrd)
+            .args(["--cmdline", &cmdline, "--memory", "512M"]);
+        c
+    };
+    let qemu = || {
+        let mut c = Command::new(QEMU);
+        c.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "pc",
+            "-cpu",
+            "max",
+            "-m",
+            "512M",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kit.bzimage)
+        .arg("-initrd")
+        .arg(&kit.initrd)
+        .args(["-append", &cmdline]);
+        c
+    };
+    let deadline = Duration::from_secs(300);
+    let (mut pvh, mut bz, mut q) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..BOOTS {
+        q.extend(time_to_line(qemu(), kit::INIT_MARKER, deadline));
+        pvh.extend(time_to_line(
+            vessel(&kit.vmlinux),
+            kit::INIT_MARKER,
+            deadline,
+        ));
+        bz.extend(time_to_line(
+            vessel(&kit.bzimage),
+            kit::INIT_MARKER,
+            deadline,
+        ));
+    }
+    let row = |name: &str, v: &mut Vec<f64>, q: f64| {
+        if v.is_empty() {
+            return format!("| {name} | did not reach init | |\n");
+        }
+        let m = median(v);
+        format!("| {name} | {m:.2} | {:.2}x |\n", m / q)
+    };
+    let qm = median(&mut q.clone());
+    let mut s = format!(
+        "### Linux boot to init (median of {BOOTS}; kit kernel {}, 512 MiB, 1 vCPU)\n\n\
+         From spawning the VMM to `{}` on the serial console. Command line: `{cmdline}`.\n\n\
+         | VMM | seconds | vessel / QEMU |\n| --- | --- | --- |\n",
+        kit.kernel_version,
+        kit::INIT_MARKER
+    );
+    s += &format!("| QEMU TCG `-M pc -cpu max`, bzImage (via SeaBIOS) | {qm:.2} | 1.00x |\n");
+    s += &row("vessel `--accel emu`, PVH vmlinux", &mut pvh, qm);
+    s += &row(
+        "vessel `--accel emu`, bzImage (64-bit entry, decompresses itself)",
+        &mut bz,
+        qm,
+    );
+    s += "\nTarget: within 10x of QEMU TCG.\n\n";
+    println!("{s}");
+    s
+}
+
+/// A PVH guest: `n` iterations of a 5-instruction integer loop, then an exit.
+fn loop_guest(n: u32, exit: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    testguest::pvh_elf(&testguest::assemble(32, testguest::PVH_ENTRY, |a| {
+        let mut lp = a.create_label();
+        a.mov(ecx, n).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.set_label(&mut lp).unwrap();
+        a.add(eax, ecx).unwrap();
+        a.xor(eax, 0x5555u32).unwrap();
+        a.shl(eax, 1u32).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(lp).unwrap();
+        exit(a);
+    }))
+}
+
+fn mips() -> String {
+    // Lengths sized so the long run takes seconds on each (QEMU's JIT is far faster).
+    let lengths = |vessel: bool| {
+        if vessel {
+            (10_000_000u32, 60_000_000u32)
+        } else {
+            (200_000_000u32, 2_000_000_000u32)
+        }
+    };
+    let run = |n: u32, vessel: bool| -> f64 {
+        let t0 = Instant::now();
+        if vessel {
+            let g = loop_guest(n, testguest::snippets::acpi_power_off);
+            let (_t, p) = testguest::temp_path(&g);
+            let out = Command::new(VESSEL)
+                .args(["run", "--accel", "emu", "--memory", "64M", "--kernel"])
+                .arg(&p)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            // QEMU's isa-debug-exit device ends QEMU when the guest writes to its port.
+            let g = loop_guest(n, |a| {
+                a.mov(al, 0u32).unwrap();
+                a.out(0xf4u32, al).unwrap();
+            });
+            let (_t, p) = testguest::temp_path(&g);
+            let out = Command::new(QEMU)
+                .args([
+                    "-accel", "tcg", "-M", "pc", "-cpu", "max", "-m", "64M", "-display", "none",
+                ])
+                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel"])
+                .arg(&p)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "QEMU did not exit through isa-debug-exit"
+            );
+        }
+        t0.elapsed().as_secs_f64()
+    };
+    let rate = |vessel: bool| {
+        let (short, long) = lengths(vessel);
+        let insns = f64::from(long - short) * 5.0;
+        let mut v: Vec<f64> = (0..3)
+            .map(|_| insns / (run(long, vessel) - run(short, vessel)) / 1e6)
+            .collect();
+        median(&mut v)
+    };
+    let (q, v) = (rate(false), rate(true));
+    let s = format!(
+        "### Tight integer loop (5 instructions per iteration, 32-bit PVH guest)\n\n\
+         MIPS from the difference between a long and a short run of the same loop (start-up \
+         cancels out; QEMU 200M vs 2,000M iterations, vessel 10M vs 60M), median of 3.\n\n\
+         | VMM | MIPS |\n| --- | --- |\n| QEMU TCG (JIT) | {q:.0} |\n| vessel `--accel emu` (interpreter) | {v:.0} |\n\n\
+         vessel / QEMU: {:.3}.\n\n",
+        v / q
+    );
+    println!("{s}");
+    s
+}

@@ -1,0 +1,217 @@
+//! The software CPU (`--accel emu`) on small assembled guests: interrupt and
+//! exception delivery through the guest's IDT, the local APIC timer waking HLT, page
+//! faults with CR2 and error codes, and application processors started by INIT/SIPI.
+//! No /dev/kvm needed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Finished, boot};
+use testguest::code_asm::*;
+use testguest::snippets::{hex64_routine, i8042_reset, print};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Where the guests keep their IDT and data (identity-mapped RAM).
+const IDT: u64 = 0x30_0000;
+const DATA: u64 = 0x31_0000;
+
+fn emu(build: impl FnOnce(&mut CodeAssembler), args: &[&str]) -> Finished {
+    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, build);
+    let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
+    let mut all = vec!["--accel", "emu", "--memory", "64M"];
+    all.extend_from_slice(args);
+    boot(&kernel, &all, DEADLINE)
+}
+
+/// Installs a 64-bit interrupt gate for `vector` pointing at `handler`, then loads an
+/// IDT of 256 entries at IDT (code selector 0x08 from vessel's boot GDT).
+fn set_gate(a: &mut CodeAssembler, vector: u32, handler: CodeLabel) {
+    let at = IDT + u64::from(vector) * 16;
+    a.lea(rax, ptr(handler)).unwrap();
+    a.mov(rdi, at).unwrap();
+    a.mov(word_ptr(rdi), ax).unwrap();
+    a.mov(word_ptr(rdi + 2), 0x08u32).unwrap();
+    a.mov(word_ptr(rdi + 4), 0x8e00u32).unwrap();
+    a.shr(rax, 16u32).unwrap();
+    a.mov(word_ptr(rdi + 6), ax).unwrap();
+    a.shr(rax, 16u32).unwrap();
+    a.mov(dword_ptr(rdi + 8), eax).unwrap();
+}
+
+fn load_idt(a: &mut CodeAssembler) {
+    a.mov(rsi, DATA + 0xf00).unwrap();
+    a.mov(word_ptr(rsi), (256 * 16 - 1) as u32).unwrap();
+    a.mov(rax, IDT).unwrap();
+    a.mov(qword_ptr(rsi + 2), rax).unwrap();
+    a.lidt(ptr(rsi)).unwrap();
+}
+
+#[test]
+fn the_apic_timer_wakes_hlt_through_the_idt() {
+    let r = emu(
+        |a| {
+            let mut hex = a.create_label();
+            let mut main = a.create_label();
+            let mut timer = a.create_label();
+            let mut wait = a.create_label();
+            a.jmp(main).unwrap();
+            hex64_routine(a, &mut hex);
+            // The timer handler: count, EOI, return.
+            a.set_label(&mut timer).unwrap();
+            a.push(rax).unwrap();
+            a.mov(rax, DATA).unwrap();
+            a.inc(qword_ptr(rax)).unwrap();
+            a.mov(rax, 0xfee0_00b0u64).unwrap(); // EOI
+            a.mov(dword_ptr(rax), 0u32).unwrap();
+            a.pop(rax).unwrap();
+            a.iretq().unwrap();
+
+            a.set_label(&mut main).unwrap();
+            set_gate(a, 0x40, timer);
+            load_idt(a);
+            a.mov(rbx, 0xfee0_0000u64).unwrap();
+            a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap(); // SVR: enable
+            a.mov(dword_ptr(rbx + 0x3e0), 0xbu32).unwrap(); // divide by 1
+            a.mov(dword_ptr(rbx + 0x320), 0x2_0040u32).unwrap(); // periodic, vector 0x40
+            a.mov(dword_ptr(rbx + 0x380), 1_000_000u32).unwrap(); // 1 ms at 1 GHz
+            a.sti().unwrap();
+            // Sleep until five ticks have come in.
+            a.set_label(&mut wait).unwrap();
+            a.hlt().unwrap();
+            a.mov(rax, DATA).unwrap();
+            a.cmp(qword_ptr(rax), 5i32).unwrap();
+            a.jb(wait).unwrap();
+            a.cli().unwrap();
+            print(a, "ticks=");
+            a.mov(rax, DATA).unwrap();
+            a.mov(rax, qword_ptr(rax)).unwrap();
+            a.call(hex).unwrap();
+            print(a, "\n");
+            i8042_reset(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout.contains(&format!("ticks={:016x}", 5)),
+        "{}",
+        r.dump()
+    );
+    // Five 1 ms periods: the guest slept through them rather than spinning for ever.
+    assert!(r.elapsed < Duration::from_secs(30), "{}", r.dump());
+}
+
+#[test]
+fn a_page_fault_reaches_its_handler_with_cr2_and_error_code() {
+    let r = emu(
+        |a| {
+            let mut hex = a.create_label();
+            let mut main = a.create_label();
+            let mut pf = a.create_label();
+            a.jmp(main).unwrap();
+            hex64_routine(a, &mut hex);
+            a.set_label(&mut pf).unwrap();
+            print(a, "pf cr2=");
+            a.mov(rax, cr2).unwrap();
+            a.call(hex).unwrap();
+            print(a, " code=");
+            a.mov(rax, qword_ptr(rsp)).unwrap();
+            a.call(hex).unwrap();
+            print(a, "\n");
+            i8042_reset(a);
+
+            a.set_label(&mut main).unwrap();
+            set_gate(a, 14, pf);
+            load_idt(a);
+            // A write above the 4 GiB vessel identity-maps: not present.
+            a.mov(rax, 0x1_2345_6788u64).unwrap();
+            a.mov(qword_ptr(rax), 1i32).unwrap();
+            print(a, "no fault\n");
+            i8042_reset(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    // Error code 2: a write to a not-present page in supervisor mode.
+    assert!(
+        r.stdout
+            .contains(&format!("pf cr2={:016x} code={:016x}", 0x1_2345_6788u64, 2)),
+        "{}",
+        r.dump()
+    );
+}
+
+#[test]
+fn a_fault_without_a_handler_is_a_triple_fault() {
+    let r = emu(|a| a.ud2().unwrap(), &[]);
+    assert_eq!(r.code, Some(1), "{}", r.dump());
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("triple fault"))
+        .unwrap_or_default();
+    assert!(line.contains("bytes [0f 0b"), "{}", r.dump());
+}
+
+/// As on KVM: APs start in real mode at the SIPI vector and report their APIC IDs.
+#[test]
+fn application_processors_start_on_sipi() {
+    const TRAMPOLINE: u32 = 0x1_0000;
+    let ap = testguest::assemble(16, 0, |a| {
+        let mut acquire = a.create_label();
+        a.cli().unwrap();
+        a.mov(ax, TRAMPOLINE >> 4).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.cpuid().unwrap();
+        a.shr(ebx, 24u32).unwrap();
+        a.set_label(&mut acquire).unwrap();
+        a.mov(al, 1u32).unwrap();
+        a.xchg(byte_ptr(0x800), al).unwrap();
+        a.test(al, al).unwrap();
+        a.jnz(acquire).unwrap();
+        print(a, "apic ");
+        a.mov(al, bl).unwrap();
+        a.add(al, b'0' as u32).unwrap();
+        a.out(dx, al).unwrap();
+        print(a, "\n");
+        a.mov(byte_ptr(0x800), 0u32).unwrap();
+        a.lock().inc(byte_ptr(0x801)).unwrap();
+        testguest::snippets::halt_forever(a);
+    });
+    let r = emu(
+        |a| {
+            let mut blob = a.create_label();
+            let mut wait = a.create_label();
+            a.lea(rsi, ptr(blob)).unwrap();
+            a.mov(edi, TRAMPOLINE).unwrap();
+            a.mov(ecx, ap.len() as u32).unwrap();
+            a.rep().movsb().unwrap();
+            a.mov(rbx, 0xfee0_0000u64).unwrap();
+            a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
+            a.mov(dword_ptr(rbx + 0x300), 0x000c_4500u32).unwrap();
+            a.mov(dword_ptr(rbx + 0x300), 0x000c_4600u32 | (TRAMPOLINE >> 12))
+                .unwrap();
+            a.set_label(&mut wait).unwrap();
+            a.pause().unwrap();
+            a.cmp(byte_ptr(u64::from(TRAMPOLINE + 0x801)), 2u32)
+                .unwrap();
+            a.jne(wait).unwrap();
+            print(a, "all up\n");
+            i8042_reset(a);
+            a.set_label(&mut blob).unwrap();
+            a.db(&ap).unwrap();
+        },
+        &["--cpus", "3"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let mut ids: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("apic "))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["1", "2"], "{}", r.dump());
+    assert!(r.stdout.contains("all up"), "{}", r.dump());
+}

@@ -94,6 +94,7 @@ impl VmSpec {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            hvc: None,
         };
         config.validate().map_err(|e| e.to_string())
     }
@@ -198,6 +199,7 @@ impl VmSpec {
             disks,
             nets,
             rng: self.rng,
+            hvc: None,
         })
     }
 }

@@ -477,3 +477,28 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// `vessel stop` presses the ACPI power button; the kit's Linux (acpid) powers off.
+#[test]
+fn stop_powers_a_linux_guest_off_through_acpi() {
+    if common::kit().is_none() {
+        return;
+    }
+    let home = Home::new();
+    home.ok(&["create", "linux", "--accel", "emu", "--memory", "256M"]);
+    home.ok(&["start", "linux"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // acpid starts right after the modules load, before the shell's prompt.
+    while !home.log("linux").contains("vessel:/# ") {
+        assert!(Instant::now() < deadline, "no shell: {}", home.log("linux"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    let out = home.ok(&["stop", "linux", "--timeout", "60"]);
+    assert!(out.contains("linux powered off"), "{out}");
+    let log = home.log("linux");
+    assert!(log.contains("VESSEL-KIT: power button"), "{log}");
+    assert!(log.contains("reboot: Power down"), "{log}");
+    assert_eq!(home.status("linux")["last_exit"], "guest powered off");
+    eprintln!("powered off {:?} after the button", t.elapsed());
+}

@@ -51,6 +51,29 @@ pub struct VmConfig {
     pub nets: Vec<devices::virtio::net::NetConfig>,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-console (the guest's hvc0) and where it goes.
+    pub hvc: Option<Hvc>,
+}
+
+/// Where the guest's virtio console (hvc0) goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hvc {
+    /// This process's stdin and stdout: hvc0 instead of the serial port as the console
+    /// (boot the guest with `console=hvc0`).
+    Stdio,
+    /// A Unix socket vessel listens on; one client at a time is the console.
+    Socket(PathBuf),
+}
+
+impl Hvc {
+    /// `stdio` or `socket=PATH`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        match spec.split_once('=') {
+            None if spec == "stdio" => Ok(Hvc::Stdio),
+            Some(("socket", path)) if !path.is_empty() => Ok(Hvc::Socket(path.into())),
+            _ => Err(format!("{spec:?}: use stdio or socket=PATH")),
+        }
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -156,6 +179,19 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            hvc: None,
+        }
+    }
+
+    #[test]
+    fn hvc_specs() {
+        assert_eq!(Hvc::parse("stdio"), Ok(Hvc::Stdio));
+        assert_eq!(
+            Hvc::parse("socket=/tmp/c"),
+            Ok(Hvc::Socket("/tmp/c".into()))
+        );
+        for bad in ["", "tty", "socket=", "file=/x"] {
+            assert!(Hvc::parse(bad).is_err(), "{bad:?}");
         }
     }
 

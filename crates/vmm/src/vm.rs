@@ -79,6 +79,7 @@ pub struct VmHandle {
     events: Sender<VmEvent>,
     pm: Arc<Mutex<AcpiPm>>,
     serial: Arc<Mutex<Serial>>,
+    hvc: Option<devices::virtio::console::ConsoleInput>,
     metrics: Arc<Metrics>,
 }
 
@@ -120,7 +121,10 @@ impl VmHandle {
 
     /// Feeds console input to the guest's serial port; returns the bytes accepted.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
-        let n = lock(&self.serial).enqueue_input(bytes);
+        let n = match &self.hvc {
+            Some(hvc) => hvc.push(bytes),
+            None => lock(&self.serial).enqueue_input(bytes),
+        };
         self.metrics
             .console_in_bytes
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -190,6 +194,7 @@ impl Vm {
             events: self.events_tx.clone(),
             pm: self.platform.pm.clone(),
             serial: self.platform.serial.clone(),
+            hvc: self.platform.stdio_hvc.clone(),
             metrics: self.metrics.clone(),
         }
     }

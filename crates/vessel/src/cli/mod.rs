@@ -94,6 +94,10 @@ pub struct VmArgs {
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio console (the guest's hvc0): `stdio` (the console on this terminal
+    /// instead of the serial port; boot with console=hvc0) or `socket=PATH`.
+    #[arg(long, value_name = "SPEC")]
+    hvc: Option<String>,
 }
 
 impl VmArgs {

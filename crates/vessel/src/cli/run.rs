@@ -62,6 +62,12 @@ pub fn run(args: RunArgs) -> CliResult {
         disks,
         nets,
         rng: a.rng,
+        hvc: a
+            .hvc
+            .as_deref()
+            .map(vmm::Hvc::parse)
+            .transpose()
+            .map_err(|e| Failure::usage(format!("--hvc {e}")))?,
     };
     // Said once the VM is built, so that a bad argument is still the only line.
     let (outcome, metrics) = vmm::run(&config, || {

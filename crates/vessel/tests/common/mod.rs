@@ -214,3 +214,68 @@ pub fn kit() -> Option<kit::Kit> {
         }
     }
 }
+
+/// Runs `cmd` like a person at its console: for each step, waits until stdout shows
+/// `expect` (after what earlier steps saw), then types `send`. Kills it after `deadline`.
+pub fn run_interactive(mut cmd: Command, steps: &[(&str, &[u8])], deadline: Duration) -> Finished {
+    use std::io::Write;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vessel");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut stdout = Vec::new();
+    let mut seen = 0;
+    let mut next = 0;
+    let status = loop {
+        while let Ok(chunk) = rx.try_recv() {
+            stdout.extend_from_slice(&chunk);
+        }
+        if let Some((expect, send)) = steps.get(next) {
+            let text = String::from_utf8_lossy(&stdout[seen..]).into_owned();
+            if let Some(at) = text.find(expect) {
+                seen += at + expect.len();
+                let _ = input.write_all(send);
+                next += 1;
+            }
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(input);
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        stdout.extend_from_slice(&chunk);
+    }
+    Finished {
+        code: status.and_then(|s| s.code()),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}

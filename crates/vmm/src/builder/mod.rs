@@ -118,7 +118,15 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         metrics: metrics.clone(),
     });
     let virtio = virtio::devices(config)?;
-    let platform = Platform::new(events_tx.clone(), output, &mut backend, virtio, &mem)?;
+    let stdio_hvc = virtio.stdio_hvc.clone();
+    let mut platform = Platform::new(
+        events_tx.clone(),
+        output,
+        &mut backend,
+        virtio.devices,
+        &mem,
+    )?;
+    platform.stdio_hvc = stdio_hvc;
     let vcpus = (backend.vcpus)(&platform)?;
     Ok(Vm::new(VmParts {
         stdio_console,
@@ -170,6 +178,8 @@ pub struct Platform {
     pub serial: Arc<Mutex<Serial>>,
     pub pm: Arc<Mutex<AcpiPm>>,
     pub boot_timer: Arc<Mutex<Vec<devices::legacy::boot_timer::BootMark>>>,
+    /// When hvc0 is the terminal's console, console input goes there, not to COM1.
+    pub stdio_hvc: Option<devices::virtio::console::ConsoleInput>,
 }
 
 impl Platform {
@@ -240,6 +250,7 @@ impl Platform {
             serial,
             pm,
             boot_timer,
+            stdio_hvc: None,
         })
     }
 }

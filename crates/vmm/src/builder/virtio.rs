@@ -7,19 +7,29 @@ use std::sync::{Arc, Mutex};
 use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
 use devices::virtio::block::VirtioBlock;
+use devices::virtio::console::{ConsoleInput, VirtioConsole};
 use devices::virtio::net::{VirtioNet, generated_mac};
 use devices::virtio::rng::VirtioRng;
 use devices::virtio::{VirtioDevice, VirtioPciDevice};
 use devices::{Bus, BusDevice};
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 
 use super::Backend;
-use crate::config::VmConfig;
+use crate::config::{Hvc, VmConfig};
 use crate::error::VmError;
 
-/// Opens the config's devices: disk images, TAP interfaces, the entropy source.
-pub(super) fn devices(
-    config: &VmConfig,
-) -> Result<Vec<Box<dyn VirtioDevice<GuestMemory>>>, VmError> {
+/// The config's virtio devices, opened, and the console input when hvc0 is the
+/// terminal's console.
+pub(super) struct Opened {
+    pub devices: Vec<Box<dyn VirtioDevice<GuestMemory>>>,
+    pub stdio_hvc: Option<ConsoleInput>,
+}
+
+/// Opens the config's devices: disk images, TAP interfaces, the entropy source, the
+/// console.
+pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     for disk in &config.disks {
         let dev = VirtioBlock::new(disk)
@@ -34,7 +44,98 @@ pub(super) fn devices(
     if config.rng {
         out.push(Box::new(VirtioRng::new()));
     }
-    Ok(out)
+    let mut stdio_hvc = None;
+    if let Some(hvc) = &config.hvc {
+        let io_err = |e: std::io::Error| VmError::Device(format!("virtio console: {e}"));
+        match hvc {
+            Hvc::Stdio => {
+                let dev = VirtioConsole::new(Box::new(std::io::stdout())).map_err(io_err)?;
+                stdio_hvc = Some(dev.input());
+                out.push(Box::new(dev));
+            }
+            Hvc::Socket(path) => {
+                let client = Arc::new(Mutex::new(None));
+                let dev =
+                    VirtioConsole::new(Box::new(SocketOutput(client.clone()))).map_err(io_err)?;
+                serve_socket(path, client, dev.input())?;
+                out.push(Box::new(dev));
+            }
+        }
+    }
+    Ok(Opened {
+        devices: out,
+        stdio_hvc,
+    })
+}
+
+/// hvc0's output to the socket's client, never blocking the device (a slow or absent
+/// client loses output).
+struct SocketOutput(Arc<Mutex<Option<UnixStream>>>);
+
+impl std::io::Write for SocketOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut client = devices::bus::lock(&self.0);
+        if let Some(c) = client.as_ref() {
+            // SAFETY: a non-blocking send of `buf` on a socket we own; no SIGPIPE.
+            let sent = unsafe {
+                libc::send(
+                    std::os::fd::AsRawFd::as_raw_fd(c),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if sent < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
+            {
+                *client = None;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Listens on `path`; each client (the latest wins) is hvc0's other end.
+fn serve_socket(
+    path: &Path,
+    client: Arc<Mutex<Option<UnixStream>>>,
+    input: ConsoleInput,
+) -> Result<(), VmError> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .map_err(|e| VmError::Device(format!("virtio console socket {}: {e}", path.display())))?;
+    std::thread::Builder::new()
+        .name("hvc-socket".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let Ok(mut reader) = stream.try_clone() else {
+                    continue;
+                };
+                *devices::bus::lock(&client) = Some(stream);
+                let input = input.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = reader.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        let mut pending = &buf[..n];
+                        while !pending.is_empty() {
+                            let taken = input.push(pending);
+                            pending = &pending[taken..];
+                            if taken == 0 {
+                                std::thread::sleep(std::time::Duration::from_millis(2));
+                            }
+                        }
+                    }
+                });
+            }
+        })
+        .map_err(|e| VmError::Device(format!("virtio console: {e}")))?;
+    Ok(())
 }
 
 /// Puts `devices` on the root complex and the MMIO bus.

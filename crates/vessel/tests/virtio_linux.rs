@@ -1,0 +1,265 @@
+//! virtio devices used by a real Linux guest (the kit on the software CPU): disks that
+//! keep what the guest writes, a read-only disk that refuses writes, discard that frees
+//! host blocks, a root file system on a disk, the entropy device, the virtio console,
+//! and the network through a TAP device.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{is_root, kit};
+
+const DEADLINE: Duration = Duration::from_secs(240);
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+fn vessel_emu(kit: &kit::Kit, extra: &[String], cmdline: &str) -> Command {
+    let mut cmd = common::vessel();
+    cmd.args(["run", "--accel", "emu", "--memory", "512M", "--kernel"])
+        .arg(&kit.vmlinux)
+        .arg("--initrd")
+        .arg(&kit.initrd)
+        .args(["--cmdline", cmdline])
+        .args(extra);
+    cmd
+}
+
+#[test]
+fn disks_entropy_and_console_serve_a_linux_guest() {
+    let Some(kit) = kit() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("scratch.img");
+    std::fs::File::create(&scratch)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let filled = dir.path().join("filled.img");
+    let mut data = vec![0u8; 8 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&filled, &data).unwrap();
+    let filled_sum = sha256(&filled);
+    let trim = dir.path().join("trim.img");
+    std::fs::write(&trim, vec![0x5au8; 64 << 20]).unwrap();
+    let trim_blocks = std::fs::metadata(&trim).unwrap().blocks();
+    let hvc = dir.path().join("hvc.sock");
+
+    let script = [
+        "seq 1 200000 > /dev/vda && sync && echo pattern-written",
+        "sha256sum /dev/vdb",
+        "dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>&1 | head -1",
+        "blkdiscard /dev/vdc && echo discarded",
+        "dd if=/dev/hwrng bs=1024 count=1024 2>/dev/null | wc -c",
+        "read line < /dev/hvc0; echo echo:$line > /dev/hvc0; sleep 1",
+    ]
+    .join("; ");
+    let cmdline = kit::cmdline("", Some(&script));
+    let disks = [
+        format!("path={}", scratch.display()),
+        format!("path={},readonly=on", filled.display()),
+        format!("path={}", trim.display()),
+    ];
+    let mut extra: Vec<String> = disks
+        .iter()
+        .flat_map(|d| ["--disk".to_string(), d.clone()])
+        .collect();
+    extra.extend([
+        "--rng".into(),
+        "--hvc".into(),
+        format!("socket={}", hvc.display()),
+    ]);
+    let cmd = vessel_emu(&kit, &extra, &cmdline);
+    // The guest's hvc0 echoes a line back through the socket.
+    let echo = std::thread::spawn({
+        let hvc = hvc.clone();
+        move || {
+            let deadline = Instant::now() + DEADLINE;
+            let mut s = loop {
+                if let Ok(s) = UnixStream::connect(&hvc) {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "no hvc socket");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            s.set_read_timeout(Some(Duration::from_secs(200))).unwrap();
+            // The guest reads hvc0 only once its command runs; repeat until it answers.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            let mut last_sent = Instant::now() - Duration::from_secs(10);
+            while !String::from_utf8_lossy(&got).contains("echo:vessel-hvc") {
+                if last_sent.elapsed() > Duration::from_secs(2) {
+                    let _ = s.write_all(b"vessel-hvc\n");
+                    last_sent = Instant::now();
+                }
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(_) if Instant::now() < deadline => {}
+                    Err(_) => break,
+                }
+            }
+            String::from_utf8_lossy(&got).into_owned()
+        }
+    });
+    let r = common::run_with_deadline(cmd, DEADLINE);
+    let hvc_seen = echo.join().unwrap();
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout.contains("VESSEL-KIT: exit status 0"),
+        "{}",
+        r.dump()
+    );
+
+    // What the guest wrote is on the host's file.
+    let written = std::fs::read(&scratch).unwrap();
+    let seq: String = (1..=200_000).map(|n| format!("{n}\n")).collect();
+    assert_eq!(
+        &written[..seq.len()],
+        seq.as_bytes(),
+        "the pattern on the host file"
+    );
+    assert!(written[seq.len()..].iter().all(|b| *b == 0));
+    // A host-filled disk reads back identically; read-only refuses writes.
+    assert!(
+        r.stdout.contains(&format!("{filled_sum}  /dev/vdb")),
+        "{}",
+        r.dump()
+    );
+    assert!(r.stdout.contains("Operation not permitted"), "{}", r.dump());
+    assert_eq!(sha256(&filled), filled_sum, "a read-only disk is unchanged");
+    // Discard punched holes: the file's allocation shrank.
+    assert!(r.stdout.contains("discarded"), "{}", r.dump());
+    let blocks = std::fs::metadata(&trim).unwrap().blocks();
+    assert!(
+        blocks < trim_blocks / 4,
+        "allocation {trim_blocks} -> {blocks} blocks"
+    );
+    // 1 MiB from the virtio entropy device.
+    assert!(r.stdout.contains("\n1048576"), "{}", r.dump());
+    assert!(
+        hvc_seen.contains("echo:vessel-hvc"),
+        "hvc0 said {hvc_seen:?}"
+    );
+}
+
+#[test]
+fn linux_boots_from_an_ext4_root_disk_to_the_shell() {
+    let Some(kit) = kit() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = kit::fresh_rootfs(&kit, dir.path()).unwrap();
+    let cmdline = kit::cmdline("root=/dev/vda", None);
+    let extra = ["--disk".to_string(), format!("path={}", root.display())];
+    let cmd = vessel_emu(&kit, &extra, &cmdline);
+    let r = common::run_interactive(
+        cmd,
+        &[(
+            "vessel:/# ",
+            b"grep vda /proc/mounts; echo on-disk > /root/proof; sync; poweroff -f\n",
+        )],
+        DEADLINE,
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout.contains("VESSEL-KIT: root on /dev/vda"),
+        "{}",
+        r.dump()
+    );
+    assert!(r.stdout.contains("/dev/vda / ext4 rw"), "{}", r.dump());
+    assert!(
+        r.stdout.contains("vessel:/# "),
+        "the busybox shell prompt: {}",
+        r.dump()
+    );
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /root/proof"])
+        .arg(&root)
+        .output();
+    if let Ok(out) = out {
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("on-disk"),
+            "{out:?}"
+        );
+    }
+}
+
+/// A TAP device on the host, configured and removed by the test.
+struct Tap(String);
+
+impl Tap {
+    fn new(name: &str, addr: &str) -> Self {
+        let sh = |c: &str| {
+            let ok = Command::new("sh")
+                .args(["-c", c])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{c}");
+        };
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        sh(&format!(
+            "ip tuntap add dev {name} mode tap && ip addr add {addr} dev {name} && ip link set {name} up"
+        ));
+        Tap(name.into())
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn the_guest_pings_the_host_and_sends_16_mib_over_tcp() {
+    if !is_root() {
+        return;
+    }
+    let Some(kit) = kit() else { return };
+    let tap = Tap::new("vesseltap0", "10.88.0.1/24");
+    let listener = std::net::TcpListener::bind("10.88.0.1:7777").unwrap();
+    let receiver = std::thread::spawn(move || {
+        listener.set_nonblocking(false).unwrap();
+        let (mut c, _) = listener.accept().unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        all
+    });
+    let script = "ifconfig eth0 10.88.0.2 netmask 255.255.255.0 up; ping -c 2 10.88.0.1; \
+                  dd if=/dev/urandom of=/tmp/f bs=1M count=16 2>/dev/null; sha256sum /tmp/f; \
+                  nc 10.88.0.1 7777 < /tmp/f";
+    let cmdline = kit::cmdline("", Some(script));
+    let extra = ["--net".to_string(), format!("tap={}", tap.0)];
+    let r = common::run_with_deadline(vessel_emu(&kit, &extra, &cmdline), DEADLINE);
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(
+        r.stdout
+            .contains("2 packets transmitted, 2 packets received"),
+        "{}",
+        r.dump()
+    );
+    let received = receiver.join().unwrap();
+    assert_eq!(received.len(), 16 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("received");
+    std::fs::write(&file, &received).unwrap();
+    assert!(
+        r.stdout.contains(&format!("{}  /tmp/f", sha256(&file))),
+        "{}",
+        r.dump()
+    );
+}

@@ -62,12 +62,14 @@ pub(crate) struct Block {
 const NO_INDEX: u32 = u32::MAX;
 
 /// A jump-cache entry: linear RIP -> the block's instructions, with what proves it
-/// current (the translation generation and mode, the code page's state). 32 bytes.
+/// current: the guest-physical page it was decoded from (the TLB must still translate
+/// the linear page there, for fetching, in the current privilege context), the mode, and
+/// the code page's state. 32 bytes.
 #[derive(Clone, Copy)]
 struct Jump {
     lin: u64,
-    /// TLB generation << 2 | mode: the linear->physical mapping this entry relied on.
-    tag: u64,
+    /// Guest-physical page | mode tag.
+    gpa_mode: u64,
     start: u32,
     count: u32,
     code_idx: u32,
@@ -77,8 +79,8 @@ struct Jump {
 impl Default for Jump {
     fn default() -> Self {
         Jump {
-            lin: 0,
-            tag: 0,
+            lin: u64::MAX,
+            gpa_mode: u64::MAX,
             start: 0,
             count: 0,
             code_idx: NO_INDEX,
@@ -96,6 +98,7 @@ pub(crate) struct CodeCache {
     jump: Box<[Jump]>,
     pub decoded: u64,
     pub invalidated: u64,
+    pub slow_lookups: u64,
 }
 
 impl Default for CodeCache {
@@ -109,6 +112,7 @@ impl Default for CodeCache {
             jump: vec![Jump::default(); 1 << JUMP_BITS].into_boxed_slice(),
             decoded: 0,
             invalidated: 0,
+            slow_lookups: 0,
         }
     }
 }
@@ -185,12 +189,12 @@ impl CodeCache {
 
     /// Points the jump cache's entry for `lin` at block `b` (tracked blocks only: the
     /// fast path proves an entry current by its code page's state).
-    fn remember(&mut self, lin: u64, tag: u64, b: u32) {
+    fn remember(&mut self, lin: u64, mode: u64, b: u32) {
         let blk = &self.blocks[b as usize];
         if blk.code_idx != NO_INDEX {
             self.jump[jump_slot(lin)] = Jump {
                 lin,
-                tag,
+                gpa_mode: (blk.gpa & PAGE_MASK) | mode,
                 start: blk.start,
                 count: blk.count,
                 code_idx: blk.code_idx,
@@ -234,7 +238,7 @@ impl CodeCache {
         let lin = m.code_linear(m.rip());
         let j = &self.jump[jump_slot(lin)];
         if j.lin == lin
-            && j.tag == (m.tlb.generation() << 2) | m.mode_tag
+            && m.tlb.exec_page(m.tlb_set, lin).map(|g| g | m.mode_tag) == Some(j.gpa_mode)
             && let Some(map) = m.code
             && j.code_idx != NO_INDEX
             && map.state(j.code_idx as usize) == j.code_state
@@ -250,15 +254,16 @@ impl CodeCache {
 
     #[inline(never)]
     fn find_slow(&mut self, m: &mut Machine) -> R<Found> {
+        self.slow_lookups += 1;
         let rip = m.rip();
         let cx = m.cx();
         let lin = m.code_linear(rip);
-        let tag = (m.tlb.generation() << 2) | mode_code(cx.bitness);
+        let mode = mode_code(cx.bitness);
         let t = m.translate(lin, Access::Exec)?;
         let key = (t.gpa << 2) | mode_code(cx.bitness);
         if let Some(&b) = self.map.get(&key) {
             if self.fresh(m, b) {
-                self.remember(lin, tag, b);
+                self.remember(lin, mode, b);
                 return Ok(self.found(b));
             }
             self.invalidate_page(t.gpa & PAGE_MASK);
@@ -274,9 +279,7 @@ impl CodeCache {
                 .entry(t.gpa & PAGE_MASK)
                 .or_default()
                 .push(b);
-            // The decode may have flushed the TLB (MMIO fetch): tag with the generation now.
-            let tag = (m.tlb.generation() << 2) | mode_code(cx.bitness);
-            self.remember(lin, tag, b);
+            self.remember(lin, mode, b);
         }
         // A page that just became code must lose its fast write entries before the block
         // runs (it may store into itself).

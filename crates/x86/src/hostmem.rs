@@ -358,7 +358,7 @@ impl HostPage {
     }
 }
 
-pub(crate) const TLB_SIZE: usize = 256;
+pub(crate) const TLB_SIZE: usize = 1024;
 
 /// Permission bits of a cached translation (effective over all paging levels).
 pub(crate) mod perm {
@@ -369,22 +369,28 @@ pub(crate) mod perm {
     pub const DIRTY: u8 = 8;
     /// The host handle was looked up for writing (marked dirty in vm-memory's bitmap).
     pub const HOST_WRITE: u8 = 16;
+    /// A global translation (G set, CR4.PGE on): kept across CR3 writes.
+    pub const GLOBAL: u8 = 32;
 }
 
 /// One cached translation. Tags are `linear page | epoch`; a tag matches only in the
 /// epoch it was written in, so bumping an epoch empties the TLB in O(1). Write tags have
 /// their own epoch so that fast writes can be revoked alone (a page became code).
 #[derive(Clone, Copy, Debug, Default)]
+#[repr(align(64))]
 pub(crate) struct TlbEntry {
     /// Set when a read in this entry's privilege context may use `host` directly.
     read_tag: u64,
     /// Set when a write may use `host` directly (writable, dirty, RAM, holds no cached code).
     write_tag: u64,
+    /// Set when code may be fetched from the page in this privilege context (what the
+    /// code cache's jump entries are validated against).
+    exec_tag: u64,
     /// Set whenever the entry holds a translation (checked on the slower path).
     page_tag: u64,
     pub(crate) gpa: u64,
-    pub(crate) perm: u8,
     host: Option<HostPage>,
+    pub(crate) perm: u8,
 }
 
 /// What a walk produced, to be cached.
@@ -395,6 +401,7 @@ pub(crate) struct Fill {
     pub host: Option<HostPage>,
     pub fast_read: bool,
     pub fast_write: bool,
+    pub fast_exec: bool,
     /// Size of the guest page the translation came from.
     pub page_size: u64,
 }
@@ -408,8 +415,9 @@ pub(crate) struct Tlb {
     epoch: u64,
     /// Epoch of write tags.
     wepoch: u64,
-    /// Counts flushes without wrapping: what the jump cache tags its entries with.
-    generation: u64,
+    /// Counters for [`crate::Stats`].
+    pub(crate) walks: u64,
+    pub(crate) flushes: u64,
     /// Guest large pages (base, size) some entry was filled from, so that invlpg of any
     /// address in one forgets all of it; `None` once too many to list (invlpg then
     /// flushes everything).
@@ -427,7 +435,8 @@ impl Default for Tlb {
             sets: [[TlbEntry::default(); TLB_SIZE]; 2],
             epoch: 1,
             wepoch: 1,
-            generation: 1,
+            walks: 0,
+            flushes: 0,
             large: Some(([(0, 0); 8], 0)),
         }
     }
@@ -441,7 +450,7 @@ fn slot(lin: u64) -> usize {
 impl Tlb {
     /// Forgets every translation and host pointer.
     pub(crate) fn flush(&mut self) {
-        self.generation += 1;
+        self.flushes += 1;
         self.epoch += 1;
         self.wepoch += 1;
         self.large = Some(([(0, 0); 8], 0));
@@ -466,7 +475,26 @@ impl Tlb {
                 *e = TlbEntry::default();
             }
         }
-        self.generation += 1;
+    }
+
+    /// Forgets every translation that is not global (a CR3 write with CR4.PGE set).
+    pub(crate) fn flush_nonglobal(&mut self) {
+        for set in self.sets.iter_mut() {
+            for e in set.iter_mut() {
+                if e.perm & perm::GLOBAL == 0 {
+                    *e = TlbEntry::default();
+                }
+            }
+        }
+        // Large pages are listed whatever their G bit; keeping the list is conservative.
+    }
+
+    /// The guest-physical page code at `lin` is fetched from in privilege context `set`,
+    /// if the TLB holds a translation that allows fetching.
+    #[inline(always)]
+    pub(crate) fn exec_page(&self, set: usize, lin: u64) -> Option<u64> {
+        let e = &self.sets[set & 1][slot(lin)];
+        (e.exec_tag == (lin & PAGE_MASK) | self.epoch).then_some(e.gpa)
     }
 
     /// Forgets which pages may be written directly (reads and translations stay).
@@ -483,11 +511,6 @@ impl Tlb {
             self.epoch = 1;
             self.wepoch = 1;
         }
-    }
-
-    /// Changes whenever any translation may have changed; never repeats.
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation
     }
 
     #[inline(always)]
@@ -555,6 +578,7 @@ impl Tlb {
             } else {
                 0
             },
+            exec_tag: if f.fast_exec { tag } else { 0 },
             page_tag: tag,
             gpa: f.gpa,
             perm: f.perm,

@@ -38,6 +38,12 @@ pub struct Stats {
     pub blocks_decoded: u64,
     /// Blocks dropped because their code changed.
     pub blocks_invalidated: u64,
+    /// Block lookups the jump cache could not answer.
+    pub slow_lookups: u64,
+    /// Guest page-table walks (software TLB misses).
+    pub page_walks: u64,
+    /// Whole-TLB flushes (CR3/CR0/CR4/EFER writes, changed context between calls).
+    pub tlb_flushes: u64,
 }
 
 /// What one `step` did.
@@ -150,6 +156,9 @@ impl Interpreter {
             instructions: self.instructions,
             blocks_decoded: self.cache.decoded,
             blocks_invalidated: self.cache.invalidated,
+            slow_lookups: self.cache.slow_lookups,
+            page_walks: self.tlb.walks,
+            tlb_flushes: self.tlb.flushes,
         }
     }
 

@@ -30,6 +30,7 @@ const PTE_U: u64 = 1 << 2;
 const PTE_A: u64 = 1 << 5;
 const PTE_D: u64 = 1 << 6;
 const PTE_PS: u64 = 1 << 7;
+const PTE_G: u64 = 1 << 8;
 const PTE_NX: u64 = 1 << 63;
 /// Physical-address bits of a paging entry (MAXPHYADDR 52).
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -128,6 +129,7 @@ impl Machine<'_> {
             p |= perm::HOST_WRITE;
         }
         let fast_read = self.permits(p, Access::Read, false);
+        let fast_exec = self.permits(p, Access::Exec, false);
         let fast_write = self.permits(p, Access::Write, false)
             && p & perm::DIRTY != 0
             && write
@@ -141,6 +143,7 @@ impl Machine<'_> {
                 host,
                 fast_read,
                 fast_write,
+                fast_exec,
                 page_size,
             },
         );
@@ -182,6 +185,7 @@ impl Machine<'_> {
     /// permissions (plus DIRTY when the final entry is dirty), or the #PF to raise.
     /// Also returns the size of the page that maps `lin` (4 KiB, 2/4 MiB, 1 GiB).
     pub(crate) fn walk(&mut self, lin: u64, acc: Access) -> R<(u64, u8, u64)> {
+        self.tlb.walks += 1;
         let (cr0, cr3, cr4, efer) = (self.cpu.cr0, self.cpu.cr3, self.cpu.cr4, self.cpu.efer);
         let all = perm::WRITE | perm::USER | perm::EXEC | perm::DIRTY;
         if cr0 & ctl::CR0_PG == 0 {
@@ -296,6 +300,9 @@ impl Machine<'_> {
         }
         if dirty {
             p |= perm::DIRTY;
+        }
+        if cr4 & ctl::CR4_PGE != 0 && last & PTE_G != 0 {
+            p |= perm::GLOBAL;
         }
         Ok((frame, p, page_size))
     }

@@ -96,15 +96,22 @@ impl<M: GuestMemory + ?Sized> GuestAccess for M {
 /// The most regions [`GuestRam`] keeps at hand (vessel's guests have one or two).
 const FAST_REGIONS: usize = 4;
 
-/// Guest memory for one pass over a queue. For plain memory without a dirty bitmap
-/// (what vessel runs today) the regions' host addresses are looked up once, and the
-/// small accesses a request makes (descriptors, header, status, used ring) are a
-/// compare and a copy; anything else takes the general path.
-pub struct GuestRam<'a, M: ?Sized> {
+type Region<M> = <<M as GuestMemory>::PhysicalMemory as GuestMemoryBackend>::R;
+
+/// Guest memory for one pass over a queue. The regions' host addresses are looked up
+/// once, and the small accesses a request makes (descriptors, header, status, used
+/// ring) are a compare and a copy; anything else takes the general path. Writes made
+/// this way are reported to the region's bitmap (vessel's code map), as vm-memory's
+/// own writes are.
+pub struct GuestRam<'a, M: GuestMemory + ?Sized> {
     mem: &'a M,
     /// (guest start, length, host address)
     regions: [(u64, u64, usize); FAST_REGIONS],
+    /// The regions themselves, for their bitmaps.
+    refs: [Option<&'a Region<M>>; FAST_REGIONS],
     count: usize,
+    /// The memory keeps a bitmap that must see every write.
+    tracked: bool,
 }
 
 impl<'a, M: GuestMemory + ?Sized> GuestRam<'a, M> {
@@ -112,12 +119,10 @@ impl<'a, M: GuestMemory + ?Sized> GuestRam<'a, M> {
         let mut ram = GuestRam {
             mem,
             regions: [(0, 0, 0); FAST_REGIONS],
+            refs: [None; FAST_REGIONS],
             count: 0,
+            tracked: size_of::<M::Bitmap>() != 0 || size_of::<RegionBitmap<M>>() != 0,
         };
-        // A dirty bitmap must see every write: leave those to vm-memory.
-        if size_of::<M::Bitmap>() != 0 || size_of::<RegionBitmap<M>>() != 0 {
-            return ram;
-        }
         let Some(pm) = mem.physical_memory() else {
             return ram;
         };
@@ -131,9 +136,35 @@ impl<'a, M: GuestMemory + ?Sized> GuestRam<'a, M> {
                 return ram;
             }
             ram.regions[ram.count] = (region.start_addr().raw_value(), region.len(), host as usize);
+            ram.refs[ram.count] = Some(region);
             ram.count += 1;
         }
         ram
+    }
+
+    /// The region index and host address of `[addr, addr + len)` if one region holds
+    /// all of it.
+    fn find(&self, addr: GuestAddress, len: usize) -> Option<(usize, *mut u8)> {
+        let addr = addr.raw_value();
+        self.regions[..self.count]
+            .iter()
+            .position(|(start, size, _)| {
+                addr >= *start && (len as u64) <= *size && addr - start <= size - len as u64
+            })
+            .map(|i| {
+                let (start, _, host) = self.regions[i];
+                (i, (host + (addr - start) as usize) as *mut u8)
+            })
+    }
+
+    /// Tells region `i`'s bitmap about a write done through its host address.
+    fn wrote(&self, i: usize, addr: GuestAddress, len: usize) {
+        if self.tracked
+            && let Some(region) = self.refs[i]
+        {
+            let offset = (addr.raw_value() - self.regions[i].0) as usize;
+            region.bitmap().mark_dirty(offset, len);
+        }
     }
 
     pub fn memory(&self) -> &'a M {
@@ -142,13 +173,20 @@ impl<'a, M: GuestMemory + ?Sized> GuestRam<'a, M> {
 
     /// The host address of `[addr, addr + len)` if one region holds all of it.
     pub fn host_range(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
-        let addr = addr.raw_value();
-        self.regions[..self.count]
-            .iter()
-            .find(|(start, size, _)| {
-                addr >= *start && (len as u64) <= *size && addr - start <= size - len as u64
-            })
-            .map(|(start, _, host)| (host + (addr - start) as usize) as *mut u8)
+        self.find(addr, len).map(|(_, p)| p)
+    }
+
+    /// Reports host I/O into `segs` (through their host addresses) to the bitmap.
+    pub fn mark_written(&self, segs: &[Segment]) {
+        if !self.tracked {
+            return;
+        }
+        for seg in segs {
+            match self.find(seg.addr, seg.len as usize) {
+                Some((i, _)) => self.wrote(i, seg.addr, seg.len as usize),
+                None => mark_dirty(self.mem, std::slice::from_ref(seg)),
+            }
+        }
     }
 }
 
@@ -168,10 +206,11 @@ impl<M: GuestMemory + ?Sized> GuestAccess for GuestRam<'_, M> {
     }
 
     fn write_from(&self, addr: GuestAddress, buf: &[u8]) -> bool {
-        match self.host_range(addr, buf.len()) {
-            Some(p) => {
-                // SAFETY: as for `read_into`; there is no dirty bitmap to update (`new`).
+        match self.find(addr, buf.len()) {
+            Some((i, p)) => {
+                // SAFETY: as for `read_into`; the bitmap is told right after.
                 unsafe { VolatileSlice::new(p, buf.len()) }.copy_from(buf);
+                self.wrote(i, addr, buf.len());
                 true
             }
             None => write_guest(self.mem, addr, buf),
@@ -191,10 +230,11 @@ impl<M: GuestMemory + ?Sized> GuestAccess for GuestRam<'_, M> {
     }
 
     fn store_u16(&self, addr: GuestAddress, value: u16) -> bool {
-        match self.host_range(addr, 2) {
-            Some(p) if p.align_offset(2) == 0 => {
+        match self.find(addr, 2) {
+            Some((i, p)) if p.align_offset(2) == 0 => {
                 // SAFETY: as for `load_u16`.
                 unsafe { AtomicU16::from_ptr(p.cast()) }.store(value.to_le(), Ordering::Release);
+                self.wrote(i, addr, 2);
                 true
             }
             _ => self.mem.store_u16(addr, value),

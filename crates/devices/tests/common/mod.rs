@@ -14,14 +14,17 @@ use devices::virtio::{VirtioPciDevice, status};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-pub type Mem = GuestMemoryMmap;
+/// Guest memory as the VMM allocates it: writes report to the software CPU's code map,
+/// so the devices run the same paths they do in a VM.
+pub type Mem = GuestMemoryMmap<x86::CodeBitmap>;
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 
 pub fn memory(size: usize) -> Mem {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    let ranges = [(GuestAddress(0), size)];
+    x86::guest_memory(&ranges, &Arc::new(x86::CodeMap::new(&ranges))).unwrap()
 }
 
 /// Records every MSI and lets a test wait for one.

@@ -257,15 +257,33 @@ fn mov_to_cr(m: &mut Machine, i: &Insn) -> R {
             }
             c.cr0 = v;
         }
-        2 => m.cpu.cr2 = v,
-        3 => m.cpu.cr3 = v & !(1 << 63),
+        2 => {
+            m.cpu.cr2 = v;
+            return Ok(());
+        }
+        3 => {
+            m.cpu.cr3 = v & !(1 << 63);
+            // Global translations survive a CR3 write.
+            if m.cpu.cr4 & ctl::CR4_PGE != 0 {
+                m.tlb.flush_nonglobal();
+            } else {
+                m.tlb.flush();
+            }
+            m.end_block();
+            return Ok(());
+        }
         4 => {
             if m.long_mode() && v & ctl::CR4_PAE == 0 {
                 return Err(gp());
             }
             m.cpu.cr4 = v;
         }
-        8 => m.cpu.cr8 = v & 0xf,
+        8 => {
+            // The task priority: the caller may now deliver interrupts it held back.
+            m.cpu.cr8 = v & 0xf;
+            m.end_block();
+            return Ok(());
+        }
         _ => return Err(Exception::InvalidOpcode.into()),
     }
     m.tlb.flush();

@@ -331,3 +331,59 @@ fn invlpg_in_a_large_page() {
     vm.run(10).expect("second");
     assert_eq!(vm.cpu.gpr[0], 0xbbbb);
 }
+
+/// With CR4.PGE, a CR3 write keeps global translations (G set) and drops the others.
+#[test]
+fn global_pages_survive_cr3_writes() {
+    let mut vm = Vm::long(0);
+    let (g, ng) = (0x90_0000u64, 0x91_0000u64);
+    let (x, y) = (0x80_0000u64, 0x81_0000u64);
+    vm.p.write_u64(x, 0x1111);
+    vm.p.write_u64(y, 0x2222);
+    vm.pt.map(&vm.p, g, x, PTE_W | (1 << 8));
+    vm.pt.map(&vm.p, ng, x, PTE_W);
+    vm.code(|a| {
+        a.mov(rax, qword_ptr(g))?;
+        a.mov(rbx, qword_ptr(ng))?;
+        a.hlt()?;
+        a.mov(rcx, cr3)?;
+        a.mov(cr3, rcx)?;
+        a.mov(rax, qword_ptr(g))?;
+        a.mov(rbx, qword_ptr(ng))?;
+        a.hlt()
+    });
+    vm.run(10).expect("first");
+    assert_eq!((vm.cpu.gpr[0], vm.cpu.gpr[3]), (0x1111, 0x1111));
+    let (lg, lng) = (vm.pt.leaf(&vm.p, g), vm.pt.leaf(&vm.p, ng));
+    vm.p.write_u64(lg, y | PTE_P | PTE_W | (1 << 8));
+    vm.p.write_u64(lng, y | PTE_P | PTE_W);
+    vm.run(10).expect("second");
+    assert_eq!(vm.cpu.gpr[0], 0x1111, "global: still the old translation");
+    assert_eq!(vm.cpu.gpr[3], 0x2222, "not global: walked again");
+}
+
+/// A block the kernel ran is not reachable from user mode through the code cache: the
+/// fetch is checked against the user's view of the page.
+#[test]
+fn user_mode_cannot_reuse_kernel_blocks() {
+    let mut vm = Vm::long(0);
+    // Kernel code at CODE (supervisor only), user code in the USER page.
+    vm.code(|a| {
+        a.mov(eax, 7)?;
+        a.hlt()
+    });
+    vm.run(10).expect("kernel");
+    assert_eq!(vm.cpu.gpr[0], 7);
+    vm.code_at(USER, |a| a.jmp(CODE));
+    vm.cpu.seg[x86::SegReg::Cs as usize] = x86::Segment::flat(0x33, 0xb, 3, false, true);
+    vm.cpu.seg[x86::SegReg::Ss as usize] = x86::Segment::flat(0x2b, 0x3, 3, true, false);
+    vm.cpu.rip = USER;
+    vm.cpu.gpr[0] = 0;
+    vm.run(1).expect("jmp");
+    assert_eq!(
+        vm.exception(),
+        pf(CODE, 0x15),
+        "user fetch from a kernel page"
+    );
+    assert_eq!(vm.cpu.gpr[0], 0);
+}

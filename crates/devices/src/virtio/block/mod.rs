@@ -15,7 +15,7 @@ pub use disk::{Disk, DiskError};
 pub use request::{Range, Request, RequestError, RequestKind};
 
 use super::chain::{Chain, UsedRing, pop_all};
-use super::guest_io::{GuestAccess, GuestRam, IoVecs, mark_dirty};
+use super::guest_io::{GuestAccess, GuestRam, IoVecs};
 use super::worker::{QueueHandler, Worker};
 use super::{
     ActivateError, Activation, DeviceError, DeviceType, GuestMemoryShared, VirtioDevice,
@@ -268,7 +268,7 @@ impl Requests {
                 };
                 self.iovecs.clear();
                 if read {
-                    mark_dirty(ram.memory(), &req.data);
+                    ram.mark_written(&req.data);
                 }
                 match r {
                     Ok(()) if read => (status::OK, req.data_len as u32 + 1),

@@ -139,3 +139,132 @@ pub fn hex64_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
     a.pop(rax).unwrap();
     a.ret().unwrap();
 }
+
+/// A minimal virtio-pci driver for the entropy device at 00:01.0 (the first device
+/// `vessel run --rng` adds): negotiates VERSION_1, sets up queue 0 (8 entries) with
+/// MSI-X vector 0 -> IDT vector `vector` on APIC 0, posts one 16-byte buffer at
+/// `data + 0x100`, notifies, and waits in HLT until its interrupt handler has run.
+/// Memory used: `data` .. `data + 0x1000` (rings at +0x200/+0x300/+0x400, IDT at
+/// `idt`). Prints `rng used=N len=L irq=I` with the used index, the used length and
+/// how many interrupts arrived, then resets the VM.
+pub fn virtio_rng_driver(a: &mut CodeAssembler, data: u64, idt: u64, vector: u8) {
+    let ecam = 0xe000_8000u64; // bus 0, device 1, function 0
+    let (buf, desc, avail, used, flag) =
+        (data + 0x100, data + 0x200, data + 0x300, data + 0x400, data);
+    let mut hex = a.create_label();
+    let mut main = a.create_label();
+    let mut handler = a.create_label();
+    let mut find_cap = a.create_label();
+    let mut found = a.create_label();
+    let mut wait = a.create_label();
+    a.jmp(main).unwrap();
+    hex64_routine(a, &mut hex);
+
+    a.set_label(&mut handler).unwrap();
+    a.push(rax).unwrap();
+    a.mov(rax, flag).unwrap();
+    a.inc(qword_ptr(rax)).unwrap();
+    a.mov(rax, 0xfee0_00b0u64).unwrap(); // EOI
+    a.mov(dword_ptr(rax), 0u32).unwrap();
+    a.pop(rax).unwrap();
+    a.iretq().unwrap();
+
+    a.set_label(&mut main).unwrap();
+    // IDT gate for `vector`, then LAPIC on.
+    let at = idt + u64::from(vector) * 16;
+    a.lea(rax, ptr(handler)).unwrap();
+    a.mov(rdi, at).unwrap();
+    a.mov(word_ptr(rdi), ax).unwrap();
+    a.mov(word_ptr(rdi + 2), 0x08u32).unwrap();
+    a.mov(word_ptr(rdi + 4), 0x8e00u32).unwrap();
+    a.shr(rax, 16u32).unwrap();
+    a.mov(word_ptr(rdi + 6), ax).unwrap();
+    a.shr(rax, 16u32).unwrap();
+    a.mov(dword_ptr(rdi + 8), eax).unwrap();
+    a.mov(rsi, data + 0xf00).unwrap();
+    a.mov(word_ptr(rsi), (256 * 16 - 1) as u32).unwrap();
+    a.mov(rax, idt).unwrap();
+    a.mov(qword_ptr(rsi + 2), rax).unwrap();
+    a.lidt(ptr(rsi)).unwrap();
+    a.mov(rax, 0xfee0_00f0u64).unwrap();
+    a.mov(dword_ptr(rax), 0x1ffu32).unwrap();
+
+    // PCI: memory space and bus mastering; BAR0 (64-bit) -> rbx.
+    a.mov(rdi, ecam).unwrap();
+    a.mov(word_ptr(rdi + 4), 0x6u32).unwrap();
+    a.mov(ebx, dword_ptr(rdi + 0x10)).unwrap();
+    a.and(ebx, 0xffff_fff0u32).unwrap();
+    a.mov(eax, dword_ptr(rdi + 0x14)).unwrap();
+    a.shl(rax, 32u32).unwrap();
+    a.or(rbx, rax).unwrap();
+    // MSI-X capability (ID 0x11): walk the list from 0x34; enable it (control bit 15).
+    a.movzx(ecx, byte_ptr(rdi + 0x34)).unwrap();
+    a.set_label(&mut find_cap).unwrap();
+    a.cmp(byte_ptr(rdi + rcx), 0x11u32).unwrap();
+    a.je(found).unwrap();
+    a.movzx(ecx, byte_ptr(rdi + rcx + 1)).unwrap();
+    a.jmp(find_cap).unwrap();
+    a.set_label(&mut found).unwrap();
+    a.mov(word_ptr(rdi + rcx + 2), 0x8000u32).unwrap();
+    // MSI-X table entry 0 (BAR0 + 0x4000): APIC 0, `vector`, unmasked.
+    a.mov(dword_ptr(rbx + 0x4000), 0xfee0_0000u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x4004), 0u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x4008), u32::from(vector)).unwrap();
+    a.mov(dword_ptr(rbx + 0x400c), 0u32).unwrap();
+
+    // Common configuration (BAR0 + 0): reset, ACKNOWLEDGE | DRIVER, VERSION_1 (bit 32).
+    a.mov(byte_ptr(rbx + 0x14), 0u32).unwrap();
+    a.mov(byte_ptr(rbx + 0x14), 3u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x08), 1u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x0c), 1u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x08), 0u32).unwrap();
+    a.mov(dword_ptr(rbx + 0x0c), 0u32).unwrap();
+    a.mov(byte_ptr(rbx + 0x14), 0xbu32).unwrap(); // | FEATURES_OK
+    a.mov(word_ptr(rbx + 0x10), 0xffffu32).unwrap(); // no config-change vector
+    a.mov(word_ptr(rbx + 0x16), 0u32).unwrap(); // queue 0
+    a.mov(word_ptr(rbx + 0x18), 8u32).unwrap(); // 8 entries
+    a.mov(word_ptr(rbx + 0x1a), 0u32).unwrap(); // MSI-X vector 0
+    for (reg, addr) in [(0x20, desc), (0x28, avail), (0x30, used)] {
+        a.mov(rax, addr).unwrap();
+        a.mov(qword_ptr(rbx + reg), rax).unwrap();
+    }
+    a.mov(word_ptr(rbx + 0x1c), 1u32).unwrap(); // enable
+    a.mov(byte_ptr(rbx + 0x14), 0xfu32).unwrap(); // | DRIVER_OK
+
+    // Descriptor 0: 16 device-writable bytes; avail ring: idx 1, ring[0] = 0.
+    a.mov(rdi, desc).unwrap();
+    a.mov(rax, buf).unwrap();
+    a.mov(qword_ptr(rdi), rax).unwrap();
+    a.mov(dword_ptr(rdi + 8), 16u32).unwrap();
+    a.mov(word_ptr(rdi + 12), 2u32).unwrap(); // VIRTQ_DESC_F_WRITE
+    a.mov(rdi, avail).unwrap();
+    a.mov(word_ptr(rdi + 4), 0u32).unwrap();
+    a.mov(word_ptr(rdi + 2), 1u32).unwrap();
+    a.sti().unwrap();
+    a.mov(word_ptr(rbx + 0x3000), 0u32).unwrap(); // notify queue 0
+
+    a.set_label(&mut wait).unwrap();
+    a.hlt().unwrap();
+    a.mov(rax, flag).unwrap();
+    a.cmp(qword_ptr(rax), 0i32).unwrap();
+    a.je(wait).unwrap();
+    a.cli().unwrap();
+    print(a, "rng used=");
+    a.mov(rdi, used).unwrap();
+    a.movzx(eax, word_ptr(rdi + 2)).unwrap();
+    a.call(hex).unwrap();
+    print(a, " len=");
+    a.mov(rdi, used).unwrap();
+    a.mov(eax, dword_ptr(rdi + 8)).unwrap();
+    a.call(hex).unwrap();
+    print(a, " irq=");
+    a.mov(rax, flag).unwrap();
+    a.mov(rax, qword_ptr(rax)).unwrap();
+    a.call(hex).unwrap();
+    print(a, " data=");
+    a.mov(rax, buf).unwrap();
+    a.mov(rax, qword_ptr(rax)).unwrap();
+    a.call(hex).unwrap();
+    print(a, "\n");
+    i8042_reset(a);
+}

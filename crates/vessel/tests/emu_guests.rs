@@ -215,3 +215,27 @@ fn application_processors_start_on_sipi() {
     assert_eq!(ids, ["1", "2"], "{}", r.dump());
     assert!(r.stdout.contains("all up"), "{}", r.dump());
 }
+
+/// The same tiny virtio driver on the software CPU: the notify is an MMIO write to the
+/// device, the completion an MSI into vessel's local APIC.
+#[test]
+fn a_virtio_queue_works_on_the_software_cpu() {
+    let r = emu(
+        |a| testguest::snippets::virtio_rng_driver(a, DATA + 0x1_0000, IDT, 0x50),
+        &["--rng"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("rng used="))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with(&format!(
+            "rng used={:016x} len={:016x} irq={:016x}",
+            1, 16, 1
+        )),
+        "{}",
+        r.dump()
+    );
+}

@@ -395,3 +395,34 @@ fn virtio_devices_appear_on_the_pci_bus() {
         "{line}"
     );
 }
+
+/// A tiny virtio driver on KVM: the queue notify reaches the device through a KVM
+/// ioeventfd, the completion comes back as an MSI-X interrupt into KVM's local APIC.
+#[test]
+fn a_virtio_queue_works_on_kvm_with_ioeventfd_and_msix() {
+    if !kvm_available() {
+        return;
+    }
+    let r = boot64(
+        |a| testguest::snippets::virtio_rng_driver(a, 0x20_0000, 0x21_0000, 0x50),
+        &["--rng"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("rng used="))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with(&format!(
+            "rng used={:016x} len={:016x} irq={:016x}",
+            1, 16, 1
+        )),
+        "{}",
+        r.dump()
+    );
+    assert!(
+        !line.ends_with(&format!("data={:016x}", 0)),
+        "random bytes: {line}"
+    );
+}

@@ -4,7 +4,7 @@
 //! progress, faults, or hits an instruction the interpreter lacks, and prints the console
 //! output and where it ended.
 //!
-//! `cargo run -p x86 --release --example linux_smoke -- VMLINUX [CMDLINE] [SECONDS]`
+//! `cargo run -p x86 --release --example linux_smoke -- VMLINUX [CMDLINE] [SECONDS] [INITRD]`
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,6 +20,8 @@ const RAM: usize = 512 << 20;
 const START_INFO: u64 = 0x6000;
 const CMDLINE: u64 = 0x7000;
 const MEMMAP: u64 = 0x8000;
+const MODLIST: u64 = 0x9000;
+const INITRD_AT: u64 = 0x1000_0000;
 
 struct Smoke {
     mem: GuestMemoryMmap,
@@ -134,6 +136,7 @@ fn main() {
         .cloned()
         .unwrap_or_else(|| "console=ttyS0 earlyprintk=serial,ttyS0 nolapic".to_string());
     let seconds: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(60);
+    let initrd = args.get(4).map(|p| std::fs::read(p).expect("read initrd"));
     let elf = std::fs::read(path).expect("read vmlinux");
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).expect("RAM");
     let entry = load(&mem, &elf);
@@ -144,6 +147,15 @@ fn main() {
     si[24..32].copy_from_slice(&CMDLINE.to_le_bytes());
     si[40..48].copy_from_slice(&MEMMAP.to_le_bytes());
     si[48..52].copy_from_slice(&2u32.to_le_bytes());
+    if let Some(rd) = &initrd {
+        mem.write_slice(rd, GuestAddress(INITRD_AT)).unwrap();
+        let mut m = [0u8; 32];
+        m[0..8].copy_from_slice(&INITRD_AT.to_le_bytes());
+        m[8..16].copy_from_slice(&(rd.len() as u64).to_le_bytes());
+        mem.write_slice(&m, GuestAddress(MODLIST)).unwrap();
+        si[12..16].copy_from_slice(&1u32.to_le_bytes());
+        si[16..24].copy_from_slice(&MODLIST.to_le_bytes());
+    }
     mem.write_slice(&si, GuestAddress(START_INFO)).unwrap();
     let mut c = cmdline.into_bytes();
     c.push(0);

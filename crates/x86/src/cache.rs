@@ -64,7 +64,8 @@ const NO_INDEX: u32 = u32::MAX;
 /// A jump-cache entry: linear RIP -> the block's instructions, with what proves it
 /// current: the guest-physical page it was decoded from (the TLB must still translate
 /// the linear page there, for fetching, in the current privilege context), the mode, and
-/// the code page's state. 32 bytes.
+/// the code map's write count when the block was last found current (no code anywhere
+/// changed since). 32 bytes.
 #[derive(Clone, Copy)]
 struct Jump {
     lin: u64,
@@ -72,8 +73,7 @@ struct Jump {
     gpa_mode: u64,
     start: u32,
     count: u32,
-    code_idx: u32,
-    code_state: u32,
+    writes: u64,
 }
 
 impl Default for Jump {
@@ -83,8 +83,7 @@ impl Default for Jump {
             gpa_mode: u64::MAX,
             start: 0,
             count: 0,
-            code_idx: NO_INDEX,
-            code_state: 0,
+            writes: u64::MAX,
         }
     }
 }
@@ -187,9 +186,9 @@ impl CodeCache {
         }
     }
 
-    /// Points the jump cache's entry for `lin` at block `b` (tracked blocks only: the
-    /// fast path proves an entry current by its code page's state).
-    fn remember(&mut self, lin: u64, mode: u64, b: u32) {
+    /// Points the jump cache's entry for `lin` at block `b`, found current when the code
+    /// map's write count was `writes` (tracked blocks only).
+    fn remember(&mut self, lin: u64, mode: u64, b: u32, writes: u64) {
         let blk = &self.blocks[b as usize];
         if blk.code_idx != NO_INDEX {
             self.jump[jump_slot(lin)] = Jump {
@@ -197,8 +196,7 @@ impl CodeCache {
                 gpa_mode: (blk.gpa & PAGE_MASK) | mode,
                 start: blk.start,
                 count: blk.count,
-                code_idx: blk.code_idx,
-                code_state: blk.code_state,
+                writes,
             };
         }
     }
@@ -240,8 +238,7 @@ impl CodeCache {
         if j.lin == lin
             && m.tlb.exec_page(m.tlb_set, lin).map(|g| g | m.mode_tag) == Some(j.gpa_mode)
             && let Some(map) = m.code
-            && j.code_idx != NO_INDEX
-            && map.state(j.code_idx as usize) == j.code_state
+            && map.writes() == j.writes
         {
             return Ok(Found {
                 start: j.start,
@@ -259,11 +256,13 @@ impl CodeCache {
         let cx = m.cx();
         let lin = m.code_linear(rip);
         let mode = mode_code(cx.bitness);
+        // Read before the freshness checks: a write after them shows as a new count.
+        let writes = m.code.map_or(0, |c| c.writes());
         let t = m.translate(lin, Access::Exec)?;
         let key = (t.gpa << 2) | mode_code(cx.bitness);
         if let Some(&b) = self.map.get(&key) {
             if self.fresh(m, b) {
-                self.remember(lin, mode, b);
+                self.remember(lin, mode, b, writes);
                 return Ok(self.found(b));
             }
             self.invalidate_page(t.gpa & PAGE_MASK);
@@ -279,7 +278,7 @@ impl CodeCache {
                 .entry(t.gpa & PAGE_MASK)
                 .or_default()
                 .push(b);
-            self.remember(lin, mode, b);
+            self.remember(lin, mode, b, writes);
         }
         // A page that just became code must lose its fast write entries before the block
         // runs (it may store into itself).

@@ -44,6 +44,9 @@ pub struct CodeMap {
     ranges: Vec<Range>,
     states: Box<[AtomicU32]>,
     epoch: AtomicU64,
+    /// Bumped after every write to a page holding code (a generation moved), so that an
+    /// interpreter can tell in one load whether any decoded block may have gone stale.
+    writes: AtomicU64,
 }
 
 impl std::fmt::Debug for CodeMap {
@@ -78,6 +81,7 @@ impl CodeMap {
             ranges: out,
             states: (0..total).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         }
     }
 
@@ -126,10 +130,15 @@ impl CodeMap {
         let s = &self.states[i];
         // Order the guest store before the check (x86 may pass a load ahead of a store).
         fence(Ordering::SeqCst);
-        s.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |v| {
-            (v & CODE != 0).then_some(v.wrapping_add(1))
-        })
-        .is_ok()
+        let wrote_code = s
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |v| {
+                (v & CODE != 0).then_some(v.wrapping_add(1))
+            })
+            .is_ok();
+        if wrote_code {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+        }
+        wrote_code
     }
 
     /// Someone other than an interpreter wrote `len` bytes at `gpa` (a device, the VMM):
@@ -144,13 +153,23 @@ impl CodeMap {
         for page in first..=last {
             if let Some(i) = self.index(page << 12) {
                 let s = &self.states[i];
-                if s.load(Ordering::Relaxed) & CODE != 0 {
-                    let _ = s.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |v| {
+                if s.load(Ordering::Relaxed) & CODE != 0
+                    && s.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |v| {
                         (v & CODE != 0).then_some(v.wrapping_add(2))
-                    });
+                    })
+                    .is_ok()
+                {
+                    self.writes.fetch_add(1, Ordering::SeqCst);
                 }
             }
         }
+    }
+
+    /// Bumped after every write that made decoded code stale (anywhere). Read before a
+    /// block's page state is checked, so a later write shows as a different value.
+    #[inline(always)]
+    pub(crate) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
     }
 
     /// Bumped whenever a page becomes code (see the module documentation).

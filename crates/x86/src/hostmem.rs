@@ -415,6 +415,8 @@ pub(crate) struct Tlb {
     epoch: u64,
     /// Epoch of write tags.
     wepoch: u64,
+    /// Slots holding a non-global translation (what a CR3 write must clear).
+    nonglobal: [[u64; TLB_SIZE / 64]; 2],
     /// Counters for [`crate::Stats`].
     pub(crate) walks: u64,
     pub(crate) flushes: u64,
@@ -435,6 +437,7 @@ impl Default for Tlb {
             sets: [[TlbEntry::default(); TLB_SIZE]; 2],
             epoch: 1,
             wepoch: 1,
+            nonglobal: [[0; TLB_SIZE / 64]; 2],
             walks: 0,
             flushes: 0,
             large: Some(([(0, 0); 8], 0)),
@@ -479,10 +482,12 @@ impl Tlb {
 
     /// Forgets every translation that is not global (a CR3 write with CR4.PGE set).
     pub(crate) fn flush_nonglobal(&mut self) {
-        for set in self.sets.iter_mut() {
-            for e in set.iter_mut() {
-                if e.perm & perm::GLOBAL == 0 {
-                    *e = TlbEntry::default();
+        for (set, bits) in self.sets.iter_mut().zip(self.nonglobal.iter_mut()) {
+            for (w, word) in bits.iter_mut().enumerate() {
+                while *word != 0 {
+                    let k = word.trailing_zeros() as usize;
+                    *word &= *word - 1;
+                    set[w * 64 + k] = TlbEntry::default();
                 }
             }
         }
@@ -571,7 +576,14 @@ impl Tlb {
         }
         let tag = f.lin_page | self.epoch;
         let ram = f.host.is_some();
-        self.sets[set & 1][slot(f.lin_page)] = TlbEntry {
+        let k = slot(f.lin_page);
+        let word = &mut self.nonglobal[set & 1][k / 64];
+        if f.perm & perm::GLOBAL == 0 {
+            *word |= 1 << (k % 64);
+        } else {
+            *word &= !(1 << (k % 64));
+        }
+        self.sets[set & 1][k] = TlbEntry {
             read_tag: if f.fast_read && ram { tag } else { 0 },
             write_tag: if f.fast_write && ram {
                 f.lin_page | self.wepoch

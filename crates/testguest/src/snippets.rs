@@ -16,6 +16,16 @@ pub fn print(a: &mut CodeAssembler, text: &str) {
 /// A subroutine printing eax as 8 hex digits on COM1 (64-bit code; preserves all but
 /// flags). Call it with `call label`.
 pub fn hex32_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
+    hex_routine(a, label, false);
+}
+
+/// A subroutine printing rax as 16 hex digits on COM1 (64-bit code; preserves all but
+/// flags). Call it with `call label`.
+pub fn hex64_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
+    hex_routine(a, label, true);
+}
+
+fn hex_routine(a: &mut CodeAssembler, label: &mut CodeLabel, wide: bool) {
     let mut lp = a.create_label();
     let mut digit = a.create_label();
     a.set_label(label).unwrap();
@@ -23,20 +33,24 @@ pub fn hex32_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
     a.push(rbx).unwrap();
     a.push(rcx).unwrap();
     a.push(rdx).unwrap();
-    a.mov(ecx, 8u32).unwrap();
+    a.mov(ecx, if wide { 16u32 } else { 8 }).unwrap();
     a.mov(dx, COM1 as u32).unwrap();
     a.set_label(&mut lp).unwrap();
-    a.rol(eax, 4u32).unwrap();
-    a.mov(ebx, eax).unwrap();
+    if wide {
+        a.rol(rax, 4u32).unwrap();
+    } else {
+        a.rol(eax, 4u32).unwrap();
+    }
+    a.mov(rbx, rax).unwrap();
     a.and(ebx, 0xfu32).unwrap();
     a.add(bl, b'0' as u32).unwrap();
     a.cmp(bl, b'9' as u32).unwrap();
     a.jbe(digit).unwrap();
     a.add(bl, (b'a' - b'9' - 1) as u32).unwrap();
     a.set_label(&mut digit).unwrap();
-    a.xchg(eax, ebx).unwrap();
+    a.xchg(rax, rbx).unwrap();
     a.out(dx, al).unwrap();
-    a.xchg(eax, ebx).unwrap();
+    a.xchg(rax, rbx).unwrap();
     a.dec(ecx).unwrap();
     a.jnz(lp).unwrap();
     a.pop(rdx).unwrap();
@@ -44,6 +58,92 @@ pub fn hex32_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
     a.pop(rbx).unwrap();
     a.pop(rax).unwrap();
     a.ret().unwrap();
+}
+
+/// Writes a 64-bit interrupt gate for `vector` into the IDT at `idt`, pointing at
+/// `handler` through vessel's boot code selector 0x08 (clobbers rax, rdi).
+pub fn idt_gate(a: &mut CodeAssembler, idt: u64, vector: u8, handler: CodeLabel) {
+    a.lea(rax, ptr(handler)).unwrap();
+    a.mov(rdi, idt + u64::from(vector) * 16).unwrap();
+    a.mov(word_ptr(rdi), ax).unwrap();
+    a.mov(word_ptr(rdi + 2), 0x08u32).unwrap();
+    a.mov(word_ptr(rdi + 4), 0x8e00u32).unwrap();
+    a.shr(rax, 16u32).unwrap();
+    a.mov(word_ptr(rdi + 6), ax).unwrap();
+    a.shr(rax, 16u32).unwrap();
+    a.mov(dword_ptr(rdi + 8), eax).unwrap();
+}
+
+/// Loads the 256-entry IDT at `idt`, building its descriptor at `scratch` (clobbers
+/// rax, rsi).
+pub fn load_idt(a: &mut CodeAssembler, idt: u64, scratch: u64) {
+    a.mov(rsi, scratch).unwrap();
+    a.mov(word_ptr(rsi), (256 * 16 - 1) as u32).unwrap();
+    a.mov(rax, idt).unwrap();
+    a.mov(qword_ptr(rsi + 2), rax).unwrap();
+    a.lidt(ptr(rsi)).unwrap();
+}
+
+/// A guest that brings up `aps` application processors with INIT/SIPI, each starting
+/// in real mode at 0x10000 and printing `apic N` (its CPUID APIC ID) under a spinlock;
+/// the boot CPU prints `all up` once they have all reported, then resets.
+pub fn smp_guest(aps: u8) -> Vec<u8> {
+    const TRAMPOLINE: u32 = 0x1_0000;
+    const LOCK: u32 = 0x800; // offsets from the trampoline segment
+    const COUNT: u32 = 0x801;
+    let ap = crate::assemble(16, 0, |a| {
+        let mut acquire = a.create_label();
+        a.cli().unwrap();
+        a.mov(ax, TRAMPOLINE >> 4).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.cpuid().unwrap();
+        a.shr(ebx, 24u32).unwrap();
+        a.set_label(&mut acquire).unwrap();
+        a.mov(al, 1u32).unwrap();
+        a.xchg(byte_ptr(LOCK), al).unwrap();
+        a.test(al, al).unwrap();
+        a.jnz(acquire).unwrap();
+        print(a, "apic ");
+        a.mov(al, bl).unwrap();
+        a.add(al, b'0' as u32).unwrap();
+        a.out(dx, al).unwrap();
+        print(a, "\n");
+        a.mov(byte_ptr(LOCK), 0u32).unwrap();
+        a.lock().inc(byte_ptr(COUNT)).unwrap();
+        halt_forever(a);
+    });
+    crate::assemble(64, crate::BZIMAGE_ENTRY64, |a| {
+        let mut blob = a.create_label();
+        let mut wait = a.create_label();
+        a.lea(rsi, ptr(blob)).unwrap();
+        a.mov(edi, TRAMPOLINE).unwrap();
+        a.mov(ecx, ap.len() as u32).unwrap();
+        a.rep().movsb().unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.cpuid().unwrap();
+        a.shr(ebx, 24u32).unwrap();
+        print(a, "apic ");
+        a.mov(al, bl).unwrap();
+        a.add(al, b'0' as u32).unwrap();
+        a.out(dx, al).unwrap();
+        print(a, "\n");
+        // Software-enable the local APIC, then INIT and SIPI to all but self.
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
+        a.mov(dword_ptr(rbx + 0x300), 0x000c_4500u32).unwrap();
+        a.mov(dword_ptr(rbx + 0x300), 0x000c_4600u32 | (TRAMPOLINE >> 12))
+            .unwrap();
+        a.set_label(&mut wait).unwrap();
+        a.pause().unwrap();
+        a.cmp(byte_ptr(u64::from(TRAMPOLINE + COUNT)), u32::from(aps))
+            .unwrap();
+        a.jne(wait).unwrap();
+        print(a, "all up\n");
+        i8042_reset(a);
+        a.set_label(&mut blob).unwrap();
+        a.db(&ap).unwrap();
+    })
 }
 
 /// Pulses the keyboard controller's reset line, then halts forever.
@@ -107,39 +207,6 @@ pub fn last_count(log: &str) -> Option<u32> {
         })
 }
 
-/// A subroutine printing rax as 16 hex digits on COM1 (64-bit code; preserves all but
-/// flags). Call it with `call label`.
-pub fn hex64_routine(a: &mut CodeAssembler, label: &mut CodeLabel) {
-    let mut lp = a.create_label();
-    let mut digit = a.create_label();
-    a.set_label(label).unwrap();
-    a.push(rax).unwrap();
-    a.push(rbx).unwrap();
-    a.push(rcx).unwrap();
-    a.push(rdx).unwrap();
-    a.mov(ecx, 16u32).unwrap();
-    a.mov(dx, COM1 as u32).unwrap();
-    a.set_label(&mut lp).unwrap();
-    a.rol(rax, 4u32).unwrap();
-    a.mov(rbx, rax).unwrap();
-    a.and(ebx, 0xfu32).unwrap();
-    a.add(bl, b'0' as u32).unwrap();
-    a.cmp(bl, b'9' as u32).unwrap();
-    a.jbe(digit).unwrap();
-    a.add(bl, (b'a' - b'9' - 1) as u32).unwrap();
-    a.set_label(&mut digit).unwrap();
-    a.xchg(rax, rbx).unwrap();
-    a.out(dx, al).unwrap();
-    a.xchg(rax, rbx).unwrap();
-    a.dec(ecx).unwrap();
-    a.jnz(lp).unwrap();
-    a.pop(rdx).unwrap();
-    a.pop(rcx).unwrap();
-    a.pop(rbx).unwrap();
-    a.pop(rax).unwrap();
-    a.ret().unwrap();
-}
-
 /// A minimal virtio-pci driver for the entropy device at 00:01.0 (the first device
 /// `vessel run --rng` adds): negotiates VERSION_1, sets up queue 0 (8 entries) with
 /// MSI-X vector 0 -> IDT vector `vector` on APIC 0, posts one 16-byte buffer at
@@ -171,21 +238,8 @@ pub fn virtio_rng_driver(a: &mut CodeAssembler, data: u64, idt: u64, vector: u8)
 
     a.set_label(&mut main).unwrap();
     // IDT gate for `vector`, then LAPIC on.
-    let at = idt + u64::from(vector) * 16;
-    a.lea(rax, ptr(handler)).unwrap();
-    a.mov(rdi, at).unwrap();
-    a.mov(word_ptr(rdi), ax).unwrap();
-    a.mov(word_ptr(rdi + 2), 0x08u32).unwrap();
-    a.mov(word_ptr(rdi + 4), 0x8e00u32).unwrap();
-    a.shr(rax, 16u32).unwrap();
-    a.mov(word_ptr(rdi + 6), ax).unwrap();
-    a.shr(rax, 16u32).unwrap();
-    a.mov(dword_ptr(rdi + 8), eax).unwrap();
-    a.mov(rsi, data + 0xf00).unwrap();
-    a.mov(word_ptr(rsi), (256 * 16 - 1) as u32).unwrap();
-    a.mov(rax, idt).unwrap();
-    a.mov(qword_ptr(rsi + 2), rax).unwrap();
-    a.lidt(ptr(rsi)).unwrap();
+    idt_gate(a, idt, vector, handler);
+    load_idt(a, idt, data + 0xf00);
     a.mov(rax, 0xfee0_00f0u64).unwrap();
     a.mov(dword_ptr(rax), 0x1ffu32).unwrap();
 

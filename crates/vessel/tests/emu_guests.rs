@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Finished, boot};
 use testguest::code_asm::*;
-use testguest::snippets::{hex64_routine, i8042_reset, print};
+use testguest::snippets::{self, hex64_routine, i8042_reset, idt_gate, print};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Where the guests keep their IDT and data (identity-mapped RAM).
@@ -24,27 +24,12 @@ fn emu(build: impl FnOnce(&mut CodeAssembler), args: &[&str]) -> Finished {
     boot(&kernel, &all, DEADLINE)
 }
 
-/// Installs a 64-bit interrupt gate for `vector` pointing at `handler`, then loads an
-/// IDT of 256 entries at IDT (code selector 0x08 from vessel's boot GDT).
-fn set_gate(a: &mut CodeAssembler, vector: u32, handler: CodeLabel) {
-    let at = IDT + u64::from(vector) * 16;
-    a.lea(rax, ptr(handler)).unwrap();
-    a.mov(rdi, at).unwrap();
-    a.mov(word_ptr(rdi), ax).unwrap();
-    a.mov(word_ptr(rdi + 2), 0x08u32).unwrap();
-    a.mov(word_ptr(rdi + 4), 0x8e00u32).unwrap();
-    a.shr(rax, 16u32).unwrap();
-    a.mov(word_ptr(rdi + 6), ax).unwrap();
-    a.shr(rax, 16u32).unwrap();
-    a.mov(dword_ptr(rdi + 8), eax).unwrap();
+fn set_gate(a: &mut CodeAssembler, vector: u8, handler: CodeLabel) {
+    idt_gate(a, IDT, vector, handler);
 }
 
 fn load_idt(a: &mut CodeAssembler) {
-    a.mov(rsi, DATA + 0xf00).unwrap();
-    a.mov(word_ptr(rsi), (256 * 16 - 1) as u32).unwrap();
-    a.mov(rax, IDT).unwrap();
-    a.mov(qword_ptr(rsi + 2), rax).unwrap();
-    a.lidt(ptr(rsi)).unwrap();
+    snippets::load_idt(a, IDT, DATA + 0xf00);
 }
 
 #[test]
@@ -157,53 +142,12 @@ fn a_fault_without_a_handler_is_a_triple_fault() {
 /// As on KVM: APs start in real mode at the SIPI vector and report their APIC IDs.
 #[test]
 fn application_processors_start_on_sipi() {
-    const TRAMPOLINE: u32 = 0x1_0000;
-    let ap = testguest::assemble(16, 0, |a| {
-        let mut acquire = a.create_label();
-        a.cli().unwrap();
-        a.mov(ax, TRAMPOLINE >> 4).unwrap();
-        a.mov(ds, ax).unwrap();
-        a.mov(eax, 1u32).unwrap();
-        a.cpuid().unwrap();
-        a.shr(ebx, 24u32).unwrap();
-        a.set_label(&mut acquire).unwrap();
-        a.mov(al, 1u32).unwrap();
-        a.xchg(byte_ptr(0x800), al).unwrap();
-        a.test(al, al).unwrap();
-        a.jnz(acquire).unwrap();
-        print(a, "apic ");
-        a.mov(al, bl).unwrap();
-        a.add(al, b'0' as u32).unwrap();
-        a.out(dx, al).unwrap();
-        print(a, "\n");
-        a.mov(byte_ptr(0x800), 0u32).unwrap();
-        a.lock().inc(byte_ptr(0x801)).unwrap();
-        testguest::snippets::halt_forever(a);
-    });
-    let r = emu(
-        |a| {
-            let mut blob = a.create_label();
-            let mut wait = a.create_label();
-            a.lea(rsi, ptr(blob)).unwrap();
-            a.mov(edi, TRAMPOLINE).unwrap();
-            a.mov(ecx, ap.len() as u32).unwrap();
-            a.rep().movsb().unwrap();
-            a.mov(rbx, 0xfee0_0000u64).unwrap();
-            a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
-            a.mov(dword_ptr(rbx + 0x300), 0x000c_4500u32).unwrap();
-            a.mov(dword_ptr(rbx + 0x300), 0x000c_4600u32 | (TRAMPOLINE >> 12))
-                .unwrap();
-            a.set_label(&mut wait).unwrap();
-            a.pause().unwrap();
-            a.cmp(byte_ptr(u64::from(TRAMPOLINE + 0x801)), 2u32)
-                .unwrap();
-            a.jne(wait).unwrap();
-            print(a, "all up\n");
-            i8042_reset(a);
-            a.set_label(&mut blob).unwrap();
-            a.db(&ap).unwrap();
-        },
-        &["--cpus", "3"],
+    let (_t, kernel) =
+        testguest::temp_path(&testguest::bzimage(&testguest::snippets::smp_guest(2)));
+    let r = boot(
+        &kernel,
+        &["--accel", "emu", "--memory", "64M", "--cpus", "3"],
+        DEADLINE,
     );
     assert_eq!(r.code, Some(0), "{}", r.dump());
     let mut ids: Vec<&str> = r
@@ -212,7 +156,7 @@ fn application_processors_start_on_sipi() {
         .filter_map(|l| l.strip_prefix("apic "))
         .collect();
     ids.sort();
-    assert_eq!(ids, ["1", "2"], "{}", r.dump());
+    assert_eq!(ids, ["0", "1", "2"], "{}", r.dump());
     assert!(r.stdout.contains("all up"), "{}", r.dump());
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{boot_kvm, kvm_available};
 use testguest::code_asm::*;
-use testguest::snippets::{hex64_routine, i8042_reset, print};
+use testguest::snippets::{hex64_routine, i8042_reset, idt_gate, load_idt, print};
 
 /// Where the guest keeps its data (identity-mapped RAM, 2 MiB).
 const DATA: u64 = 0x20_0000;
@@ -107,19 +107,8 @@ fn guest() -> Vec<u8> {
 
         // An IDT with a #BP gate, then int3.
         print(a, "\n");
-        a.mov(rdi, DATA + 0x2000).unwrap(); // IDT: 16 vectors x 16 bytes
-        a.lea(rax, ptr(bp_handler)).unwrap();
-        a.mov(word_ptr(rdi + 3 * 16), ax).unwrap(); // offset 15:0
-        a.mov(word_ptr(rdi + 3 * 16 + 2), 0x08u32).unwrap(); // code selector
-        a.mov(word_ptr(rdi + 3 * 16 + 4), 0x8e00u32).unwrap(); // present interrupt gate
-        a.shr(rax, 16u32).unwrap();
-        a.mov(word_ptr(rdi + 3 * 16 + 6), ax).unwrap(); // offset 31:16
-        a.shr(rax, 16u32).unwrap();
-        a.mov(dword_ptr(rdi + 3 * 16 + 8), eax).unwrap(); // offset 63:32
-        a.mov(rsi, DATA + 0x3000).unwrap(); // IDTR image
-        a.mov(word_ptr(rsi), (16 * 16 - 1) as u32).unwrap();
-        a.mov(qword_ptr(rsi + 2), rdi).unwrap();
-        a.lidt(ptr(rsi)).unwrap();
+        idt_gate(a, DATA + 0x2000, 3, bp_handler);
+        load_idt(a, DATA + 0x2000, DATA + 0x3000);
         a.int3().unwrap();
         a.set_label(&mut after_int3).unwrap();
         print(a, "done\n");

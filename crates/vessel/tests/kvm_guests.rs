@@ -253,63 +253,8 @@ fn every_vcpu_reports_its_own_apic_id() {
     if !kvm_available() {
         return;
     }
-    const TRAMPOLINE: u32 = 0x1_0000;
-    const LOCK: u32 = 0x800; // offsets from the trampoline segment
-    const COUNT: u32 = 0x801;
-    let ap = testguest::assemble(16, 0, |a| {
-        let mut acquire = a.create_label();
-        a.cli().unwrap();
-        a.mov(ax, TRAMPOLINE >> 4).unwrap();
-        a.mov(ds, ax).unwrap();
-        a.mov(eax, 1u32).unwrap();
-        a.cpuid().unwrap();
-        a.shr(ebx, 24u32).unwrap();
-        a.set_label(&mut acquire).unwrap();
-        a.mov(al, 1u32).unwrap();
-        a.xchg(byte_ptr(LOCK), al).unwrap();
-        a.test(al, al).unwrap();
-        a.jnz(acquire).unwrap();
-        print(a, "apic ");
-        a.mov(al, bl).unwrap();
-        a.add(al, b'0' as u32).unwrap();
-        a.out(dx, al).unwrap();
-        print(a, "\n");
-        a.mov(byte_ptr(LOCK), 0u32).unwrap();
-        a.lock().inc(byte_ptr(COUNT)).unwrap();
-        halt_forever(a);
-    });
-    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, |a| {
-        let mut blob = a.create_label();
-        let mut wait = a.create_label();
-        a.lea(rsi, ptr(blob)).unwrap();
-        a.mov(edi, TRAMPOLINE).unwrap();
-        a.mov(ecx, ap.len() as u32).unwrap();
-        a.rep().movsb().unwrap();
-        a.mov(eax, 1u32).unwrap();
-        a.cpuid().unwrap();
-        a.shr(ebx, 24u32).unwrap();
-        print(a, "apic ");
-        a.mov(al, bl).unwrap();
-        a.add(al, b'0' as u32).unwrap();
-        a.out(dx, al).unwrap();
-        print(a, "\n");
-        // Software-enable the local APIC, then INIT and SIPI to all but self.
-        a.mov(rbx, 0xfee0_0000u64).unwrap();
-        a.mov(dword_ptr(rbx + 0xf0), 0x1ffu32).unwrap();
-        a.mov(dword_ptr(rbx + 0x300), 0x000c_4500u32).unwrap();
-        a.mov(dword_ptr(rbx + 0x300), 0x000c_4600u32 | (TRAMPOLINE >> 12))
-            .unwrap();
-        a.set_label(&mut wait).unwrap();
-        a.pause().unwrap();
-        a.cmp(byte_ptr(u64::from(TRAMPOLINE + COUNT)), 3u32)
-            .unwrap();
-        a.jne(wait).unwrap();
-        print(a, "all up\n");
-        i8042_reset(a);
-        a.set_label(&mut blob).unwrap();
-        a.db(&ap).unwrap();
-    });
-    let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
+    let (_t, kernel) =
+        testguest::temp_path(&testguest::bzimage(&testguest::snippets::smp_guest(3)));
     let r = boot_kvm(&kernel, &["--cpus", "4"], DEADLINE);
     assert_eq!(r.code, Some(0), "{}", r.dump());
     let mut ids: Vec<&str> = r
@@ -346,7 +291,7 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_quits() {
     let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&code));
     let mut cmd = common::vessel();
     cmd.arg("run").arg("--kernel").arg(&kernel);
-    let r = common::run_with_input(cmd, Some(&[b"vessel", b"\x01x"]), DEADLINE);
+    let r = common::run_interactive(cmd, &[("type:", b"vessel"), ("VESSEL", b"\x01x")], DEADLINE);
     assert_eq!(r.code, Some(0), "{}", r.dump());
     assert!(r.stdout.contains("type:\nVESSEL"), "{}", r.dump());
     assert!(

@@ -195,7 +195,7 @@ impl<M: GuestMemory> ConsoleQueues<M> {
                 .walk(&self.mem, &self.rx, head)
                 .map_err(Self::chain_err(RX))?;
             if !self.chain.readable.is_empty() {
-                return Err(direction_error(RX, head, "device-readable"));
+                return Err(DeviceError::direction(RX, head, "device-readable"));
             }
             let written = {
                 let mut q = lock(&self.input.0.bytes);
@@ -236,7 +236,7 @@ impl<M: GuestMemory> ConsoleQueues<M> {
                     .walk(&self.mem, &self.tx, head)
                     .map_err(Self::chain_err(TX))?;
                 if !self.chain.writable.is_empty() {
-                    return Err(direction_error(TX, head, "device-writable"));
+                    return Err(DeviceError::direction(TX, head, "device-writable"));
                 }
                 // In pieces: a chain may describe up to 4 GiB.
                 let mut cursor = Cursor::new(&self.chain.readable);
@@ -266,13 +266,6 @@ impl<M: GuestMemory> ConsoleQueues<M> {
                 return Ok(());
             }
         }
-    }
-}
-
-fn direction_error(queue: usize, head: u16, what: &str) -> DeviceError {
-    DeviceError::Request {
-        queue,
-        reason: format!("chain (head {head}) has {what} buffers"),
     }
 }
 

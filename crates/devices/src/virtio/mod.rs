@@ -143,6 +143,15 @@ impl DeviceError {
             reason: e.to_string(),
         }
     }
+
+    /// A chain whose buffers point the wrong way for its queue (`what`, e.g.
+    /// "device-readable" on a receive queue).
+    pub(crate) fn direction(queue: usize, head: u16, what: &str) -> Self {
+        DeviceError::Request {
+            queue,
+            reason: format!("chain (head {head}) has {what} buffers"),
+        }
+    }
 }
 
 /// A virtio device type behind the transport.

@@ -30,21 +30,46 @@ pub fn vessel() -> Command {
 
 /// Runs `cmd` with stdin closed, killing it after `deadline`.
 pub fn run_with_deadline(cmd: Command, deadline: Duration) -> Finished {
-    run_with_input(cmd, None, deadline)
+    run_script(cmd, &[], None, deadline)
 }
 
 /// Runs `cmd` with stdin closed until its stdout contains `marker` (then kills it; the
 /// result has no exit code), it exits, or `deadline` passes.
-pub fn run_until(mut cmd: Command, marker: &str, deadline: Duration) -> Finished {
+pub fn run_until(cmd: Command, marker: &str, deadline: Duration) -> Finished {
+    run_script(cmd, &[], Some(marker), deadline)
+}
+
+/// Runs `cmd` like a person at its console: for each step, waits until stdout shows
+/// `expect` (after what earlier steps saw), then types `send`. Kills it after `deadline`.
+pub fn run_interactive(cmd: Command, steps: &[(&str, &[u8])], deadline: Duration) -> Finished {
+    run_script(cmd, steps, None, deadline)
+}
+
+/// The engine behind the runners: spawn, follow stdout, type the steps' input as their
+/// expected text appears, stop at `stop_at` or the deadline.
+fn run_script(
+    mut cmd: Command,
+    steps: &[(&str, &[u8])],
+    stop_at: Option<&str>,
+    deadline: Duration,
+) -> Finished {
+    use std::io::Write;
     let start = Instant::now();
+    let stdin = if steps.is_empty() {
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vessel");
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
+    // Kept open until the end: EOF on the console must not be what ends a VM.
+    let mut input = child.stdin.take();
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -60,11 +85,23 @@ pub fn run_until(mut cmd: Command, marker: &str, deadline: Duration) -> Finished
         s
     });
     let mut stdout = Vec::new();
+    let (mut seen, mut next) = (0, 0);
     let status = loop {
         while let Ok(chunk) = rx.try_recv() {
             stdout.extend_from_slice(&chunk);
         }
-        if String::from_utf8_lossy(&stdout).contains(marker) || start.elapsed() > deadline {
+        if let Some((expect, send)) = steps.get(next) {
+            let text = String::from_utf8_lossy(&stdout[seen..]).into_owned();
+            if let Some(at) = text.find(expect) {
+                seen += at + expect.len();
+                if let Some(i) = input.as_mut() {
+                    let _ = i.write_all(send);
+                }
+                next += 1;
+            }
+        }
+        let stop = stop_at.is_some_and(|m| String::from_utf8_lossy(&stdout).contains(m));
+        if stop || start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -72,72 +109,15 @@ pub fn run_until(mut cmd: Command, marker: &str, deadline: Duration) -> Finished
         if let Some(status) = child.try_wait().expect("wait") {
             break Some(status);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     };
+    drop(input);
     while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
         stdout.extend_from_slice(&chunk);
     }
     Finished {
         code: status.and_then(|s| s.code()),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
-        elapsed: start.elapsed(),
-    }
-}
-
-/// Runs `cmd`, writing each chunk of `input` to its stdin after a short pause (so the
-/// guest is up, and has handled the previous chunk), killing it after `deadline`.
-pub fn run_with_input(mut cmd: Command, input: Option<&[&[u8]]>, deadline: Duration) -> Finished {
-    let start = Instant::now();
-    let stdin = if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    };
-    let mut child = cmd
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vessel");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
-        let chunks: Vec<Vec<u8>> = input.iter().map(|c| c.to_vec()).collect();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            for chunk in chunks {
-                std::thread::sleep(Duration::from_millis(300));
-                let _ = pipe.write_all(&chunk);
-            }
-            // Keep the pipe open: EOF must not be what ends the VM.
-            std::thread::sleep(Duration::from_secs(3600));
-        });
-    }
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Finished {
-        code: status.and_then(|s| s.code()),
-        stdout: String::from_utf8_lossy(&out_reader.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
         elapsed: start.elapsed(),
     }
@@ -212,70 +192,5 @@ pub fn kit() -> Option<kit::Kit> {
             eprintln!("skipped: no guest kit ({e})");
             None
         }
-    }
-}
-
-/// Runs `cmd` like a person at its console: for each step, waits until stdout shows
-/// `expect` (after what earlier steps saw), then types `send`. Kills it after `deadline`.
-pub fn run_interactive(mut cmd: Command, steps: &[(&str, &[u8])], deadline: Duration) -> Finished {
-    use std::io::Write;
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vessel");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let mut stdout = Vec::new();
-    let mut seen = 0;
-    let mut next = 0;
-    let status = loop {
-        while let Ok(chunk) = rx.try_recv() {
-            stdout.extend_from_slice(&chunk);
-        }
-        if let Some((expect, send)) = steps.get(next) {
-            let text = String::from_utf8_lossy(&stdout[seen..]).into_owned();
-            if let Some(at) = text.find(expect) {
-                seen += at + expect.len();
-                let _ = input.write_all(send);
-                next += 1;
-            }
-        }
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    drop(input);
-    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
-        stdout.extend_from_slice(&chunk);
-    }
-    Finished {
-        code: status.and_then(|s| s.code()),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned(),
-        elapsed: start.elapsed(),
     }
 }

@@ -287,7 +287,7 @@ impl<M: GuestMemory> NetQueues<M> {
                 .walk(&self.mem, &self.rx, head)
                 .map_err(chain_err)?;
             if !self.chain.readable.is_empty() {
-                return Err(direction_error(RX, head, "device-readable"));
+                return Err(DeviceError::direction(RX, head, "device-readable"));
             }
             if buffers == 0 {
                 if self.chain.writable_len() < HEADER_LEN as u64 {
@@ -354,7 +354,7 @@ impl<M: GuestMemory> NetQueues<M> {
                     .walk(&self.mem, &self.tx, head)
                     .map_err(chain_err)?;
                 if !self.chain.writable.is_empty() {
-                    return Err(direction_error(TX, head, "device-writable"));
+                    return Err(DeviceError::direction(TX, head, "device-writable"));
                 }
                 let len = self.chain.readable_len() as usize;
                 if (HEADER_LEN..=MAX_FRAME).contains(&len) {
@@ -380,13 +380,6 @@ impl<M: GuestMemory> NetQueues<M> {
                 return Ok(());
             }
         }
-    }
-}
-
-fn direction_error(queue: usize, head: u16, what: &str) -> DeviceError {
-    DeviceError::Request {
-        queue,
-        reason: format!("chain (head {head}) has {what} buffers"),
     }
 }
 

@@ -3,8 +3,9 @@
 //! - a mixed integer loop (loads, stores, add/sub/xor/and, shifts, inc/dec, cmp, taken and
 //!   not-taken branches);
 //! - a bignum loop: the instruction sequence of Linux's `mpihelp_submul_1` (64-bit
-//!   multiplies, add/adc chains, cmov, setcc, load-modify-store), which dominates the
-//!   kernel's boot on the software CPU (X.509 signature checks).
+//!   multiplies, add/adc chains, cmov, setcc, load-modify-store): the kernel's RSA code,
+//!   which its boot-time crypto self-tests run (seconds on the software CPU without
+//!   `cryptomgr.notests`).
 //!
 //! Prints machine-readable summary lines `interpreter_mips=... native_mips=... ratio=...`
 //! (the mixed loop first) and writes the "interpreter" section of BENCHMARKS.md.
@@ -292,8 +293,8 @@ fn main() {
          Two loops run purely in the interpreter (no KVM), with 4-level paging, against the \
          same loop run natively in the same process: a mixed integer loop (add/sub/xor/shifts/\
          cmp/jcc, loads and stores, inc/dec), and a bignum loop with the instructions of \
-         Linux's `mpihelp_submul_1` (64-bit imul, add/adc chains, cmov, setcc; what \
-         dominates the kernel's boot on the software CPU).\n\n\
+         Linux's `mpihelp_submul_1` (64-bit imul, add/adc chains, cmov, setcc: the kernel's \
+         RSA code, which its boot-time crypto self-tests run).\n\n\
          | loop | run | instructions | seconds | MIPS |\n| --- | --- | --- | --- | --- |\n\
          {table}\n\
          Native / interpreter: {:.1}x (mixed), {:.1}x (bignum). Target: at least 100 MIPS. \

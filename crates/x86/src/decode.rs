@@ -46,6 +46,9 @@ pub(crate) struct Insn {
     pub cc: u8,
     /// Outside 64-bit mode linear addresses wrap at 4 GiB.
     pub wrap32: bool,
+    /// 64-bit addressing with no segment base (not FS/GS): the effective address is the
+    /// linear address, no mask or base to apply.
+    pub flat: bool,
     /// False for the placeholder of an instruction the interpreter does not implement.
     pub known: bool,
 }
@@ -194,6 +197,7 @@ pub(crate) fn decode(i: &Instruction, cx: &Cx, bytes: &[u8]) -> Insn {
         seg: SEG_NONE,
         cc: 0,
         wrap32: !cx.long(),
+        flat: false,
         known: true,
     };
     let mut regs = 0;
@@ -306,6 +310,7 @@ fn decode_mem(i: &Instruction, d: &mut Insn, cx: &Cx) {
         }
     };
     d.amask = size_mask(asize);
+    d.flat = cx.long() && d.seg == SEG_NONE && d.amask == u64::MAX;
 }
 
 /// Whether decoding must stop after this instruction: control flow (but conditional

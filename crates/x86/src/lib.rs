@@ -71,7 +71,7 @@
 //! Decoding allocates; executing does not.
 //!
 //! # Memory and the software TLB
-//! A direct-mapped TLB (256 entries, one array per privilege context so CPL changes do not
+//! A direct-mapped TLB (1024 entries, one array per privilege context so CPL changes do not
 //! flush) caches linear page -> guest-physical page, host pointer and effective
 //! permissions. Tags include an epoch, so a flush is one increment. A read hits with a tag
 //! compare, an in-page check and an atomic load; writes have their own tag, set only for
@@ -82,9 +82,16 @@
 //! architectural #PF error codes, reserved-bit checks, and accessed/dirty bits set with
 //! host atomics. Page-crossing accesses are split after translating both pages (a fault
 //! on the second page leaves the first untouched); non-RAM guest-physical addresses go to
-//! the platform's MMIO callbacks with the access size. The TLB is flushed on CR0/CR3/CR4/
-//! EFER writes (a CR3 write flushes global pages too: they are not tracked); `invlpg`
-//! forgets one page (all of a large page's pieces, tracked as a short list). A `Tracked`
+//! the platform's MMIO callbacks with the access size. The TLB is flushed on CR0/CR4/EFER
+//! writes that change paging; a CR3 write forgets only non-global entries (a bitmap of
+//! them per set, so the flush costs what was cached) and a CR8 write nothing; `invlpg`
+//! forgets one page (all of a large page's pieces, tracked as a short list; when the list
+//! overflows, everything).
+//! 64-bit instructions whose memory operand is a plain base + displacement (with flat
+//! segments) compute it without the general effective-address path, and 64-bit `push`/
+//! `pop`/`call`/`ret` have handlers specialised for a flat 64-bit stack. A block's jump
+//! target cache is validated by the TLB's fetch tag for the target's page plus the code
+//! map's write counter, so a taken branch to a known block skips the block lookup. A `Tracked`
 //! interpreter keeps its TLB across calls that find the same control registers, and
 //! across platform callbacks, as long as guest RAM is mapped at the same host addresses
 //! (`platform::Layout`, compared exactly): that is what keeps host pointers valid, see
@@ -151,10 +158,10 @@
 //! `sysexit`, call gates, task gates and task switches (#GP), virtual-8086 mode (#GP),
 //! `int1`, breakpoints in the debug registers (stored only). Not modelled: segment limit
 //! and type checks on ordinary accesses (flat segments assumed), alignment checking (#AC),
-//! MXCSR.MM (misaligned SSE), the TSS I/O permission bitmap (port I/O checks CPL <= IOPL
-//! only), global pages (a CR3 write flushes everything), LA57, XSAVE components other than
-//! x87/SSE/AVX/AVX-512/PKRU (saved as init, ignored on restore), and the exact flag state
-//! for SIMD exceptions that are unmasked (computed with exceptions masked).
+//! MXCSR.MM (misaligned SSE), LA57, XSAVE components other than x87/SSE/AVX/AVX-512/PKRU
+//! (saved as init, ignored on restore), and the exact flag state for SIMD exceptions that
+//! are unmasked (computed with exceptions masked). Port I/O checks CPL <= IOPL and then the
+//! TSS I/O permission bitmap.
 
 mod cache;
 mod code;

@@ -204,9 +204,11 @@ impl<'a> Machine<'a> {
         let off = i
             .disp
             .wrapping_add(self.regs[(i.base & 31) as usize])
-            .wrapping_add(self.regs[(i.index & 31) as usize] << (i.scale & 3))
-            & i.amask;
-        self.linear(i, off)
+            .wrapping_add(self.regs[(i.index & 31) as usize] << (i.scale & 3));
+        if i.flat {
+            return off;
+        }
+        self.linear(i, off & i.amask)
     }
 
     /// Segment offset -> linear address for the instruction's segment.

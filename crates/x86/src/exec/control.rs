@@ -49,30 +49,30 @@ fn jmp_ind<W: Width, S: Loc>(m: &mut Machine, i: &Insn) -> R {
     branch::<W>(m, t)
 }
 
-fn call_rel<W: Width>(m: &mut Machine, i: &Insn) -> R {
+fn call_rel<W: Width, const LONG: bool>(m: &mut Machine, i: &Insn) -> R {
     let ret = m.rip();
     let t = ret.wrapping_add(i.imm) & W::MASK;
-    m.push::<W>(ret)?;
+    m.push_in::<W, LONG>(ret)?;
     m.set_rip(t);
     Ok(())
 }
 
-fn call_ind<W: Width, S: Loc>(m: &mut Machine, i: &Insn) -> R {
+fn call_ind<W: Width, S: Loc, const LONG: bool>(m: &mut Machine, i: &Insn) -> R {
     let sa = S::addr(m, i);
     let t = S::get::<W>(m, i, sa)? & W::MASK;
     if W::BYTES == 8 && !canonical(t) {
         return Err(Exception::GeneralProtection(0).into());
     }
     let ret = m.rip();
-    m.push::<W>(ret)?;
+    m.push_in::<W, LONG>(ret)?;
     m.set_rip(t);
     Ok(())
 }
 
-fn ret<W: Width>(m: &mut Machine, i: &Insn) -> R {
-    let t = m.peek::<W>(0)?;
+fn ret<W: Width, const LONG: bool>(m: &mut Machine, i: &Insn) -> R {
+    let t = m.peek_in::<W, LONG>(0)?;
     branch::<W>(m, t)?;
-    m.bump_rsp((W::BYTES as u64).wrapping_add(i.imm & 0xffff));
+    m.bump_rsp_in::<LONG>((W::BYTES as u64).wrapping_add(i.imm & 0xffff));
     Ok(())
 }
 
@@ -172,7 +172,7 @@ fn loop_sel<W: Width>(i: &Instruction, kind_: u8) -> Option<Handler> {
     }))
 }
 
-pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler> {
+pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> {
     let k0 = kind(i, 0);
     let far = matches!(
         i.memory_size(),
@@ -205,17 +205,27 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler>
             4 => Some(jcc_cc!(W32, d.cc)),
             _ => Some(jcc_cc!(W64, d.cc)),
         },
-        Mn::Call if k0 == K::Rel => sized!(branch_width(i), |W| Some(call_rel::<W> as Handler)),
-        Mn::Call if !far => sized!(op_size(i, 0), |W| Some(match k0 {
-            K::Reg => call_ind::<W, Rd> as Handler,
-            K::Mem => call_ind::<W, Mem>,
+        Mn::Call if k0 == K::Rel => sized!(branch_width(i), |W| Some(if cx.long() {
+            call_rel::<W, true> as Handler
+        } else {
+            call_rel::<W, false>
+        })),
+        Mn::Call if !far => sized!(op_size(i, 0), |W| Some(match (k0, cx.long()) {
+            (K::Reg, true) => call_ind::<W, Rd, true> as Handler,
+            (K::Mem, true) => call_ind::<W, Mem, true>,
+            (K::Reg, false) => call_ind::<W, Rd, false>,
+            (K::Mem, false) => call_ind::<W, Mem, false>,
             _ => return None,
         })),
         Mn::Ret => {
             let n = i.stack_pointer_increment() as u64 as usize;
             // stack_pointer_increment includes the immediate; the width is the rest.
             let w = n - (d.imm as usize & 0xffff);
-            sized!(w, |W| Some(ret::<W> as Handler))
+            sized!(w, |W| Some(if cx.long() {
+                ret::<W, true> as Handler
+            } else {
+                ret::<W, false>
+            }))
         }
         Mn::Loop | Mn::Loope | Mn::Loopne => {
             let kind_ = match i.mnemonic() {

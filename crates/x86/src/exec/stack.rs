@@ -49,6 +49,39 @@ impl Machine<'_> {
         self.bump_rsp(W::BYTES as u64);
         Ok(v)
     }
+
+    /// `push` for code decoded in 64-bit mode (`LONG`): RSP is the linear address (SS has
+    /// no base, no stack-size mask), else the general `push`.
+    #[inline(always)]
+    pub(crate) fn push_in<W: Width, const LONG: bool>(&mut self, v: u64) -> R {
+        if !LONG {
+            return self.push::<W>(v);
+        }
+        let lin = self.regs[4].wrapping_sub(W::BYTES as u64);
+        stack_fault(W::write(self, lin, v))?;
+        self.regs[4] = lin;
+        Ok(())
+    }
+
+    /// `peek` for code decoded in 64-bit mode (`LONG`).
+    #[inline(always)]
+    pub(crate) fn peek_in<W: Width, const LONG: bool>(&mut self, delta: u64) -> R<u64> {
+        if !LONG {
+            return self.peek::<W>(delta);
+        }
+        let lin = self.regs[4].wrapping_add(delta);
+        stack_fault(W::read(self, lin))
+    }
+
+    /// `bump_rsp` for code decoded in 64-bit mode (`LONG`).
+    #[inline(always)]
+    pub(crate) fn bump_rsp_in<const LONG: bool>(&mut self, delta: u64) {
+        if LONG {
+            self.regs[4] = self.regs[4].wrapping_add(delta);
+        } else {
+            self.bump_rsp(delta);
+        }
+    }
 }
 
 /// Stack accesses with a non-canonical address raise #SS(0), not #GP(0).
@@ -62,14 +95,15 @@ fn stack_fault<T>(r: R<T>) -> R<T> {
     }
 }
 
-fn push<W: Width, S: Loc>(m: &mut Machine, i: &Insn) -> R {
+fn push<W: Width, S: Loc, const LONG: bool>(m: &mut Machine, i: &Insn) -> R {
     let sa = S::addr(m, i);
     let v = S::get::<W>(m, i, sa)?;
-    m.push::<W>(v)
+    m.push_in::<W, LONG>(v)
 }
 
-fn pop_reg<W: Width>(m: &mut Machine, i: &Insn) -> R {
-    let v = m.pop::<W>()?;
+fn pop_reg<W: Width, const LONG: bool>(m: &mut Machine, i: &Insn) -> R {
+    let v = m.peek_in::<W, LONG>(0)?;
+    m.bump_rsp_in::<LONG>(W::BYTES as u64);
     m.set_reg::<W>(i.d, v);
     Ok(())
 }
@@ -174,7 +208,7 @@ fn leave<W: Width>(m: &mut Machine, _i: &Insn) -> R {
     }
 }
 
-pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler> {
+pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> {
     let k0 = kind(i, 0);
     match i.mnemonic() {
         Mn::Push => {
@@ -184,10 +218,14 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler>
                 return sized!(n, |W| Some(push_sreg::<W> as Handler));
             }
             let n = i.stack_pointer_increment().unsigned_abs() as usize;
-            sized!(n, |W| Some(match k0 {
-                K::Reg => push::<W, Rd> as Handler,
-                K::Mem => push::<W, Mem>,
-                K::Imm => push::<W, Imm>,
+            let long = cx.long();
+            sized!(n, |W| Some(match (k0, long) {
+                (K::Reg, true) => push::<W, Rd, true> as Handler,
+                (K::Mem, true) => push::<W, Mem, true>,
+                (K::Imm, true) => push::<W, Imm, true>,
+                (K::Reg, false) => push::<W, Rd, false>,
+                (K::Mem, false) => push::<W, Mem, false>,
+                (K::Imm, false) => push::<W, Imm, false>,
                 _ => return None,
             }))
         }
@@ -195,9 +233,11 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler>
             if k0 == K::Reg && i.op_register(0).is_segment_register() {
                 return None; // segment loads: system.rs
             }
-            sized!(op_size(i, 0), |W| Some(match k0 {
-                K::Reg => pop_reg::<W> as Handler,
-                K::Mem => pop_mem::<W>,
+            let long = cx.long();
+            sized!(op_size(i, 0), |W| Some(match (k0, long) {
+                (K::Reg, true) => pop_reg::<W, true> as Handler,
+                (K::Reg, false) => pop_reg::<W, false>,
+                (K::Mem, _) => pop_mem::<W>,
                 _ => return None,
             }))
         }

@@ -256,6 +256,53 @@ fn port_io_goes_to_the_platform() {
     );
 }
 
+/// A user-mode kernel-style TSS whose I/O permission bitmap (at offset 0x68, 32 bytes
+/// covering ports 0-0xff) denies everything but port 0x80; `limit` is the TSS limit.
+fn user_with_io_bitmap(limit: u32) -> Vm {
+    use crate::events::{TSS, enter_user, kernel};
+    let mut vm = kernel();
+    vm.p.write(TSS + 0x66, &0x68u16.to_le_bytes());
+    let mut bitmap = [0xffu8; 33];
+    bitmap[0x80 / 8] &= !1;
+    vm.p.write(TSS + 0x68, &bitmap);
+    vm.cpu.tr.limit = limit;
+    enter_user(&mut vm);
+    vm
+}
+
+#[test]
+fn user_port_io_follows_the_tss_io_bitmap() {
+    let mut vm = user_with_io_bitmap(0x88);
+    crate::events::user_code(&mut vm, |a| {
+        a.out(0x80, al)?;
+        a.out(0x81, al)?;
+        a.out(dx, ax)
+    });
+    vm.step().expect("port 0x80 is allowed by the bitmap");
+    assert_eq!(vm.p.io_out.len(), 1);
+    assert_eq!(
+        vm.exception(),
+        Exception::GeneralProtection(0),
+        "0x81 denied"
+    );
+
+    // A 2-byte access needs both ports' bits clear: 0x7f is denied.
+    let mut vm = user_with_io_bitmap(0x88);
+    vm.cpu.gpr[2] = 0x7f;
+    crate::events::user_code(&mut vm, |a| a.out(dx, ax));
+    assert_eq!(vm.exception(), Exception::GeneralProtection(0), "0x7f-0x80");
+
+    // The bitmap bytes for a port must lie inside the TSS limit.
+    let mut vm = user_with_io_bitmap(0x70);
+    crate::events::user_code(&mut vm, |a| a.out(0x80, al));
+    assert_eq!(
+        vm.exception(),
+        Exception::GeneralProtection(0),
+        "beyond limit"
+    );
+    assert!(vm.p.io_out.is_empty());
+}
+
 #[test]
 fn hlt_stops_in_the_kernel_and_faults_in_user_mode() {
     let mut vm = Vm::long(0);

@@ -95,6 +95,7 @@ impl VmSpec {
             nets: Vec::new(),
             rng: false,
             hvc: None,
+            kvm_fallback: true,
         };
         config.validate().map_err(|e| e.to_string())
     }
@@ -200,6 +201,7 @@ impl VmSpec {
             nets,
             rng: self.rng,
             hvc: None,
+            kvm_fallback: true,
         })
     }
 }

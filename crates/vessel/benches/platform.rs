@@ -29,7 +29,7 @@ fn main() {
     let kind = if cpu::kvm::host_has_hardware_virtualization() {
         "with VT-x/AMD-V"
     } else {
-        "without VT-x/AMD-V (KVM emulates every guest instruction, see HOST.md)"
+        "without VT-x/AMD-V (KVM emulates every guest instruction)"
     };
     let body = format!(
         "## Foundation: KVM platform\n\nHost: {kind}, `{}` cores.\n\n{body}",

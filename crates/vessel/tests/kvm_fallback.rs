@@ -166,3 +166,23 @@ fn instructions_kvm_cannot_emulate_run_through_the_interpreter() {
         }
     }
 }
+
+/// With `--no-kvm-fallback` the same guest stops at the first instruction KVM rejects,
+/// with its location, as it would under other VMMs.
+#[test]
+fn without_the_fallback_the_vm_stops_where_kvm_gives_up() {
+    if !kvm_available() || cpu::kvm::host_has_hardware_virtualization() {
+        eprintln!("skipped: with VT-x/AMD-V the CPU runs these instructions itself");
+        return;
+    }
+    let (_t, kernel) = testguest::temp_path(&testguest::bzimage(&guest()));
+    let r = boot_kvm(&kernel, &["--no-kvm-fallback"], Duration::from_secs(120));
+    assert_eq!(r.code, Some(1), "{}", r.dump());
+    assert!(!r.stdout.contains("done"), "{}", r.dump());
+    assert!(
+        r.stderr
+            .contains("KVM could not emulate an instruction (fallback off) at RIP"),
+        "{}",
+        r.dump()
+    );
+}

@@ -53,6 +53,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
     pub hvc: Option<Hvc>,
+    /// Run instructions KVM cannot emulate in vessel's interpreter (on by default);
+    /// off, the VM stops there as under other VMMs.
+    pub kvm_fallback: bool,
 }
 
 /// Where the guest's virtio console (hvc0) goes.
@@ -180,6 +183,7 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             hvc: None,
+            kvm_fallback: true,
         }
     }
 

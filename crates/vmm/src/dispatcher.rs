@@ -23,6 +23,8 @@ pub struct Dispatcher {
     pub metrics: Arc<Metrics>,
     /// Guest RAM, for the interpreter when KVM cannot emulate an instruction.
     pub mem: GuestMemory,
+    /// Whether the interpreter takes over where KVM's emulator gives up.
+    pub kvm_fallback: bool,
 }
 
 /// Tells the VM control a vCPU has left its loop, however it leaves.
@@ -86,6 +88,11 @@ impl Dispatcher {
                 }
                 Exit::EmulationFailure => {
                     self.metrics.exit(ExitReason::EmulationFailure);
+                    if !self.kvm_fallback {
+                        let reason = "KVM could not emulate an instruction (fallback off)";
+                        self.fail(index, reason.into(), vcpu.location());
+                        return;
+                    }
                     let interp = interpreter
                         .get_or_insert_with(|| Interpreter::new(CodeCoherence::Validate));
                     let done = crate::fallback::emulate(

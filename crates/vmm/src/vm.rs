@@ -150,6 +150,7 @@ pub struct Vm {
     vm_fd: Option<std::os::fd::RawFd>,
     detach_teardown: bool,
     mem: cpu::GuestMemory,
+    kvm_fallback: bool,
 }
 
 /// What the builder hands over.
@@ -163,6 +164,7 @@ pub(crate) struct VmParts {
     pub backing: Box<dyn std::any::Any + Send>,
     pub vm_fd: Option<std::os::fd::RawFd>,
     pub mem: cpu::GuestMemory,
+    pub kvm_fallback: bool,
 }
 
 impl Vm {
@@ -179,6 +181,7 @@ impl Vm {
             vm_fd: p.vm_fd,
             detach_teardown: false,
             mem: p.mem,
+            kvm_fallback: p.kvm_fallback,
         }
     }
 
@@ -214,6 +217,7 @@ impl Vm {
             events: self.events_tx.clone(),
             metrics: self.metrics.clone(),
             mem: self.mem.clone(),
+            kvm_fallback: self.kvm_fallback,
         });
         let _raw = if self.stdio_console {
             let raw = RawTerminal::enter();

@@ -16,6 +16,10 @@ pub struct RunArgs {
     /// ran for KVM, by mnemonic.
     #[arg(long)]
     stats: bool,
+    /// Stop the VM where KVM cannot emulate an instruction, as other VMMs do, instead
+    /// of running it in vessel's interpreter (to compare how far a guest gets).
+    #[arg(long)]
+    no_kvm_fallback: bool,
 }
 
 #[derive(Args)]
@@ -68,6 +72,7 @@ pub fn run(args: RunArgs) -> CliResult {
             .map(vmm::Hvc::parse)
             .transpose()
             .map_err(|e| Failure::usage(format!("--hvc {e}")))?,
+        kvm_fallback: !args.no_kvm_fallback,
     };
     // Said once the VM is built, so that a bad argument is still the only line.
     let (outcome, metrics) = vmm::run(&config, || {

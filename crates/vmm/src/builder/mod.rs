@@ -138,6 +138,7 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         backing: backend.backing,
         vm_fd: backend.vm_fd,
         mem,
+        kvm_fallback: config.kvm_fallback,
     }))
 }
 

@@ -36,6 +36,10 @@ pub trait Vcpu: Send {
     /// An MSR the architectural state does not hold; None if the guest may not read it.
     fn rdmsr(&mut self, msr: u32) -> Option<u64>;
     fn wrmsr(&mut self, msr: u32, value: u64) -> bool;
+    /// What the software CPU's interpreter did (the emu backend only).
+    fn software_cpu_stats(&self) -> Option<x86::Stats> {
+        None
+    }
 }
 
 /// A vCPU's position, as best the backend can tell.

@@ -183,3 +183,35 @@ fn a_virtio_queue_works_on_the_software_cpu() {
         r.dump()
     );
 }
+
+/// `--stats` on the software CPU counts what the interpreter did: a loop of 1000
+/// iterations of three instructions is at least 3000 instructions, decoded once.
+#[test]
+fn stats_count_the_software_cpus_instructions() {
+    let r = emu(
+        |a| {
+            let mut top = a.create_label();
+            a.mov(ecx, 1000u32).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(eax, ecx).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(top).unwrap();
+            i8042_reset(a);
+        },
+        &["--stats"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    let line = r
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vessel: stats: software CPU: "))
+        .unwrap_or_else(|| panic!("{}", r.dump()));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {line:?}"))
+    };
+    assert!(field("instructions") >= 3000, "{line}");
+    assert!(field("blocks_decoded") < 50, "{line}");
+}

@@ -39,6 +39,13 @@ impl Dispatcher {
     /// Runs `vcpu` until the VM stops or the vCPU cannot go on.
     pub fn run_vcpu(&self, vcpu: &mut dyn Vcpu) {
         let _exited = Exited(&self.control);
+        self.dispatch(vcpu);
+        if let Some(stats) = vcpu.software_cpu_stats() {
+            self.metrics.add_software_cpu(&stats);
+        }
+    }
+
+    fn dispatch(&self, vcpu: &mut dyn Vcpu) {
         let index = vcpu.index();
         // Made on first use: most vCPUs on hosts with VT-x/AMD-V never need it.
         let mut interpreter: Option<Interpreter> = None;

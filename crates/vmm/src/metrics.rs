@@ -57,6 +57,8 @@ pub struct Metrics {
     pub console_in_bytes: AtomicU64,
     /// CPU-time clocks of the vCPU threads (pthread_getcpuclockid).
     vcpu_clocks: Mutex<Vec<libc::clockid_t>>,
+    /// The software CPU's interpreter counters, summed over vCPUs that have stopped.
+    software_cpu: Mutex<x86::Stats>,
 }
 
 impl Metrics {
@@ -68,6 +70,7 @@ impl Metrics {
             console_out_bytes: AtomicU64::new(0),
             console_in_bytes: AtomicU64::new(0),
             vcpu_clocks: Mutex::default(),
+            software_cpu: Mutex::default(),
         }
     }
 
@@ -123,6 +126,17 @@ impl Metrics {
 
     /// Two lines for `vessel run --stats`: exits by reason, and the instructions vessel's
     /// interpreter ran for KVM, by mnemonic.
+    /// Adds a stopped vCPU's interpreter counters.
+    pub fn add_software_cpu(&self, s: &x86::Stats) {
+        let mut t = lock(&self.software_cpu);
+        t.instructions += s.instructions;
+        t.blocks_decoded += s.blocks_decoded;
+        t.blocks_invalidated += s.blocks_invalidated;
+        t.slow_lookups += s.slow_lookups;
+        t.page_walks += s.page_walks;
+        t.tlb_flushes += s.tlb_flushes;
+    }
+
     pub fn summary(&self) -> String {
         let exits: Vec<String> = ExitReason::ALL
             .iter()
@@ -145,6 +159,24 @@ impl Metrics {
             } else {
                 String::new()
             },
+        ) + &self.software_cpu_summary()
+    }
+
+    /// "\nsoftware CPU: ..." once an emu vCPU has stopped, else nothing.
+    fn software_cpu_summary(&self) -> String {
+        let s = *lock(&self.software_cpu);
+        if s.instructions == 0 {
+            return String::new();
+        }
+        format!(
+            "\nsoftware CPU: instructions={} blocks_decoded={} blocks_invalidated={} \
+             slow_lookups={} page_walks={} tlb_flushes={}",
+            s.instructions,
+            s.blocks_decoded,
+            s.blocks_invalidated,
+            s.slow_lookups,
+            s.page_walks,
+            s.tlb_flushes
         )
     }
 

@@ -51,9 +51,9 @@
 //! Decoded instructions live in basic blocks (ending at control flow, at anything that can
 //! change decoding, at 64 instructions or at the page end) in one arena, keyed by
 //! guest-physical address and code size, so aliases of a page share blocks and straight-line
-//! code runs without a lookup per instruction. A direct-mapped jump cache maps linear RIP
-//! to a block; its entries carry the TLB epoch, so any change of address translation
-//! empties it for free. Instructions that cross a page, or code fetched from MMIO, are
+//! code runs without a lookup per instruction. A direct-mapped jump cache (64Ki entries)
+//! maps linear RIP to a block; its entries carry the TLB epoch, so any change of address
+//! translation empties it for free. Instructions that cross a page, or code fetched from MMIO, are
 //! decoded for one execution and not cached. Coherence has two modes
 //! ([`CodeCoherence`]): `Validate` compares a block's bytes with guest memory before use
 //! (the KVM fallback: KVM writes guest memory without telling anyone); `Tracked` relies on

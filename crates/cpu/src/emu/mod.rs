@@ -276,6 +276,10 @@ impl Vcpu for EmuVcpu {
         crate::cpuid_lookup(&self.cpuid, leaf, subleaf)
     }
 
+    fn software_cpu_stats(&self) -> Option<x86::Stats> {
+        Some(self.interp.stats())
+    }
+
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
         let (mut p, _, _) = self.platform();
         x86::Platform::rdmsr(&mut p, msr)

@@ -12,8 +12,8 @@ use super::{CliResult, Failure, VmArgs};
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
-    /// At exit, print vCPU exits by reason and the instructions vessel's interpreter
-    /// ran for KVM, by mnemonic.
+    /// At exit, print vCPU exits by reason, the instructions vessel's interpreter ran
+    /// for KVM by mnemonic, and what the software CPU did.
     #[arg(long)]
     stats: bool,
     /// Stop the VM where KVM cannot emulate an instruction, as other VMMs do, instead

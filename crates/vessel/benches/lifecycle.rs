@@ -42,7 +42,9 @@ fn main() {
     });
     let (_k, kernel) = testguest::temp_path(&testguest::bzimage(&code));
     let kernel = kernel.display().to_string();
-    vessel(&["create", "bench", "--kernel", &kernel, "--memory", "128M"]);
+    vessel(&[
+        "create", "bench", "--accel", "kvm", "--kernel", &kernel, "--memory", "128M",
+    ]);
     let log = home.path().join("vms/bench/serial.log");
 
     let (mut to_ready, mut to_first) = (Vec::new(), Vec::new());

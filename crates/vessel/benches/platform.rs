@@ -67,7 +67,7 @@ fn startup() -> String {
     for _ in 0..STARTUP_RUNS {
         let start = Instant::now();
         let mut child = Command::new(VESSEL)
-            .args(["run", "--kernel", &kernel])
+            .args(["run", "--accel", "kvm", "--kernel", &kernel])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -135,7 +135,7 @@ fn port_io() -> String {
     let mut bare_us = Vec::new();
     for _ in 0..5 {
         let output = Command::new(VESSEL)
-            .args(["run", "--kernel", &kernel])
+            .args(["run", "--accel", "kvm", "--kernel", &kernel])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -224,7 +224,9 @@ fn monitor_memory() -> String {
         halt_forever(a);
     });
     let mut child = Command::new(VESSEL)
-        .args(["run", "--kernel", &kernel, "--memory", "512M"])
+        .args([
+            "run", "--accel", "kvm", "--kernel", &kernel, "--memory", "512M",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -165,7 +165,10 @@ fn application_processors_start_on_sipi() {
 #[test]
 fn a_virtio_queue_works_on_the_software_cpu() {
     let r = emu(
-        |a| testguest::snippets::virtio_rng_driver(a, DATA + 0x1_0000, IDT, 0x50),
+        |a| {
+            testguest::snippets::virtio_rng_driver(a, DATA + 0x1_0000, IDT, 0x50);
+            testguest::snippets::i8042_reset(a);
+        },
         &["--rng"],
     );
     assert_eq!(r.code, Some(0), "{}", r.dump());

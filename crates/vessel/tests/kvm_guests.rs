@@ -342,16 +342,23 @@ fn virtio_devices_appear_on_the_pci_bus() {
 }
 
 /// A tiny virtio driver on KVM: the queue notify reaches the device through a KVM
-/// ioeventfd, the completion comes back as an MSI-X interrupt into KVM's local APIC.
+/// ioeventfd, the completion comes back as an MSI-X interrupt into KVM's local APIC
+/// (through an irqfd and the GSI route vessel adds for that message). Then COM1's
+/// interrupt, through the IOAPIC: the legacy lines stay routed beside the MSI route.
 #[test]
 fn a_virtio_queue_works_on_kvm_with_ioeventfd_and_msix() {
     if !kvm_available() {
         return;
     }
     let r = boot64(
-        |a| testguest::snippets::virtio_rng_driver(a, 0x20_0000, 0x21_0000, 0x50),
+        |a| {
+            testguest::snippets::virtio_rng_driver(a, 0x20_0000, 0x21_0000, 0x50);
+            com1_interrupt_through_the_ioapic(a, 0x21_0000, 0x51, 0x20_0800);
+            i8042_reset(a);
+        },
         &["--rng"],
     );
+    assert!(r.stdout.contains("com1 irq ok\n"), "{}", r.dump());
     assert_eq!(r.code, Some(0), "{}", r.dump());
     let line = r
         .stdout
@@ -370,4 +377,58 @@ fn a_virtio_queue_works_on_kvm_with_ioeventfd_and_msix() {
         !line.ends_with(&format!("data={:016x}", 0)),
         "random bytes: {line}"
     );
+}
+
+/// Routes IOAPIC pin 4 (COM1) to `vector` on APIC 0 with the 8259s masked, enables the
+/// UART's transmitter-empty interrupt, sends a byte, waits in HLT for the interrupt
+/// (counted at `flag`) and prints `com1 irq ok`.
+fn com1_interrupt_through_the_ioapic(a: &mut CodeAssembler, idt: u64, vector: u8, flag: u64) {
+    let (mut handler, mut main) = (a.create_label(), a.create_label());
+    let (mut wait, mut done) = (a.create_label(), a.create_label());
+    a.jmp(main).unwrap();
+    a.set_label(&mut handler).unwrap();
+    a.push(rax).unwrap();
+    a.push(rdx).unwrap();
+    a.mov(rax, flag).unwrap();
+    a.inc(qword_ptr(rax)).unwrap();
+    a.mov(dx, 0x3fau32).unwrap(); // IIR: reading it acknowledges the UART
+    a.in_(al, dx).unwrap();
+    a.mov(rax, 0xfee0_00b0u64).unwrap(); // EOI
+    a.mov(dword_ptr(rax), 0u32).unwrap();
+    a.pop(rdx).unwrap();
+    a.pop(rax).unwrap();
+    a.iretq().unwrap();
+
+    a.set_label(&mut main).unwrap();
+    testguest::snippets::idt_gate(a, idt, vector, handler);
+    a.mov(al, 0xffu32).unwrap();
+    a.out(0x21u32, al).unwrap();
+    a.out(0xa1u32, al).unwrap();
+    a.mov(rax, 0xfec0_0000u64).unwrap(); // IOREGSEL / IOWIN
+    a.mov(dword_ptr(rax), 0x18u32).unwrap(); // redirection entry 4, low: fixed, edge
+    a.mov(dword_ptr(rax + 0x10), u32::from(vector)).unwrap();
+    a.mov(dword_ptr(rax), 0x19u32).unwrap(); // high: APIC 0
+    a.mov(dword_ptr(rax + 0x10), 0u32).unwrap();
+    a.mov(rax, flag).unwrap();
+    a.mov(qword_ptr(rax), 0i32).unwrap();
+    a.mov(dx, 0x3fcu32).unwrap(); // MCR: OUT2 gates the IRQ line on a PC
+    a.mov(al, 0x08u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(dx, 0x3f9u32).unwrap(); // IER: transmitter empty
+    a.mov(al, 0x02u32).unwrap();
+    a.out(dx, al).unwrap();
+    print(a, "com1 irq ");
+    a.set_label(&mut wait).unwrap();
+    a.cli().unwrap();
+    a.mov(rax, flag).unwrap();
+    a.cmp(qword_ptr(rax), 0i32).unwrap();
+    a.jne(done).unwrap();
+    a.sti().unwrap(); // sti; hlt: no interrupt slips in between
+    a.hlt().unwrap();
+    a.jmp(wait).unwrap();
+    a.set_label(&mut done).unwrap();
+    a.mov(dx, 0x3f9u32).unwrap();
+    a.mov(al, 0u32).unwrap();
+    a.out(dx, al).unwrap();
+    print(a, "ok\n");
 }

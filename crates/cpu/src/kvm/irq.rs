@@ -59,33 +59,6 @@ impl IrqLine for KvmLevelIrq {
     }
 }
 
-/// MSIs into KVM's in-kernel local APICs (KVM_SIGNAL_MSI): what virtio devices' MSI-X
-/// vectors raise.
-pub struct KvmMsi {
-    vm: Arc<VmFd>,
-}
-
-impl KvmMsi {
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        KvmMsi { vm }
-    }
-}
-
-impl devices::interrupt::MsiSink for KvmMsi {
-    fn send(&self, address: u64, data: u32) -> io::Result<()> {
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        self.vm
-            .signal_msi(msi)
-            .map(|_| ())
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-}
-
 /// Lets KVM complete a guest write to `gpa` itself by signalling `event` (a virtio
 /// queue notify), without leaving the guest.
 pub fn register_notify(vm: &VmFd, gpa: u64, event: &EventFd) -> Result<(), KvmError> {

@@ -3,12 +3,14 @@
 //! and vessel's interpreter takes over where that emulator gives up.
 
 mod irq;
+mod msi;
 pub mod regs;
 pub mod state;
 mod vcpu;
 mod vm;
 
-pub use irq::{KvmEdgeIrq, KvmLevelIrq, KvmMsi, register_notify};
+pub use irq::{KvmEdgeIrq, KvmLevelIrq, register_notify};
+pub use msi::{KvmMsi, MAX_MSI_ROUTES};
 pub use vcpu::KvmVcpu;
 pub use vm::{Kvm, KvmVm};
 

@@ -1,5 +1,6 @@
 //! The KVM backend: KVM's in-kernel interrupt controllers and PIT, devices' interrupts
-//! through irqfd (edge) and KVM_IRQ_LINE (level), one KVM vCPU per vCPU.
+//! through irqfd (edge lines, and MSIs through GSI routes) and KVM_IRQ_LINE (level),
+//! one KVM vCPU per vCPU.
 
 use std::sync::Arc;
 

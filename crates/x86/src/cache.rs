@@ -91,32 +91,19 @@ impl Default for Jump {
     }
 }
 
+#[derive(Default)]
 pub(crate) struct CodeCache {
     pub insns: Vec<Insn>,
     bytes: Vec<u8>,
     pub blocks: Vec<Block>,
     map: HashMap<u64, u32, FastHash>,
     page_blocks: HashMap<u64, Vec<u32>, FastHash>,
+    /// Made on first use: a KVM vCPU that keeps an interpreter for the rare
+    /// instruction KVM cannot emulate need not carry 2 MiB of it.
     jump: Box<[Jump]>,
     pub decoded: u64,
     pub invalidated: u64,
     pub slow_lookups: u64,
-}
-
-impl Default for CodeCache {
-    fn default() -> Self {
-        CodeCache {
-            insns: Vec::new(),
-            bytes: Vec::new(),
-            blocks: Vec::new(),
-            map: HashMap::default(),
-            page_blocks: HashMap::default(),
-            jump: vec![Jump::default(); 1 << JUMP_BITS].into_boxed_slice(),
-            decoded: 0,
-            invalidated: 0,
-            slow_lookups: 0,
-        }
-    }
 }
 
 fn mode_code(bitness: u32) -> u64 {
@@ -194,6 +181,9 @@ impl CodeCache {
     fn remember(&mut self, lin: u64, mode: u64, b: u32, writes: u64) {
         let blk = &self.blocks[b as usize];
         if blk.code_idx != NO_INDEX {
+            if self.jump.is_empty() {
+                self.jump = vec![Jump::default(); 1 << JUMP_BITS].into_boxed_slice();
+            }
             self.jump[jump_slot(lin)] = Jump {
                 lin,
                 gpa_mode: (blk.gpa & PAGE_MASK) | mode,
@@ -237,8 +227,8 @@ impl CodeCache {
     #[inline(always)]
     pub(crate) fn find(&mut self, m: &mut Machine) -> R<Found> {
         let lin = m.code_linear(m.rip());
-        let j = &self.jump[jump_slot(lin)];
-        if j.lin == lin
+        if let Some(j) = self.jump.get(jump_slot(lin))
+            && j.lin == lin
             && m.tlb.exec_page(m.tlb_set, lin).map(|g| g | m.mode_tag) == Some(j.gpa_mode)
             && let Some(map) = m.code
             && map.writes() == j.writes

@@ -44,10 +44,8 @@ impl Bundle {
 
     /// A new bundle with `spec`, in state "created".
     pub fn create(home: &Home, name: &str, spec: &VmSpec) -> Result<Self, ManagerError> {
-        spec.validate().map_err(|reason| ManagerError::BadConfig {
-            path: PathBuf::from("vm.toml"),
-            reason,
-        })?;
+        // The spec comes from the command line here, not from a file.
+        spec.validate().map_err(ManagerError::Other)?;
         let b = Self::at(home, name)?;
         std::fs::create_dir_all(home.vms_dir()).map_err(ManagerError::io(home.vms_dir()))?;
         match std::fs::create_dir(&b.dir) {

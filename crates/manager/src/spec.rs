@@ -180,7 +180,8 @@ impl VmSpec {
             .disks
             .iter()
             .map(|d| {
-                let mut c = BlockConfig::parse(d).map_err(ManagerError::Other)?;
+                let mut c = BlockConfig::parse(d)
+                    .map_err(|e| ManagerError::Other(format!("disk {d:?}: {e}")))?;
                 c.path = resolve(&c.path.to_string_lossy());
                 Ok(c)
             })
@@ -188,7 +189,9 @@ impl VmSpec {
         let nets = self
             .nets
             .iter()
-            .map(|n| NetConfig::parse(n).map_err(ManagerError::Other))
+            .map(|n| {
+                NetConfig::parse(n).map_err(|e| ManagerError::Other(format!("net {n:?}: {e}")))
+            })
             .collect::<Result<_, _>>()?;
         Ok(VmConfig {
             kernel,

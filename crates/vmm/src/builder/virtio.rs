@@ -32,8 +32,7 @@ pub(super) struct Opened {
 pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     for disk in &config.disks {
-        let dev = VirtioBlock::new(disk)
-            .map_err(|e| VmError::Device(format!("disk {}: {e}", disk.path.display())))?;
+        let dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(e.to_string()))?;
         out.push(Box::new(dev));
     }
     for (index, net) in config.nets.iter().enumerate() {

@@ -78,6 +78,10 @@ struct Reach {
     wall: Duration,
     last_line: String,
     reached_userspace: bool,
+    /// The kernel's panic line, if it panicked (its last lines are the panic's trailer).
+    panic: Option<String>,
+    /// The kernel finished booting and ran /init.
+    init_started: bool,
     stopped: String,
     fallbacks: String,
 }
@@ -86,13 +90,22 @@ impl Reach {
     fn row(&self, run: &str) -> String {
         let last = if self.reached_userspace {
             "user space: `linux-reached-userspace`".to_string()
+        } else if self.init_started {
+            format!(
+                "`Run /init as init process`, then `{}`",
+                self.last_line.replace('|', "\\|")
+            )
         } else {
             format!("`{}`", self.last_line.replace('|', "\\|"))
+        };
+        let stopped = match &self.panic {
+            Some(panic) => format!("{} after `{panic}`", self.stopped),
+            None => self.stopped.clone(),
         };
         format!(
             "| {run} | {:.1} min | {last} | {} |\n",
             self.wall.as_secs_f64() / 60.0,
-            self.stopped.replace('|', "\\|")
+            stopped.replace('|', "\\|")
         )
     }
 }
@@ -117,9 +130,12 @@ fn reach(kit: &kit::Kit, fallback: bool, extra: &str, deadline: Duration) -> Rea
         .expect("spawn vessel");
     let last_line = Arc::new(Mutex::new(String::new()));
     let reached = Arc::new(Mutex::new(false));
+    let panic = Arc::new(Mutex::new(None));
+    let init_started = Arc::new(Mutex::new(false));
     let stdout = child.stdout.take().unwrap();
     let out = {
         let (last_line, reached) = (last_line.clone(), reached.clone());
+        let (panic, init_started) = (panic.clone(), init_started.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -127,7 +143,15 @@ fn reach(kit: &kit::Kit, fallback: bool, extra: &str, deadline: Duration) -> Rea
                 if line == "linux-reached-userspace" {
                     *reached.lock().unwrap() = true;
                 }
-                if line.starts_with('[') {
+                if line.contains("Run /init as init process") {
+                    *init_started.lock().unwrap() = true;
+                }
+                let mut panic = panic.lock().unwrap();
+                if panic.is_none() && line.contains("Kernel panic - not syncing") {
+                    *panic = line.split("] ").nth(1).map(str::to_string);
+                }
+                // The last line before a panic says more than the panic's trailer.
+                if line.starts_with('[') && panic.is_none() {
                     *last_line.lock().unwrap() = line;
                 }
             }
@@ -174,10 +198,14 @@ fn reach(kit: &kit::Kit, fallback: bool, extra: &str, deadline: Duration) -> Rea
     };
     let last_line = last_line.lock().unwrap().clone();
     let reached_userspace = *reached.lock().unwrap();
+    let panic = panic.lock().unwrap().clone();
+    let init_started = *init_started.lock().unwrap();
     Reach {
         wall,
         last_line,
         reached_userspace,
+        panic,
+        init_started,
         stopped,
         fallbacks: stat("vessel: stats: interpreter fallbacks:"),
     }

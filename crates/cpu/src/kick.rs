@@ -20,9 +20,9 @@ pub fn kick_signal() -> i32 {
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let flag = IMMEDIATE_EXIT.with(Cell::get);
     if !flag.is_null() {
-        // SAFETY: the pointer was registered by this very thread (the handler runs on
-        // the signalled thread) and points into its vCPU's kvm_run mapping, which
-        // outlives the registration (cleared before the vCPU is dropped).
+        // The handler runs on the signalled thread, which registered the pointer; the
+        // registration is cleared before the vCPU (and its kvm_run mapping) is dropped.
+        // SAFETY: so the pointer points into this thread's live kvm_run mapping.
         unsafe { flag.write_volatile(1) };
     }
 }

@@ -119,9 +119,9 @@ impl HostPage {
         if !off.is_multiple_of(N) {
             return self.load_unaligned(off, N);
         }
-        // SAFETY: `p` is in bounds of a live page mapping (module doc) and aligned to N;
-        // guest RAM is only ever accessed through atomics or by other processes/threads
-        // outside Rust's knowledge, so a relaxed atomic load is race free on our side.
+        // Guest RAM is only ever accessed through atomics or from outside Rust, so a
+        // relaxed atomic load is race free on our side.
+        // SAFETY: `p` is in bounds of a live page mapping (module doc) and aligned to N.
         unsafe {
             match N {
                 1 => u64::from(AtomicU8::from_ptr(p).load(LOAD)),
@@ -295,10 +295,10 @@ impl HostPage {
         let p = self.0.as_ptr().wrapping_add(off);
         macro_rules! stos {
             ($insn:literal) => {
-                // SAFETY: `string_span` checked that every element lies in this page of a
-                // live mapping (module doc). These are the stores the guest's own rep stos
-                // makes, in the same order and sizes; other threads only access guest RAM
-                // through atomics or hardware instructions. DF is restored to clear.
+                // These are the stores the guest's own rep stos makes, in the same order
+                // and sizes; other threads only access guest RAM through atomics or
+                // hardware instructions. DF is restored to clear.
+                // SAFETY: `string_span` checked every element lies in this live page.
                 unsafe {
                     if down {
                         std::arch::asm!("std", $insn, "cld", inout("rdi") p => _,
@@ -335,9 +335,9 @@ impl HostPage {
         let s = src.0.as_ptr().wrapping_add(src_off);
         macro_rules! movs {
             ($insn:literal) => {
-                // SAFETY: as in `rep_stos`, for both pages; the host instruction copies
-                // element by element in the guest's direction, so overlapping ranges end up
-                // exactly as the guest's rep movs would leave them.
+                // The host instruction copies element by element in the guest's
+                // direction, so overlapping ranges end as the guest's rep movs leaves them.
+                // SAFETY: as in `rep_stos`, for both pages.
                 unsafe {
                     if down {
                         std::arch::asm!("std", $insn, "cld", inout("rdi") d => _,

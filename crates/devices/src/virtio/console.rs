@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::chain::{Chain, Cursor, UsedRing, pop, pop_all};
+use super::publish_and_rearm;
 use super::worker::{QueueHandler, Worker};
 use super::{
     ActivateError, Activation, DeviceError, DeviceType, GuestMemoryShared, VirtioDevice,
@@ -255,14 +256,7 @@ impl<M: GuestMemory> ConsoleQueues<M> {
                 drop(out);
                 self.tx_used.push(head, 0);
             }
-            self.tx_used
-                .publish(&mut self.tx, &self.mem)
-                .map_err(|reason| DeviceError::Ring { queue: TX, reason })?;
-            if !self
-                .tx
-                .enable_notification(&self.mem)
-                .map_err(|e| DeviceError::ring(TX, e))?
-            {
+            if !publish_and_rearm(&mut self.tx_used, &mut self.tx, &self.mem, &self.mem, TX)? {
                 return Ok(());
             }
         }

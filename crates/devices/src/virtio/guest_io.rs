@@ -197,9 +197,8 @@ impl<M: GuestMemory + ?Sized> GuestAccess for GuestRam<'_, M> {
 
     fn read_into(&self, addr: GuestAddress, buf: &mut [u8]) -> bool {
         match self.host_range(addr, buf.len()) {
-            // SAFETY: the range lies inside a region of `self.mem`, which stays mapped
-            // while `self` borrows it; the guest may write it concurrently, which
-            // volatile copies allow.
+            // The guest may write the range concurrently, which volatile copies allow.
+            // SAFETY: the range lies inside a region of `self.mem`, mapped while borrowed.
             Some(p) => unsafe { VolatileSlice::new(p, buf.len()) }.copy_to(buf) == buf.len(),
             None => read_guest(self.mem, addr, buf),
         }

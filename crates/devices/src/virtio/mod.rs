@@ -183,6 +183,28 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// At the end of a pass over queue `index`: publishes the completions (through `ram`)
+/// and turns the driver's notifications back on. False when the driver made nothing
+/// new available meanwhile (the pass is over), true when another pass is due.
+pub(crate) fn publish_and_rearm<A, M>(
+    used: &mut chain::UsedRing,
+    queue: &mut Queue,
+    ram: &A,
+    mem: &M,
+    index: usize,
+) -> Result<bool, DeviceError>
+where
+    A: guest_io::GuestAccess + ?Sized,
+    M: vm_memory::GuestMemory,
+{
+    used.publish(queue, ram)
+        .map_err(|reason| DeviceError::Ring {
+            queue: index,
+            reason,
+        })?;
+    virtio_queue::QueueT::enable_notification(queue, mem).map_err(|e| DeviceError::ring(index, e))
+}
+
 /// After serving a queue: publish the completions and interrupt the driver if it
 /// wants to be.
 pub(crate) fn finish<M: vm_memory::GuestMemory>(

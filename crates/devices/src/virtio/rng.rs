@@ -6,6 +6,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use super::chain::{Chain, Cursor, UsedRing, pop_all};
+use super::publish_and_rearm;
 use super::worker::{QueueHandler, Worker};
 use super::{
     ActivateError, Activation, DeviceError, DeviceType, GuestMemoryShared, VirtioDevice,
@@ -127,14 +128,7 @@ impl<M: GuestMemory> RngQueue<M> {
                     Cursor::new(&self.chain.writable).write(&self.mem, &self.buf[..filled]);
                 self.used.push(head, written as u32);
             }
-            self.used
-                .publish(&mut self.queue, &self.mem)
-                .map_err(|reason| DeviceError::Ring { queue: 0, reason })?;
-            if !self
-                .queue
-                .enable_notification(&self.mem)
-                .map_err(|e| DeviceError::ring(0, e))?
-            {
+            if !publish_and_rearm(&mut self.used, &mut self.queue, &self.mem, &self.mem, 0)? {
                 return Ok(());
             }
         }

@@ -22,6 +22,26 @@ impl Finished {
             self.code, self.elapsed, self.stdout, self.stderr
         )
     }
+
+    /// For a run of `testguest::snippets::virtio_rng_driver`: asserts the VM exited 0
+    /// and the driver saw one used buffer of 16 bytes and one interrupt; returns its line.
+    pub fn rng_driver_line(&self) -> &str {
+        assert_eq!(self.code, Some(0), "{}", self.dump());
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("rng used="))
+            .unwrap_or_default();
+        assert!(
+            line.starts_with(&format!(
+                "rng used={:016x} len={:016x} irq={:016x}",
+                1, 16, 1
+            )),
+            "{}",
+            self.dump()
+        );
+        line
+    }
 }
 
 pub fn vessel() -> Command {

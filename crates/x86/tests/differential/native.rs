@@ -549,10 +549,10 @@ impl Native {
         // this thread while it holds the slot.
         unsafe { st.write(*regs) };
         self.put(self.base + XIN_OFF, &regs.xsave_image());
-        // SAFETY: the slot's code is the stub assembled above: it saves and restores every
-        // callee-saved register, the stack pointer and MXCSR, clears DF, and returns. The
-        // instruction under test was generated to touch only the data window and the
-        // registers (no faults, no privileged operations).
+        // The stub saves and restores every callee-saved register, the stack pointer and
+        // MXCSR, clears DF, and returns; the instruction under test was generated to touch
+        // only the data window and the registers (no faults, no privileged operations).
+        // SAFETY: the slot's code is that stub, assembled above.
         unsafe {
             let f: extern "sysv64" fn() = std::mem::transmute(entry as usize);
             f();

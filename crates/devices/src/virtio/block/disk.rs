@@ -23,6 +23,12 @@ pub enum DiskError {
     TooSmall(String),
 }
 
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
 pub struct Disk {
     file: File,
     /// Whole sectors only: a trailing partial sector is not part of the disk.
@@ -114,51 +120,37 @@ impl Disk {
     }
 
     /// Reads exactly the iovecs' total length at `offset`.
-    pub fn read_at(&self, mut iov: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
-        while !iov.is_empty() {
-            let count = iov.len().min(libc::UIO_MAXIOV as usize) as i32;
-            let fd = self.file.as_raw_fd();
-            let off = offset as libc::off_t;
-            // SAFETY: every iovec points at a guest buffer that was checked to be guest
-            // RAM and stays mapped while the caller borrows guest memory. One buffer (the
-            // usual 4 KiB request) takes plain pread, a little cheaper than preadv.
-            let n = unsafe {
-                if count == 1 {
-                    libc::pread(fd, iov[0].iov_base, iov[0].iov_len, off)
-                } else {
-                    libc::preadv(fd, iov.as_ptr(), count, off)
-                }
-            };
-            match n {
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => {
-                    offset += n as u64;
-                    iov = advance(iov, n as usize);
-                }
-            }
-        }
-        Ok(())
+    pub fn read_at(&self, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+        self.transfer(Direction::Read, iov, offset)
     }
 
     /// Writes the iovecs' contents at `offset`.
-    pub fn write_at(&self, mut iov: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+    pub fn write_at(&self, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+        self.transfer(Direction::Write, iov, offset)
+    }
+
+    /// Moves the iovecs' whole length between guest buffers and the file at `offset`,
+    /// resuming after short transfers and signals.
+    fn transfer(
+        &self,
+        dir: Direction,
+        mut iov: &mut [libc::iovec],
+        mut offset: u64,
+    ) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
         while !iov.is_empty() {
             let count = iov.len().min(libc::UIO_MAXIOV as usize) as i32;
-            let fd = self.file.as_raw_fd();
             let off = offset as libc::off_t;
-            // SAFETY: every iovec points at a guest buffer that was checked to be guest
-            // RAM and stays mapped while the caller borrows guest memory.
+            let (base, len) = (iov[0].iov_base, iov[0].iov_len);
+            // One buffer (the usual 4 KiB request) takes plain pread/pwrite, a little cheaper.
+            // SAFETY: every iovec points at a guest buffer checked to be guest RAM, which
+            // stays mapped while the caller borrows guest memory.
             let n = unsafe {
-                if count == 1 {
-                    libc::pwrite(fd, iov[0].iov_base, iov[0].iov_len, off)
-                } else {
-                    libc::pwritev(fd, iov.as_ptr(), count, off)
+                match (dir, count) {
+                    (Direction::Read, 1) => libc::pread(fd, base, len, off),
+                    (Direction::Read, _) => libc::preadv(fd, iov.as_ptr(), count, off),
+                    (Direction::Write, 1) => libc::pwrite(fd, base, len, off),
+                    (Direction::Write, _) => libc::pwritev(fd, iov.as_ptr(), count, off),
                 }
             };
             match n {
@@ -168,7 +160,13 @@ impl Disk {
                         return Err(e);
                     }
                 }
-                0 => return Err(io::ErrorKind::WriteZero.into()),
+                0 => {
+                    return Err(match dir {
+                        Direction::Read => io::ErrorKind::UnexpectedEof,
+                        Direction::Write => io::ErrorKind::WriteZero,
+                    }
+                    .into());
+                }
                 n => {
                     offset += n as u64;
                     iov = advance(iov, n as usize);

@@ -21,6 +21,7 @@ use super::{
     ActivateError, Activation, DeviceError, DeviceType, GuestMemoryShared, VirtioDevice,
     VirtioInterrupt, features, read_config_bytes,
 };
+use crate::virtio::publish_and_rearm;
 use request::{SECTOR_SIZE, byte_range, parse_ranges, status};
 
 /// Feature bits (virtio 1.x, 5.2.3).
@@ -225,14 +226,7 @@ impl Requests {
                 }
                 self.used.push(head, used);
             }
-            self.used
-                .publish(&mut self.queue, ram)
-                .map_err(|reason| DeviceError::Ring { queue: 0, reason })?;
-            if !self
-                .queue
-                .enable_notification(mem)
-                .map_err(|e| DeviceError::ring(0, e))?
-            {
+            if !publish_and_rearm(&mut self.used, &mut self.queue, ram, mem, 0)? {
                 return Ok(());
             }
         }

@@ -22,6 +22,7 @@ use super::{
     ActivateError, Activation, DeviceError, DeviceType, GuestMemoryShared, VirtioDevice,
     VirtioInterrupt, features, finish, read_config_bytes,
 };
+use crate::virtio::publish_and_rearm;
 
 /// Feature bits (virtio 1.x, 5.1.3).
 pub mod feature_bits {
@@ -369,14 +370,7 @@ impl<M: GuestMemory> NetQueues<M> {
                 }
                 self.tx_used.push(head, 0);
             }
-            self.tx_used
-                .publish(&mut self.tx, &self.mem)
-                .map_err(|reason| DeviceError::Ring { queue: TX, reason })?;
-            if !self
-                .tx
-                .enable_notification(&self.mem)
-                .map_err(|e| DeviceError::ring(TX, e))?
-            {
+            if !publish_and_rearm(&mut self.tx_used, &mut self.tx, &self.mem, &self.mem, TX)? {
                 return Ok(());
             }
         }

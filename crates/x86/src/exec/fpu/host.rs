@@ -154,9 +154,9 @@ pub(crate) fn stub_range() -> std::ops::Range<u64> {
 /// Runs stub `index` against `f` (see the module documentation for what it does).
 pub(crate) fn run(index: usize, f: &mut Frame) {
     assert!(index < STUBS, "no such FPU stub");
-    // SAFETY: `index` names a stub of the table (checked above); the stub only accesses
-    // `*f` through RDI, clobbers RAX and the flags, uses the stack below RSP for its call
-    // frame and flag pushes, and restores the host FPU/SSE state (module documentation).
+    // The stub only accesses `*f` through RDI, clobbers RAX and the flags, uses the stack
+    // below RSP for its call frame and flag pushes, and restores the host FPU/SSE state.
+    // SAFETY: `index` names a stub of the table (checked above) that behaves as stated.
     unsafe {
         asm!(
             "lea {t}, [rip + vessel_fpu_stubs]",

@@ -152,12 +152,19 @@ pub fn emu_cpuid(vcpu: u32, vcpus: u32, tsc_hz: u64) -> Vec<CpuidLeaf> {
     t.push(CpuidLeaf::sub(4, caches.len() as u32, [0; 4]));
     // Leaf 6: the APIC timer keeps running in idle (ARAT): no broadcast timer needed.
     t.push(CpuidLeaf::new(6, [1 << 2, 0, 0, 0]));
-    // Leaf 7: SMEP (checked by the page walk), ERMS and FSRM (rep movsb/stosb are bulk
+    // Leaf 7: FDP_EXCPTN_ONLY and deprecated FCS/FDS (the x87 pointers follow the
+    // current Intel model: FDP and FOP change only on unmasked exceptions, FCS/FDS are
+    // zero), SMEP (checked by the page walk), ERMS and FSRM (rep movsb/stosb are bulk
     // host copies), RDPID. No SMAP: its stac/clac pairs would cost time for no benefit.
     t.push(CpuidLeaf::sub(
         7,
         0,
-        [0, (1 << 7) | (1 << 9), 1 << 22, 1 << 4],
+        [
+            0,
+            (1 << 6) | (1 << 7) | (1 << 9) | (1 << 13),
+            1 << 22,
+            1 << 4,
+        ],
     ));
     // Leaf 0xa: no performance counters.
     t.push(CpuidLeaf::new(0xa, [0; 4]));

@@ -19,6 +19,9 @@ pub struct TestPlatform {
     pub msrs: HashMap<u32, u64>,
     pub tsc: u64,
     pub cpuid_calls: Vec<(u32, u32)>,
+    /// What `cpuid` answers: a fixed CPU model (the default, so a test does not depend
+    /// on the machine it runs on) or, for the differential suite, the host's own.
+    pub cpuid: CpuidSource,
     /// What `attention` answers.
     pub attention: bool,
     /// How often `attention` was asked.
@@ -44,6 +47,7 @@ impl TestPlatform {
             msrs: HashMap::new(),
             tsc: 0x1234_5678_9abc,
             cpuid_calls: Vec::new(),
+            cpuid: CpuidSource::Model(model_cpuid()),
             attention: false,
             attention_asked: std::cell::Cell::new(0),
         }
@@ -74,6 +78,33 @@ impl TestPlatform {
     }
 }
 
+pub enum CpuidSource {
+    Host,
+    Model(Vec<x86::CpuidLeaf>),
+}
+
+/// The unit tests' CPU: the software CPU's model plus XSAVE with x87, SSE and AVX at
+/// their standard offsets (what the interpreter also runs for the KVM fallback).
+pub fn model_cpuid() -> Vec<x86::CpuidLeaf> {
+    let mut t = x86::emu_cpuid(0, 1, 1_000_000_000);
+    for l in t.iter_mut().filter(|l| l.leaf == 1) {
+        l.ecx |= 1 << 26; // XSAVE
+    }
+    let leaf_d = |subleaf, r: [u32; 4]| x86::CpuidLeaf {
+        leaf: 0xd,
+        subleaf,
+        eax: r[0],
+        ebx: r[1],
+        ecx: r[2],
+        edx: r[3],
+        subleaf_significant: true,
+    };
+    t.push(leaf_d(0, [0x7, 0x340, 0x340, 0]));
+    t.push(leaf_d(1, [0x1, 0, 0, 0])); // xsaveopt
+    t.push(leaf_d(2, [256, 576, 0, 0]));
+    t
+}
+
 impl Platform for TestPlatform {
     type Memory = GuestMemoryMmap;
     fn memory(&self) -> &GuestMemoryMmap {
@@ -97,8 +128,13 @@ impl Platform for TestPlatform {
     }
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         self.cpuid_calls.push((leaf, subleaf));
-        let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
+        match &self.cpuid {
+            CpuidSource::Host => {
+                let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            }
+            CpuidSource::Model(t) => x86::cpuid_lookup(t, leaf, subleaf),
+        }
     }
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
         self.msrs.get(&msr).copied()

@@ -319,12 +319,17 @@ impl<'a> Gen<'a> {
         x.fcw = 0x037f | (self.rng.next() as u16 & 0x0f00);
         x.fsw = self.rng.next() as u16 & 0x7f3f;
         x.ftw = self.rng.next() as u8;
-        // The error pointers stay zero: with no exception pending this AMD part saves
-        // them as zero whatever was loaded (Intel parts keep them), so they carry no
-        // signal here.
-        x.fop = 0;
-        x.fip = 0;
-        x.fdp = 0;
+        // Random error pointers, so that what an instruction leaves unchanged is seen;
+        // zero on AMD, whose FXSAVE stores them as zero while no exception is pending.
+        if crate::host_model::host_keeps_x87_pointers() {
+            x.fop = self.rng.next() as u16 & 0x7ff;
+            x.fip = self.rng.next() & 0xffff_ffff_ffff;
+            x.fdp = self.rng.next() & 0xffff_ffff_ffff;
+        } else {
+            x.fop = 0;
+            x.fip = 0;
+            x.fdp = 0;
+        }
         for s in x.st.iter_mut() {
             *s = (u128::from(self.rng.next()) | (u128::from(self.rng.next()) << 64))
                 & ((1 << 80) - 1);

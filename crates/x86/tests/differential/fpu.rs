@@ -5,6 +5,7 @@
 use iced_x86::Mnemonic as Mn;
 
 use crate::cases::{Fixup, Tweaks};
+use crate::host_model::{MODELLED_XSAVE, xsave_area_len};
 use crate::native::{comp_offset, rfbm};
 use crate::{Family, no_skip, run_family};
 
@@ -16,7 +17,7 @@ fn random_bytes(f: &mut Fixup, off: u64, len: usize) {
 }
 
 fn component_size(c: u32) -> usize {
-    std::arch::x86_64::__cpuid_count(0xd, c).eax as usize
+    crate::host_model::component(c).1
 }
 
 /// A random valid MXCSR for this CPU (mask 0x2ffff: DAZ and misaligned-SSE mode).
@@ -59,9 +60,10 @@ fn fpu_hooks(f: &mut Fixup) -> bool {
     }
     let t = f.targets.first().copied().unwrap_or(0);
     if xsave_like {
-        // Random requested-feature bitmap, never PKRU.
-        f.regs.gpr[0] = f.rng.next() & !(1 << 9);
-        f.regs.gpr[2] = f.rng.next();
+        // A random requested-feature bitmap over the components vessel's CPU model offers
+        // (the upper halves of RAX and RDX are ignored by the instruction).
+        f.regs.gpr[0] = f.rng.next() & !(0xffff_ffff & !MODELLED_XSAVE);
+        f.regs.gpr[2] = f.rng.next() & !0xffff_ffff;
     }
     match f.mnemonic {
         Mn::Fxrstor | Mn::Fxrstor64 => legacy_area(f, t),
@@ -138,7 +140,8 @@ fn xsave_state() {
         per_form: 150,
         seed: 31,
         tweaks: Tweaks {
-            mem_size: 0x980,
+            // The whole standard-format area, from CPUID leaf 0xD.
+            mem_size: xsave_area_len(),
             mem_align: 64,
             ..Tweaks::default()
         },

@@ -86,23 +86,14 @@ pub fn xcr0() -> u64 {
     })
 }
 
-/// Components the harness moves: x87, SSE, AVX, AVX-512 (never PKRU, which could revoke
-/// the harness's own access to memory).
+/// Components the harness moves (see `host_model`).
 pub fn rfbm() -> u64 {
-    xcr0() & 0b1110_0111
+    crate::host_model::xsave_components()
 }
 
 /// Standard-format offset of XSAVE component `c`.
 pub fn comp_offset(c: u32) -> usize {
-    // CPUID exits to the hypervisor on a VM; ask once.
-    static OFFSETS: std::sync::OnceLock<[usize; 16]> = std::sync::OnceLock::new();
-    OFFSETS.get_or_init(|| {
-        let mut o = [0; 16];
-        for (k, v) in o.iter_mut().enumerate() {
-            *v = std::arch::x86_64::__cpuid_count(0xd, k as u32).ebx as usize;
-        }
-        o
-    })[c as usize]
+    crate::host_model::component(c).0
 }
 
 fn put(b: &mut [u8], off: usize, v: &[u8]) {

@@ -69,5 +69,10 @@ fn vendor_features_topology_and_tsc() {
     assert_eq!(text(&brand), "vessel software CPU");
     assert_eq!(cpuid_lookup(&t, 0x8000_0008, 0)[0] & 0xffff, 0x3028);
     assert_eq!(cpuid_lookup(&t, 7, 0)[1] & (1 << 20), 0, "no SMAP");
+    // The x87 pointer model (see unit/x87.rs): FDP only on exceptions, FCS/FDS zero.
+    assert_eq!(
+        cpuid_lookup(&t, 7, 0)[1] & (1 << 6 | 1 << 13),
+        1 << 6 | 1 << 13
+    );
     assert_eq!(cpuid_lookup(&t, 0xd, 0), [0; 4], "no XSAVE leaf");
 }

@@ -16,6 +16,7 @@ mod smp;
 mod strings;
 mod system;
 mod transitions;
+mod x87;
 
 use common::{PTE_NX, PTE_U, PTE_W, PageTables, TestPlatform};
 use iced_x86::code_asm::CodeAssembler;

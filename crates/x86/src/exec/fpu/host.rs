@@ -53,12 +53,6 @@ impl Frame {
             flags_out: 0,
         }
     }
-
-    /// Address of the memory-operand buffer as the host instruction saw it (what FDP
-    /// holds when the host records it).
-    pub(crate) fn mem_addr(&self) -> u64 {
-        self.mem.as_ptr() as u64
-    }
 }
 
 /// Stub slots: 8 x87 opcodes x (8 memory forms + 64 register forms), the 16-bit
@@ -134,22 +128,6 @@ global_asm!(
     "vessel_fpu_stubs_end:",
     ".popsection",
 );
-
-/// The address range of the stub table (FIP pointing into it is the guest instruction).
-pub(crate) fn stub_range() -> std::ops::Range<u64> {
-    let (start, end): (u64, u64);
-    // SAFETY: two `lea`s of symbol addresses; no memory is accessed.
-    unsafe {
-        asm!(
-            "lea {s}, [rip + vessel_fpu_stubs]",
-            "lea {e}, [rip + vessel_fpu_stubs_end]",
-            s = out(reg) start,
-            e = out(reg) end,
-            options(nomem, nostack, preserves_flags),
-        );
-    }
-    start..end
-}
 
 /// Runs stub `index` against `f` (see the module documentation for what it does).
 pub(crate) fn run(index: usize, f: &mut Frame) {

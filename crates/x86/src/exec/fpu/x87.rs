@@ -1,7 +1,8 @@
 //! x87 arithmetic, loads, stores, compares, transcendentals and environment instructions,
 //! each executed as the same instruction on the host FPU (see `host`). The handlers move
-//! the guest's x87 state in and out of an FXSAVE image, memory operands through a buffer,
-//! and translate the last-instruction/operand pointers from host to guest addresses.
+//! the guest's x87 state in and out of an FXSAVE image and memory operands through a
+//! buffer, and keep the last-instruction pointers themselves, by vessel's CPU model
+//! rather than by whatever the host's FPU generation does with them.
 
 use iced_x86::{Code, Instruction, Register};
 
@@ -22,6 +23,17 @@ const STORE: u8 = 2;
 const FL_NONE: u8 = 0;
 const FL_IN: u8 = 1;
 const FL_OUT: u8 = 2;
+/// What an instruction does to the last-instruction pointers (FIP, FOP, FDP). vessel's
+/// CPU model is the current Intel one, whatever the host's FPU does: every non-control
+/// instruction sets FIP; FOP and FDP change only when it raises an unmasked exception
+/// (CPUID.(7,0):EBX[6], FDP_EXCPTN_ONLY, announced); FCS and FDS read as zero
+/// (EBX[13]). Control instructions leave them alone, except the environment loads and
+/// fnsave's reinitialisation.
+const PTR_SET: u8 = 0;
+/// emms and the environment stores (fnstenv, fnsave, which also reinitialises).
+const PTR_KEEP: u8 = 1;
+/// fldenv, frstor: the pointers come from the image in memory.
+const PTR_LOAD: u8 = 2;
 
 /// Set in `Insn::imm2` of x87 instructions whose FOP `decode` fills in from the bytes.
 pub(crate) const FOP_FROM_BYTES: u32 = 1 << 31;
@@ -49,9 +61,10 @@ fn insn_offset(m: &Machine, i: &Insn) -> u64 {
     }
 }
 
-/// Runs stub `i.imm` with the guest's x87 state. `ENV`: fldenv/frstor, which replace the
-/// whole environment (the old one's pending exceptions must not fire on the host).
-fn x87<const MEM: u8, const FLAGS: u8, const WAIT: bool, const ENV: bool>(
+/// Runs stub `i.imm` with the guest's x87 state. `PTRS`: what the instruction does to
+/// the last-instruction pointers (`PTR_LOAD`: fldenv/frstor, which replace the whole
+/// environment, so the old one's pending exceptions must not fire on the host).
+fn x87<const MEM: u8, const FLAGS: u8, const WAIT: bool, const PTRS: u8>(
     m: &mut Machine,
     i: &Insn,
 ) -> R {
@@ -72,7 +85,7 @@ fn x87<const MEM: u8, const FLAGS: u8, const WAIT: bool, const ENV: bool>(
     }
     write_x87(&m.cpu.fpu, &mut f.img, true);
     put(&mut f.img, 24, &0x1f80u32.to_le_bytes());
-    if ENV {
+    if PTRS == PTR_LOAD {
         let fsw = m.cpu.fpu.fsw & !0x80ff;
         put(&mut f.img, 2, &fsw.to_le_bytes());
     }
@@ -82,13 +95,23 @@ fn x87<const MEM: u8, const FLAGS: u8, const WAIT: bool, const ENV: bool>(
     host::run(i.imm as usize, &mut f);
     let (ip, dp) = (insn_offset(m, i), ea_offset(m, i));
     let fpu = &mut m.cpu.fpu;
+    let before = Pointers::of(fpu);
     read_x87(fpu, &f.img, true);
-    if host::stub_range().contains(&fpu.fip) {
-        fpu.fip = ip;
-        fpu.fop = ((i.imm2 >> 16) & 0x7ff) as u16;
-    }
-    if MEM != NONE && fpu.fdp == f.mem_addr() {
-        fpu.fdp = dp;
+    let after = match PTRS {
+        PTR_SET if fpu.fsw & 0x80 != 0 => Pointers {
+            fip: ip,
+            fop: ((i.imm2 >> 16) & 0x7ff) as u16,
+            fdp: if MEM == NONE { before.fdp } else { dp },
+        },
+        PTR_SET => Pointers { fip: ip, ..before },
+        PTR_LOAD => Pointers::from_env(&f.mem[..size]),
+        // fnsave leaves the x87 unit initialised.
+        _ if size > 28 => Pointers::default(),
+        _ => before,
+    };
+    after.set(fpu);
+    if MEM == STORE && PTRS == PTR_KEEP {
+        before.store_env(&mut f.mem[..size]);
     }
     if MEM == STORE {
         m.write_bytes(ea, &f.mem[..size])?;
@@ -102,7 +125,69 @@ fn x87<const MEM: u8, const FLAGS: u8, const WAIT: bool, const ENV: bool>(
 
 /// emms, on the host (stub `i.imm`).
 pub(crate) fn emms(m: &mut Machine, i: &Insn) -> R {
-    x87::<NONE, FL_NONE, true, false>(m, i)
+    x87::<NONE, FL_NONE, true, PTR_KEEP>(m, i)
+}
+
+/// The last-instruction pointers, kept by vessel rather than read back from the host
+/// FPU (whose behaviour differs between CPU generations and vendors).
+#[derive(Clone, Copy, Default)]
+struct Pointers {
+    fip: u64,
+    fop: u16,
+    fdp: u64,
+}
+
+impl Pointers {
+    fn of(f: &FpuState) -> Self {
+        Pointers {
+            fip: f.fip,
+            fop: f.fop,
+            fdp: f.fdp,
+        }
+    }
+
+    fn set(self, f: &mut FpuState) {
+        f.fip = self.fip;
+        f.fop = self.fop;
+        f.fdp = self.fdp;
+    }
+
+    /// From a protected-mode environment image (the first 14 or 28 bytes of an fnsave
+    /// image): the 16-bit format holds no FOP.
+    fn from_env(env: &[u8]) -> Self {
+        let u16_at = |o: usize| u16::from_le_bytes([env[o], env[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(env[o..o + 4].try_into().expect("4 bytes"));
+        if env.len() == 14 || env.len() == 94 {
+            Pointers {
+                fip: u64::from(u16_at(6)),
+                fop: 0,
+                fdp: u64::from(u16_at(10)),
+            }
+        } else {
+            Pointers {
+                fip: u64::from(u32_at(12)),
+                fop: u16_at(18) & 0x7ff,
+                fdp: u64::from(u32_at(20)),
+            }
+        }
+    }
+
+    /// Writes the pointers into an environment image the host stored, with FCS and FDS
+    /// zero (deprecated).
+    fn store_env(self, env: &mut [u8]) {
+        if env.len() == 14 || env.len() == 94 {
+            put(env, 6, &(self.fip as u16).to_le_bytes());
+            put(env, 8, &0u16.to_le_bytes());
+            put(env, 10, &(self.fdp as u16).to_le_bytes());
+            put(env, 12, &0u16.to_le_bytes());
+        } else {
+            put(env, 12, &(self.fip as u32).to_le_bytes());
+            put(env, 16, &(u32::from(self.fop) << 16).to_le_bytes());
+            put(env, 20, &(self.fdp as u32).to_le_bytes());
+            // FDS only: the reserved upper half keeps what the host stored (ones).
+            put(env, 24, &0u16.to_le_bytes());
+        }
+    }
 }
 
 /// The 387-era no-ops fneni, fndisi, fnsetpm.
@@ -295,8 +380,8 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler>
             d.imm = host::env16_index(k) as u64;
             d.imm2 = size | FOP_FROM_BYTES;
             return Some(match k {
-                0 | 2 => x87::<LOAD, FL_NONE, false, true> as Handler,
-                _ => x87::<STORE, FL_NONE, false, false>,
+                0 | 2 => x87::<LOAD, FL_NONE, false, PTR_LOAD> as Handler,
+                _ => x87::<STORE, FL_NONE, false, PTR_KEEP>,
             });
         }
         _ => {}
@@ -333,12 +418,12 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, _cx: &Cx) -> Option<Handler>
     let no_wait = matches!(code, C::Fnstenv_m28byte | C::Fnsave_m108byte);
     Some(match (mem, fcmov, fcomi) {
         // fldenv/frstor do not check for pending exceptions (they replace them).
-        _ if env_load => x87::<LOAD, FL_NONE, false, true> as Handler,
-        _ if no_wait => x87::<STORE, FL_NONE, false, false>,
-        (LOAD, _, _) => x87::<LOAD, FL_NONE, true, false>,
-        (STORE, _, _) => x87::<STORE, FL_NONE, true, false>,
-        (_, true, _) => x87::<NONE, FL_IN, true, false>,
-        (_, _, true) => x87::<NONE, FL_OUT, true, false>,
-        _ => x87::<NONE, FL_NONE, true, false>,
+        _ if env_load => x87::<LOAD, FL_NONE, false, PTR_LOAD> as Handler,
+        _ if no_wait => x87::<STORE, FL_NONE, false, PTR_KEEP>,
+        (LOAD, _, _) => x87::<LOAD, FL_NONE, true, PTR_SET>,
+        (STORE, _, _) => x87::<STORE, FL_NONE, true, PTR_SET>,
+        (_, true, _) => x87::<NONE, FL_IN, true, PTR_SET>,
+        (_, _, true) => x87::<NONE, FL_OUT, true, PTR_SET>,
+        _ => x87::<NONE, FL_NONE, true, PTR_SET>,
     })
 }

@@ -28,7 +28,8 @@ PWRB PWRF/00000080
 ";
 
 /// The initramfs `/init`: basics, marker, boot mark, modules, then a switch to the root
-/// disk when the command line says `root=/dev/vd*`, else the shared tail.
+/// disk when the command line names one (`root=/dev/...`, `LABEL=`, `UUID=`), else the
+/// shared tail.
 pub(crate) fn initramfs_init(kernel_version: &str, plan: &ModulePlan) -> String {
     fill(
         &[INITRAMFS_HEAD, LOAD_MODULES, SWITCH_ROOT, AFTER_MODULES].concat(),
@@ -78,7 +79,7 @@ fn fill(template: &str, kernel_version: &str, plan: &ModulePlan) -> String {
 
 const INITRAMFS_HEAD: &str = r#"#!/bin/sh
 # vessel kit init (initramfs): mount the basics, announce ourselves, load drivers, switch
-# to the root disk if the command line names one (root=/dev/vd*), else do what the kernel
+# to the root disk if the command line names one (root=), else do what the kernel
 # command line asks (run the command after " -- ", power off, or give a shell).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
 set -f
@@ -115,42 +116,50 @@ done
 
 const SWITCH_ROOT: &str = r#"
 root=
-fstype=ext4
+fstype=
 mode=rw
+init=/sbin/init
 for w in $(cat /proc/cmdline); do
     case "$w" in
     --) break ;;
     root=*) root=${w#root=} ;;
     rootfstype=*) fstype=${w#rootfstype=} ;;
+    init=*) init=${w#init=} ;;
     ro | rw) mode=$w ;;
     esac
 done
-case "$root" in
-"") ;;
-/dev/vd*)
-    # devtmpfs makes the node once virtio_blk has probed the disk.
+# The root device: a node (devtmpfs makes it once the driver has probed the disk) or a
+# file system's LABEL= or UUID= (findfs reads the superblocks).
+find_root() {
+    case "$root" in
+    /dev/*) [ -b "$root" ] && echo "$root" ;;
+    LABEL=* | UUID=*) findfs "$root" 2>/dev/null ;;
+    esac
+}
+if [ -n "$root" ]; then
     n=0
-    while [ ! -b "$root" ] && [ $n -lt 50 ]; do
+    dev=$(find_root)
+    while [ -z "$dev" ] && [ $n -lt 50 ]; do
         usleep 100000
         n=$((n + 1))
+        dev=$(find_root)
     done
     mkdir -p /newroot
-    if [ ! -b "$root" ]; then
+    if [ -z "$dev" ]; then
         echo "VESSEL-KIT: root device $root did not appear; staying in the initramfs"
-    elif ! mount -t "$fstype" -o "$mode" "$root" /newroot; then
-        echo "VESSEL-KIT: cannot mount $root; staying in the initramfs"
-    elif [ ! -x /newroot/sbin/init ]; then
-        echo "VESSEL-KIT: $root has no /sbin/init; staying in the initramfs"
+    elif ! mount ${fstype:+-t "$fstype"} -o "$mode" "$dev" /newroot; then
+        echo "VESSEL-KIT: cannot mount $root ($dev${fstype:+, $fstype}); staying in the initramfs"
+    # Inside the new root: its /sbin/init may be an absolute symlink (systemd's is).
+    elif ! chroot /newroot test -x "$init"; then
+        echo "VESSEL-KIT: $root has no $init; staying in the initramfs"
         umount /newroot
     else
         for d in proc sys dev; do
             mount -o move "/$d" "/newroot/$d"
         done
-        exec switch_root /newroot /sbin/init "$@"
+        exec switch_root /newroot "$init" "$@"
     fi
-    ;;
-*) echo "VESSEL-KIT: root=$root is not supported (only /dev/vd*); staying in the initramfs" ;;
-esac
+fi
 "#;
 
 /// The shared tail of both inits.
@@ -282,7 +291,7 @@ mod tests {
         ));
         assert!(script.contains("for m in evdev:kernel/drivers/input/evdev.ko; do"));
         let switch = script
-            .find("exec switch_root /newroot /sbin/init \"$@\"")
+            .find("exec switch_root /newroot \"$init\" \"$@\"")
             .unwrap();
         assert!(script.find("insmod").unwrap() < switch);
         assert!(

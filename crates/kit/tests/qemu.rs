@@ -296,3 +296,74 @@ fn the_power_button_powers_a_disk_root_off_cleanly() {
     common::fsck(&copy).unwrap_or_else(|report| panic!("after the button: {report}"));
     std::fs::remove_file(&copy).unwrap();
 }
+
+/// The file-system UUID of an ext4 image, as `dumpe2fs -h` reports it.
+fn ext4_uuid(image: &std::path::Path) -> String {
+    let out = std::process::Command::new(common::e2fs("dumpe2fs").expect("dumpe2fs"))
+        .arg("-h")
+        .arg(image)
+        .output()
+        .expect("run dumpe2fs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Filesystem UUID:"))
+        .expect("a UUID line")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_root_is_found_by_label_and_uuid_and_init_is_honoured() {
+    let Some((qemu, kit)) = setup() else { return };
+    if common::e2fs("debugfs").is_none() {
+        return;
+    }
+    let (copy, drive) = root_disk(&kit, "rootdisk-names");
+    // An absolute symlink, as a distribution's /sbin/init -> /lib/systemd/systemd: it
+    // must be resolved inside the new root, not in the initramfs.
+    let out = std::process::Command::new(common::e2fs("debugfs").unwrap())
+        .args(["-w", "-R", "symlink /sbin/init2 /sbin/init"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let uuid = ext4_uuid(&copy);
+    for root in [
+        "root=LABEL=vessel-root".to_string(),
+        format!("root=UUID={uuid} init=/sbin/init2"),
+    ] {
+        let run = common::boot(
+            &qemu,
+            &kit,
+            &cmdline(&root, Some("echo on-disk")),
+            &["-drive", &drive],
+            None,
+        );
+        run.assert_contains(&format!("{ROOT_MARKER_PREFIX}/dev/vda\n"));
+        run.assert_contains("\non-disk\n");
+        run.assert_lacks("staying in the initramfs");
+    }
+    std::fs::remove_file(&copy).unwrap();
+}
+
+#[test]
+fn a_root_that_cannot_be_mounted_says_so_and_leaves_a_shell() {
+    let Some((qemu, kit)) = setup() else { return };
+    let blank = common::temp_path("blank").with_extension("img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let drive = format!("file={},format=raw,if=virtio", blank.display());
+    let run = common::boot(
+        &qemu,
+        &kit,
+        &cmdline("root=/dev/vda", Some("echo looking-around")),
+        &["-drive", &drive],
+        None,
+    );
+    std::fs::remove_file(&blank).unwrap();
+    run.assert_contains("VESSEL-KIT: cannot mount /dev/vda (/dev/vda); staying in the initramfs\n");
+    run.assert_contains("\nlooking-around\n");
+    run.assert_lacks(ROOT_MARKER_PREFIX);
+}

@@ -46,17 +46,56 @@ impl Bundle {
     pub fn create(home: &Home, name: &str, spec: &VmSpec) -> Result<Self, ManagerError> {
         // The spec comes from the command line here, not from a file.
         spec.validate().map_err(ManagerError::Other)?;
+        Self::create_with(home, name, |_| Ok(spec.clone()))
+    }
+
+    /// A new bundle whose folder `fill` populates (disks, kernel...) and describes, before
+    /// it appears under its name: a failure anywhere leaves no folder behind.
+    pub fn create_with(
+        home: &Home,
+        name: &str,
+        fill: impl FnOnce(&std::path::Path) -> Result<VmSpec, ManagerError>,
+    ) -> Result<Self, ManagerError> {
         let b = Self::at(home, name)?;
         std::fs::create_dir_all(home.vms_dir()).map_err(ManagerError::io(home.vms_dir()))?;
+        if b.dir.exists() {
+            return Err(ManagerError::Exists(name.to_string()));
+        }
+        // Dot-folders are not bundles (`list` skips them).
+        let tmp = home
+            .vms_dir()
+            .join(format!(".{name}.new-{}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(ManagerError::io(&tmp))?;
+        let staged = Bundle {
+            name: b.name.clone(),
+            dir: tmp.clone(),
+        };
+        let filled = fill(&tmp)
+            .and_then(|spec| spec.validate().map_err(ManagerError::Other).map(|()| spec))
+            .and_then(|spec| staged.save_spec(&spec))
+            .and_then(|()| Status::created().write(&staged.status_path()));
+        if let Err(e) = filled {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        // rename(2) would replace an empty directory: another create of the same name
+        // in the meantime must win instead.
         match std::fs::create_dir(&b.dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(ManagerError::Exists(name.to_string()));
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ManagerError::Exists(name.to_string())
+                } else {
+                    ManagerError::io(&b.dir)(e)
+                });
             }
-            Err(e) => return Err(ManagerError::io(&b.dir)(e)),
         }
-        b.save_spec(spec)?;
-        Status::created().write(&b.status_path())?;
+        if let Err(e) = std::fs::rename(&tmp, &b.dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir(&b.dir);
+            return Err(ManagerError::io(&b.dir)(e));
+        }
         Ok(b)
     }
 
@@ -80,10 +119,11 @@ impl Bundle {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(ManagerError::io(&dir))?;
-            if !entry.path().is_dir() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Folders being made by `create_with` are not VMs yet.
+            if !entry.path().is_dir() || name.starts_with('.') {
                 continue;
             }
-            let name = entry.file_name().to_string_lossy().into_owned();
             let bundle = Bundle {
                 dir: entry.path(),
                 name: name.clone(),
@@ -210,6 +250,26 @@ mod tests {
         for good in ["a", "web-1", "db_2.test", "9lives"] {
             check_name(good).unwrap();
         }
+    }
+
+    #[test]
+    fn a_bundle_whose_filling_fails_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let err = Bundle::create_with(&home, "img", |d| {
+            std::fs::write(d.join("disk.raw"), b"half").unwrap();
+            Err(ManagerError::Other("copy failed".into()))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "copy failed");
+        assert_eq!(std::fs::read_dir(home.vms_dir()).unwrap().count(), 0);
+        let b = Bundle::create_with(&home, "img", |d| {
+            std::fs::write(d.join("disk.raw"), b"whole").map_err(ManagerError::io(d))?;
+            Ok(spec())
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(b.dir.join("disk.raw")).unwrap(), b"whole");
+        assert_eq!(Bundle::list(&home).unwrap().len(), 1);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod home;
 pub mod host;
 pub mod monitor;
 pub mod spec;
+pub mod ssh;
 pub mod status;
 
 pub use bundle::Bundle;

@@ -104,6 +104,9 @@ fn absolute_disk(spec: &str) -> Result<String, Failure> {
 }
 
 pub fn create(args: CreateArgs) -> CliResult {
+    if args.vm.image.is_some() {
+        return create_from_image(args);
+    }
     let a = args.vm;
     // Paths given here are relative to where the command runs; vm.toml keeps them absolute.
     let kernel = match &a.kernel {
@@ -129,11 +132,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         initrd,
         cmdline: a.cmdline.clone(),
         accel: a.accel.name().to_string(),
-        restart: if args.restart == "never" {
-            Restart::Never
-        } else {
-            Restart::OnReboot
-        },
+        restart: restart(&args.restart),
         disks: a
             .disks
             .iter()
@@ -146,6 +145,56 @@ pub fn create(args: CreateArgs) -> CliResult {
     let home = home()?;
     let bundle = Bundle::create(&home, &args.name, &spec)?;
     println!("created {} in {}", bundle.name, bundle.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restart(policy: &str) -> Restart {
+    if policy == "never" {
+        Restart::Never
+    } else {
+        Restart::OnReboot
+    }
+}
+
+/// `create --image`: the VM's folder gets its own copy of the image and a seed disk.
+fn create_from_image(args: CreateArgs) -> CliResult {
+    let a = &args.vm;
+    let image = super::images::open(a.image.as_deref().unwrap_or_default())?;
+    manager::bundle::check_name(&args.name)?;
+    let extra = a
+        .disks
+        .iter()
+        .map(|d| absolute_disk(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    a.devices()?;
+    let spec = VmSpec {
+        cpus: a.cpus,
+        memory: a.memory.clone(),
+        kernel: image::KERNEL.to_string(),
+        initrd: Some(image::INITRD.to_string()),
+        cmdline: Some(a.cmdline.clone().unwrap_or_else(|| image::CMDLINE.into())),
+        accel: a.accel.name().to_string(),
+        restart: restart(&args.restart),
+        disks: Vec::new(),
+        nets: a.nets.clone(),
+        rng: a.rng,
+    };
+    spec.validate().map_err(Failure::usage)?;
+    let home = home()?;
+    let bundle = Bundle::create_with(&home, &args.name, |dir| {
+        let p = super::images::provision(&home, &image, dir, &args.name, a.ssh_key.as_ref())
+            .map_err(|f| ManagerError::Other(f.message))?;
+        Ok(VmSpec {
+            disks: super::images::disks(&p, None, &extra),
+            ..spec
+        })
+    })?;
+    println!(
+        "created {} from image {} in {}",
+        bundle.name,
+        image.name,
+        bundle.dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -3,6 +3,7 @@
 //! a host without room).
 
 mod console;
+mod images;
 mod manage;
 mod run;
 
@@ -56,6 +57,9 @@ enum Command {
     Rm(manage::NameArg),
     /// Show the host's CPUs and memory and what running VMs hold.
     Host(manage::ListArgs),
+    /// Guest images: bootable root disks built from Debian's packages.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
     /// The monitor process behind a started VM (used by `vessel start`).
     #[command(name = "__monitor", hide = true)]
     Monitor(manage::NameArg),
@@ -64,6 +68,14 @@ enum Command {
 /// The VM options shared by `run` and `create`.
 #[derive(Args, Clone)]
 pub struct VmArgs {
+    /// Boot a copy of an image (`vessel image ls`): its disk, kernel and initramfs, with
+    /// this VM's hostname, the user's name and SSH keys set on first boot.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["kernel", "initrd"])]
+    image: Option<String>,
+    /// With --image: the SSH public key to install (default: ~/.ssh/id_*.pub, plus
+    /// vessel's own key for `vessel ssh`).
+    #[arg(long, value_name = "FILE", requires = "image")]
+    ssh_key: Option<std::path::PathBuf>,
     /// Linux kernel: a bzImage or an ELF vmlinux with a PVH note (default: the kit's).
     #[arg(long, value_name = "PATH")]
     kernel: Option<std::path::PathBuf>,
@@ -239,6 +251,7 @@ pub fn main() -> ExitCode {
         Command::Set(args) => manage::set(args),
         Command::Rm(args) => manage::remove(args),
         Command::Host(args) => manage::host(args),
+        Command::Image(cmd) => images::main(cmd),
         Command::Monitor(args) => manage::monitor(args),
     };
     match result {

@@ -33,28 +33,63 @@ pub struct KitArgs {
 }
 
 pub fn run(args: RunArgs) -> CliResult {
+    let Some(name) = args.vm.image.clone() else {
+        return run_vm(&args, None);
+    };
+    // A throw-away VM: its own copy of the image in a temporary folder, gone at exit.
+    let image = super::images::open(&name)?;
+    let dir = std::env::temp_dir().join(format!("vessel-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Failure::usage(format!("{}: {e}", dir.display())))?;
+    let result = (|| {
+        let home = manager::Home::from_env()?;
+        let hostname = image.name.replace('.', "-");
+        let p = super::images::provision(&home, &image, &dir, &hostname, args.vm.ssh_key.as_ref())?;
+        run_vm(&args, Some((&dir, &p)))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Runs the VM; with an image, from the copy provisioned in `dir`.
+fn run_vm(
+    args: &RunArgs,
+    from_image: Option<(&std::path::Path, &image::Provisioned)>,
+) -> CliResult {
     let a = &args.vm;
     let memory = vmm::parse_size(&a.memory).map_err(Failure::usage)?;
-    let (kernel, initrd, cmdline) = match a.kernel.clone() {
-        Some(kernel) => (
-            kernel,
-            a.initrd.clone(),
-            a.cmdline
-                .clone()
-                .unwrap_or_else(|| manager::spec::DEFAULT_CMDLINE.into()),
+    let (kernel, initrd, cmdline) = match (from_image, a.kernel.clone()) {
+        (Some((dir, p)), _) => (
+            dir.join(p.kernel),
+            Some(dir.join(p.initrd)),
+            a.cmdline.clone().unwrap_or_else(|| image::CMDLINE.into()),
         ),
-        None => {
-            let kit = default_kit()?;
-            (
-                kit.vmlinux,
-                a.initrd.clone().or(Some(kit.initrd)),
+        (None, kernel) => match kernel {
+            Some(kernel) => (
+                kernel,
+                a.initrd.clone(),
                 a.cmdline
                     .clone()
-                    .unwrap_or_else(|| kit::DEFAULT_CMDLINE.into()),
-            )
-        }
+                    .unwrap_or_else(|| manager::spec::DEFAULT_CMDLINE.into()),
+            ),
+            None => {
+                let kit = default_kit()?;
+                (
+                    kit.vmlinux,
+                    a.initrd.clone().or(Some(kit.initrd)),
+                    a.cmdline
+                        .clone()
+                        .unwrap_or_else(|| kit::DEFAULT_CMDLINE.into()),
+                )
+            }
+        },
     };
-    let (disks, nets) = a.devices()?;
+    let (mut disks, nets) = a.devices()?;
+    if let Some((dir, p)) = from_image {
+        disks = super::images::disks(p, Some(dir), &a.disks)
+            .iter()
+            .map(|d| devices::virtio::block::BlockConfig::parse(d).map_err(Failure::usage))
+            .collect::<Result<_, _>>()?;
+    }
     let (accel, why) = a.accel.resolve();
     let config = VmConfig {
         kernel,

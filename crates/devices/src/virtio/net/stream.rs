@@ -1,0 +1,246 @@
+//! A network backend over a Unix stream socket in QEMU's `-netdev stream` framing:
+//! every Ethernet frame preceded by its length as a 4-byte big-endian number, no virtio
+//! header. passt speaks it, and so does vessel's switch for networks between VMs.
+//!
+//! The peer is a helper process: supervised, not trusted. Its frames are checked
+//! (length), a peer that stops reading costs dropped frames (a bounded queue), never a
+//! stuck device, and a peer that goes away takes the link down until a new connection
+//! is handed over with [`StreamBackend::connect`]. The device's worker waits on the
+//! backend's own epoll descriptor, which follows whichever socket is current.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::{HEADER_LEN, MAX_FRAME, NetBackend};
+
+/// The longest Ethernet frame (without the virtio header) either side may send.
+pub const MAX_ETHERNET: usize = MAX_FRAME - HEADER_LEN;
+/// Frames waiting to be written to a slow peer; past this, frames are dropped.
+const TX_QUEUE: usize = 512;
+
+/// Frame and byte counts, in both directions, and frames dropped.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub rx_dropped: AtomicU64,
+}
+
+impl NetCounters {
+    fn count(frames: &AtomicU64, bytes: &AtomicU64, len: usize) {
+        frames.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+struct Rx {
+    stream: Option<UnixStream>,
+    buf: Vec<u8>,
+    /// Bytes of `buf` in use.
+    len: usize,
+}
+
+pub struct StreamBackend {
+    /// What the device's worker polls: readable when the current socket is.
+    epoll: Epoll,
+    rx: Mutex<Rx>,
+    tx: Mutex<Option<SyncSender<Vec<u8>>>>,
+    link: Arc<AtomicBool>,
+    counters: Arc<NetCounters>,
+}
+
+impl StreamBackend {
+    /// A backend with no peer yet (link down).
+    pub fn new() -> io::Result<Self> {
+        Ok(StreamBackend {
+            epoll: Epoll::new()?,
+            rx: Mutex::new(Rx {
+                stream: None,
+                buf: vec![0; 4 + MAX_ETHERNET],
+                len: 0,
+            }),
+            tx: Mutex::new(None),
+            link: Arc::new(AtomicBool::new(false)),
+            counters: Arc::default(),
+        })
+    }
+
+    /// Whether a peer is connected (what the device reports as its link status).
+    pub fn link(&self) -> Arc<AtomicBool> {
+        self.link.clone()
+    }
+
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    /// Hands over a new connection to the peer (the first, or after the old peer died):
+    /// frames now go to and come from `stream`.
+    pub fn connect(&self, stream: UnixStream) -> io::Result<()> {
+        let writer = stream.try_clone()?;
+        stream.set_nonblocking(true)?;
+        let (tx, frames) = sync_channel::<Vec<u8>>(TX_QUEUE);
+        let link = self.link.clone();
+        std::thread::Builder::new()
+            .name("net-stream-tx".into())
+            .spawn(move || write_frames(writer, frames, link))?;
+        let mut rx = lock(&self.rx);
+        if let Some(old) = rx.stream.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                old.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.epoll.ctl(
+            ControlOperation::Add,
+            stream.as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0),
+        )?;
+        rx.stream = Some(stream);
+        rx.len = 0;
+        *lock(&self.tx) = Some(tx);
+        self.link.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The peer is gone: stop using its socket.
+    fn disconnect(&self, rx: &mut Rx) {
+        if let Some(old) = rx.stream.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                old.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        rx.len = 0;
+        *lock(&self.tx) = None;
+        self.link.store(false, Ordering::Release);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer thread of one connection: frames from the queue to the socket, until
+/// either side goes away.
+fn write_frames(
+    mut stream: UnixStream,
+    frames: std::sync::mpsc::Receiver<Vec<u8>>,
+    link: Arc<AtomicBool>,
+) {
+    let mut batch = VecDeque::new();
+    while let Ok(first) = frames.recv() {
+        batch.push_back(first);
+        while let Ok(more) = frames.try_recv() {
+            batch.push_back(more);
+        }
+        let buf: Vec<u8> = batch.drain(..).flatten().collect();
+        if let Err(e) = stream.write_all(&buf) {
+            tracing::warn!("virtio-net: the network peer stopped taking frames: {e}");
+            link.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+impl NetBackend for StreamBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn recv(&self, out: &mut [u8]) -> io::Result<usize> {
+        let mut guard = lock(&self.rx);
+        let rx = &mut *guard;
+        // Drain the epoll descriptor's readiness (level: the socket is re-armed by ET).
+        let mut events = [EpollEvent::default(); 4];
+        let _ = self.epoll.wait(0, &mut events);
+        loop {
+            if rx.len >= 4 {
+                let n = u32::from_be_bytes(rx.buf[..4].try_into().expect("4 bytes")) as usize;
+                if n == 0 || n > MAX_ETHERNET {
+                    tracing::warn!("virtio-net: the network peer sent a {n}-byte frame; dropping it");
+                    self.disconnect(rx);
+                    return Ok(0);
+                }
+                if rx.len >= 4 + n {
+                    let frame = &rx.buf[4..4 + n];
+                    let total = HEADER_LEN + n;
+                    // A virtio header that asks nothing: checksums are complete, no GSO.
+                    out[..HEADER_LEN].fill(0);
+                    out[HEADER_LEN..total].copy_from_slice(frame);
+                    rx.buf.copy_within(4 + n..rx.len, 0);
+                    rx.len -= 4 + n;
+                    NetCounters::count(&self.counters.rx_frames, &self.counters.rx_bytes, n);
+                    return Ok(total);
+                }
+            }
+            let Some(stream) = rx.stream.as_mut() else {
+                return Err(io::ErrorKind::WouldBlock.into());
+            };
+            let len = rx.len;
+            match stream.read(&mut rx.buf[len..]) {
+                Ok(0) => {
+                    tracing::warn!("virtio-net: the network peer closed the connection");
+                    self.disconnect(rx);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(k) => rx.len += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                Err(e) => {
+                    tracing::warn!("virtio-net: reading from the network peer: {e}");
+                    self.disconnect(rx);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+            }
+        }
+    }
+
+    fn send(&self, frame: &[u8]) -> io::Result<usize> {
+        let Some(eth) = frame.get(HEADER_LEN..).filter(|e| !e.is_empty()) else {
+            return Ok(frame.len());
+        };
+        let mut buf = Vec::with_capacity(4 + eth.len());
+        buf.extend_from_slice(&(eth.len() as u32).to_be_bytes());
+        buf.extend_from_slice(eth);
+        let tx = lock(&self.tx);
+        let sent = match tx.as_ref() {
+            Some(tx) => match tx.try_send(buf) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
+            None => false,
+        };
+        if sent {
+            NetCounters::count(&self.counters.tx_frames, &self.counters.tx_bytes, eth.len());
+        } else {
+            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(frame.len())
+    }
+
+    fn set_offloads(&self, _guest_features: u64) -> io::Result<()> {
+        // The peer only takes and gives complete frames: the device offers no offloads.
+        Ok(())
+    }
+
+    fn offloads(&self) -> bool {
+        false
+    }
+
+    fn link_up(&self) -> bool {
+        self.link.load(Ordering::Acquire)
+    }
+}

@@ -83,7 +83,15 @@ fn vessel_boot(image: &image::Image, cpus: u32, n: usize) -> Vec<Option<f64>> {
     let name = format!("bench{n}");
     let cpus = cpus.to_string();
     vessel(&[
-        "create", &name, "--image", &image.name, "--accel", "emu", "--cpus", &cpus, "--memory",
+        "create",
+        &name,
+        "--image",
+        &image.name,
+        "--accel",
+        "emu",
+        "--cpus",
+        &cpus,
+        "--memory",
         "1G",
     ]);
     let log = home.path().join("vms").join(&name).join("serial.log");
@@ -117,7 +125,9 @@ fn qemu_boot(image: &image::Image, cpus: u32, n: usize) -> Vec<Option<f64>> {
     let log = dir.path().join("serial.log");
     let start = Instant::now();
     let mut child = Command::new(QEMU)
-        .args(["-accel", "tcg", "-M", "pc", "-cpu", "max", "-m", "1G", "-smp"])
+        .args([
+            "-accel", "tcg", "-M", "pc", "-cpu", "max", "-m", "1G", "-smp",
+        ])
         .arg(cpus.to_string())
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
         .arg("-serial")
@@ -135,7 +145,10 @@ fn qemu_boot(image: &image::Image, cpus: u32, n: usize) -> Vec<Option<f64>> {
             seed.display()
         ))
         .arg("-device")
-        .arg(format!("virtio-blk-pci,drive=seed,serial={}", image::SEED_SERIAL))
+        .arg(format!(
+            "virtio-blk-pci,drive=seed,serial={}",
+            image::SEED_SERIAL
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -42,6 +42,7 @@ pub fn files() -> Vec<GuestFile> {
             0o644,
             NETWORK,
         ),
+        file("/etc/ssh/sshd_config.d/vessel.conf", 0o644, SSHD_HOST_KEYS),
         file("/usr/local/sbin/vessel-firstboot", 0o755, FIRSTBOOT),
         file(
             "/etc/systemd/system/vessel-firstboot.service",
@@ -145,6 +146,12 @@ done
 exit 0
 "#;
 
+const SSHD_HOST_KEYS: &str = "\
+# vessel: the host keys each VM makes on its first boot.
+HostKey /etc/ssh/ssh_host_ed25519_key
+HostKey /etc/ssh/ssh_host_ecdsa_key
+";
+
 const FIRSTBOOT_UNIT: &str = "\
 [Unit]
 Description=vessel: this VM's settings and identity
@@ -160,15 +167,18 @@ StandardOutput=journal+console
 WantedBy=multi-user.target
 ";
 
+// Ed25519 and ECDSA only: an RSA-3072 key costs a software CPU half a minute of prime
+// searching at every VM's first boot, for clients older than OpenSSH 6.5 (2014).
 const SSH_KEYGEN_UNIT: &str = "\
 [Unit]
 Description=vessel: SSH host keys of this VM's own
-ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 Before=ssh.service
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key
+ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N \"\" -f /etc/ssh/ssh_host_ecdsa_key
 
 [Install]
 WantedBy=multi-user.target

@@ -33,7 +33,7 @@ pub const INITRD: &str = "initrd.img";
 pub const SEED: &str = "seed.img";
 const MANIFEST: &str = "image.toml";
 /// Bumped whenever what vessel puts into an image changes, so older images are rebuilt.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 3;
 
 /// The kernel command line a VM made from an image boots with: the serial console, the
 /// root by label, and no crypto self-tests (a large part of a boot on a software CPU).

@@ -93,3 +93,34 @@ fn write_seeds_when_asked() {
         .unwrap();
     }
 }
+
+#[test]
+fn dhcp_corpus_and_mutations() {
+    let seeds = corpus("dhcp");
+    let mut r = Rng(0x51ed_2701);
+    let mut n = 0;
+    for i in 0..20_000 {
+        let mut v = seeds[i % seeds.len()].clone();
+        for _ in 0..1 + r.next() % 8 {
+            let at = (r.next() as usize) % v.len();
+            v[at] = r.next() as u8;
+        }
+        if r.next().is_multiple_of(8) {
+            v.truncate((r.next() as usize) % (v.len() + 1));
+        }
+        vessel_fuzz::dhcp(&v);
+        n += 1;
+    }
+    for s in &seeds {
+        vessel_fuzz::dhcp(s);
+    }
+    // The seeds are real requests: a DISCOVER is answered.
+    let discover =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/dhcp/discover")).unwrap();
+    assert!(
+        network::dhcp::DhcpServer::new("fuzz")
+            .handle(&discover)
+            .is_some()
+    );
+    eprintln!("dhcp: {n} inputs");
+}

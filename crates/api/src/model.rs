@@ -50,4 +50,20 @@ pub struct VmInfo {
     pub vcpu_seconds: Vec<f64>,
     /// The monitor process's resident memory.
     pub monitor_rss_kib: u64,
+    /// Each NIC's traffic in the current boot.
+    #[serde(default)]
+    pub nics: Vec<NicInfo>,
+}
+
+/// One NIC: what it is attached to, and its frame and byte counts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicInfo {
+    /// `net0 user 52:54:00:12:34:56`, `net1 network lab ...`.
+    pub nic: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
 }

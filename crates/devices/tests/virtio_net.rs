@@ -88,7 +88,7 @@ fn bring_up(backend: Arc<dyn NetBackend>, wanted: u64) -> Net {
     let mem = memory(16 << 20);
     let msi = Arc::new(RecordingMsi::default());
     let dev = VirtioPciDevice::new(
-        Box::new(VirtioNet::new(backend, MAC)),
+        Box::new(VirtioNet::new(backend, MAC, Default::default())),
         mem.clone(),
         &mut BarAllocator::mmio32(),
         msi.clone(),

@@ -252,6 +252,7 @@ fn system_tree(
         init::power_button_handler(),
     );
     tree.file(init::HALT_PATH, 0o755, init::halt_script());
+    tree.file(init::DHCP_SCRIPT_PATH, 0o755, init::dhcp_script());
     Ok(tree)
 }
 

@@ -14,6 +14,12 @@ pub const ROOT_MARKER_PREFIX: &str = "VESSEL-KIT: root on ";
 /// What the guest prints when the ACPI power button (`vessel stop`) makes it power off.
 pub const POWER_BUTTON_MARKER: &str = "VESSEL-KIT: power button";
 
+/// What the console says when a NIC got an address by DHCP:
+/// `VESSEL-KIT: eth0 192.0.2.2/24`.
+pub const ADDRESS_MARKER_PREFIX: &str = "VESSEL-KIT: eth";
+/// busybox udhcpc's event script.
+pub(crate) const DHCP_SCRIPT_PATH: &str = "/etc/udhcpc.script";
+
 /// Stops the machine at once, leaving a root disk clean (in both systems).
 pub(crate) const HALT_PATH: &str = "/sbin/vessel-halt";
 /// Where busybox acpid finds the power button's action: `<conf dir>/PWRF/00000080`.
@@ -47,6 +53,11 @@ pub(crate) fn disk_init(kernel_version: &str, plan: &ModulePlan) -> String {
     )
 }
 
+/// What udhcpc runs when a lease comes, is renewed or goes.
+pub(crate) fn dhcp_script() -> &'static str {
+    DHCP_SCRIPT
+}
+
 /// `/sbin/vessel-halt poweroff|reboot`.
 pub(crate) fn halt_script() -> &'static str {
     HALT_SCRIPT
@@ -72,6 +83,7 @@ fn fill(template: &str, kernel_version: &str, plan: &ModulePlan) -> String {
         .replace("@ROOT_MARKER@", ROOT_MARKER_PREFIX)
         .replace("@BOOT_MARK@", BOOT_MARK_PATH)
         .replace("@HALT@", HALT_PATH)
+        .replace("@DHCP_SCRIPT@", DHCP_SCRIPT_PATH)
         .replace("@KVER@", kernel_version)
         .replace("@REQUIRED@", &list(&plan.required))
         .replace("@OPTIONAL@", &list(&plan.optional))
@@ -169,6 +181,26 @@ mount -t devpts devpts /dev/pts
 hostname vessel
 ifconfig lo 127.0.0.1 up
 
+# Every NIC asks for an address by DHCP (busybox udhcpc); after three seconds without
+# an answer it goes on trying in the background, so a network with no DHCP server does
+# not hold the boot up. vessel.dhcp=off on the command line leaves the NICs alone.
+dhcp=on
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+    --) break ;;
+    vessel.dhcp=off) dhcp=off ;;
+    esac
+done
+# (Globbing is off in init: list the interfaces instead.)
+for dev in $(ls /sys/class/net); do
+    case "$dhcp:$dev" in
+    on:eth*)
+        udhcpc -i "$dev" -b -t 3 -T 1 -A 5 -S -s @DHCP_SCRIPT@ -x hostname:vessel \
+            >/dev/null 2>&1
+        ;;
+    esac
+done
+
 # The ACPI power button reaches user space as KEY_POWER on an evdev device (button.ko,
 # evdev.ko); acpid runs /etc/acpi/PWRF/00000080 for it, which powers off.
 if [ -e /dev/input/event0 ]; then
@@ -202,6 +234,32 @@ fi
 export PS1='vessel:\w# '
 setsid cttyhack sh
 halt_vm
+"#;
+
+const DHCP_SCRIPT: &str = r#"#!/bin/sh
+# udhcpc's events: configure the interface, default route and DNS from the lease.
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound | renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    ip link set "$interface" up
+    if [ -n "$router" ]; then
+        ip route replace default via "${router%% *}" dev "$interface"
+    fi
+    if [ -n "$dns" ]; then
+        : >/etc/resolv.conf
+        for d in $dns; do
+            echo "nameserver $d" >>/etc/resolv.conf
+        done
+    fi
+    echo "VESSEL-KIT: $interface $ip/${mask:-24}" >/dev/console
+    ;;
+esac
+exit 0
 "#;
 
 const HALT_SCRIPT: &str = r#"#!/bin/sh
@@ -322,6 +380,9 @@ mod tests {
     #[test]
     fn halt_and_power_button_scripts_are_valid_shell() {
         assert_valid_shell(halt_script());
+        assert_valid_shell(dhcp_script());
+        assert!(dhcp_script().contains("echo \"VESSEL-KIT: $interface "));
+        assert!(ADDRESS_MARKER_PREFIX.starts_with("VESSEL-KIT: eth"));
         let handler = power_button_handler();
         assert_filled(&handler);
         assert!(handler.contains(&format!("echo \"{POWER_BUTTON_MARKER}\" >/dev/console")));

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 pub use bootmark::{BOOT_MARK_PATH, BOOT_TIMER_PORT};
 pub use bzimage::{extract_vmlinux, pvh_entry};
 pub use error::KitError;
-pub use init::{INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX};
+pub use init::{ADDRESS_MARKER_PREFIX, INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX};
 pub use rootfs::fresh_rootfs;
 
 /// The kernel command line the kit expects: serial console, quiet (every console byte is
@@ -38,7 +38,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notest
 /// What init prints after running a command from the command line, before the status.
 pub const EXIT_STATUS_PREFIX: &str = "VESSEL-KIT: exit status ";
 /// Bumped whenever the kit's contents change meaning, so older kits are rebuilt.
-const KIT_FORMAT: u32 = 3;
+const KIT_FORMAT: u32 = 4;
 const MANIFEST: &str = "kit.toml";
 
 /// How to get a kit.

@@ -112,7 +112,13 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
     let client = api::Client::new(bundle.control_socket()).with_timeout(Duration::from_secs(5));
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        if let Ok(Some(_)) = child.try_wait() {
+        if let Ok(Some(exit)) = child.try_wait() {
+            // A guest that booted and ended at once (a reset with restart = never): the
+            // start worked, and the VM has already stopped.
+            let status = bundle.status();
+            if exit.success() && status.boots > 0 && status.state == VmState::Stopped {
+                return Ok(status);
+            }
             let why = last_line_since(&log_path, log_start)
                 .unwrap_or_else(|| "the monitor exited".into());
             let why = why
@@ -229,10 +235,22 @@ impl Monitor {
     }
 
     fn info(&self) -> VmInfo {
-        let vcpu_seconds = lock(&self.handle)
+        let (vcpu_seconds, nics) = lock(&self.handle)
             .as_ref()
-            .map(|h| h.metrics().vcpu_seconds())
+            .map(|h| (h.metrics().vcpu_seconds(), h.metrics().nics()))
             .unwrap_or_default();
+        let nics = nics
+            .into_iter()
+            .map(|n| api::model::NicInfo {
+                nic: n.nic,
+                rx_frames: n.rx_frames,
+                rx_bytes: n.rx_bytes,
+                tx_frames: n.tx_frames,
+                tx_bytes: n.tx_bytes,
+                rx_dropped: n.rx_dropped,
+                tx_dropped: n.tx_dropped,
+            })
+            .collect();
         VmInfo {
             name: self.name.clone(),
             state: self.state_name().into(),
@@ -246,6 +264,7 @@ impl Monitor {
             cmdline: self.spec.cmdline.clone().unwrap_or_default(),
             vcpu_seconds,
             monitor_rss_kib: rss_kib(),
+            nics,
         }
     }
 

@@ -96,6 +96,7 @@ impl VmSpec {
             rng: false,
             hvc: None,
             kvm_fallback: true,
+            networks: PathBuf::new(),
         };
         config.validate().map_err(|e| e.to_string())
     }
@@ -205,6 +206,12 @@ impl VmSpec {
             rng: self.rng,
             hvc: None,
             kvm_fallback: true,
+            // <home>/vms/NAME -> <home>/networks
+            networks: dir
+                .parent()
+                .and_then(Path::parent)
+                .map(|home| home.join("networks"))
+                .unwrap_or_default(),
         })
     }
 }

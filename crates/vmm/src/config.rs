@@ -47,8 +47,10 @@ pub struct VmConfig {
     pub accel: Accel,
     /// virtio-blk devices, in order (/dev/vda, /dev/vdb, ...).
     pub disks: Vec<devices::virtio::block::BlockConfig>,
-    /// virtio-net devices over TAP interfaces.
+    /// virtio-net devices: TAP, user-mode NAT (passt), named networks, bridges.
     pub nets: Vec<devices::virtio::net::NetConfig>,
+    /// Where named networks' switches live (`<vessel home>/networks`).
+    pub networks: PathBuf,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
@@ -184,6 +186,7 @@ mod tests {
             rng: false,
             hvc: None,
             kvm_fallback: true,
+            networks: PathBuf::new(),
         }
     }
 

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::net::NetCounters;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -59,6 +61,20 @@ pub struct Metrics {
     vcpu_clocks: Mutex<Vec<libc::clockid_t>>,
     /// The software CPU's interpreter counters, summed over vCPUs that have stopped.
     software_cpu: Mutex<x86::Stats>,
+    /// Each NIC's label (`net0 user 52:54:...`) and counters.
+    nics: Mutex<Vec<(String, Arc<NetCounters>)>>,
+}
+
+/// One NIC's figures, for the API and `vessel info`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NicFigures {
+    pub nic: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
 }
 
 impl Metrics {
@@ -71,7 +87,28 @@ impl Metrics {
             console_in_bytes: AtomicU64::new(0),
             vcpu_clocks: Mutex::default(),
             software_cpu: Mutex::default(),
+            nics: Mutex::default(),
         }
+    }
+
+    pub fn add_nic(&self, label: String, counters: Arc<NetCounters>) {
+        lock(&self.nics).push((label, counters));
+    }
+
+    pub fn nics(&self) -> Vec<NicFigures> {
+        let get = NetCounters::get;
+        lock(&self.nics)
+            .iter()
+            .map(|(label, c)| NicFigures {
+                nic: label.clone(),
+                rx_frames: get(&c.rx_frames),
+                rx_bytes: get(&c.rx_bytes),
+                tx_frames: get(&c.tx_frames),
+                tx_bytes: get(&c.tx_bytes),
+                rx_dropped: get(&c.rx_dropped),
+                tx_dropped: get(&c.tx_dropped),
+            })
+            .collect()
     }
 
     pub fn exit(&self, reason: ExitReason) {
@@ -243,6 +280,40 @@ impl Metrics {
                 s,
                 "vessel_vcpu_seconds_total{{vm=\"{vm}\",vcpu=\"{i}\"}} {secs:.6}"
             );
+        }
+        let nics = self.nics();
+        for (name, help, get) in [
+            (
+                "rx_frames",
+                "Frames the guest received.",
+                (|n: &NicFigures| n.rx_frames) as fn(&NicFigures) -> u64,
+            ),
+            ("rx_bytes", "Bytes the guest received.", |n| n.rx_bytes),
+            ("tx_frames", "Frames the guest sent.", |n| n.tx_frames),
+            ("tx_bytes", "Bytes the guest sent.", |n| n.tx_bytes),
+            (
+                "rx_dropped",
+                "Frames for the guest dropped (no room).",
+                |n| n.rx_dropped,
+            ),
+            (
+                "tx_dropped",
+                "Frames from the guest the backend did not take.",
+                |n| n.tx_dropped,
+            ),
+        ] {
+            if nics.is_empty() {
+                break;
+            }
+            let _ = writeln!(s, "# HELP vessel_nic_{name}_total {help}");
+            let _ = writeln!(s, "# TYPE vessel_nic_{name}_total counter");
+            for (i, n) in nics.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "vessel_nic_{name}_total{{vm=\"{vm}\",nic=\"net{i}\"}} {}",
+                    get(n)
+                );
+            }
         }
         s
     }

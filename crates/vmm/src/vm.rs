@@ -137,6 +137,9 @@ impl VmHandle {
 }
 
 pub struct Vm {
+    /// Helper processes (passt) and threads, kept as long as the VM; first, so they are
+    /// stopped before the devices they serve go.
+    _helpers: Vec<Box<dyn std::any::Any + Send>>,
     stdio_console: bool,
     vcpus: Vec<Box<dyn Vcpu>>,
     platform: Platform,
@@ -165,6 +168,7 @@ pub(crate) struct VmParts {
     pub vm_fd: Option<std::os::fd::RawFd>,
     pub mem: cpu::GuestMemory,
     pub kvm_fallback: bool,
+    pub helpers: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Vm {
@@ -182,6 +186,7 @@ impl Vm {
             detach_teardown: false,
             mem: p.mem,
             kvm_fallback: p.kvm_fallback,
+            _helpers: p.helpers,
         }
     }
 

@@ -138,7 +138,7 @@ pub fn create(args: CreateArgs) -> CliResult {
             .iter()
             .map(|d| absolute_disk(d))
             .collect::<Result<_, _>>()?,
-        nets: a.nets.clone(),
+        nets: nets_with_macs(&a, &args.name)?,
         rng: a.rng,
     };
     a.devices()?;
@@ -146,6 +146,24 @@ pub fn create(args: CreateArgs) -> CliResult {
     let bundle = Bundle::create(&home, &args.name, &spec)?;
     println!("created {} in {}", bundle.name, bundle.dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The VM's --net specs (the default NAT NIC when none is given), each with a MAC of
+/// its own written down, so the VM keeps its addresses and a copy can be given new ones.
+fn nets_with_macs(a: &VmArgs, name: &str) -> Result<Vec<String>, Failure> {
+    use devices::virtio::net::{NetConfig, generated_mac};
+    let seed = format!("{name}-{:?}", std::time::SystemTime::now());
+    a.net_specs()?
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let mut c = NetConfig::parse(spec)
+                .map_err(|e| Failure::usage(format!("--net {spec:?}: {e}")))?;
+            c.mac
+                .get_or_insert_with(|| generated_mac(seed.as_bytes(), i as u32));
+            Ok(c.to_spec())
+        })
+        .collect()
 }
 
 fn restart(policy: &str) -> Restart {
@@ -176,7 +194,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         accel: a.accel.name().to_string(),
         restart: restart(&args.restart),
         disks: Vec::new(),
-        nets: a.nets.clone(),
+        nets: nets_with_macs(a, &args.name)?,
         rng: a.rng,
     };
     spec.validate().map_err(Failure::usage)?;
@@ -411,6 +429,12 @@ pub fn info(args: InfoArgs) -> CliResult {
                 .join(" ")
         );
         println!("monitor   {} KiB resident", l.monitor_rss_kib);
+        for n in &l.nics {
+            println!(
+                "nic       {}: rx {} frames {} bytes, tx {} frames {} bytes, dropped rx {} tx {}",
+                n.nic, n.rx_frames, n.rx_bytes, n.tx_frames, n.tx_bytes, n.rx_dropped, n.tx_dropped
+            );
+        }
     } else if let Some(e) = &status.last_exit {
         println!("last exit {e}");
     }

@@ -5,6 +5,7 @@
 mod console;
 mod images;
 mod manage;
+mod net;
 mod run;
 
 use std::process::ExitCode;
@@ -60,6 +61,12 @@ enum Command {
     /// Guest images: bootable root disks built from Debian's packages.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Networks between VMs.
+    #[command(subcommand)]
+    Net(net::NetCommand),
+    /// The switch process of a named network (started by the first VM on it).
+    #[command(name = "__switch", hide = true)]
+    Switch { dir: std::path::PathBuf },
     /// The monitor process behind a started VM (used by `vessel start`).
     #[command(name = "__monitor", hide = true)]
     Monitor(manage::NameArg),
@@ -99,8 +106,10 @@ pub struct VmArgs {
     /// the first is /dev/vda.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
-    /// A virtio-net device on a TAP interface (opened, or created for the VM's
-    /// lifetime): `tap=NAME[,mac=MAC]`. Repeatable.
+    /// A NIC (repeatable; default: one `user` NIC): `user[,hostfwd=tcp:[ADDR]:PORT-:PORT]
+    /// [,dns=ADDR]` (NAT through passt, no root), `network=NAME` (a network shared with
+    /// other VMs), `bridge=BR` (a TAP on a Linux bridge, root), `tap=NAME`, each with
+    /// `[,mac=MAC]`; or `none`.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<String>,
     /// A virtio-rng device fed from the host's getrandom.
@@ -132,7 +141,7 @@ impl VmArgs {
             })
             .collect::<Result<_, _>>()?;
         let nets = self
-            .nets
+            .net_specs()?
             .iter()
             .map(|n| {
                 devices::virtio::net::NetConfig::parse(n)
@@ -140,6 +149,25 @@ impl VmArgs {
             })
             .collect::<Result<_, _>>()?;
         Ok((disks, nets))
+    }
+
+    /// The --net specs to use: as given, none for `--net none`, else one NAT NIC when
+    /// passt is there to give it (saying so once when it is not).
+    fn net_specs(&self) -> Result<Vec<String>, Failure> {
+        match self.nets.as_slice() {
+            [] => match network::passt::find_passt() {
+                Ok(_) => Ok(vec!["user".into()]),
+                Err(e) => {
+                    eprintln!("vessel: no network: {e} (--net none to say so)");
+                    Ok(Vec::new())
+                }
+            },
+            [one] if one == "none" => Ok(Vec::new()),
+            many if many.iter().any(|n| n == "none") => {
+                Err(Failure::usage("--net none goes alone"))
+            }
+            many => Ok(many.to_vec()),
+        }
     }
 }
 
@@ -252,6 +280,10 @@ pub fn main() -> ExitCode {
         Command::Rm(args) => manage::remove(args),
         Command::Host(args) => manage::host(args),
         Command::Image(cmd) => images::main(cmd),
+        Command::Net(cmd) => net::main(cmd),
+        Command::Switch { dir } => network::switch::run(&dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Failure::usage),
         Command::Monitor(args) => manage::monitor(args),
     };
     match result {

@@ -108,6 +108,7 @@ fn run_vm(
             .transpose()
             .map_err(|e| Failure::usage(format!("--hvc {e}")))?,
         kvm_fallback: !args.no_kvm_fallback,
+        networks: network::switch::networks_dir(manager::Home::from_env()?.root()),
     };
     // Said once the VM is built, so that a bad argument is still the only line.
     let (outcome, metrics) = vmm::run(&config, || {

@@ -150,10 +150,14 @@ pub fn boot_kvm(kernel: &Path, args: &[&str], deadline: Duration) -> Finished {
     boot(kernel, &all, deadline)
 }
 
-/// Boots `kernel` (a file) with extra `args`.
+/// Boots `kernel` (a file) with extra `args`; without a NIC unless `args` ask for one
+/// (assembled guests find their devices by PCI slot).
 pub fn boot(kernel: &Path, args: &[&str], deadline: Duration) -> Finished {
     let mut cmd = vessel();
     cmd.arg("run").arg("--kernel").arg(kernel).args(args);
+    if !args.contains(&"--net") {
+        cmd.args(["--net", "none"]);
+    }
     run_with_deadline(cmd, deadline)
 }
 

@@ -3,6 +3,7 @@
 
 mod emu;
 mod kvm;
+mod nic;
 mod virtio;
 
 use std::sync::mpsc::{self, Sender};
@@ -119,13 +120,21 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
     });
     let virtio = virtio::devices(config)?;
     let stdio_hvc = virtio.stdio_hvc.clone();
-    let mut platform = Platform::new(
+    for (label, counters) in virtio.nic_counters {
+        metrics.add_nic(label, counters);
+    }
+    let (mut platform, interrupts) = Platform::new(
         events_tx.clone(),
         output,
         &mut backend,
         virtio.devices,
         &mem,
     )?;
+    for (index, cell) in virtio.link_interrupts {
+        if let Some(i) = interrupts.get(index) {
+            let _ = cell.set(i.clone());
+        }
+    }
     platform.stdio_hvc = stdio_hvc;
     let vcpus = (backend.vcpus)(&platform)?;
     Ok(Vm::new(VmParts {
@@ -139,6 +148,7 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         vm_fd: backend.vm_fd,
         mem,
         kvm_fallback: config.kvm_fallback,
+        helpers: virtio.helpers,
     }))
 }
 
@@ -190,7 +200,7 @@ impl Platform {
         backend: &mut Backend,
         virtio: Vec<Box<dyn devices::virtio::VirtioDevice<GuestMemory>>>,
         mem: &GuestMemory,
-    ) -> Result<Self, VmError> {
+    ) -> Result<(Self, Vec<Arc<devices::virtio::VirtioInterrupt>>), VmError> {
         let events = Mutex::new(events);
         let requests: RequestSink = Arc::new(move |r: GuestRequest| {
             let _ = devices::bus::lock(&events).send(VmEvent::Guest(r));
@@ -238,20 +248,23 @@ impl Platform {
             layout::PCI_ECAM_SIZE,
             Arc::new(Mutex::new(Ecam::new(root.clone()))),
         )?;
-        virtio::attach(virtio, mem, &root, &mut mmio, backend)?;
+        let interrupts = virtio::attach(virtio, mem, &root, &mut mmio, backend)?;
         for (placement, device) in std::mem::take(&mut backend.devices) {
             match placement {
                 Placement::Io(port, len) => io.insert(u64::from(port), len, device)?,
                 Placement::Mmio(base, len) => mmio.insert(base, len, device)?,
             }
         }
-        Ok(Platform {
-            io: Arc::new(io),
-            mmio: Arc::new(mmio),
-            serial,
-            pm,
-            boot_timer,
-            stdio_hvc: None,
-        })
+        Ok((
+            Platform {
+                io: Arc::new(io),
+                mmio: Arc::new(mmio),
+                serial,
+                pm,
+                boot_timer,
+                stdio_hvc: None,
+            },
+            interrupts,
+        ))
     }
 }

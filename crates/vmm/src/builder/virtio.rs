@@ -8,9 +8,9 @@ use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
 use devices::virtio::block::VirtioBlock;
 use devices::virtio::console::{ConsoleInput, VirtioConsole};
-use devices::virtio::net::{VirtioNet, generated_mac};
+use devices::virtio::net::NetCounters;
 use devices::virtio::rng::VirtioRng;
-use devices::virtio::{VirtioDevice, VirtioPciDevice};
+use devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioPciDevice};
 use devices::{Bus, BusDevice};
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,6 +25,13 @@ use crate::error::VmError;
 pub(super) struct Opened {
     pub devices: Vec<Box<dyn VirtioDevice<GuestMemory>>>,
     pub stdio_hvc: Option<ConsoleInput>,
+    /// For each NIC: its device's place in `devices` and where its transport's
+    /// interrupt goes once attached (link changes).
+    pub link_interrupts: Vec<(usize, Arc<std::sync::OnceLock<Arc<VirtioInterrupt>>>)>,
+    /// Each NIC's label and counters.
+    pub nic_counters: Vec<(String, Arc<NetCounters>)>,
+    /// Helper processes and threads kept as long as the VM.
+    pub helpers: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 /// Opens the config's devices: disk images, TAP interfaces, the entropy source, the
@@ -35,10 +42,16 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         let dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(e.to_string()))?;
         out.push(Box::new(dev));
     }
+    let mut link_interrupts = Vec::new();
+    let mut nic_counters = Vec::new();
+    let mut helpers = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
-        let mac = generated_mac(net.tap.as_bytes(), index as u32);
-        let dev = VirtioNet::open(net, mac).map_err(|e| VmError::Device(e.to_string()))?;
-        out.push(Box::new(dev));
+        let nic = super::nic::open(net, index, &config.networks)?;
+        tracing::debug!("{}", nic.label);
+        link_interrupts.push((out.len(), nic.interrupt));
+        nic_counters.push((nic.label, nic.device.counters()));
+        helpers.extend(nic.helper);
+        out.push(Box::new(nic.device));
     }
     if config.rng {
         out.push(Box::new(VirtioRng::new()));
@@ -64,6 +77,9 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     Ok(Opened {
         devices: out,
         stdio_hvc,
+        link_interrupts,
+        nic_counters,
+        helpers,
     })
 }
 
@@ -137,15 +153,16 @@ fn serve_socket(
     Ok(())
 }
 
-/// Puts `devices` on the root complex and the MMIO bus.
+/// Puts `devices` on the root complex and the MMIO bus; returns each one's interrupt.
 pub(super) fn attach(
     devices: Vec<Box<dyn VirtioDevice<GuestMemory>>>,
     mem: &GuestMemory,
     root: &Mutex<PciRoot>,
     mmio: &mut Bus,
     backend: &Backend,
-) -> Result<(), VmError> {
+) -> Result<Vec<Arc<VirtioInterrupt>>, VmError> {
     let mut bars = BarAllocator::mmio32();
+    let mut interrupts = Vec::new();
     for device in devices {
         let pci = VirtioPciDevice::new(device, mem.clone(), &mut bars, backend.msi.clone(), None)
             .map_err(|e| VmError::Device(e.to_string()))?;
@@ -153,11 +170,12 @@ pub(super) fn attach(
         for (gpa, event) in pci.notify_events() {
             (backend.notify)(gpa, event)?;
         }
+        interrupts.push(pci.interrupt().clone());
         let pci = Arc::new(Mutex::new(pci));
         devices::bus::lock(root)
             .add_next(pci.clone() as Arc<Mutex<dyn PciDevice>>)
             .map_err(|e| VmError::Device(e.to_string()))?;
         mmio.insert(base, len, pci as Arc<Mutex<dyn BusDevice>>)?;
     }
-    Ok(())
+    Ok(interrupts)
 }

@@ -1,4 +1,5 @@
-//! What `--net` asks for, and vessel's default MAC addresses.
+//! What `--net` asks for (user-mode NAT, a named network, a bridge, a TAP), and vessel's
+//! default MAC addresses.
 
 use serde::{Deserialize, Serialize};
 
@@ -6,36 +7,185 @@ use crate::virtio::options::pairs;
 
 /// IFNAMSIZ less the terminating NUL.
 pub const MAX_TAP_NAME: usize = 15;
+/// The longest network name (it names a folder and a socket).
+pub const MAX_NETWORK_NAME: usize = 32;
+
+/// What a NIC is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Attachment {
+    /// A TAP interface: opened if it exists, created (for the VM's lifetime) if not.
+    Tap(String),
+    /// User-mode NAT through passt, with port forwards from the host.
+    User {
+        forwards: Vec<PortForward>,
+        /// The DNS server the guest is told about (default: the host's).
+        dns: Option<std::net::IpAddr>,
+    },
+    /// A named L2 network shared with other VMs (vessel's switch).
+    Network(String),
+    /// A TAP made for the VM and attached to this existing Linux bridge.
+    Bridge(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// `hostfwd=tcp:[HOSTADDR]:HOSTPORT-:GUESTPORT`, as QEMU writes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    pub protocol: Protocol,
+    pub host_addr: Option<std::net::IpAddr>,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl PortForward {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("hostfwd={s}: use tcp:[HOSTADDR]:HOSTPORT-:GUESTPORT (or udp:...)");
+        let (proto, rest) = s.split_once(':').ok_or_else(bad)?;
+        let protocol = match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return Err(bad()),
+        };
+        let (host, guest) = rest.split_once('-').ok_or_else(bad)?;
+        let (addr, host_port) = host.rsplit_once(':').ok_or_else(bad)?;
+        let guest_port = guest.strip_prefix(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+        let host_addr = match addr {
+            "" => None,
+            a => Some(
+                a.trim_matches(['[', ']'])
+                    .parse()
+                    .map_err(|_| format!("hostfwd={s}: {a} is not an IP address"))?,
+            ),
+        };
+        Ok(PortForward {
+            protocol,
+            host_addr,
+            host_port: port(host_port)?,
+            guest_port: port(guest_port)?,
+        })
+    }
+
+    pub fn to_spec(&self) -> String {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        let addr = match self.host_addr {
+            Some(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+            Some(a) => a.to_string(),
+            None => String::new(),
+        };
+        format!("{proto}:{addr}:{}-:{}", self.host_port, self.guest_port)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
-    /// The TAP interface: opened if it exists, created (for the VM's lifetime) if not.
-    pub tap: String,
+    pub attach: Attachment,
     /// None: [`generated_mac`].
     pub mac: Option<[u8; 6]>,
 }
 
+fn check_name(kind: &str, v: &str, max: usize) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= max
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    ok.then(|| v.to_string()).ok_or_else(|| {
+        format!("{kind} name '{v}' must be 1 to {max} letters, digits, '-', '_' or '.'")
+    })
+}
+
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=52:54:00:12:34:56]` (a bare first item is the TAP name).
+    /// Parses `user[,hostfwd=...][,dns=ADDR]`, `network=NAME`, `bridge=BR` or
+    /// `tap=NAME` (a bare first item is a TAP name), each with `[,mac=MAC]`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let mut tap = None;
-        let mut mac = None;
-        for (k, v) in pairs(s, "tap")? {
-            match k {
-                "tap" => {
-                    if v.is_empty() || v.len() > MAX_TAP_NAME || v.contains(['/', ' ', '\0']) {
-                        return Err(format!(
-                            "tap name '{v}' must be 1 to {MAX_TAP_NAME} characters without '/' or spaces"
-                        ));
-                    }
-                    tap = Some(v.to_string());
+        let items = pairs(s, "tap")?;
+        let Some(&(kind, value)) = items.first() else {
+            return Err("empty --net".into());
+        };
+        // A bare `user` is user-mode networking (a TAP named so needs `tap=user`).
+        let bare = !s.split(',').next().unwrap_or_default().contains('=');
+        let (kind, value) = if bare && value == "user" {
+            ("user", "")
+        } else {
+            (kind, value)
+        };
+        let mut attach = match kind {
+            "tap" => {
+                if value.is_empty()
+                    || value.len() > MAX_TAP_NAME
+                    || value.contains(['/', ' ', '\0'])
+                {
+                    return Err(format!(
+                        "tap name '{value}' must be 1 to {MAX_TAP_NAME} characters without '/' or spaces"
+                    ));
                 }
-                "mac" => mac = Some(parse_mac(v)?),
-                _ => return Err(format!("unknown option '{k}' (expected tap, mac)")),
+                Attachment::Tap(value.to_string())
+            }
+            "user" if value.is_empty() => Attachment::User {
+                forwards: Vec::new(),
+                dns: None,
+            },
+            "network" => Attachment::Network(check_name("network", value, MAX_NETWORK_NAME)?),
+            "bridge" => Attachment::Bridge(check_name("bridge", value, MAX_TAP_NAME)?),
+            _ => {
+                return Err(format!(
+                    "'{kind}' is not a network: use user, network=NAME, bridge=BR or tap=NAME"
+                ));
+            }
+        };
+        let mut mac = None;
+        for &(k, v) in &items[1..] {
+            match (k, &mut attach) {
+                ("mac", _) => mac = Some(parse_mac(v)?),
+                ("hostfwd", Attachment::User { forwards, .. }) => {
+                    forwards.push(PortForward::parse(v)?)
+                }
+                ("dns", Attachment::User { dns, .. }) => {
+                    *dns = Some(
+                        v.parse()
+                            .map_err(|_| format!("dns={v}: not an IP address"))?,
+                    )
+                }
+                ("hostfwd" | "dns", _) => {
+                    return Err(format!(
+                        "{k}= only goes with user networking (--net user,...)"
+                    ));
+                }
+                _ => return Err(format!("unknown option '{k}' (expected mac, hostfwd, dns)")),
             }
         }
-        let tap = tap.ok_or("tap=NAME is missing")?;
-        Ok(NetConfig { tap, mac })
+        Ok(NetConfig { attach, mac })
+    }
+
+    /// The spec `parse` reads back.
+    pub fn to_spec(&self) -> String {
+        let mut s = match &self.attach {
+            Attachment::Tap(n) => format!("tap={n}"),
+            Attachment::User { forwards, dns } => {
+                let mut s = "user".to_string();
+                for f in forwards {
+                    s += &format!(",hostfwd={}", f.to_spec());
+                }
+                if let Some(d) = dns {
+                    s += &format!(",dns={d}");
+                }
+                s
+            }
+            Attachment::Network(n) => format!("network={n}"),
+            Attachment::Bridge(b) => format!("bridge={b}"),
+        };
+        if let Some(m) = &self.mac {
+            s += &format!(",mac={}", format_mac(m));
+        }
+        s
     }
 }
 
@@ -87,9 +237,37 @@ mod tests {
     #[test]
     fn parses_the_documented_forms() {
         let c = NetConfig::parse("tap=vtap0,mac=52:54:00:12:34:56").unwrap();
-        assert_eq!(c.tap, "vtap0");
+        assert_eq!(c.attach, Attachment::Tap("vtap0".into()));
         assert_eq!(c.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         assert_eq!(NetConfig::parse("tap1").unwrap().mac, None);
+        let u = NetConfig::parse(
+            "user,hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-:53,dns=10.0.0.1",
+        )
+        .unwrap();
+        let Attachment::User { forwards, dns } = &u.attach else {
+            panic!("{u:?}")
+        };
+        assert_eq!(forwards.len(), 2);
+        assert_eq!(
+            forwards[0],
+            PortForward {
+                protocol: Protocol::Tcp,
+                host_addr: None,
+                host_port: 2222,
+                guest_port: 22
+            }
+        );
+        assert_eq!(forwards[1].host_addr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(*dns, Some("10.0.0.1".parse().unwrap()));
+        for spec in [
+            "user,hostfwd=tcp::2222-:22,dns=10.0.0.1,mac=52:54:00:12:34:56",
+            "network=lab,mac=52:54:00:12:34:56",
+            "bridge=br0",
+            "tap=vtap0",
+            "user,hostfwd=tcp:[::1]:80-:8080",
+        ] {
+            assert_eq!(NetConfig::parse(spec).unwrap().to_spec(), spec);
+        }
         for bad in [
             "",
             "mac=52:54:00:12:34:56",
@@ -100,6 +278,14 @@ mod tests {
             "tap=a/b",
             "tap=abcdefghijklmnop",
             "tap=a,speed=10",
+            "user,hostfwd=tcp::22",
+            "user,hostfwd=tcp::0-:22",
+            "user,hostfwd=sctp::1-:2",
+            "user,hostfwd=tcp:nohost:1-:2",
+            "network=a/b",
+            "network=",
+            "tap=a,hostfwd=tcp::1-:2",
+            "wifi=on",
         ] {
             let e = NetConfig::parse(bad).unwrap_err();
             assert!(!e.is_empty() && !e.contains('\n'), "{bad}: {e}");

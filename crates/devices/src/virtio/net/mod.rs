@@ -1,19 +1,26 @@
-//! virtio-net over a TAP interface (or any [`NetBackend`]): one receive and one
-//! transmit queue, the 12-byte virtio 1.x header passed through to the backend,
-//! checksum and TSO offloads, mergeable receive buffers.
+//! virtio-net over a TAP interface or a stream socket to passt or vessel's switch (any
+//! [`NetBackend`]): one receive and one transmit queue, the 12-byte virtio 1.x header
+//! passed through to backends that take it (TAP: checksum and TSO offloads), mergeable
+//! receive buffers, the link status the backend reports, frame and byte counters.
 
 mod config;
+mod stream;
 mod tap;
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
 
-pub use config::{NetConfig, format_mac, generated_mac, parse_mac};
+pub use config::{
+    Attachment, MAX_NETWORK_NAME, NetConfig, PortForward, Protocol, format_mac, generated_mac,
+    parse_mac,
+};
+pub use stream::{MAX_ETHERNET, StreamBackend};
 pub use tap::Tap;
 
 use super::chain::{Chain, Cursor, Segment, UsedRing, pop, pop_all};
@@ -49,6 +56,39 @@ pub const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const LINK_UP: u16 = 1;
+/// The offloads a backend that takes the virtio header passes through.
+const OFFLOADS: u64 = feature_bits::CSUM
+    | feature_bits::GUEST_CSUM
+    | feature_bits::GUEST_TSO4
+    | feature_bits::GUEST_TSO6
+    | feature_bits::GUEST_ECN
+    | feature_bits::HOST_TSO4
+    | feature_bits::HOST_TSO6
+    | feature_bits::HOST_ECN;
+
+/// Frames and bytes each way, and frames dropped, for one NIC.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Received frames the guest had no room for, or that did not fit its buffers.
+    pub rx_dropped: AtomicU64,
+    /// Sent frames the backend could not take (a full queue, no peer).
+    pub tx_dropped: AtomicU64,
+}
+
+impl NetCounters {
+    fn count(frames: &AtomicU64, bytes: &AtomicU64, len: usize) {
+        frames.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
 
 /// Where frames go and come from. Every frame starts with the 12-byte header.
 pub trait NetBackend: Send + Sync + 'static {
@@ -61,34 +101,48 @@ pub trait NetBackend: Send + Sync + 'static {
     /// The guest accepts what the negotiated GUEST_* bits say; the backend must not
     /// hand it anything else (partial checksums, GSO frames).
     fn set_offloads(&self, guest_features: u64) -> io::Result<()>;
+    /// Whether the backend takes and gives partial checksums and GSO frames (else the
+    /// device offers the guest no offloads, and frames carry a zero header).
+    fn offloads(&self) -> bool {
+        true
+    }
+    /// The link status the device reports.
+    fn link_up(&self) -> bool {
+        true
+    }
 }
 
 pub struct VirtioNet {
     backend: Arc<dyn NetBackend>,
-    config: Vec<u8>,
+    mac: [u8; 6],
+    counters: Arc<NetCounters>,
     worker: Option<Worker>,
 }
 
 impl VirtioNet {
-    /// Opens (or creates) the TAP `config` names; `default_mac` (see
-    /// [`generated_mac`]) unless the config gives one.
-    pub fn open(config: &NetConfig, default_mac: [u8; 6]) -> io::Result<Self> {
-        let tap = Tap::open(&config.tap)
-            .map_err(|e| io::Error::new(e.kind(), format!("TAP {}: {e}", config.tap)))?;
-        Ok(Self::new(Arc::new(tap), config.mac.unwrap_or(default_mac)))
-    }
-
-    pub fn new(backend: Arc<dyn NetBackend>, mac: [u8; 6]) -> Self {
-        // mac, status, max_virtqueue_pairs
-        let mut config = vec![0u8; 10];
-        config[..6].copy_from_slice(&mac);
-        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+    /// A NIC with MAC `mac` on `backend`, counting into `counters` (shared with the
+    /// backend, which counts what it drops).
+    pub fn new(backend: Arc<dyn NetBackend>, mac: [u8; 6], counters: Arc<NetCounters>) -> Self {
         VirtioNet {
             backend,
-            config,
+            mac,
+            counters,
             worker: None,
         }
+    }
+
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    /// mac, status, max_virtqueue_pairs.
+    fn config(&self) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[..6].copy_from_slice(&self.mac);
+        let status = if self.backend.link_up() { LINK_UP } else { 0 };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        c
     }
 }
 
@@ -103,22 +157,12 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
 
     fn features(&self) -> u64 {
         use feature_bits::*;
-        features::COMMON
-            | CSUM
-            | GUEST_CSUM
-            | MAC
-            | GUEST_TSO4
-            | GUEST_TSO6
-            | GUEST_ECN
-            | HOST_TSO4
-            | HOST_TSO6
-            | HOST_ECN
-            | MRG_RXBUF
-            | STATUS
+        let offloads = if self.backend.offloads() { OFFLOADS } else { 0 };
+        features::COMMON | MAC | MRG_RXBUF | STATUS | offloads
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn activate(&mut self, a: Activation<M>) -> Result<(), ActivateError> {
@@ -136,7 +180,8 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
             self.backend.clone(),
             a.interrupt.clone(),
             a.features,
-        );
+        )
+        .with_counters(self.counters.clone());
         self.worker = Some(
             Worker::spawn("virtio-net", handler, a.queue_events, a.interrupt)
                 .map_err(ActivateError::Worker)?,
@@ -180,6 +225,7 @@ pub struct NetQueues<M> {
     tx_buf: Vec<u8>,
     /// The first receive buffer of the frame being delivered.
     first: Vec<Segment>,
+    counters: Arc<NetCounters>,
 }
 
 impl<M: GuestMemory> NetQueues<M> {
@@ -206,7 +252,13 @@ impl<M: GuestMemory> NetQueues<M> {
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             first: Vec::new(),
+            counters: Arc::default(),
         }
+    }
+
+    pub fn with_counters(mut self, counters: Arc<NetCounters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Frames from the backend into receive buffers, while both last.
@@ -253,11 +305,16 @@ impl<M: GuestMemory> NetQueues<M> {
                 Delivery::NoBuffers => return Ok(()),
                 Delivery::Delivered => {
                     self.pending = None;
+                    let c = &self.counters;
+                    NetCounters::count(&c.rx_frames, &c.rx_bytes, len - HEADER_LEN);
                     self.rx_used
                         .publish(&mut self.rx, &self.mem)
                         .map_err(|reason| DeviceError::Ring { queue: RX, reason })?;
                 }
-                Delivery::Dropped => self.pending = None,
+                Delivery::Dropped => {
+                    self.pending = None;
+                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -360,10 +417,17 @@ impl<M: GuestMemory> NetQueues<M> {
                 let len = self.chain.readable_len() as usize;
                 if (HEADER_LEN..=MAX_FRAME).contains(&len) {
                     self.tx_buf.resize(len, 0);
-                    if Cursor::new(&self.chain.readable).read(&self.mem, &mut self.tx_buf)
-                        && let Err(e) = self.backend.send(&self.tx_buf)
-                    {
-                        tracing::debug!("virtio-net: frame not sent: {e}");
+                    if Cursor::new(&self.chain.readable).read(&self.mem, &mut self.tx_buf) {
+                        let c = &self.counters;
+                        match self.backend.send(&self.tx_buf) {
+                            Ok(_) => {
+                                NetCounters::count(&c.tx_frames, &c.tx_bytes, len - HEADER_LEN)
+                            }
+                            Err(e) => {
+                                c.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!("virtio-net: frame not sent: {e}");
+                            }
+                        }
                     }
                 } else {
                     tracing::debug!("virtio-net: {len}-byte transmit buffer dropped");

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
@@ -25,24 +25,6 @@ pub const MAX_ETHERNET: usize = MAX_FRAME - HEADER_LEN;
 /// Frames waiting to be written to a slow peer; past this, frames are dropped.
 const TX_QUEUE: usize = 512;
 
-/// Frame and byte counts, in both directions, and frames dropped.
-#[derive(Debug, Default)]
-pub struct NetCounters {
-    pub rx_frames: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    pub tx_frames: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub tx_dropped: AtomicU64,
-    pub rx_dropped: AtomicU64,
-}
-
-impl NetCounters {
-    fn count(frames: &AtomicU64, bytes: &AtomicU64, len: usize) {
-        frames.fetch_add(1, Ordering::Relaxed);
-        bytes.fetch_add(len as u64, Ordering::Relaxed);
-    }
-}
-
 struct Rx {
     stream: Option<UnixStream>,
     buf: Vec<u8>,
@@ -50,13 +32,16 @@ struct Rx {
     len: usize,
 }
 
+/// Called when the link goes up or down (the device then interrupts the driver).
+pub type LinkNotifier = Box<dyn Fn() + Send + Sync>;
+
 pub struct StreamBackend {
     /// What the device's worker polls: readable when the current socket is.
     epoll: Epoll,
     rx: Mutex<Rx>,
     tx: Mutex<Option<SyncSender<Vec<u8>>>>,
     link: Arc<AtomicBool>,
-    counters: Arc<NetCounters>,
+    notify: Arc<Mutex<Option<LinkNotifier>>>,
 }
 
 impl StreamBackend {
@@ -71,17 +56,22 @@ impl StreamBackend {
             }),
             tx: Mutex::new(None),
             link: Arc::new(AtomicBool::new(false)),
-            counters: Arc::default(),
+            notify: Arc::default(),
         })
     }
 
     /// Whether a peer is connected (what the device reports as its link status).
-    pub fn link(&self) -> Arc<AtomicBool> {
-        self.link.clone()
+    pub fn is_connected(&self) -> bool {
+        self.link.load(Ordering::Acquire)
     }
 
-    pub fn counters(&self) -> Arc<NetCounters> {
-        self.counters.clone()
+    /// `f` runs whenever the link goes up or down.
+    pub fn on_link_change(&self, f: LinkNotifier) {
+        *lock(&self.notify) = Some(f);
+    }
+
+    fn set_link(&self, up: bool) {
+        set_link(&self.link, &self.notify, up);
     }
 
     /// Hands over a new connection to the peer (the first, or after the old peer died):
@@ -90,10 +80,10 @@ impl StreamBackend {
         let writer = stream.try_clone()?;
         stream.set_nonblocking(true)?;
         let (tx, frames) = sync_channel::<Vec<u8>>(TX_QUEUE);
-        let link = self.link.clone();
+        let (link, notify) = (self.link.clone(), self.notify.clone());
         std::thread::Builder::new()
             .name("net-stream-tx".into())
-            .spawn(move || write_frames(writer, frames, link))?;
+            .spawn(move || write_frames(writer, frames, &link, &notify))?;
         let mut rx = lock(&self.rx);
         if let Some(old) = rx.stream.take() {
             let _ = self.epoll.ctl(
@@ -110,7 +100,8 @@ impl StreamBackend {
         rx.stream = Some(stream);
         rx.len = 0;
         *lock(&self.tx) = Some(tx);
-        self.link.store(true, Ordering::Release);
+        drop(rx);
+        self.set_link(true);
         Ok(())
     }
 
@@ -125,7 +116,15 @@ impl StreamBackend {
         }
         rx.len = 0;
         *lock(&self.tx) = None;
-        self.link.store(false, Ordering::Release);
+        self.set_link(false);
+    }
+}
+
+fn set_link(link: &AtomicBool, notify: &Mutex<Option<LinkNotifier>>, up: bool) {
+    if link.swap(up, Ordering::AcqRel) != up
+        && let Some(f) = lock(notify).as_ref()
+    {
+        f();
     }
 }
 
@@ -138,7 +137,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn write_frames(
     mut stream: UnixStream,
     frames: std::sync::mpsc::Receiver<Vec<u8>>,
-    link: Arc<AtomicBool>,
+    link: &AtomicBool,
+    notify: &Mutex<Option<LinkNotifier>>,
 ) {
     let mut batch = VecDeque::new();
     while let Ok(first) = frames.recv() {
@@ -149,7 +149,7 @@ fn write_frames(
         let buf: Vec<u8> = batch.drain(..).flatten().collect();
         if let Err(e) = stream.write_all(&buf) {
             tracing::warn!("virtio-net: the network peer stopped taking frames: {e}");
-            link.store(false, Ordering::Release);
+            set_link(link, notify, false);
             return;
         }
     }
@@ -163,14 +163,13 @@ impl NetBackend for StreamBackend {
     fn recv(&self, out: &mut [u8]) -> io::Result<usize> {
         let mut guard = lock(&self.rx);
         let rx = &mut *guard;
-        // Drain the epoll descriptor's readiness (level: the socket is re-armed by ET).
-        let mut events = [EpollEvent::default(); 4];
-        let _ = self.epoll.wait(0, &mut events);
         loop {
             if rx.len >= 4 {
                 let n = u32::from_be_bytes(rx.buf[..4].try_into().expect("4 bytes")) as usize;
                 if n == 0 || n > MAX_ETHERNET {
-                    tracing::warn!("virtio-net: the network peer sent a {n}-byte frame; dropping it");
+                    tracing::warn!(
+                        "virtio-net: the network peer sent a {n}-byte frame; dropping it"
+                    );
                     self.disconnect(rx);
                     return Ok(0);
                 }
@@ -182,13 +181,16 @@ impl NetBackend for StreamBackend {
                     out[HEADER_LEN..total].copy_from_slice(frame);
                     rx.buf.copy_within(4 + n..rx.len, 0);
                     rx.len -= 4 + n;
-                    NetCounters::count(&self.counters.rx_frames, &self.counters.rx_bytes, n);
                     return Ok(total);
                 }
             }
             let Some(stream) = rx.stream.as_mut() else {
                 return Err(io::ErrorKind::WouldBlock.into());
             };
+            // Consume the inner readiness before reading: the device's worker waits for
+            // this epoll descriptor to become readable again (edge-triggered).
+            let mut events = [EpollEvent::default(); 2];
+            let _ = self.epoll.wait(0, &mut events);
             let len = rx.len;
             match stream.read(&mut rx.buf[len..]) {
                 Ok(0) => {
@@ -215,20 +217,17 @@ impl NetBackend for StreamBackend {
         let mut buf = Vec::with_capacity(4 + eth.len());
         buf.extend_from_slice(&(eth.len() as u32).to_be_bytes());
         buf.extend_from_slice(eth);
-        let tx = lock(&self.tx);
-        let sent = match tx.as_ref() {
-            Some(tx) => match tx.try_send(buf) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-            },
-            None => false,
-        };
-        if sent {
-            NetCounters::count(&self.counters.tx_frames, &self.counters.tx_bytes, eth.len());
-        } else {
-            self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        match lock(&self.tx).as_ref().map(|tx| tx.try_send(buf)) {
+            Some(Ok(())) => Ok(frame.len()),
+            Some(Err(TrySendError::Full(_))) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the network peer's queue is full",
+            )),
+            Some(Err(TrySendError::Disconnected(_))) | None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no network peer",
+            )),
         }
-        Ok(frame.len())
     }
 
     fn set_offloads(&self, _guest_features: u64) -> io::Result<()> {

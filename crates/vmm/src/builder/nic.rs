@@ -1,0 +1,141 @@
+//! A VM's NICs and what each is attached to: a TAP, passt (user-mode NAT), vessel's
+//! switch (a named network), or a TAP on a Linux bridge. Helper processes are started
+//! and supervised here; their death takes a NIC's link down, never the VM.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use devices::virtio::VirtioInterrupt;
+use devices::virtio::net::{
+    Attachment, NetBackend, NetConfig, NetCounters, StreamBackend, Tap, VirtioNet, format_mac,
+    generated_mac,
+};
+
+use crate::error::VmError;
+
+/// One NIC, ready to be wrapped in its PCI transport.
+pub(super) struct Nic {
+    pub device: VirtioNet,
+    /// Set once the transport exists: where link changes are signalled.
+    pub interrupt: Arc<OnceLock<Arc<VirtioInterrupt>>>,
+    /// Kept alive as long as the VM (passt, the switch connection's keeper).
+    pub helper: Option<Box<dyn Any + Send>>,
+    /// `net0 user 52:54:...`: what the NIC is, for metrics and logs.
+    pub label: String,
+}
+
+fn dev_err(e: impl std::fmt::Display) -> VmError {
+    VmError::Device(e.to_string())
+}
+
+/// A MAC for a NIC that names none: stable per TAP name, per process otherwise (a
+/// managed VM's vm.toml carries explicit MACs).
+fn default_mac(net: &NetConfig, index: usize) -> [u8; 6] {
+    let seed = match &net.attach {
+        Attachment::Tap(name) => name.clone(),
+        _ => format!("{}-{:?}", std::process::id(), std::time::SystemTime::now()),
+    };
+    generated_mac(seed.as_bytes(), index as u32)
+}
+
+/// The TAP name vessel makes for NIC `index` on a bridge (IFNAMSIZ allows 15).
+fn bridge_tap_name(index: usize) -> String {
+    format!("vsl{}n{index}", std::process::id() % 1_000_000)
+}
+
+pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic, VmError> {
+    let mac = net.mac.unwrap_or_else(|| default_mac(net, index));
+    let counters = Arc::new(NetCounters::default());
+    let interrupt: Arc<OnceLock<Arc<VirtioInterrupt>>> = Arc::default();
+    let mut helper: Option<Box<dyn Any + Send>> = None;
+    let (kind, backend): (String, Arc<dyn NetBackend>) = match &net.attach {
+        Attachment::Tap(name) => {
+            let tap = Tap::open(name).map_err(|e| dev_err(format!("TAP {name}: {e}")))?;
+            (format!("tap {name}"), Arc::new(tap))
+        }
+        Attachment::Bridge(br) => {
+            let tap = network::bridge::attach(br, &bridge_tap_name(index)).map_err(dev_err)?;
+            (format!("bridge {br} ({})", tap.name()), Arc::new(tap))
+        }
+        Attachment::User { forwards, dns } => {
+            let backend = stream_backend(&interrupt)?;
+            let passt =
+                network::passt::Passt::start(forwards, *dns, backend.clone()).map_err(dev_err)?;
+            helper = Some(Box::new(passt));
+            ("user".to_string(), backend)
+        }
+        Attachment::Network(name) => {
+            let backend = stream_backend(&interrupt)?;
+            let keeper = NetworkLink::join(networks, name, backend.clone())?;
+            helper = Some(Box::new(keeper));
+            (format!("network {name}"), backend)
+        }
+    };
+    Ok(Nic {
+        device: VirtioNet::new(backend, mac, counters),
+        interrupt,
+        helper,
+        label: format!("net{index} {kind} {}", format_mac(&mac)),
+    })
+}
+
+/// A stream backend whose link changes interrupt the driver once the transport exists.
+fn stream_backend(
+    interrupt: &Arc<OnceLock<Arc<VirtioInterrupt>>>,
+) -> Result<Arc<StreamBackend>, VmError> {
+    let backend = Arc::new(StreamBackend::new().map_err(dev_err)?);
+    let cell = interrupt.clone();
+    backend.on_link_change(Box::new(move || {
+        if let Some(i) = cell.get() {
+            i.signal_config();
+        }
+    }));
+    Ok(backend)
+}
+
+/// A NIC's membership of a named network: connected to the network's switch, and
+/// connected again (starting a switch if none runs) whenever the link drops.
+struct NetworkLink {
+    stop: Arc<AtomicBool>,
+}
+
+impl NetworkLink {
+    fn join(networks: &Path, name: &str, backend: Arc<StreamBackend>) -> Result<Self, VmError> {
+        let exe = std::env::current_exe().map_err(dev_err)?;
+        let conn = network::switch::connect(networks, name, &exe).map_err(dev_err)?;
+        backend.connect(conn).map_err(dev_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (networks, name, flag): (PathBuf, String, _) =
+            (networks.to_path_buf(), name.to_string(), stop.clone());
+        std::thread::Builder::new()
+            .name("net-link".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if backend.is_connected() || flag.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    tracing::warn!("network {name}: the switch went away; joining again");
+                    match network::switch::connect(&networks, &name, &exe) {
+                        Ok(c) => {
+                            if let Err(e) = backend.connect(c) {
+                                tracing::warn!("network {name}: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("network {name}: {e}"),
+                    }
+                }
+            })
+            .map_err(dev_err)?;
+        Ok(NetworkLink { stop })
+    }
+}
+
+impl Drop for NetworkLink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}

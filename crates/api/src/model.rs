@@ -53,6 +53,10 @@ pub struct VmInfo {
     /// Each NIC's traffic in the current boot.
     #[serde(default)]
     pub nics: Vec<NicInfo>,
+    /// Where the host reaches the guest's SSH server (`127.0.0.1:PORT`), when a NIC
+    /// forwards it (`user,ssh=on`).
+    #[serde(default)]
+    pub ssh: Option<String>,
 }
 
 /// One NIC: what it is attached to, and its frame and byte counts.

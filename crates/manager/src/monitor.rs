@@ -235,9 +235,12 @@ impl Monitor {
     }
 
     fn info(&self) -> VmInfo {
-        let (vcpu_seconds, nics) = lock(&self.handle)
+        let (vcpu_seconds, nics, ssh) = lock(&self.handle)
             .as_ref()
-            .map(|h| (h.metrics().vcpu_seconds(), h.metrics().nics()))
+            .map(|h| {
+                let m = h.metrics();
+                (m.vcpu_seconds(), m.nics(), m.ssh())
+            })
             .unwrap_or_default();
         let nics = nics
             .into_iter()
@@ -265,6 +268,7 @@ impl Monitor {
             vcpu_seconds,
             monitor_rss_kib: rss_kib(),
             nics,
+            ssh: ssh.map(|a| a.to_string()),
         }
     }
 

@@ -103,7 +103,8 @@ fn valid_user(u: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
 }
 
-pub(crate) fn find(tool: &str) -> Option<PathBuf> {
+/// `tool` from PATH (or /usr/bin, /usr/sbin).
+pub fn find(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])

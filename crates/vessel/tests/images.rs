@@ -200,6 +200,12 @@ fn vms_from_the_image_run_systemd_on_1_and_2_vcpus_with_identities_of_their_own(
     for k in &keys_a {
         assert!(!keys_b.contains(k), "two VMs share the SSH host key {k}");
     }
+    // SSH through the NAT NIC's forward, with vessel's own key, as the user the seed made.
+    let kernel = identity(a, "kernel");
+    let uname = home.ok(&["ssh", "deb-a", "--", "uname", "-r"]);
+    assert_eq!([uname.trim().to_string()], kernel.as_slice(), "{uname}");
+    let info = home.ok(&["info", "deb-a"]);
+    assert!(info.contains("nic       net0 user "), "{info}");
     // The seed gave the user the key; the user's home exists.
     let user = manager::ssh::user_name();
     let disk = home.dir("deb-b").join(image::DISK);

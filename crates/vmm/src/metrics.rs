@@ -63,6 +63,8 @@ pub struct Metrics {
     software_cpu: Mutex<x86::Stats>,
     /// Each NIC's label (`net0 user 52:54:...`) and counters.
     nics: Mutex<Vec<(String, Arc<NetCounters>)>>,
+    /// Where the host reaches the guest's SSH server.
+    ssh: Mutex<Option<std::net::SocketAddr>>,
 }
 
 /// One NIC's figures, for the API and `vessel info`.
@@ -88,7 +90,16 @@ impl Metrics {
             vcpu_clocks: Mutex::default(),
             software_cpu: Mutex::default(),
             nics: Mutex::default(),
+            ssh: Mutex::default(),
         }
+    }
+
+    pub fn set_ssh(&self, at: Option<std::net::SocketAddr>) {
+        *lock(&self.ssh) = at;
+    }
+
+    pub fn ssh(&self) -> Option<std::net::SocketAddr> {
+        *lock(&self.ssh)
     }
 
     pub fn add_nic(&self, label: String, counters: Arc<NetCounters>) {

@@ -71,6 +71,14 @@ pub struct LogsArgs {
 }
 
 #[derive(Args)]
+pub struct SshArgs {
+    name: String,
+    /// A command to run instead of a login shell.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
 pub struct SetArgs {
     name: String,
     /// key=value pairs.
@@ -185,6 +193,14 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         .map(|d| absolute_disk(d))
         .collect::<Result<Vec<_>, _>>()?;
     a.devices()?;
+    // The default NIC of a VM from an image also forwards a port to its SSH server.
+    let nets = nets_with_macs(a, &args.name)?
+        .into_iter()
+        .map(|n| match a.nets.is_empty() && n.starts_with("user,mac=") {
+            true => n.replacen("user,", "user,ssh=on,", 1),
+            false => n,
+        })
+        .collect();
     let spec = VmSpec {
         cpus: a.cpus,
         memory: a.memory.clone(),
@@ -194,7 +210,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         accel: a.accel.name().to_string(),
         restart: restart(&args.restart),
         disks: Vec::new(),
-        nets: nets_with_macs(a, &args.name)?,
+        nets,
         rng: a.rng,
     };
     spec.validate().map_err(Failure::usage)?;
@@ -439,6 +455,45 @@ pub fn info(args: InfoArgs) -> CliResult {
         println!("last exit {e}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel ssh NAME [-- CMD...]`: OpenSSH to the guest through the loopback port its NIC
+/// forwards to port 22, with vessel's key, as the user the image's first boot made.
+pub fn ssh(args: SshArgs) -> CliResult {
+    use std::os::unix::process::CommandExt;
+    let (home, bundle) = open(&args.name)?;
+    let c = client(&bundle, "ssh to it")?;
+    let info: VmInfo = c.get(&format!("/v1/vms/{}", bundle.name))?;
+    let at: std::net::SocketAddr = info.ssh.and_then(|a| a.parse().ok()).ok_or_else(|| {
+        Failure::refused(format!(
+            "{} forwards no port to SSH (a NIC with user,ssh=on; VMs made from images have one)",
+            bundle.name
+        ))
+    })?;
+    let key = manager::ssh::vessel_key(&home)?.ok_or_else(|| {
+        Failure::usage("ssh-keygen not found: install the Debian package openssh-client")
+    })?;
+    let ssh = manager::ssh::find("ssh").ok_or_else(|| {
+        Failure::usage("ssh not found: install the Debian package openssh-client")
+    })?;
+    let known = bundle.dir.join("known_hosts");
+    let err = std::process::Command::new(ssh)
+        .arg("-i")
+        .arg(&key)
+        .args(["-p", &at.port().to_string()])
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args(["-o", "LogLevel=ERROR"])
+        .arg(format!("{}@{}", manager::ssh::user_name(), at.ip()))
+        .args(&args.command)
+        .exec();
+    Err(Failure::usage(format!("ssh: {err}")))
 }
 
 pub fn logs(args: LogsArgs) -> CliResult {

@@ -50,6 +50,8 @@ enum Command {
     Resume(manage::NameArg),
     /// Show a VM's configuration and, while it runs, its live figures.
     Info(manage::InfoArgs),
+    /// Open an SSH session to a VM made from an image (or run a command: -- CMD...).
+    Ssh(manage::SshArgs),
     /// Print a VM's serial console log.
     Logs(manage::LogsArgs),
     /// Change a stopped VM's settings: cpus, memory, kernel, initrd, cmdline, accel, restart.
@@ -276,6 +278,7 @@ pub fn main() -> ExitCode {
         Command::Resume(args) => manage::action(args, api::model::Action::Resume),
         Command::Info(args) => manage::info(args),
         Command::Logs(args) => manage::logs(args),
+        Command::Ssh(args) => manage::ssh(args),
         Command::Set(args) => manage::set(args),
         Command::Rm(args) => manage::remove(args),
         Command::Host(args) => manage::host(args),

@@ -123,6 +123,7 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
     for (label, counters) in virtio.nic_counters {
         metrics.add_nic(label, counters);
     }
+    metrics.set_ssh(virtio.ssh);
     let (mut platform, interrupts) = Platform::new(
         events_tx.clone(),
         output,

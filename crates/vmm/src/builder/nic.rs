@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use devices::virtio::VirtioInterrupt;
 use devices::virtio::net::{
-    Attachment, NetBackend, NetConfig, NetCounters, StreamBackend, Tap, VirtioNet, format_mac,
-    generated_mac,
+    Attachment, NetBackend, NetConfig, NetCounters, PortForward, Protocol, StreamBackend, Tap,
+    VirtioNet, format_mac, generated_mac,
 };
 
 use crate::error::VmError;
@@ -25,6 +25,8 @@ pub(super) struct Nic {
     pub helper: Option<Box<dyn Any + Send>>,
     /// `net0 user 52:54:...`: what the NIC is, for metrics and logs.
     pub label: String,
+    /// The loopback address forwarded to the guest's SSH port (`user,ssh=on`).
+    pub ssh: Option<std::net::SocketAddr>,
 }
 
 fn dev_err(e: impl std::fmt::Display) -> VmError {
@@ -51,6 +53,7 @@ pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic
     let counters = Arc::new(NetCounters::default());
     let interrupt: Arc<OnceLock<Arc<VirtioInterrupt>>> = Arc::default();
     let mut helper: Option<Box<dyn Any + Send>> = None;
+    let mut ssh_at = None;
     let (kind, backend): (String, Arc<dyn NetBackend>) = match &net.attach {
         Attachment::Tap(name) => {
             let tap = Tap::open(name).map_err(|e| dev_err(format!("TAP {name}: {e}")))?;
@@ -60,10 +63,21 @@ pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic
             let tap = network::bridge::attach(br, &bridge_tap_name(index)).map_err(dev_err)?;
             (format!("bridge {br} ({})", tap.name()), Arc::new(tap))
         }
-        Attachment::User { forwards, dns } => {
+        Attachment::User { forwards, dns, ssh } => {
             let backend = stream_backend(&interrupt)?;
+            let mut forwards = forwards.clone();
+            if *ssh {
+                let at = free_loopback_port()?;
+                ssh_at = Some(at);
+                forwards.push(PortForward {
+                    protocol: Protocol::Tcp,
+                    host_addr: Some(at.ip()),
+                    host_port: at.port(),
+                    guest_port: 22,
+                });
+            }
             let passt =
-                network::passt::Passt::start(forwards, *dns, backend.clone()).map_err(dev_err)?;
+                network::passt::Passt::start(&forwards, *dns, backend.clone()).map_err(dev_err)?;
             helper = Some(Box::new(passt));
             ("user".to_string(), backend)
         }
@@ -79,7 +93,15 @@ pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic
         interrupt,
         helper,
         label: format!("net{index} {kind} {}", format_mac(&mac)),
+        ssh: ssh_at,
     })
+}
+
+/// A loopback port nothing listens on now (passt takes it a moment later).
+fn free_loopback_port() -> Result<std::net::SocketAddr, VmError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| dev_err(format!("choosing a port for SSH: {e}")))
 }
 
 /// A stream backend whose link changes interrupt the driver once the transport exists.

@@ -32,6 +32,8 @@ pub(super) struct Opened {
     pub nic_counters: Vec<(String, Arc<NetCounters>)>,
     /// Helper processes and threads kept as long as the VM.
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
+    /// Where the host reaches the guest's SSH server, when a NIC forwards it.
+    pub ssh: Option<std::net::SocketAddr>,
 }
 
 /// Opens the config's devices: disk images, TAP interfaces, the entropy source, the
@@ -45,8 +47,10 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut link_interrupts = Vec::new();
     let mut nic_counters = Vec::new();
     let mut helpers = Vec::new();
+    let mut ssh = None;
     for (index, net) in config.nets.iter().enumerate() {
         let nic = super::nic::open(net, index, &config.networks)?;
+        ssh = ssh.or(nic.ssh);
         tracing::debug!("{}", nic.label);
         link_interrupts.push((out.len(), nic.interrupt));
         nic_counters.push((nic.label, nic.device.counters()));
@@ -80,6 +84,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         link_interrupts,
         nic_counters,
         helpers,
+        ssh,
     })
 }
 

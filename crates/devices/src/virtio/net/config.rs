@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::virtio::options::pairs;
+use crate::virtio::options::{on_off, pairs};
 
 /// IFNAMSIZ less the terminating NUL.
 pub const MAX_TAP_NAME: usize = 15;
@@ -20,6 +20,9 @@ pub enum Attachment {
         forwards: Vec<PortForward>,
         /// The DNS server the guest is told about (default: the host's).
         dns: Option<std::net::IpAddr>,
+        /// Forward a free loopback port, chosen at start, to the guest's SSH port (what
+        /// `vessel ssh` connects to).
+        ssh: bool,
     },
     /// A named L2 network shared with other VMs (vessel's switch).
     Network(String),
@@ -103,7 +106,7 @@ fn check_name(kind: &str, v: &str, max: usize) -> Result<String, String> {
 }
 
 impl NetConfig {
-    /// Parses `user[,hostfwd=...][,dns=ADDR]`, `network=NAME`, `bridge=BR` or
+    /// Parses `user[,hostfwd=...][,dns=ADDR][,ssh=on]`, `network=NAME`, `bridge=BR` or
     /// `tap=NAME` (a bare first item is a TAP name), each with `[,mac=MAC]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let items = pairs(s, "tap")?;
@@ -132,6 +135,7 @@ impl NetConfig {
             "user" if value.is_empty() => Attachment::User {
                 forwards: Vec::new(),
                 dns: None,
+                ssh: false,
             },
             "network" => Attachment::Network(check_name("network", value, MAX_NETWORK_NAME)?),
             "bridge" => Attachment::Bridge(check_name("bridge", value, MAX_TAP_NAME)?),
@@ -154,12 +158,17 @@ impl NetConfig {
                             .map_err(|_| format!("dns={v}: not an IP address"))?,
                     )
                 }
-                ("hostfwd" | "dns", _) => {
+                ("ssh", Attachment::User { ssh, .. }) => *ssh = on_off(k, v)?,
+                ("hostfwd" | "dns" | "ssh", _) => {
                     return Err(format!(
                         "{k}= only goes with user networking (--net user,...)"
                     ));
                 }
-                _ => return Err(format!("unknown option '{k}' (expected mac, hostfwd, dns)")),
+                _ => {
+                    return Err(format!(
+                        "unknown option '{k}' (expected mac, hostfwd, dns, ssh)"
+                    ));
+                }
             }
         }
         Ok(NetConfig { attach, mac })
@@ -169,8 +178,11 @@ impl NetConfig {
     pub fn to_spec(&self) -> String {
         let mut s = match &self.attach {
             Attachment::Tap(n) => format!("tap={n}"),
-            Attachment::User { forwards, dns } => {
+            Attachment::User { forwards, dns, ssh } => {
                 let mut s = "user".to_string();
+                if *ssh {
+                    s += ",ssh=on";
+                }
                 for f in forwards {
                     s += &format!(",hostfwd={}", f.to_spec());
                 }
@@ -244,7 +256,7 @@ mod tests {
             "user,hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-:53,dns=10.0.0.1",
         )
         .unwrap();
-        let Attachment::User { forwards, dns } = &u.attach else {
+        let Attachment::User { forwards, dns, .. } = &u.attach else {
             panic!("{u:?}")
         };
         assert_eq!(forwards.len(), 2);
@@ -261,6 +273,7 @@ mod tests {
         assert_eq!(*dns, Some("10.0.0.1".parse().unwrap()));
         for spec in [
             "user,hostfwd=tcp::2222-:22,dns=10.0.0.1,mac=52:54:00:12:34:56",
+            "user,ssh=on,hostfwd=tcp::80-:8080",
             "network=lab,mac=52:54:00:12:34:56",
             "bridge=br0",
             "tap=vtap0",

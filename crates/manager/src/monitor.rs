@@ -242,18 +242,6 @@ impl Monitor {
                 (m.vcpu_seconds(), m.nics(), m.ssh())
             })
             .unwrap_or_default();
-        let nics = nics
-            .into_iter()
-            .map(|n| api::model::NicInfo {
-                nic: n.nic,
-                rx_frames: n.rx_frames,
-                rx_bytes: n.rx_bytes,
-                tx_frames: n.tx_frames,
-                tx_bytes: n.tx_bytes,
-                rx_dropped: n.rx_dropped,
-                tx_dropped: n.tx_dropped,
-            })
-            .collect();
         VmInfo {
             name: self.name.clone(),
             state: self.state_name().into(),

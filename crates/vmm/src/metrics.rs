@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 
+use api::model::NicInfo;
 use devices::virtio::net::NetCounters;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -67,18 +68,6 @@ pub struct Metrics {
     ssh: Mutex<Option<std::net::SocketAddr>>,
 }
 
-/// One NIC's figures, for the API and `vessel info`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NicFigures {
-    pub nic: String,
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub rx_dropped: u64,
-    pub tx_dropped: u64,
-}
-
 impl Metrics {
     pub fn new() -> Self {
         Metrics {
@@ -106,11 +95,11 @@ impl Metrics {
         lock(&self.nics).push((label, counters));
     }
 
-    pub fn nics(&self) -> Vec<NicFigures> {
+    pub fn nics(&self) -> Vec<NicInfo> {
         let get = NetCounters::get;
         lock(&self.nics)
             .iter()
-            .map(|(label, c)| NicFigures {
+            .map(|(label, c)| NicInfo {
                 nic: label.clone(),
                 rx_frames: get(&c.rx_frames),
                 rx_bytes: get(&c.rx_bytes),
@@ -297,7 +286,7 @@ impl Metrics {
             (
                 "rx_frames",
                 "Frames the guest received.",
-                (|n: &NicFigures| n.rx_frames) as fn(&NicFigures) -> u64,
+                (|n: &NicInfo| n.rx_frames) as fn(&NicInfo) -> u64,
             ),
             ("rx_bytes", "Bytes the guest received.", |n| n.rx_bytes),
             ("tx_frames", "Frames the guest sent.", |n| n.tx_frames),

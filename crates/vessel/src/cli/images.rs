@@ -116,11 +116,7 @@ fn list(store: &ImageStore, a: LsArgs) -> CliResult {
                 Err(e) => serde_json::json!({"name": name, "error": e.to_string()}),
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-        return Ok(ExitCode::SUCCESS);
+        return super::print_json(&rows);
     }
     println!(
         "{:<16} {:<10} {:<22} {:>8} {:>10}",

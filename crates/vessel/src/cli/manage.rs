@@ -267,11 +267,7 @@ pub fn list(args: ListArgs) -> CliResult {
                 }
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
-        return Ok(ExitCode::SUCCESS);
+        return super::print_json(&rows);
     }
     println!(
         "{:<20} {:<9} {:>4} {:>8}  {:>10}",
@@ -403,8 +399,7 @@ pub fn info(args: InfoArgs) -> CliResult {
             "name": bundle.name, "dir": bundle.dir, "state": live.as_ref().map(|l| l.state.clone()).unwrap_or(status.state.to_string()),
             "config": spec, "status": status, "live": live,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return Ok(ExitCode::SUCCESS);
+        return super::print_json(&v);
     }
     println!("name      {}", bundle.name);
     println!("folder    {}", bundle.dir.display());
@@ -577,8 +572,7 @@ pub fn host(args: ListArgs) -> CliResult {
             "host": h, "cpu_capacity": h.cpu_capacity(), "memory_capacity": h.memory_capacity() as u64,
             "cpus_allocated": cpus, "memory_allocated": memory, "vms": held,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return Ok(ExitCode::SUCCESS);
+        return super::print_json(&v);
     }
     println!(
         "cpus      {} (overcommit {}: {} vCPUs)",

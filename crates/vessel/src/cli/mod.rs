@@ -248,6 +248,15 @@ impl From<api::ClientError> for Failure {
 
 pub type CliResult = Result<ExitCode, Failure>;
 
+/// `--json` output: pretty JSON on stdout.
+pub fn print_json(v: &impl serde::Serialize) -> CliResult {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(Failure::usage)?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

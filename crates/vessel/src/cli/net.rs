@@ -9,7 +9,7 @@ use devices::virtio::net::{Attachment, NetConfig, format_mac};
 use manager::{Bundle, Home};
 use network::dhcp::DhcpServer;
 
-use super::{CliResult, Failure};
+use super::CliResult;
 
 #[derive(Subcommand)]
 pub enum NetCommand {
@@ -90,11 +90,7 @@ fn list(a: LsArgs) -> CliResult {
     }
     if a.json {
         let rows: Vec<&Row> = rows.values().collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).map_err(Failure::usage)?
-        );
-        return Ok(ExitCode::SUCCESS);
+        return super::print_json(&rows);
     }
     println!("{:<16} {:<16} {:<8} VMS", "NETWORK", "SUBNET", "SWITCH");
     for r in rows.values() {

@@ -19,12 +19,42 @@ pub enum Action {
     Reboot,
     /// Ends the VM at once.
     Kill,
+    /// Saves the whole VM as a snapshot (named by `name`, else `snapN`) and runs on.
+    Snapshot,
+    /// Saves the whole VM and stops it; the next start continues it.
+    Suspend,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: Action,
+    /// The snapshot's name (`snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What the snapshot is for (`snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl ActionRequest {
+    pub fn new(action: Action) -> Self {
+        ActionRequest {
+            action,
+            name: None,
+            description: None,
+        }
+    }
+}
+
+/// What a snapshot or suspend did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotBody {
+    pub snapshot: String,
+    /// How long the VM was paused for it.
+    pub seconds: f64,
+    /// Bytes of guest memory written (pages of zeros are not).
+    pub memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -6,9 +6,11 @@ pub mod emu;
 mod exit;
 pub mod kick;
 pub mod kvm;
+mod snapshot;
 
 pub use exit::{Exit, FatalExit};
 pub use kick::KickFlag;
+pub use snapshot::{BackendVcpu, VcpuSnapshot};
 
 /// Guest RAM as vessel allocates it: writes through vm-memory (devices, loaders) reach
 /// the interpreters' decoded-code map.
@@ -40,6 +42,10 @@ pub trait Vcpu: Send {
     fn software_cpu_stats(&self) -> Option<x86::Stats> {
         None
     }
+    /// Everything this vCPU holds, for a snapshot (called while it is parked).
+    fn save(&mut self) -> Result<VcpuSnapshot, VcpuError>;
+    /// Loads a snapshot (before the vCPU first runs).
+    fn restore(&mut self, s: &VcpuSnapshot) -> Result<(), VcpuError>;
 }
 
 /// A vCPU's position, as best the backend can tell.

@@ -34,7 +34,30 @@ pub struct AcpiPm {
     requests: RequestSink,
 }
 
+/// The PM1 registers as plain data, for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiPmState {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
 impl AcpiPm {
+    pub fn save(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    pub fn restore(&mut self, s: &AcpiPmState) {
+        self.status = s.status;
+        self.enable = s.enable;
+        self.control = s.control;
+        self.update_sci();
+    }
+
     pub fn new(sci: Arc<dyn IrqLine>, requests: RequestSink) -> Self {
         AcpiPm {
             status: 0,

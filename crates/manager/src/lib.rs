@@ -4,10 +4,12 @@
 //! that API. Starting a VM goes through host admission control.
 
 pub mod bundle;
+pub mod clone;
 mod error;
 pub mod home;
 pub mod host;
 pub mod monitor;
+pub mod snapshots;
 pub mod spec;
 pub mod ssh;
 pub mod status;

@@ -23,6 +23,7 @@ use crate::bundle::Bundle;
 use crate::error::ManagerError;
 use crate::home::Home;
 use crate::host::{self, Allocation, Host};
+use crate::snapshots;
 use crate::spec::{Restart, VmSpec};
 use crate::status::{self, Status, VmState};
 
@@ -206,6 +207,8 @@ struct Monitor {
     reboot_requested: AtomicBool,
     /// The host asked to kill the VM: never boot it again.
     kill_requested: AtomicBool,
+    /// The VM was saved to `suspended/`: it ends as suspended.
+    suspended: AtomicBool,
     status_lock: Mutex<()>,
 }
 
@@ -260,7 +263,65 @@ impl Monitor {
         }
     }
 
-    fn act(&self, action: Action) -> Response {
+    /// Saves the VM as snapshot `req.name` (or the next free `snapN`) and lets it run on.
+    fn snapshot(&self, req: &ActionRequest) -> Response {
+        let Some(handle) = lock(&self.handle).clone() else {
+            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
+        };
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| self.bundle.next_snapshot_name());
+        let dest = match self.bundle.new_snapshot_dir(&name) {
+            Ok(d) => d,
+            Err(e) => return Response::error(409, e.to_string()),
+        };
+        let meta = snapshots::SnapshotMeta {
+            name: name.clone(),
+            parent: self.bundle.head(),
+            description: req.description.clone().unwrap_or_default(),
+            created_unix: status::now_unix(),
+            live: true,
+        };
+        let fill = |tmp: &Path| {
+            snapshots::fill(&self.bundle, &self.spec, &meta, tmp).map_err(|e| e.to_string())
+        };
+        match handle.snapshot(&dest, &fill) {
+            Ok(c) => {
+                if let Err(e) = self.bundle.set_head(Some(&name)) {
+                    tracing::warn!("{e}");
+                }
+                Response::json(200, &snapshot_body(name, &c))
+            }
+            Err(e) => Response::error(500, e.to_string()),
+        }
+    }
+
+    /// Saves the VM to `suspended/` and ends it; the next start continues it.
+    fn suspend(&self) -> Response {
+        let Some(handle) = lock(&self.handle).clone() else {
+            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
+        };
+        let dest = self.bundle.suspended_dir();
+        let _ = std::fs::remove_dir_all(&dest);
+        match handle.snapshot(&dest, &|_: &Path| Ok(())) {
+            Ok(c) => {
+                self.suspended.store(true, Ordering::SeqCst);
+                self.kill_requested.store(true, Ordering::SeqCst);
+                handle.kill();
+                Response::json(200, &snapshot_body("suspended".into(), &c))
+            }
+            Err(e) => Response::error(500, e.to_string()),
+        }
+    }
+
+    fn act(&self, req: &ActionRequest) -> Response {
+        let action = req.action;
+        match action {
+            Action::Snapshot => return self.snapshot(req),
+            Action::Suspend => return self.suspend(),
+            _ => {}
+        }
         if action == Action::Kill {
             self.kill_requested.store(true, Ordering::SeqCst);
         }
@@ -294,6 +355,7 @@ impl Monitor {
                 handle.kill();
                 Ok(())
             }
+            Action::Snapshot | Action::Suspend => Ok(()),
         };
         match result {
             Ok(()) => Response::json(
@@ -326,7 +388,7 @@ impl Monitor {
                 },
             ),
             (Method::Post, "actions") => match serde_json::from_slice::<ActionRequest>(&r.body) {
-                Ok(req) => self.act(req.action),
+                Ok(req) => self.act(&req),
                 Err(e) => Response::error(400, format!("invalid action request: {e}")),
             },
             (Method::Get, "metrics") => {
@@ -411,12 +473,32 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         client: Mutex::new(None),
     });
     // Build the first boot before announcing ourselves, so configuration errors reach
-    // `vessel start` (through monitor.log) and the VM never shows as running.
+    // `vessel start` (through monitor.log) and the VM never shows as running. A
+    // suspended VM continues from its saved state.
     let config = spec.to_vm_config(&bundle.dir)?;
+    let suspended = bundle.suspended_dir();
+    let restore = if suspended.join(vmm::snapshot::file::STATE).is_file() {
+        let state = vmm::snapshot::read_state(&suspended)
+            .map_err(|e| ManagerError::Other(e.to_string()))?;
+        Some(vmm::builder::Restore {
+            state,
+            memory: suspended.join(vmm::snapshot::file::MEMORY),
+        })
+    } else {
+        None
+    };
     let mut vm = Some(
-        vmm::builder::build(&config, Console::Output(Box::new(HubWriter(hub.clone()))))
-            .map_err(|e| ManagerError::Other(e.to_string()))?,
+        vmm::builder::build_from(
+            &config,
+            Console::Output(Box::new(HubWriter(hub.clone()))),
+            restore.as_ref(),
+        )
+        .map_err(|e| ManagerError::Other(e.to_string()))?,
     );
+    if restore.is_some() {
+        // The saved memory is mapped privately: the file can go, the mapping stays.
+        let _ = std::fs::remove_dir_all(&suspended);
+    }
     let monitor = Arc::new(Monitor {
         name: name.to_string(),
         bundle: bundle.clone(),
@@ -428,6 +510,7 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         pid_start: status::process_start_time(std::process::id()),
         reboot_requested: AtomicBool::new(false),
         kill_requested: AtomicBool::new(false),
+        suspended: AtomicBool::new(false),
         status_lock: Mutex::new(()),
     });
     let control = bind(&bundle.control_socket())?;
@@ -488,6 +571,18 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let _ = std::fs::remove_file(bundle.console_socket());
     // Answer the request that ended the VM (a kill) before going away.
     in_flight.drain(Duration::from_secs(2));
-    monitor.write_status(VmState::Stopped, Some(last_exit));
+    if monitor.suspended.load(Ordering::SeqCst) {
+        monitor.write_status(VmState::Suspended, Some("suspended".into()));
+    } else {
+        monitor.write_status(VmState::Stopped, Some(last_exit));
+    }
     Ok(())
+}
+
+fn snapshot_body(name: String, c: &vmm::snapshot::capture::Captured) -> api::model::SnapshotBody {
+    api::model::SnapshotBody {
+        snapshot: name,
+        seconds: c.seconds,
+        memory_bytes: c.state.memory_bytes,
+    }
 }

@@ -14,6 +14,8 @@ pub enum VmState {
     Running,
     Paused,
     Stopped,
+    /// Saved to its folder and stopped; the next start continues it.
+    Suspended,
     /// The monitor process died without stopping the VM.
     Crashed,
 }
@@ -25,6 +27,7 @@ impl std::fmt::Display for VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Stopped => "stopped",
+            VmState::Suspended => "suspended",
             VmState::Crashed => "crashed",
         })
     }

@@ -73,7 +73,7 @@ fn main() {
         let t = Instant::now();
         for action in [Action::Pause, Action::Resume] {
             let _: StateBody = client
-                .post("/v1/vms/bench/actions", &ActionRequest { action })
+                .post("/v1/vms/bench/actions", &ActionRequest::new(action))
                 .unwrap();
         }
         pause_ms.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use cpu::KickFlag;
+use cpu::{KickFlag, Vcpu, VcpuSnapshot};
 use devices::bus::lock;
 use serde::Serialize;
 use thiserror::Error;
@@ -32,6 +32,8 @@ struct Inner {
     live: usize,
     /// vCPU threads waiting in `park`.
     parked: usize,
+    /// A snapshot in progress: each parked vCPU puts its state in its slot.
+    capture: Option<Vec<Option<Result<VcpuSnapshot, String>>>>,
 }
 
 pub struct VmControl {
@@ -49,6 +51,7 @@ impl VmControl {
                 state: RunState::Running,
                 live: 0,
                 parked: 0,
+                capture: None,
             }),
             changed: Condvar::new(),
             running: AtomicBool::new(true),
@@ -73,8 +76,8 @@ impl VmControl {
     }
 
     /// Should this vCPU keep running guest code? Cheap while running; parks the
-    /// calling vCPU while paused.
-    pub(crate) fn keep_running(&self) -> bool {
+    /// calling vCPU while paused (saving its state there when a snapshot asks).
+    pub(crate) fn keep_running(&self, vcpu: &mut dyn Vcpu) -> bool {
         if self.running.load(Ordering::Acquire) {
             return true;
         }
@@ -83,11 +86,53 @@ impl VmControl {
             inner.parked += 1;
             self.changed.notify_all();
             while inner.state == RunState::Paused {
+                let slot = usize::from(vcpu.index());
+                let wanted = inner
+                    .capture
+                    .as_ref()
+                    .is_some_and(|c| c.get(slot).is_some_and(Option::is_none));
+                if wanted {
+                    drop(inner);
+                    let saved = vcpu.save().map_err(|e| e.to_string());
+                    inner = lock(&self.inner);
+                    if let Some(s) = inner.capture.as_mut().and_then(|c| c.get_mut(slot)) {
+                        *s = Some(saved);
+                    }
+                    self.changed.notify_all();
+                    continue;
+                }
                 inner = self.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
             }
             inner.parked -= 1;
         }
         inner.state == RunState::Running
+    }
+
+    /// Every vCPU's state, saved by the vCPU threads themselves (the VM must be
+    /// paused, so they all are parked).
+    pub(crate) fn capture(&self, vcpus: usize) -> Result<Vec<VcpuSnapshot>, String> {
+        let mut inner = lock(&self.inner);
+        if inner.state != RunState::Paused {
+            return Err("the VM is not paused".into());
+        }
+        if inner.live != vcpus {
+            return Err(format!("{} of {vcpus} vCPUs are running", inner.live));
+        }
+        inner.capture = Some(vec![None; vcpus]);
+        self.changed.notify_all();
+        while inner
+            .capture
+            .as_ref()
+            .is_some_and(|c| c.iter().any(Option::is_none))
+            && inner.state == RunState::Paused
+        {
+            inner = self.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+        }
+        let slots = inner.capture.take().unwrap_or_default();
+        slots
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| Err("the VM stopped during the snapshot".into())))
+            .collect()
     }
 
     fn kick_all(&self) {
@@ -151,6 +196,50 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
 
+    /// A vCPU that has nothing to save (the fake threads below).
+    struct NoVcpu;
+    impl Vcpu for NoVcpu {
+        fn index(&self) -> u8 {
+            0
+        }
+        fn run(&mut self) -> Result<cpu::Exit<'_>, cpu::VcpuError> {
+            unreachable!("never run")
+        }
+        fn location(&mut self) -> cpu::Location {
+            cpu::Location::default()
+        }
+        fn kick_flag(&self) -> KickFlag {
+            KickFlag::default()
+        }
+        fn state(&mut self) -> Result<x86::CpuState, cpu::VcpuError> {
+            Ok(x86::CpuState::default())
+        }
+        fn set_state(&mut self, _: &x86::CpuState) -> Result<(), cpu::VcpuError> {
+            Ok(())
+        }
+        fn inject(&mut self, _: x86::Exception) -> Result<(), cpu::VcpuError> {
+            Ok(())
+        }
+        fn cpuid(&self, _: u32, _: u32) -> [u32; 4] {
+            [0; 4]
+        }
+        fn rdmsr(&mut self, _: u32) -> Option<u64> {
+            None
+        }
+        fn wrmsr(&mut self, _: u32, _: u64) -> bool {
+            false
+        }
+        fn save(&mut self) -> Result<VcpuSnapshot, cpu::VcpuError> {
+            Err(cpu::VcpuError::Emu {
+                index: 0,
+                reason: "nothing to save".into(),
+            })
+        }
+        fn restore(&mut self, _: &VcpuSnapshot) -> Result<(), cpu::VcpuError> {
+            Ok(())
+        }
+    }
+
     /// Fake vCPU threads spin on keep_running, counting "instructions".
     fn spawn(
         control: &Arc<VmControl>,
@@ -164,7 +253,7 @@ mod tests {
             let control = control.clone();
             lock(&control.inner).live += 1;
             threads.push(std::thread::spawn(move || {
-                while control.keep_running() {
+                while control.keep_running(&mut NoVcpu) {
                     c.fetch_add(1, Ordering::Relaxed);
                 }
                 control.vcpu_exited();

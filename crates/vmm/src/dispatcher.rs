@@ -49,7 +49,7 @@ impl Dispatcher {
         let index = vcpu.index();
         // Made on first use: most vCPUs on hosts with VT-x/AMD-V never need it.
         let mut interpreter: Option<Interpreter> = None;
-        while self.control.keep_running() {
+        while self.control.keep_running(vcpu) {
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => {

@@ -9,6 +9,7 @@ pub mod dispatcher;
 mod error;
 mod fallback;
 pub mod metrics;
+pub mod snapshot;
 mod teardown;
 pub mod vm;
 

@@ -81,6 +81,7 @@ pub struct VmHandle {
     serial: Arc<Mutex<Serial>>,
     hvc: Option<devices::virtio::console::ConsoleInput>,
     metrics: Arc<Metrics>,
+    persist: Arc<crate::snapshot::Persist>,
 }
 
 impl VmHandle {
@@ -134,6 +135,16 @@ impl VmHandle {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+
+    /// Saves the whole VM into the snapshot folder `dest` (with what `fill` adds while
+    /// it is paused: its config, copies of its disks). A running VM runs on afterwards.
+    pub fn snapshot(
+        &self,
+        dest: &std::path::Path,
+        fill: crate::snapshot::file::Fill,
+    ) -> Result<crate::snapshot::capture::Captured, crate::snapshot::SnapshotError> {
+        self.persist.capture(&self.control, dest, fill)
+    }
 }
 
 pub struct Vm {
@@ -154,6 +165,7 @@ pub struct Vm {
     detach_teardown: bool,
     mem: cpu::GuestMemory,
     kvm_fallback: bool,
+    persist: Arc<crate::snapshot::Persist>,
 }
 
 /// What the builder hands over.
@@ -169,6 +181,7 @@ pub(crate) struct VmParts {
     pub mem: cpu::GuestMemory,
     pub kvm_fallback: bool,
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
+    pub persist: Arc<crate::snapshot::Persist>,
 }
 
 impl Vm {
@@ -187,6 +200,7 @@ impl Vm {
             mem: p.mem,
             kvm_fallback: p.kvm_fallback,
             _helpers: p.helpers,
+            persist: p.persist,
         }
     }
 
@@ -204,6 +218,7 @@ impl Vm {
             serial: self.platform.serial.clone(),
             hvc: self.platform.stdio_hvc.clone(),
             metrics: self.metrics.clone(),
+            persist: self.persist.clone(),
         }
     }
 

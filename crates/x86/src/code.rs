@@ -253,3 +253,30 @@ pub fn guest_memory(
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
 }
+
+/// Guest RAM mapped privately from `file` (the ranges one after the other in it): pages
+/// are read in as the guest touches them and writes stay in this process. A restored
+/// VM starts without reading its memory first.
+pub fn guest_memory_from_file(
+    ranges: &[(GuestAddress, usize)],
+    code: &Arc<CodeMap>,
+    file: &std::fs::File,
+) -> Result<GuestMemoryMmap<CodeBitmap>, FromRangesError> {
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for &(start, len) in ranges {
+        let bitmap = CodeBitmap::new(Arc::clone(code), start);
+        let f = file
+            .try_clone()
+            .map_err(|e| FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+            .with_file_offset(vm_memory::FileOffset::new(f, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()?;
+        regions
+            .push(GuestRegionMmap::new(mapping, start).ok_or(FromRangesError::InvalidGuestRegion)?);
+        offset += len as u64;
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}

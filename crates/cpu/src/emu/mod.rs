@@ -280,6 +280,24 @@ impl Vcpu for EmuVcpu {
         Some(self.interp.stats())
     }
 
+    fn save(&mut self) -> Result<crate::VcpuSnapshot, VcpuError> {
+        Ok(crate::VcpuSnapshot {
+            index: self.index,
+            cpu: self.cpu.clone(),
+            halted: self.halted,
+            backend: crate::BackendVcpu::Emu,
+        })
+    }
+
+    fn restore(&mut self, s: &crate::VcpuSnapshot) -> Result<(), VcpuError> {
+        self.cpu = s.cpu.clone();
+        self.halted = s.halted;
+        // The local APIC's TPR comes with the interrupt controller's state.
+        self.cr8 = s.cpu.cr8;
+        self.interp.invalidate_all_code();
+        Ok(())
+    }
+
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
         let (mut p, _, _) = self.platform();
         x86::Platform::rdmsr(&mut p, msr)

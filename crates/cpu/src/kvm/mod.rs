@@ -11,7 +11,7 @@ mod vm;
 
 pub use irq::{KvmEdgeIrq, KvmLevelIrq, register_notify};
 pub use msi::{KvmMsi, MAX_MSI_ROUTES};
-pub use vcpu::KvmVcpu;
+pub use vcpu::{KvmVcpu, KvmVcpuExtra};
 pub use vm::{Kvm, KvmVm};
 
 use thiserror::Error;

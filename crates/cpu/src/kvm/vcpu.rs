@@ -207,6 +207,44 @@ impl Vcpu for KvmVcpu {
         Ok(())
     }
 
+    fn save(&mut self) -> Result<crate::VcpuSnapshot, VcpuError> {
+        let index = self.index;
+        let err = |source| VcpuError::Kvm { index, source };
+        let cpu = self.state()?;
+        let extra = KvmVcpuExtra::read(&self.fd).map_err(err)?;
+        Ok(crate::VcpuSnapshot {
+            index,
+            cpu,
+            halted: extra.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED,
+            backend: crate::BackendVcpu::Kvm(Box::new(extra)),
+        })
+    }
+
+    fn restore(&mut self, s: &crate::VcpuSnapshot) -> Result<(), VcpuError> {
+        let index = self.index;
+        let err = |source| VcpuError::Kvm { index, source };
+        self.set_state(&s.cpu)?;
+        match &s.backend {
+            crate::BackendVcpu::Kvm(extra) => extra.write(&self.fd).map_err(err)?,
+            crate::BackendVcpu::Emu => {
+                // From the software CPU: its local APIC comes separately (the VM's
+                // interrupt state); here only whether the vCPU waits in HLT.
+                let mp_state = kvm_bindings::kvm_mp_state {
+                    mp_state: if s.halted {
+                        kvm_bindings::KVM_MP_STATE_HALTED
+                    } else {
+                        kvm_bindings::KVM_MP_STATE_RUNNABLE
+                    },
+                };
+                self.fd
+                    .set_mp_state(mp_state)
+                    .map_err(ioctl("KVM_SET_MP_STATE"))
+                    .map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
     fn inject(&mut self, exception: x86::Exception) -> Result<(), VcpuError> {
         let index = self.index;
         let err = |source| VcpuError::Kvm { index, source };
@@ -289,5 +327,48 @@ impl Drop for KvmVcpu {
     fn drop(&mut self) {
         // The kick handler must never write into an unmapped kvm_run.
         kick::set_current(std::ptr::null_mut());
+    }
+}
+
+/// What a KVM vCPU holds beyond the architectural state.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KvmVcpuExtra {
+    pub lapic: kvm_bindings::kvm_lapic_state,
+    pub events: kvm_bindings::kvm_vcpu_events,
+    pub mp_state: kvm_bindings::kvm_mp_state,
+    pub tsc: u64,
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+
+impl KvmVcpuExtra {
+    fn read(fd: &VcpuFd) -> Result<Self, KvmError> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|_| KvmError::MissingCapability("MSR table size"))?;
+        fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+        Ok(KvmVcpuExtra {
+            lapic: fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?,
+            events: fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+            tsc: msrs.as_slice()[0].data,
+        })
+    }
+
+    fn write(&self, fd: &VcpuFd) -> Result<(), KvmError> {
+        fd.set_lapic(&self.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data: self.tsc,
+            ..Default::default()
+        }])
+        .map_err(|_| KvmError::MissingCapability("MSR table size"))?;
+        fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(ioctl("KVM_SET_MP_STATE"))?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))
     }
 }

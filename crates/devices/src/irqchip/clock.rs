@@ -16,7 +16,11 @@ pub struct GuestClock(Source);
 
 #[derive(Clone, Debug)]
 enum Source {
-    Host { start: Instant },
+    /// `base` nanoseconds at host instant `start`.
+    Host {
+        start: Instant,
+        base: u64,
+    },
     Manual(Arc<AtomicU64>),
 }
 
@@ -34,9 +38,10 @@ impl GuestClock {
 
     /// A clock following host time that reads `ns` now: a restored VM continues its time.
     pub fn resume_at(ns: u64) -> Self {
-        let now = Instant::now();
-        let start = now.checked_sub(Duration::from_nanos(ns)).unwrap_or(now);
-        GuestClock(Source::Host { start })
+        GuestClock(Source::Host {
+            start: Instant::now(),
+            base: ns,
+        })
     }
 
     /// A clock that stands still at 0 until `advance` or `set` moves it.
@@ -44,10 +49,10 @@ impl GuestClock {
         GuestClock(Source::Manual(Arc::new(AtomicU64::new(0))))
     }
 
-    /// Guest nanoseconds since the VM started.
+    /// Guest nanoseconds since the VM started (a restored VM counts on from its snapshot).
     pub fn now_ns(&self) -> u64 {
         match &self.0 {
-            Source::Host { start } => start.elapsed().as_nanos() as u64,
+            Source::Host { start, base } => base + start.elapsed().as_nanos() as u64,
             Source::Manual(ns) => ns.load(Ordering::Acquire),
         }
     }

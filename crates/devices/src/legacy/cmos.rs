@@ -101,7 +101,32 @@ impl DateTime {
     }
 }
 
+/// The CMOS as plain data, for snapshots: the index register, the NVRAM, and the guest's
+/// clock as an offset from the host's (so a restored guest reads the current time).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    pub index: usize,
+    pub ram: Vec<u8>,
+    pub offset: i64,
+}
+
 impl Cmos {
+    pub fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+            offset: self.offset,
+        }
+    }
+
+    pub fn restore(&mut self, s: &CmosState) {
+        self.index = s.index % self.ram.len();
+        for (d, v) in self.ram.iter_mut().zip(&s.ram) {
+            *d = *v;
+        }
+        self.offset = s.offset;
+    }
+
     pub fn new() -> Self {
         Self::with_clock(Box::new(host_now))
     }

@@ -25,7 +25,65 @@ pub struct Serial {
     uart: vm_superio::Serial<IrqTrigger, NoEvents, SerialOutput>,
 }
 
+/// The UART's registers and receive FIFO as plain data, for snapshots (vm-superio's
+/// `SerialState`, which is not serde).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl Serial {
+    pub fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Loads saved registers; the output and the interrupt line stay this serial's.
+    pub fn restore(&mut self, s: &SerialState) {
+        let irq = self.uart.interrupt_evt().0.clone();
+        let placeholder = vm_superio::Serial::new(
+            IrqTrigger(irq.clone()),
+            Box::new(std::io::sink()) as SerialOutput,
+        );
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.iter().copied().take(64).collect(),
+        };
+        match vm_superio::Serial::from_state(&state, IrqTrigger(irq.clone()), NoEvents, out) {
+            Ok(uart) => self.uart = uart,
+            Err(e) => tracing::warn!("serial state not restored: {e:?}"),
+        }
+    }
+
     pub fn new(irq: Arc<dyn IrqLine>, out: SerialOutput) -> Self {
         Serial {
             uart: vm_superio::Serial::new(IrqTrigger(irq), out),

@@ -72,6 +72,20 @@ pub struct ConfigSpace {
 }
 
 impl ConfigSpace {
+    /// The configuration registers' bytes (for snapshots).
+    pub fn save(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Loads saved registers: only the bits the guest may write are taken, so a saved
+    /// image cannot change IDs, capabilities or BAR placement.
+    pub fn restore(&mut self, saved: &[u8]) {
+        for (i, (b, s)) in self.bytes.iter_mut().zip(saved).enumerate() {
+            let w = self.writable[i];
+            *b = (*b & !w) | (*s & w);
+        }
+    }
+
     /// A function with the given IDs and class code (class << 16 | subclass << 8 | prog-if).
     pub fn new(vendor: u16, device: u16, class: u32, revision: u8) -> Self {
         let mut c = ConfigSpace {

@@ -130,6 +130,19 @@ impl MsixTable {
         &self.state
     }
 
+    /// Loads a saved table of the same size (extra entries are ignored, missing ones
+    /// stay masked).
+    pub fn restore(&mut self, saved: &MsixState) {
+        for (e, s) in self.state.entries.iter_mut().zip(&saved.entries) {
+            *e = *s;
+        }
+        for (p, s) in self.state.pending.iter_mut().zip(&saved.pending) {
+            *p = *s;
+        }
+        self.state.enabled = saved.enabled;
+        self.state.function_masked = saved.function_masked;
+    }
+
     /// Back to power-on: disabled, every vector masked, nothing pending.
     pub fn reset(&mut self) {
         let vectors = self.vectors();

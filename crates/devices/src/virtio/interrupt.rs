@@ -136,6 +136,23 @@ impl VirtioInterrupt {
         lock(&self.msix)
     }
 
+    /// Loads saved registers (snapshot restore); vectors the table lacks are dropped.
+    pub(crate) fn restore(
+        &self,
+        status: u8,
+        config_vector: u16,
+        queue_vectors: &[u16],
+        msix: &crate::pci::msix::MsixState,
+    ) {
+        self.msix().restore(msix);
+        self.status.store(status, Ordering::Release);
+        self.config_vector
+            .store(self.valid_vector(config_vector), Ordering::Release);
+        for (v, saved) in self.queue_vectors.iter().zip(queue_vectors) {
+            v.store(self.valid_vector(*saved), Ordering::Release);
+        }
+    }
+
     fn valid_vector(&self, vector: u16) -> u16 {
         if vector < self.msix().vectors() {
             vector

@@ -44,6 +44,7 @@ pub use guest_io::{GuestAccess, GuestRam};
 pub use interrupt::VirtioInterrupt;
 pub use pci::{
     BAR_SIZE, NOTIFY_OFF_MULTIPLIER, QueueConfig, TransportState, VirtioPciDevice, VirtioPciError,
+    VirtioPciState,
 };
 pub use worker::{QueueHandler, Worker};
 

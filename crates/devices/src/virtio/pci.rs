@@ -66,6 +66,11 @@ pub struct QueueConfig {
     pub desc: u64,
     pub driver: u64,
     pub device: u64,
+    /// Where the device resumes in the rings (set by a quiesce, for snapshots).
+    #[serde(default)]
+    pub next_avail: u16,
+    #[serde(default)]
+    pub next_used: u16,
 }
 
 impl QueueConfig {
@@ -77,8 +82,18 @@ impl QueueConfig {
             desc: 0,
             driver: 0,
             device: 0,
+            next_avail: 0,
+            next_used: 0,
         }
     }
+}
+
+/// A virtio PCI function as plain data: its type, configuration space and transport.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u32,
+    pub config: Vec<u8>,
+    pub transport: TransportState,
 }
 
 /// The transport's registers as plain data (for snapshots).
@@ -273,6 +288,69 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
             config_generation: self.config_generation,
             msix: self.interrupt.msix().state().clone(),
         }
+    }
+
+    /// Stops the device's worker (its requests in flight complete first) and records
+    /// where each queue stands, read back from the used rings: once the worker has
+    /// stopped, every chain it took is in the used ring. For a snapshot; `resume` (or a
+    /// restore elsewhere) carries on from there.
+    pub fn quiesce(&mut self) {
+        if self.interrupt.device_status() & status::DRIVER_OK == 0 {
+            return;
+        }
+        self.device.reset();
+        for q in self.queues.iter_mut().filter(|q| q.ready) {
+            let idx = vm_memory::Bytes::read_obj::<u16>(&self.mem, GuestAddress(q.device + 2))
+                .unwrap_or(0);
+            q.next_used = idx;
+            q.next_avail = idx;
+        }
+    }
+
+    /// Starts the worker again after `quiesce`.
+    pub fn resume(&mut self) {
+        if self.interrupt.device_status() & status::DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    /// Everything about this function a snapshot needs (after `quiesce`).
+    pub fn save(&self) -> VirtioPciState {
+        VirtioPciState {
+            device_type: self.device_type as u32,
+            config: self.config.save(),
+            transport: self.state(),
+        }
+    }
+
+    /// Loads a saved function into this one (same device type and queues) and, if the
+    /// driver had it running, starts its worker where the queues stood.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
+        let t = &s.transport;
+        if s.device_type != self.device_type as u32 || t.queues.len() != self.queues.len() {
+            return Err(format!(
+                "a saved {} device with {} queues does not match this {} with {}",
+                s.device_type,
+                t.queues.len(),
+                self.device_type.name(),
+                self.queues.len()
+            ));
+        }
+        self.config.restore(&s.config);
+        self.device_feature_select = t.device_feature_select;
+        self.driver_feature_select = t.driver_feature_select;
+        self.driver_features = t.driver_features & self.device_features;
+        self.queue_select = t.queue_select;
+        for (q, saved) in self.queues.iter_mut().zip(&t.queues) {
+            let max_size = q.max_size;
+            *q = *saved;
+            q.max_size = max_size;
+        }
+        self.config_generation = t.config_generation;
+        self.interrupt
+            .restore(t.device_status, t.config_vector, &t.queue_vectors, &t.msix);
+        self.resume();
+        Ok(())
     }
 
     /// The device configuration changed (a link came up, a disk was resized): bump
@@ -590,6 +668,8 @@ fn build_queue<M: GuestMemory>(q: &QueueConfig, event_idx: bool, mem: &M) -> Res
         return Err("available ring at address 0".into());
     }
     queue.set_event_idx(event_idx);
+    queue.set_next_avail(q.next_avail);
+    queue.set_next_used(q.next_used);
     queue.set_ready(true);
     Ok(queue)
 }

@@ -98,17 +98,10 @@ fn absolute(p: &Path) -> Result<String, Failure> {
 
 /// A --disk spec with its path made absolute (vm.toml paths are relative to the bundle).
 fn absolute_disk(spec: &str) -> Result<String, Failure> {
-    let c = devices::virtio::block::BlockConfig::parse(spec)
+    let mut c = devices::virtio::block::BlockConfig::parse(spec)
         .map_err(|e| Failure::usage(format!("--disk {spec:?}: {e}")))?;
-    let path = absolute(&c.path)?;
-    let mut out = format!("path={path}");
-    if c.readonly {
-        out += ",readonly=on";
-    }
-    if let Some(id) = c.id {
-        out += &format!(",id={id}");
-    }
-    Ok(out)
+    c.path = absolute(&c.path)?.into();
+    Ok(c.to_spec())
 }
 
 pub fn create(args: CreateArgs) -> CliResult {
@@ -332,7 +325,7 @@ fn post_action(bundle: &Bundle, action: Action) -> Result<StateBody, Failure> {
     let c = client(bundle, &verb)?;
     Ok(c.post(
         &format!("/v1/vms/{}/actions", bundle.name),
-        &ActionRequest { action },
+        &ActionRequest::new(action),
     )?)
 }
 
@@ -522,6 +515,13 @@ pub fn logs(args: LogsArgs) -> CliResult {
 }
 
 pub fn set(args: SetArgs) -> CliResult {
+    let (_, b) = open(&args.name)?;
+    if b.suspended_dir().exists() {
+        return Err(Failure::refused(format!(
+            "VM {} is suspended: its saved state holds the old settings; start it and stop it first",
+            b.name
+        )));
+    }
     let (_, bundle) = open(&args.name)?;
     let state = bundle.status().state;
     if matches!(state, VmState::Running | VmState::Paused) {

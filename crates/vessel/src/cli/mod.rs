@@ -7,6 +7,7 @@ mod images;
 mod manage;
 mod net;
 mod run;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,13 @@ enum Command {
     Resume(manage::NameArg),
     /// Show a VM's configuration and, while it runs, its live figures.
     Info(manage::InfoArgs),
+    /// Save a running VM to its folder and stop it; `vessel start` continues it.
+    Suspend(manage::NameArg),
+    /// Take a snapshot of a VM (running: memory and devices too; stopped: its disks),
+    /// or: snapshot ls|restore|rm.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Copy a VM (or one of its snapshots) into a new VM with new MAC addresses.
+    Clone(snapshot::CloneArgs),
     /// Open an SSH session to a VM made from an image (or run a command: -- CMD...).
     Ssh(manage::SshArgs),
     /// Print a VM's serial console log.
@@ -288,6 +296,9 @@ pub fn main() -> ExitCode {
         Command::Info(args) => manage::info(args),
         Command::Logs(args) => manage::logs(args),
         Command::Ssh(args) => manage::ssh(args),
+        Command::Suspend(args) => snapshot::suspend(args.name()),
+        Command::Snapshot(args) => snapshot::main(args),
+        Command::Clone(args) => snapshot::clone(args),
         Command::Set(args) => manage::set(args),
         Command::Rm(args) => manage::remove(args),
         Command::Host(args) => manage::host(args),

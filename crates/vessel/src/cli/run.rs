@@ -20,6 +20,10 @@ pub struct RunArgs {
     /// of running it in vessel's interpreter (to compare how far a guest gets).
     #[arg(long)]
     no_kvm_fallback: bool,
+    /// Continue a VM saved in a snapshot folder (`vessel snapshot`, `vessel suspend`):
+    /// its config is the folder's vm.toml, on the --accel given.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "kernel", "initrd"])]
+    restore: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -33,6 +37,9 @@ pub struct KitArgs {
 }
 
 pub fn run(args: RunArgs) -> CliResult {
+    if let Some(dir) = &args.restore {
+        return run_restored(&args, dir);
+    }
     let Some(name) = args.vm.image.clone() else {
         return run_vm(&args, None);
     };
@@ -153,4 +160,31 @@ pub fn kit(args: KitArgs) -> CliResult {
     println!("initrd   {}", kit.initrd.display());
     println!("version  {}", kit.kernel_version);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `vessel run --restore DIR`: the snapshot's VM, continued in the foreground.
+fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
+    let state = vmm::snapshot::read_state(dir).map_err(Failure::usage)?;
+    let toml = dir.join("vm.toml");
+    let text = std::fs::read_to_string(&toml)
+        .map_err(|e| Failure::usage(format!("{}: {e}", toml.display())))?;
+    let mut spec = manager::VmSpec::from_toml(&toml, &text)?;
+    if args.vm.accel.name() != "auto" {
+        spec.accel = args.vm.accel.name().into();
+    }
+    let mut config = spec.to_vm_config(dir)?;
+    config.networks = network::switch::networks_dir(manager::Home::from_env()?.root());
+    let restore = vmm::builder::Restore {
+        state,
+        memory: dir.join(vmm::snapshot::file::MEMORY),
+    };
+    let mut vm = vmm::builder::build_from(&config, vmm::Console::Stdio, Some(&restore))
+        .map_err(Failure::usage)?;
+    vm.detach_teardown();
+    let outcome = vm.run().map_err(Failure::usage)?;
+    eprintln!("vessel: {outcome}");
+    Ok(match outcome {
+        VmOutcome::Crashed { .. } => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
 }

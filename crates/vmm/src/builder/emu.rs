@@ -14,6 +14,8 @@ use devices::legacy::pit::{Pit, PitPort61, PitTimer};
 use super::{Backend, Placement};
 use crate::config::VmConfig;
 use crate::error::VmError;
+use crate::snapshot::capture::IrqPersist;
+use crate::snapshot::{EmuIrqState, IrqState, SnapshotBackend};
 use cpu::GuestMemory;
 
 pub(crate) fn backend(
@@ -21,11 +23,17 @@ pub(crate) fn backend(
     mem: &GuestMemory,
     code: &Arc<x86::CodeMap>,
     entry: &EntryState,
+    clock_start: Option<u64>,
 ) -> Result<Backend, VmError> {
     let cpus = config.cpus as u8;
-    let clock = GuestClock::new();
+    // A restored VM's clock goes on from its snapshot (plus the time it sat on disk).
+    let clock = GuestClock::resume_at(clock_start.unwrap_or(0));
     let chip = IrqChip::new(usize::from(cpus), clock.clone());
     let pit = Arc::new(Mutex::new(Pit::new(chip.isa_irq_line(0), clock)));
+    let irq = Box::new(EmuIrq {
+        chip: chip.clone(),
+        pit: pit.clone(),
+    });
     chip.set_platform_timers(vec![PitTimer::new(pit.clone())])
         .map_err(|e| VmError::Backend(e.to_string()))?;
     let pic = |port| -> SharedDevice { Arc::new(Mutex::new(PicPorts::new(chip.clone(), port))) };
@@ -64,5 +72,40 @@ pub(crate) fn backend(
         }),
         backing: Box::new(chip),
         vm_fd: None,
+        kind: SnapshotBackend::Emu,
+        cpuid: cpu::emu::cpuid(0, cpus),
+        irq,
     })
+}
+
+/// The software CPU's interrupt controllers and PIT, saved and loaded.
+struct EmuIrq {
+    chip: Arc<IrqChip>,
+    pit: Arc<Mutex<Pit>>,
+}
+
+impl IrqPersist for EmuIrq {
+    fn save(&self) -> Result<IrqState, String> {
+        Ok(IrqState::Emu(Box::new(EmuIrqState {
+            chip: self.chip.save(),
+            pit: devices::bus::lock(&self.pit).save(),
+        })))
+    }
+
+    fn restore(&self, s: &IrqState, _elapsed_ns: u64) -> Result<(), String> {
+        // The clock already resumed where the snapshot left it, moved on by the time
+        // on disk (the chip was built on it).
+        match s {
+            IrqState::Emu(e) => {
+                self.chip.restore(&e.chip).map_err(|e| e.to_string())?;
+                devices::bus::lock(&self.pit).restore(&e.pit);
+                Ok(())
+            }
+            IrqState::Kvm(_) => Err("KVM's interrupt state on the software CPU".into()),
+        }
+    }
+
+    fn guest_ns(&self) -> u64 {
+        self.chip.clock().now_ns()
+    }
 }

@@ -14,6 +14,8 @@ use devices::IrqLine;
 use super::Backend;
 use crate::config::VmConfig;
 use crate::error::VmError;
+use crate::snapshot::capture::IrqPersist;
+use crate::snapshot::{IrqState, KvmIrqState, SnapshotBackend};
 
 pub(crate) fn backend(
     config: &VmConfig,
@@ -42,6 +44,9 @@ pub(crate) fn backend(
         vcpus.push(Box::new(vcpu));
     }
     let notify_vm = vm.fd().clone();
+    let mut cpuid = vm.supported_cpuid();
+    arch::cpuid::set_topology(&mut cpuid, 0, cpus);
+    let irq = Box::new(KvmIrq(vm.fd().clone()));
     Ok(Backend {
         com1_irq,
         sci,
@@ -51,5 +56,71 @@ pub(crate) fn backend(
         vcpus: Box::new(move |_| Ok(vcpus)),
         backing: Box::new((vm, mem.clone())),
         vm_fd: Some(vm_fd),
+        kind: SnapshotBackend::Kvm,
+        cpuid,
+        irq,
     })
+}
+
+/// KVM's in-kernel PICs, IOAPIC, PIT and clock, saved and loaded.
+struct KvmIrq(Arc<kvm_ioctls::VmFd>);
+
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+impl KvmIrq {
+    fn chip(&self, id: u32) -> Result<kvm_bindings::kvm_irqchip, String> {
+        let mut c = kvm_bindings::kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        self.0
+            .get_irqchip(&mut c)
+            .map_err(|e| format!("KVM_GET_IRQCHIP {id}: {e}"))?;
+        Ok(c)
+    }
+}
+
+impl IrqPersist for KvmIrq {
+    fn save(&self) -> Result<IrqState, String> {
+        Ok(IrqState::Kvm(Box::new(KvmIrqState {
+            pic_master: self.chip(IRQCHIP_PIC_MASTER)?,
+            pic_slave: self.chip(IRQCHIP_PIC_SLAVE)?,
+            ioapic: self.chip(IRQCHIP_IOAPIC)?,
+            pit: self
+                .0
+                .get_pit2()
+                .map_err(|e| format!("KVM_GET_PIT2: {e}"))?,
+            clock: self
+                .0
+                .get_clock()
+                .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?,
+        })))
+    }
+
+    fn restore(&self, s: &IrqState, elapsed_ns: u64) -> Result<(), String> {
+        let IrqState::Kvm(k) = s else {
+            return Err("the software CPU's interrupt state on KVM".into());
+        };
+        for c in [&k.pic_master, &k.pic_slave, &k.ioapic] {
+            self.0
+                .set_irqchip(c)
+                .map_err(|e| format!("KVM_SET_IRQCHIP {}: {e}", c.chip_id))?;
+        }
+        self.0
+            .set_pit2(&k.pit)
+            .map_err(|e| format!("KVM_SET_PIT2: {e}"))?;
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: k.clock.clock + elapsed_ns,
+            ..Default::default()
+        };
+        self.0
+            .set_clock(&clock)
+            .map_err(|e| format!("KVM_SET_CLOCK: {e}"))
+    }
+
+    fn guest_ns(&self) -> u64 {
+        self.0.get_clock().map_or(0, |c| c.clock)
+    }
 }

@@ -77,37 +77,50 @@ pub fn guest_memory(size: u64) -> Result<(GuestMemory, Arc<CodeMap>), VmError> {
     Ok((mem, code))
 }
 
+/// A snapshot to start from instead of booting the kernel.
+pub struct Restore {
+    pub state: crate::snapshot::VmSnapshot,
+    /// The snapshot's memory file.
+    pub memory: std::path::PathBuf,
+}
+
 /// Builds a ready-to-run VM.
 pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
-    config.validate()?;
-    let (mem, code) = guest_memory(config.memory)?;
-    let acpi = AcpiTables::build(&AcpiConfig {
-        cpus: config.cpus as u8,
-        ram_size: config.memory,
-    })?;
-    let rsdp = acpi.write(&mem)?;
-    let loaded = boot::load(
-        &mem,
-        &BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
-            ram_size: config.memory,
-            rsdp: Some(rsdp),
-        },
-    )?;
-    tracing::debug!(
-        "kernel {:?} ({:?}) entry {:#x}, initrd {:?}",
-        config.kernel,
-        loaded.format,
-        loaded.entry.rip,
-        loaded.initrd
-    );
+    build_from(config, console, None)
+}
 
-    let mut backend = match config.accel {
-        Accel::Kvm => kvm::backend(config, &mem, &loaded.entry)?,
-        Accel::Emu => emu::backend(config, &mem, &code, &loaded.entry)?,
+/// Builds a VM, booting its kernel or, with `restore`, continuing a snapshot.
+pub fn build_from(
+    config: &VmConfig,
+    console: Console,
+    restore: Option<&Restore>,
+) -> Result<Vm, VmError> {
+    config.validate()?;
+    let (mem, code) = match restore {
+        None => guest_memory(config.memory)?,
+        Some(r) => restored_memory(config, r)?,
     };
+    // A restored VM has its ACPI tables, kernel and everything else in its memory.
+    let entry = match restore {
+        Some(_) => arch::entry::EntryState::default(),
+        None => boot_image(config, &mem)?,
+    };
+    let clock_start = restore.map(|r| {
+        let s = &r.state;
+        s.guest_ns + crate::snapshot::now_unix_ns().saturating_sub(s.saved_unix_ns)
+    });
+    let mut backend = match config.accel {
+        Accel::Kvm => kvm::backend(config, &mem, &entry)?,
+        Accel::Emu => emu::backend(config, &mem, &code, &entry, clock_start)?,
+    };
+    if let Some(r) = restore
+        && r.state.backend != backend.kind
+    {
+        return Err(VmError::Device(format!(
+            "the snapshot was taken on {}, this VM runs on {}",
+            r.state.backend, backend.kind
+        )));
+    }
     let (events_tx, events_rx) = mpsc::channel();
     let metrics = Arc::new(Metrics::new());
     let (stdio_console, output): (bool, Box<dyn std::io::Write + Send>) = match console {
@@ -137,7 +150,28 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         }
     }
     platform.stdio_hvc = stdio_hvc;
-    let vcpus = (backend.vcpus)(&platform)?;
+    let mut vcpus = (backend.vcpus)(&platform)?;
+    let persist = Arc::new(crate::snapshot::Persist {
+        backend: backend.kind,
+        cpus: config.cpus,
+        memory_bytes: config.memory,
+        cpuid: backend.cpuid.clone(),
+        mem: mem.clone(),
+        serial: platform.serial.clone(),
+        cmos: platform.cmos.clone(),
+        pm: platform.pm.clone(),
+        virtio: platform.virtio.clone(),
+        irq: std::mem::replace(&mut backend.irq, Box::new(NoIrqPersist)),
+    });
+    if let Some(r) = restore {
+        for (vcpu, saved) in vcpus.iter_mut().zip(&r.state.vcpus) {
+            vcpu.restore(saved)
+                .map_err(|e| VmError::Device(format!("restoring vCPU {}: {e}", saved.index)))?;
+        }
+        persist
+            .restore_platform(&r.state)
+            .map_err(|e| VmError::Device(e.to_string()))?;
+    }
     Ok(Vm::new(VmParts {
         stdio_console,
         vcpus,
@@ -150,7 +184,82 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
         mem,
         kvm_fallback: config.kvm_fallback,
         helpers: virtio.helpers,
+        persist,
     }))
+}
+
+/// Loads the kernel (and initrd and ACPI tables) into fresh guest memory.
+fn boot_image(config: &VmConfig, mem: &GuestMemory) -> Result<arch::entry::EntryState, VmError> {
+    let acpi = AcpiTables::build(&AcpiConfig {
+        cpus: config.cpus as u8,
+        ram_size: config.memory,
+    })?;
+    let rsdp = acpi.write(mem)?;
+    let loaded = boot::load(
+        mem,
+        &BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            ram_size: config.memory,
+            rsdp: Some(rsdp),
+        },
+    )?;
+    tracing::debug!(
+        "kernel {:?} ({:?}) entry {:#x}, initrd {:?}",
+        config.kernel,
+        loaded.format,
+        loaded.entry.rip,
+        loaded.initrd
+    );
+    Ok(loaded.entry)
+}
+
+/// Guest memory mapped from a snapshot's memory file, after checking it has the same
+/// layout as this VM's.
+fn restored_memory(config: &VmConfig, r: &Restore) -> Result<(GuestMemory, Arc<CodeMap>), VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(config.memory)
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    let saved: Vec<(GuestAddress, usize)> = r
+        .state
+        .memory
+        .iter()
+        .map(|m| (GuestAddress(m.guest), m.len as usize))
+        .collect();
+    if ranges != saved {
+        return Err(VmError::Device(format!(
+            "the snapshot's memory ({} MiB) does not match this VM's ({} MiB)",
+            r.state.memory_bytes >> 20,
+            config.memory >> 20
+        )));
+    }
+    let file = std::fs::File::open(&r.memory).map_err(|e| VmError::Memory {
+        mib: config.memory >> 20,
+        reason: format!("{}: {e}", r.memory.display()),
+    })?;
+    let code = Arc::new(CodeMap::new(&ranges));
+    let mem = x86::guest_memory_from_file(&ranges, &code, &file).map_err(|e| VmError::Memory {
+        mib: config.memory >> 20,
+        reason: e.to_string(),
+    })?;
+    Ok((mem, code))
+}
+
+/// A backend's interrupt state already moved into the VM's `Persist`.
+struct NoIrqPersist;
+
+impl crate::snapshot::capture::IrqPersist for NoIrqPersist {
+    fn save(&self) -> Result<crate::snapshot::IrqState, String> {
+        Err("no interrupt state".into())
+    }
+    fn restore(&self, _: &crate::snapshot::IrqState, _: u64) -> Result<(), String> {
+        Err("no interrupt state".into())
+    }
+    fn guest_ns(&self) -> u64 {
+        0
+    }
 }
 
 /// Where a device sits: port I/O or MMIO, base, length.
@@ -181,6 +290,11 @@ pub(crate) struct Backend {
     pub backing: Box<dyn std::any::Any + Send>,
     /// A KVM VM descriptor, whose teardown may be left to a child process.
     pub vm_fd: Option<std::os::fd::RawFd>,
+    pub kind: crate::snapshot::SnapshotBackend,
+    /// CPUID as vCPU 0 sees it.
+    pub cpuid: Vec<arch::cpuid::CpuidEntry>,
+    /// Saves and loads the backend's interrupt controllers and timers.
+    pub irq: Box<dyn crate::snapshot::capture::IrqPersist>,
 }
 
 /// The device model and the two buses it sits on.
@@ -188,6 +302,9 @@ pub struct Platform {
     pub io: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub serial: Arc<Mutex<Serial>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    /// The virtio functions, in PCI order.
+    pub virtio: Vec<Arc<Mutex<devices::virtio::VirtioPciDevice<GuestMemory>>>>,
     pub pm: Arc<Mutex<AcpiPm>>,
     pub boot_timer: Arc<Mutex<Vec<devices::legacy::boot_timer::BootMark>>>,
     /// When hvc0 is the terminal's console, console input goes there, not to COM1.
@@ -222,7 +339,8 @@ impl Platform {
             1,
             Arc::new(Mutex::new(kbd_cmd)),
         )?;
-        io.insert(u64::from(ports::CMOS), 2, Arc::new(Mutex::new(Cmos::new())))?;
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
+        io.insert(u64::from(ports::CMOS), 2, cmos.clone())?;
         let pm = Arc::new(Mutex::new(AcpiPm::new(
             backend.sci.clone(),
             requests.clone(),
@@ -249,7 +367,7 @@ impl Platform {
             layout::PCI_ECAM_SIZE,
             Arc::new(Mutex::new(Ecam::new(root.clone()))),
         )?;
-        let interrupts = virtio::attach(virtio, mem, &root, &mut mmio, backend)?;
+        let (virtio, interrupts) = virtio::attach(virtio, mem, &root, &mut mmio, backend)?;
         for (placement, device) in std::mem::take(&mut backend.devices) {
             match placement {
                 Placement::Io(port, len) => io.insert(u64::from(port), len, device)?,
@@ -261,6 +379,8 @@ impl Platform {
                 io: Arc::new(io),
                 mmio: Arc::new(mmio),
                 serial,
+                cmos,
+                virtio,
                 pm,
                 boot_timer,
                 stdio_hvc: None,

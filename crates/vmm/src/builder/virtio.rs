@@ -158,16 +158,23 @@ fn serve_socket(
     Ok(())
 }
 
-/// Puts `devices` on the root complex and the MMIO bus; returns each one's interrupt.
+/// The virtio functions as attached, and each one's interrupt.
+type Attached = (
+    Vec<Arc<Mutex<VirtioPciDevice<GuestMemory>>>>,
+    Vec<Arc<VirtioInterrupt>>,
+);
+
+/// Puts `devices` on the root complex and the MMIO bus.
 pub(super) fn attach(
     devices: Vec<Box<dyn VirtioDevice<GuestMemory>>>,
     mem: &GuestMemory,
     root: &Mutex<PciRoot>,
     mmio: &mut Bus,
     backend: &Backend,
-) -> Result<Vec<Arc<VirtioInterrupt>>, VmError> {
+) -> Result<Attached, VmError> {
     let mut bars = BarAllocator::mmio32();
     let mut interrupts = Vec::new();
+    let mut functions = Vec::new();
     for device in devices {
         let pci = VirtioPciDevice::new(device, mem.clone(), &mut bars, backend.msi.clone(), None)
             .map_err(|e| VmError::Device(e.to_string()))?;
@@ -177,10 +184,11 @@ pub(super) fn attach(
         }
         interrupts.push(pci.interrupt().clone());
         let pci = Arc::new(Mutex::new(pci));
+        functions.push(pci.clone());
         devices::bus::lock(root)
             .add_next(pci.clone() as Arc<Mutex<dyn PciDevice>>)
             .map_err(|e| VmError::Device(e.to_string()))?;
         mmio.insert(base, len, pci as Arc<Mutex<dyn BusDevice>>)?;
     }
-    Ok(interrupts)
+    Ok((functions, interrupts))
 }

@@ -47,6 +47,26 @@ impl BlockConfig {
         Ok(BlockConfig { path, readonly, id })
     }
 
+    /// The spec `parse` reads back.
+    pub fn to_spec(&self) -> String {
+        let mut s = format!("path={}", self.path.display());
+        if self.readonly {
+            s += ",readonly=on";
+        }
+        if let Some(id) = &self.id {
+            s += &format!(",id={id}");
+        }
+        s
+    }
+
+    /// The serial the guest sees, as text (the ID, or the image's file name, cut to 20
+    /// bytes): what a copy of the disk must keep.
+    pub fn serial(&self) -> String {
+        let bytes = self.id_bytes();
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(ID_BYTES);
+        String::from_utf8_lossy(&bytes[..end]).into_owned()
+    }
+
     /// The ID bytes GET_ID answers with (NUL-padded).
     pub fn id_bytes(&self) -> [u8; ID_BYTES] {
         let name = match &self.id {

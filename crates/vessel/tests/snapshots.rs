@@ -1,0 +1,495 @@
+//! Encapsulation: VMs saved to files and brought back. An assembled guest counting in
+//! memory is snapshotted mid-run, its monitor killed, and continued in a new process
+//! (emu and KVM); the kit's Linux is suspended and started again; a tree of snapshots
+//! with a branch; clones; and every kind of bad snapshot refused in one line.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use testguest::code_asm::*;
+use testguest::snippets::{hex32_routine, last_count, print};
+
+/// Where the counting guest keeps its count.
+const COUNT_AT: u64 = 0x5000;
+
+/// A VESSEL_HOME whose monitors are killed when the test ends.
+struct Home(tempfile::TempDir);
+
+impl Home {
+    fn new() -> Self {
+        Home(tempfile::tempdir().unwrap())
+    }
+
+    fn vessel(&self, args: &[&str]) -> common::Finished {
+        let mut cmd = common::vessel();
+        cmd.args(args).env("VESSEL_HOME", self.0.path());
+        common::run_with_deadline(cmd, Duration::from_secs(120))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.vessel(args);
+        assert_eq!(r.code, Some(0), "vessel {args:?}: {}", r.dump());
+        r.stdout
+    }
+
+    /// A refusal: the exit code, and the one line said.
+    fn refused(&self, args: &[&str]) -> (Option<i32>, String) {
+        let r = self.vessel(args);
+        assert_ne!(r.code, Some(0), "vessel {args:?} should fail: {}", r.dump());
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.dump());
+        (r.code, r.stderr)
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.0.path().join("vms").join(name)
+    }
+
+    fn log(&self, name: &str) -> String {
+        let b = std::fs::read(self.dir(name).join("serial.log")).unwrap_or_default();
+        String::from_utf8_lossy(&b).replace('\r', "")
+    }
+
+    fn wait_log(&self, name: &str, from: usize, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = self.log(name);
+            if log.get(from..).is_some_and(|l| l.contains(what)) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in:\n{}",
+                &log[from.min(log.len())..]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self, name: &str) -> i32 {
+        let s = std::fs::read_to_string(self.dir(name).join("status.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        v["pid"].as_i64().unwrap() as i32
+    }
+
+    /// SIGKILL the monitor and wait until `ls` stops calling it running.
+    fn kill_monitor(&self, name: &str) {
+        let pid = self.pid(name);
+        // SAFETY: kill(2) of the monitor process this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Types `text` on the VM's serial console.
+    fn type_text(&self, name: &str, text: &str) {
+        let mut s = UnixStream::connect(self.dir(name).join("console.sock")).unwrap();
+        s.write_all(text.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.path().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(text) = std::fs::read_to_string(e.path().join("status.json"))
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(pid) = v["pid"].as_i64()
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+/// A guest that counts in memory at [`COUNT_AT`] and prints every count.
+fn counting_guest() -> (tempfile::TempPath, String) {
+    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, |a| {
+        let mut hex = a.create_label();
+        let mut main = a.create_label();
+        let mut lp = a.create_label();
+        let mut wait = a.create_label();
+        a.jmp(main).unwrap();
+        hex32_routine(a, &mut hex);
+        a.set_label(&mut main).unwrap();
+        a.mov(dword_ptr(COUNT_AT), 0u32).unwrap();
+        a.set_label(&mut lp).unwrap();
+        print(a, "count ");
+        a.mov(eax, dword_ptr(COUNT_AT)).unwrap();
+        a.call(hex).unwrap();
+        print(a, "\n");
+        a.inc(dword_ptr(COUNT_AT)).unwrap();
+        a.mov(ecx, 20_000u32).unwrap();
+        a.set_label(&mut wait).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(wait).unwrap();
+        a.jmp(lp).unwrap();
+    });
+    let (t, p) = testguest::temp_path(&testguest::bzimage(&code));
+    (t, p.display().to_string())
+}
+
+/// The complete `count N` lines of `text`, in order.
+fn counts(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("count "))
+        .filter(|n| n.len() == 8)
+        .filter_map(|n| u32::from_str_radix(n, 16).ok())
+        .collect()
+}
+
+fn count_in_memory(snapshot: &Path) -> u32 {
+    let mem = std::fs::read(snapshot.join("memory")).unwrap();
+    let at = COUNT_AT as usize;
+    u32::from_le_bytes(mem[at..at + 4].try_into().unwrap())
+}
+
+fn counting_continues(accel: &str) {
+    let home = Home::new();
+    let (_k, kernel) = counting_guest();
+    home.ok(&[
+        "create", "g", "--kernel", &kernel, "--memory", "64M", "--accel", accel, "--net", "none",
+    ]);
+    home.ok(&["start", "g"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while last_count(&home.log("g")).unwrap_or(0) < 20 {
+        assert!(Instant::now() < deadline, "{}", home.log("g"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    home.ok(&["snapshot", "g", "s1"]);
+    home.kill_monitor("g");
+    let before = home.log("g");
+    let c = count_in_memory(&home.dir("g").join("snapshots/s1"));
+    home.ok(&["snapshot", "restore", "g", "s1"]);
+    home.ok(&["start", "g"]);
+    let mark = before.len();
+    let log = home.wait_log("g", mark, &format!("count {:08x}\n", c + 10));
+    let after = counts(&log[mark..]);
+    let first = after[0];
+    assert!(
+        first == c || first == c + 1,
+        "the count in memory was {c:#x}, the restored guest went on at {first:#x}"
+    );
+    for w in after.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "a gap or a repeat after the restore: {after:x?}"
+        );
+    }
+    assert!(
+        counts(&before).contains(&(first - 1)),
+        "{:#x} was never printed before the snapshot",
+        first - 1
+    );
+}
+
+#[test]
+fn a_counting_guest_goes_on_after_its_monitor_is_killed_on_emu() {
+    counting_continues("emu");
+}
+
+#[test]
+fn a_counting_guest_goes_on_after_its_monitor_is_killed_on_kvm() {
+    if common::kvm_available() {
+        counting_continues("kvm");
+    }
+}
+
+/// The kit's Linux with its root on a copy of the kit's disk, a shell on the console.
+fn kit_vm(home: &Home, name: &str) -> Option<()> {
+    let kit = common::kit()?;
+    let disk = home.0.path().join(format!("{name}.ext4"));
+    image::sparse_copy(&kit.rootfs, &disk).unwrap();
+    let cmdline = format!("{} root=/dev/vda", kit::DEFAULT_CMDLINE);
+    home.ok(&[
+        "create",
+        name,
+        "--accel",
+        "emu",
+        "--net",
+        "none",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--cmdline",
+        &cmdline,
+    ]);
+    home.ok(&["start", name]);
+    home.wait_log(name, 0, "vessel:/# ");
+    Some(())
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn a_suspended_linux_goes_on_where_it_was() {
+    let home = Home::new();
+    if kit_vm(&home, "lin").is_none() {
+        return;
+    }
+    home.type_text(
+        "lin",
+        "sleep 1000 & i=0; while true; do i=$((i+1)); echo $i >> /appended; \
+         echo tick=$i sh=$$ bg=$! up=$(cut -d. -f1 /proc/uptime) lines=$(wc -l < /appended) \
+         date=$(date +%s); sleep 1; done\n",
+    );
+    let log = home.wait_log("lin", 0, "tick=3 ");
+    let line = |log: &str| {
+        log.lines()
+            .rev()
+            .find(|l| l.starts_with("tick=") && l.contains(" date="))
+            .map(str::to_string)
+            .unwrap()
+    };
+    let field = |l: &str, k: &str| -> u64 {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {l}"))
+    };
+    let before = line(&log);
+    let out = home.ok(&["suspend", "lin"]);
+    assert!(out.contains("suspended lin"), "{out}");
+    let ls = home.ok(&["ls"]);
+    assert!(ls.contains("suspended"), "{ls}");
+    std::thread::sleep(Duration::from_secs(3));
+    let mark = home.log("lin").len();
+    home.ok(&["start", "lin"]);
+    let tick = field(&before, "tick");
+    let log = home.wait_log("lin", mark, &format!("tick={} ", tick + 3));
+    let after = line(&log);
+    let now = unix_now();
+    for k in ["sh", "bg"] {
+        assert_eq!(
+            field(&before, k),
+            field(&after, k),
+            "{k}: {before} / {after}"
+        );
+    }
+    assert!(
+        field(&after, "up") > field(&before, "up"),
+        "{before} / {after}"
+    );
+    assert!(
+        field(&after, "lines") > field(&before, "lines"),
+        "{before} / {after}"
+    );
+    let date = field(&after, "date") as f64;
+    assert!(
+        (now - date).abs() <= 1.5,
+        "the guest's clock is {:.1} s off the host's after the suspend: {after}",
+        now - date
+    );
+    // The background process is still the guest's.
+    home.type_text(
+        "lin",
+        &format!("kill -0 {} && echo bg-alive\n", field(&after, "bg")),
+    );
+    home.wait_log("lin", mark, "bg-alive");
+}
+
+#[test]
+fn a_tree_of_snapshots_branches() {
+    let home = Home::new();
+    if kit_vm(&home, "tree").is_none() {
+        return;
+    }
+    let check = |home: &Home, want: &str| {
+        let mark = home.log("tree").len();
+        home.type_text(
+            "tree",
+            "echo state: $(test -e /A && echo A) $(test -e /B && echo B) end\n",
+        );
+        let log = home.wait_log("tree", mark, " end\n");
+        let line = log[mark..]
+            .lines()
+            .find(|l| l.starts_with("state:"))
+            .unwrap()
+            .to_string();
+        let expect = format!("state: {want} end").replace("  ", " ");
+        assert_eq!(line, expect, "{}", &log[mark..]);
+    };
+    let restart_at = |home: &Home, snap: &str| {
+        home.ok(&["kill", "tree"]);
+        home.ok(&["snapshot", "restore", "tree", snap]);
+        home.ok(&["start", "tree"]);
+    };
+    home.ok(&["snapshot", "tree", "S1"]);
+    home.type_text("tree", "echo a > /A; sync\n");
+    home.ok(&["snapshot", "tree", "S2", "--description", "with A"]);
+    restart_at(&home, "S1");
+    check(&home, "");
+    home.type_text("tree", "echo b > /B; sync\n");
+    home.ok(&["snapshot", "tree", "S3"]);
+    restart_at(&home, "S2");
+    check(&home, "A");
+    let ls = home.ok(&["snapshot", "ls", "tree"]);
+    let lines: Vec<&str> = ls.lines().collect();
+    assert!(lines[0].starts_with("S1 (running"), "{ls}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("  S2 (running") && l.contains("with A")),
+        "{ls}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("  S3 (running")), "{ls}");
+    assert!(
+        ls.contains("S2")
+            && ls
+                .lines()
+                .find(|l| l.contains("<- you are here"))
+                .unwrap()
+                .contains("S2"),
+        "{ls}"
+    );
+    // Removing the root keeps its children.
+    home.ok(&["snapshot", "rm", "tree", "S1"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&home.ok(&["snapshot", "ls", "tree", "--json"])).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["parent"].is_null()), "{json}");
+}
+
+#[test]
+fn a_clone_runs_beside_its_source_with_new_macs() {
+    let home = Home::new();
+    let (_k, kernel) = counting_guest();
+    home.ok(&[
+        "create", "src", "--kernel", &kernel, "--memory", "64M", "--accel", "emu",
+    ]);
+    home.ok(&["start", "src"]);
+    home.ok(&["snapshot", "src", "base"]);
+    let out = home.ok(&["clone", "src", "copy", "--snapshot", "base"]);
+    assert!(out.contains("cloned src to copy"), "{out}");
+    home.ok(&["start", "copy"]);
+    home.wait_log("copy", 0, "count 00000005\n");
+    let mac = |name: &str| {
+        let t = std::fs::read_to_string(home.dir(name).join("vm.toml")).unwrap();
+        t.split("mac=").nth(1).unwrap()[..17].to_string()
+    };
+    assert_ne!(mac("src"), mac("copy"));
+    let ls = home.ok(&["ls"]);
+    assert_eq!(ls.matches("running").count(), 2, "{ls}");
+}
+
+/// Writes a copy of `from` with `edit` applied to its state file's bytes.
+fn edited(from: &Path, to: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["memory", "vm.toml"] {
+        let _ = std::fs::copy(from.join(f), to.join(f));
+    }
+    let mut state = std::fs::read(from.join("state")).unwrap();
+    edit(&mut state);
+    std::fs::write(to.join("state"), state).unwrap();
+}
+
+#[test]
+fn bad_snapshots_are_refused_in_one_line() {
+    let home = Home::new();
+    let (_k, kernel) = counting_guest();
+    home.ok(&[
+        "create", "g", "--kernel", &kernel, "--memory", "64M", "--accel", "emu", "--net", "none",
+    ]);
+    home.ok(&["start", "g"]);
+    home.ok(&["snapshot", "g", "good"]);
+    home.ok(&["kill", "g"]);
+    let good = home.dir("g").join("snapshots/good");
+    let bad = home.0.path().join("bad");
+    let run = |dir: &Path| {
+        let mut c = common::vessel();
+        c.args(["run", "--accel", "emu", "--restore"]).arg(dir);
+        common::run_with_deadline(c, Duration::from_secs(30))
+    };
+    let one_line = |r: &common::Finished, needle: &str| {
+        assert_eq!(r.code, Some(2), "{}", r.dump());
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.dump());
+        assert!(r.stderr.contains(needle), "{needle:?}: {}", r.dump());
+    };
+    // Truncated.
+    edited(&good, &bad.join("cut"), |s| s.truncate(s.len() / 2));
+    one_line(&run(&bad.join("cut")), "the checksum does not match");
+    // Edited by hand.
+    edited(&good, &bad.join("hand"), |s| {
+        let at = s.len() - 10;
+        s[at] ^= 1;
+    });
+    one_line(&run(&bad.join("hand")), "the checksum does not match");
+    // Another format.
+    edited(&good, &bad.join("format"), |s| {
+        let text = String::from_utf8_lossy(s).replacen("VESSEL-STATE 1\n", "VESSEL-STATE 99\n", 1);
+        *s = text.into_bytes();
+    });
+    one_line(
+        &run(&bad.join("format")),
+        "state format 99, this vessel reads format 1",
+    );
+    // Not a state at all.
+    edited(&good, &bad.join("junk"), |s| *s = b"hello".to_vec());
+    one_line(&run(&bad.join("junk")), "not a vessel state file");
+    // A memory file cut short.
+    edited(&good, &bad.join("mem"), |_| {});
+    std::fs::File::options()
+        .write(true)
+        .open(bad.join("mem/memory"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    one_line(&run(&bad.join("mem")), "the memory file holds 4096 bytes");
+    // A missing memory file.
+    edited(&good, &bad.join("nomem"), |_| {});
+    std::fs::remove_file(bad.join("nomem/memory")).unwrap();
+    one_line(
+        &run(&bad.join("nomem")),
+        "memory: No such file or directory",
+    );
+    // Unknown names.
+    let (code, err) = home.refused(&["snapshot", "restore", "g", "nope"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("VM g has no snapshot named nope"), "{err}");
+    let (_, err) = home.refused(&["snapshot", "g", "good"]);
+    assert!(err.contains("has a snapshot named good already"), "{err}");
+    // A snapshot whose disk copy went missing: refused, the VM's own disks untouched.
+    let disk = home.0.path().join("d.raw");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    home.ok(&[
+        "create",
+        "h",
+        "--kernel",
+        &kernel,
+        "--memory",
+        "64M",
+        "--accel",
+        "emu",
+        "--net",
+        "none",
+        "--disk",
+        &format!("path={}", disk.display()),
+    ]);
+    home.ok(&["snapshot", "h", "cold"]);
+    std::fs::write(&disk, vec![9u8; 1 << 20]).unwrap();
+    std::fs::remove_file(home.dir("h").join("snapshots/cold/disk0.raw")).unwrap();
+    let (_, err) = home.refused(&["snapshot", "restore", "h", "cold"]);
+    assert!(err.contains("disk0.raw"), "{err}");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        vec![9u8; 1 << 20],
+        "the disk was touched"
+    );
+}

@@ -1,0 +1,139 @@
+//! What a VM keeps for saving and loading itself: handles on every stateful part, and
+//! the capture and load sequences over them.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use arch::cpuid::CpuidEntry;
+use cpu::GuestMemory;
+use devices::acpi_pm::AcpiPm;
+use devices::bus::lock;
+use devices::legacy::{Cmos, Serial};
+use devices::virtio::VirtioPciDevice;
+
+use super::file::Fill;
+use super::{DeviceStates, FORMAT, IrqState, SnapshotBackend, SnapshotError, VmSnapshot};
+use crate::control::{RunState, VmControl};
+
+/// The backend's interrupt controllers and timers, saved and loaded.
+pub(crate) trait IrqPersist: Send + Sync {
+    fn save(&self) -> Result<IrqState, String>;
+    /// Loads a saved state; `elapsed_ns` is how long the snapshot sat on disk, by
+    /// which the guest's clock moves on.
+    fn restore(&self, s: &IrqState, elapsed_ns: u64) -> Result<(), String>;
+    /// The guest clock now (nanoseconds).
+    fn guest_ns(&self) -> u64;
+}
+
+/// Handles on everything a snapshot holds.
+pub struct Persist {
+    pub(crate) backend: SnapshotBackend,
+    pub(crate) cpus: u16,
+    pub(crate) memory_bytes: u64,
+    pub(crate) cpuid: Vec<CpuidEntry>,
+    pub(crate) mem: GuestMemory,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) cmos: Arc<Mutex<Cmos>>,
+    pub(crate) pm: Arc<Mutex<AcpiPm>>,
+    pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice<GuestMemory>>>>,
+    pub(crate) irq: Box<dyn IrqPersist>,
+}
+
+/// What a capture did, for the caller's report.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub state: VmSnapshot,
+    pub seconds: f64,
+}
+
+impl Persist {
+    /// Captures the VM into the snapshot folder `dest` (and what `fill` adds while the
+    /// VM is paused). The VM runs on afterwards if it was running.
+    pub fn capture(
+        &self,
+        control: &VmControl,
+        dest: &Path,
+        fill: Fill,
+    ) -> Result<Captured, SnapshotError> {
+        let started = std::time::Instant::now();
+        let was_running = control.state() == RunState::Running;
+        if was_running {
+            control
+                .pause()
+                .map_err(|e| SnapshotError::Capture(e.to_string()))?;
+        }
+        let result = self.capture_paused(control, dest, fill);
+        if was_running && control.state() == RunState::Paused {
+            let _ = control.resume();
+        }
+        result.map(|state| Captured {
+            state,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn capture_paused(
+        &self,
+        control: &VmControl,
+        dest: &Path,
+        fill: Fill,
+    ) -> Result<VmSnapshot, SnapshotError> {
+        let err = SnapshotError::Capture;
+        // Device workers stop once their requests in flight are done; they start again
+        // when the capture is over, whatever its outcome.
+        for d in &self.virtio {
+            lock(d).quiesce();
+        }
+        let result = (|| {
+            let vcpus = control.capture(usize::from(self.cpus)).map_err(err)?;
+            let irq = self.irq.save().map_err(err)?;
+            let devices = DeviceStates {
+                serial: lock(&self.serial).save(),
+                cmos: lock(&self.cmos).save(),
+                pm: lock(&self.pm).save(),
+                virtio: self.virtio.iter().map(|d| lock(d).save()).collect(),
+            };
+            let state = VmSnapshot {
+                format: FORMAT,
+                vessel_version: env!("CARGO_PKG_VERSION").to_string(),
+                backend: self.backend,
+                cpus: self.cpus,
+                memory_bytes: self.memory_bytes,
+                cpuid: self.cpuid.clone(),
+                saved_unix_ns: super::now_unix_ns(),
+                guest_ns: self.irq.guest_ns(),
+                vcpus,
+                irq,
+                devices,
+                memory: Vec::new(),
+            };
+            super::file::write_snapshot(dest, state, &self.mem, fill)
+        })();
+        for d in &self.virtio {
+            lock(d).resume();
+        }
+        result
+    }
+
+    /// Loads the devices and interrupt state of `s` (the vCPUs are loaded by the
+    /// builder before they run).
+    pub(crate) fn restore_platform(&self, s: &VmSnapshot) -> Result<(), SnapshotError> {
+        let err = SnapshotError::Restore;
+        if s.devices.virtio.len() != self.virtio.len() {
+            return Err(err(format!(
+                "the snapshot has {} virtio devices, this VM {}: its disks and NICs differ",
+                s.devices.virtio.len(),
+                self.virtio.len()
+            )));
+        }
+        let elapsed = super::now_unix_ns().saturating_sub(s.saved_unix_ns);
+        self.irq.restore(&s.irq, elapsed).map_err(err)?;
+        lock(&self.serial).restore(&s.devices.serial);
+        lock(&self.cmos).restore(&s.devices.cmos);
+        lock(&self.pm).restore(&s.devices.pm);
+        for (d, saved) in self.virtio.iter().zip(&s.devices.virtio) {
+            lock(d).restore(saved).map_err(err)?;
+        }
+        Ok(())
+    }
+}

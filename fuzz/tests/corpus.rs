@@ -124,3 +124,56 @@ fn dhcp_corpus_and_mutations() {
     );
     eprintln!("dhcp: {n} inputs");
 }
+
+#[test]
+fn state_file_corpus_and_mutations() {
+    let seeds: Vec<Vec<u8>> = corpus("state_file")
+        .into_iter()
+        .filter(|s| s.starts_with(b"VESSEL-STATE"))
+        .collect();
+    assert!(!seeds.is_empty());
+    let mut r = Rng(0x57a7_e001);
+    let mut n = 0;
+    for s in &seeds {
+        // As written (checksum intact) it decodes; its body with a fresh checksum too.
+        let mut whole = vec![0u8];
+        whole.extend_from_slice(s);
+        vessel_fuzz::state_file(&whole);
+        let body_at = s
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(1)
+            .unwrap()
+            .0
+            + 1;
+        let mut body = vec![1u8];
+        body.extend_from_slice(&s[body_at..]);
+        for i in 0..3_000 {
+            let mut v = if i % 2 == 0 {
+                body.clone()
+            } else {
+                whole.clone()
+            };
+            for _ in 0..1 + r.next() % 8 {
+                let at = 1 + (r.next() as usize) % (v.len() - 1);
+                v[at] = match r.next() % 4 {
+                    0 => b'9',
+                    1 => b'"',
+                    2 => b'-',
+                    _ => r.next() as u8,
+                };
+            }
+            if r.next().is_multiple_of(8) {
+                v.truncate(1 + (r.next() as usize) % v.len());
+            }
+            vessel_fuzz::state_file(&v);
+            n += 1;
+        }
+    }
+    let good =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/state_file/emu-kit"))
+            .unwrap();
+    assert!(vmm::snapshot::file::decode_state(Path::new("state"), &good).is_ok());
+    eprintln!("state_file: {n} inputs");
+}

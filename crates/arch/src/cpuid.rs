@@ -80,6 +80,66 @@ pub fn set_topology(entries: &mut [CpuidEntry], apic_id: u8, count: u8) {
     }
 }
 
+/// Where CPUID lists features (leaf, subleaf, register index): what a CPU model keeps or
+/// drops.
+const FEATURE_WORDS: [(u32, u32, usize); 7] = [
+    (1, 0, 2),
+    (1, 0, 3),
+    (7, 0, 1),
+    (7, 0, 2),
+    (7, 0, 3),
+    (0x8000_0001, 0, 2),
+    (0x8000_0001, 0, 3),
+];
+
+fn word(e: &mut CpuidEntry, r: usize) -> &mut u32 {
+    match r {
+        0 => &mut e.eax,
+        1 => &mut e.ebx,
+        2 => &mut e.ecx,
+        _ => &mut e.edx,
+    }
+}
+
+fn lookup(table: &[CpuidEntry], leaf: u32, subleaf: u32) -> Option<&CpuidEntry> {
+    table
+        .iter()
+        .find(|e| e.function == leaf && (e.flags & 1 == 0 || e.index == subleaf))
+}
+
+/// Adds `other`'s feature bits to `table`'s (features a fallback implements).
+pub fn add_features(table: &mut [CpuidEntry], other: &[CpuidEntry]) {
+    for (leaf, sub, r) in FEATURE_WORDS {
+        let Some(bits) = lookup(other, leaf, sub).map(|o| [o.eax, o.ebx, o.ecx, o.edx][r]) else {
+            continue;
+        };
+        if let Some(e) = table
+            .iter_mut()
+            .find(|e| e.function == leaf && (e.flags & 1 == 0 || e.index == sub))
+        {
+            *word(e, r) |= bits;
+        }
+    }
+}
+
+/// Keeps only the feature bits `model` has too (leaves it lacks lose all), and drops
+/// the XSAVE leaf when the model has no XSAVE: a CPU two backends can both give.
+pub fn keep_features(table: &mut Vec<CpuidEntry>, model: &[CpuidEntry]) {
+    for (leaf, sub, r) in FEATURE_WORDS {
+        let bits = lookup(model, leaf, sub).map_or(0, |o| [o.eax, o.ebx, o.ecx, o.edx][r]);
+        for e in table
+            .iter_mut()
+            .filter(|e| e.function == leaf && (e.flags & 1 == 0 || e.index == sub))
+        {
+            *word(e, r) &= bits;
+        }
+    }
+    let xsave = lookup(model, 1, 0).is_some_and(|e| e.ecx & (1 << 26) != 0);
+    if !xsave {
+        table.retain(|e| e.function != 0xd);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +218,25 @@ mod tests {
         set_topology(&mut v, 0, 1);
         assert_eq!(get(&v, 1, 0).edx & LEAF1_EDX_HTT, 0);
         assert_eq!(get(&v, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn models_add_and_keep_feature_bits() {
+        let e = |function, ecx, edx| CpuidEntry {
+            function,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        let mut kvm = vec![e(1, 0b1100 | (1 << 26), 0b11), e(0xd, 7, 0)];
+        let soft = vec![e(1, 0b0110, 0b01)];
+        add_features(&mut kvm, &soft);
+        assert_eq!((kvm[0].ecx, kvm[0].edx), (0b1110 | (1 << 26), 0b11));
+        keep_features(&mut kvm, &soft);
+        assert_eq!((kvm[0].ecx, kvm[0].edx), (0b0110, 0b01));
+        assert!(
+            kvm.iter().all(|x| x.function != 0xd),
+            "no XSAVE leaf without XSAVE"
+        );
     }
 }

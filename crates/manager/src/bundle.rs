@@ -214,6 +214,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            cpu_model: None,
         }
     }
 

@@ -48,6 +48,10 @@ pub struct VmSpec {
     /// A virtio-rng device.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rng: bool,
+    /// The CPU KVM shows the guest: host (default) or portable (what both backends
+    /// give, for a VM that moves between them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
 }
 
 fn default_accel() -> String {
@@ -97,12 +101,19 @@ impl VmSpec {
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),
+            cpu_model: self.cpu_model()?,
         };
         config.validate().map_err(|e| e.to_string())
     }
 
     pub fn memory_bytes(&self) -> u64 {
         vmm::parse_size(&self.memory).unwrap_or(0)
+    }
+
+    fn cpu_model(&self) -> Result<vmm::CpuModel, String> {
+        self.cpu_model
+            .as_deref()
+            .map_or(Ok(vmm::CpuModel::Host), vmm::CpuModel::parse)
     }
 
     fn accel(&self) -> Result<Accel, String> {
@@ -135,6 +146,7 @@ impl VmSpec {
             "initrd" => self.initrd = (!value.is_empty()).then(|| value.to_string()),
             "cmdline" => self.cmdline = (!value.is_empty()).then(|| value.to_string()),
             "accel" => self.accel = value.to_string(),
+            "cpu_model" => self.cpu_model = (!value.is_empty()).then(|| value.to_string()),
             "restart" => {
                 self.restart = match value {
                     "on-reboot" => Restart::OnReboot,
@@ -144,7 +156,7 @@ impl VmSpec {
             }
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, restart)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart)"
                 ));
             }
         }
@@ -206,6 +218,7 @@ impl VmSpec {
             rng: self.rng,
             hvc: None,
             kvm_fallback: true,
+            cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
             // <home>/vms/NAME -> <home>/networks
             networks: dir
                 .parent()
@@ -241,6 +254,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            cpu_model: None,
         }
     }
 

@@ -493,3 +493,75 @@ fn bad_snapshots_are_refused_in_one_line() {
         "the disk was touched"
     );
 }
+
+/// Snapshots `accel`'s counting guest and continues it with `vessel run --accel other`.
+fn moves_between_backends(from: &str, to: &str, extra: &[&str]) -> common::Finished {
+    let home = Home::new();
+    let (_k, kernel) = counting_guest();
+    let mut args = vec![
+        "create", "g", "--kernel", &kernel, "--memory", "64M", "--accel", from, "--net", "none",
+    ];
+    args.extend_from_slice(extra);
+    home.ok(&args);
+    home.ok(&["start", "g"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while last_count(&home.log("g")).unwrap_or(0) < 5 {
+        assert!(Instant::now() < deadline, "{}", home.log("g"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    home.ok(&["snapshot", "g", "s1"]);
+    home.ok(&["kill", "g"]);
+    let snap = home.dir("g").join("snapshots/s1");
+    let c = count_in_memory(&snap);
+    let mut cmd = common::vessel();
+    cmd.args(["run", "--accel", to, "--restore"])
+        .arg(&snap)
+        .env("VESSEL_HOME", home.0.path());
+    let r = common::run_until(
+        cmd,
+        &format!("count {:08x}\n", c + 5),
+        Duration::from_secs(120),
+    );
+    if r.stdout.contains(&format!("count {:08x}\n", c + 5)) {
+        let after = counts(&r.stdout);
+        assert!(after[0] == c || after[0] == c + 1, "{c:#x} then {after:x?}");
+        for w in after.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "{after:x?}");
+        }
+    }
+    r
+}
+
+#[test]
+fn a_snapshot_taken_on_emu_goes_on_on_kvm() {
+    if !common::kvm_available() {
+        return;
+    }
+    let r = moves_between_backends("emu", "kvm", &[]);
+    assert!(counts(&r.stdout).len() > 5, "{}", r.dump());
+}
+
+#[test]
+fn a_snapshot_taken_on_kvm_goes_on_on_emu_with_the_portable_cpu() {
+    if !common::kvm_available() {
+        return;
+    }
+    let r = moves_between_backends("kvm", "emu", &["--cpu-model", "portable"]);
+    assert!(counts(&r.stdout).len() > 5, "{}", r.dump());
+}
+
+#[test]
+fn a_guest_that_saw_more_cpu_than_the_destination_has_is_refused_by_name() {
+    if !common::kvm_available() {
+        return;
+    }
+    let r = moves_between_backends("kvm", "emu", &[]);
+    assert_eq!(r.code, Some(2), "{}", r.dump());
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.dump());
+    assert!(
+        r.stderr
+            .contains("cannot restore on emu: the guest saw CPU features emu cannot give here: "),
+        "{}",
+        r.dump()
+    );
+}

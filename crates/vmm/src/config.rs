@@ -36,6 +36,37 @@ pub fn choose_accel() -> (Accel, String) {
     }
 }
 
+/// What CPU the guest is shown on KVM (the software CPU always shows its own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuModel {
+    /// Everything KVM can give (and, on hosts without VT-x/AMD-V, what vessel's
+    /// interpreter runs for it).
+    #[default]
+    Host,
+    /// Only what both backends can give: a VM that can move between KVM and the
+    /// software CPU.
+    Portable,
+}
+
+impl CpuModel {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "host" => Ok(CpuModel::Host),
+            "portable" => Ok(CpuModel::Portable),
+            other => Err(format!(
+                "unknown CPU model {other:?} (use host or portable)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuModel::Host => "host",
+            CpuModel::Portable => "portable",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -51,6 +82,7 @@ pub struct VmConfig {
     pub nets: Vec<devices::virtio::net::NetConfig>,
     /// Where named networks' switches live (`<vessel home>/networks`).
     pub networks: PathBuf,
+    pub cpu_model: CpuModel,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
@@ -187,6 +219,7 @@ mod tests {
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),
+            cpu_model: CpuModel::Host,
         }
     }
 

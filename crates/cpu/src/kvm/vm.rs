@@ -114,13 +114,19 @@ impl KvmVm {
             .collect()
     }
 
-    /// Creates vCPU `index` of `count` with its CPUID, MSRs, FPU and local APIC set up.
-    pub fn create_vcpu(&self, index: u8, count: u8) -> Result<KvmVcpu, KvmError> {
+    /// Creates vCPU `index` of `count` with its CPUID (`cpuid`, with this vCPU's
+    /// topology), MSRs, FPU and local APIC set up.
+    pub fn create_vcpu(
+        &self,
+        index: u8,
+        count: u8,
+        cpuid: &[CpuidEntry],
+    ) -> Result<KvmVcpu, KvmError> {
         let fd = self
             .fd
             .create_vcpu(u64::from(index))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let mut cpuid = self.supported_cpuid();
+        let mut cpuid = cpuid.to_vec();
         arch::cpuid::set_topology(&mut cpuid, index, count);
         KvmVcpu::new(fd, index, &cpuid)
     }

@@ -50,6 +50,26 @@ impl IoApicState {
         }
     }
 
+    /// The registers as the architecture (and KVM's `kvm_ioapic_state`) has them: the ID,
+    /// the selected register, the asserted pins, the redirection table.
+    pub fn registers(&self) -> (u32, u32, u32, [u64; IOAPIC_PINS]) {
+        (self.id, self.select, self.asserted, self.redirection)
+    }
+
+    pub fn from_registers(
+        id: u32,
+        select: u32,
+        asserted: u32,
+        redirection: [u64; IOAPIC_PINS],
+    ) -> Self {
+        IoApicState {
+            id: id & 0xf,
+            select: select & 0xff,
+            redirection: redirection.map(|e| e & (WRITABLE | REMOTE_IRR | DELIVERY_STATUS)),
+            asserted,
+        }
+    }
+
     pub fn redirection(&self, pin: usize) -> u64 {
         self.redirection[pin]
     }

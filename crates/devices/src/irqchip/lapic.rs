@@ -209,6 +209,72 @@ impl LapicState {
         };
     }
 
+    /// The xAPIC register page (1 KiB, the architectural layout, which KVM's
+    /// `kvm_lapic_state` also uses): how a local APIC moves to another backend.
+    pub fn register_page(&self, now: u64) -> Vec<u8> {
+        let mut page = vec![0u8; 1024];
+        for offset in (0..1024u32).step_by(16) {
+            let v = self.read(offset, now);
+            page[offset as usize..offset as usize + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        page
+    }
+
+    /// A local APIC from a register page (see `register_page`) and IA32_APIC_BASE; the
+    /// timer counts on from the page's current count at guest time `now`.
+    pub fn from_register_page(
+        index: usize,
+        apic_base: u64,
+        page: &[u8],
+        run_state: RunState,
+        now: u64,
+    ) -> Self {
+        let reg = |o: u32| -> u32 {
+            let o = o as usize;
+            page.get(o..o + 4)
+                .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        };
+        let bits = |base: u32| -> [u32; 8] { std::array::from_fn(|i| reg(base + 16 * i as u32)) };
+        let mut s = LapicState::new(index);
+        s.apic_base = apic_base;
+        s.run_state = run_state;
+        s.id = (reg(reg::ID) >> 24) as u8;
+        s.tpr = reg(reg::TPR) & 0xff;
+        s.ldr = reg(reg::LDR);
+        s.dfr = reg(reg::DFR);
+        s.svr = reg(reg::SVR);
+        s.isr = bits(reg::ISR);
+        s.tmr = bits(reg::TMR);
+        s.irr = bits(reg::IRR);
+        s.esr = reg(reg::ESR);
+        s.icr = u64::from(reg(reg::ICR_LOW)) | (u64::from(reg(reg::ICR_HIGH)) << 32);
+        for (i, o) in [
+            reg::LVT_TIMER,
+            reg::LVT_THERMAL,
+            reg::LVT_PERF,
+            reg::LVT_LINT0,
+            reg::LVT_LINT1,
+            reg::LVT_ERROR,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            s.lvt[i] = reg(o) & LVT_WRITABLE[i];
+        }
+        s.timer_divide = reg(reg::TIMER_DIVIDE) & 0xb;
+        s.timer_initial = reg(reg::TIMER_INITIAL);
+        let current = u64::from(reg(reg::TIMER_CURRENT));
+        if s.timer_initial != 0 && current != 0 && s.timer_mode() != TimerMode::TscDeadline {
+            s.timer_next = Some(now + current * s.divisor());
+            s.timer_period = (u64::from(s.timer_initial) * s.divisor()).max(MIN_PERIOD_NS);
+        }
+        s
+    }
+
+    pub fn apic_base(&self) -> u64 {
+        self.apic_base
+    }
+
     /// An INIT: registers reset, the vCPU waits for a SIPI.
     pub fn init(&mut self) {
         self.reset_registers();

@@ -67,7 +67,7 @@ pub use lapic::{
     APIC_BASE_BSP, APIC_BASE_ENABLE, Effect, LAPIC_VERSION, LapicError, LapicState, MIN_PERIOD_NS,
     MSR_APIC_BASE, MSR_TSC_DEADLINE, RunState, TimerMode, reg,
 };
-pub use pic::PicState;
+pub use pic::{PicRegs, PicState};
 pub use wake::VcpuWake;
 
 /// A timer outside the local APICs (the PIT) that vCPU threads poll, since nothing

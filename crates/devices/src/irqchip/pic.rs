@@ -169,6 +169,70 @@ impl Chip {
     }
 }
 
+/// One 8259A's internals as KVM's `kvm_pic_state` names them: how a PIC moves to
+/// another backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PicRegs {
+    pub last_irr: u8,
+    pub irr: u8,
+    pub imr: u8,
+    pub isr: u8,
+    pub priority_add: u8,
+    pub irq_base: u8,
+    pub read_reg_select: bool,
+    pub poll: bool,
+    pub special_mask: bool,
+    pub init_state: u8,
+    pub auto_eoi: bool,
+    pub rotate_on_auto_eoi: bool,
+    pub special_fully_nested_mode: bool,
+    pub init4: bool,
+    pub elcr: u8,
+}
+
+impl PicRegs {
+    fn of(c: &Chip) -> Self {
+        PicRegs {
+            last_irr: c.last_irr,
+            irr: c.irr,
+            imr: c.imr,
+            isr: c.isr,
+            priority_add: c.priority_add,
+            irq_base: c.irq_base,
+            read_reg_select: c.read_isr,
+            poll: c.poll,
+            special_mask: c.special_mask,
+            init_state: c.init_state,
+            auto_eoi: c.auto_eoi,
+            rotate_on_auto_eoi: c.rotate_on_auto_eoi,
+            special_fully_nested_mode: c.special_fully_nested,
+            init4: c.init4,
+            elcr: c.elcr,
+        }
+    }
+
+    fn chip(&self) -> Chip {
+        Chip {
+            last_irr: self.last_irr,
+            irr: self.irr,
+            imr: self.imr,
+            isr: self.isr,
+            priority_add: self.priority_add & 7,
+            irq_base: self.irq_base & 0xf8,
+            read_isr: self.read_reg_select,
+            poll: self.poll,
+            special_mask: self.special_mask,
+            init_state: self.init_state.min(3),
+            auto_eoi: self.auto_eoi,
+            rotate_on_auto_eoi: self.rotate_on_auto_eoi,
+            special_fully_nested: self.special_fully_nested_mode,
+            init4: self.init4,
+            single_mode: false,
+            elcr: self.elcr,
+        }
+    }
+}
+
 /// Master and slave 8259A.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PicState {
@@ -178,6 +242,17 @@ pub struct PicState {
 impl PicState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The master's and the slave's registers.
+    pub fn registers(&self) -> [PicRegs; 2] {
+        [PicRegs::of(&self.chips[0]), PicRegs::of(&self.chips[1])]
+    }
+
+    pub fn from_registers(regs: &[PicRegs; 2]) -> Self {
+        PicState {
+            chips: [regs[0].chip(), regs[1].chip()],
+        }
     }
 
     /// Drives ISA IRQ `irq` (0-15; 2 is the cascade and not an input).

@@ -258,6 +258,70 @@ impl Channel {
     }
 }
 
+/// One PIT channel as KVM's `kvm_pit_channel_state` names it: how the PIT moves to
+/// another backend (the count restarts from its reload value there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PitChannelRegs {
+    /// The reload value (0 means 0x10000).
+    pub count: u32,
+    pub latched_count: u16,
+    pub count_latched: u8,
+    pub status_latched: Option<u8>,
+    pub read_state: u8,
+    pub write_state: u8,
+    pub write_latch: u8,
+    pub rw_mode: u8,
+    pub mode: u8,
+    pub bcd: bool,
+    pub gate: bool,
+}
+
+impl PitState {
+    pub fn registers(&self) -> [PitChannelRegs; 3] {
+        self.channels.clone().map(|c| PitChannelRegs {
+            count: (c.reload & 0xffff) as u32,
+            latched_count: c.latched_count,
+            count_latched: c.count_latched,
+            status_latched: c.status_latched,
+            read_state: c.read_state,
+            write_state: c.write_state,
+            write_latch: c.write_latch,
+            rw_mode: c.rw,
+            mode: c.mode,
+            bcd: c.bcd,
+            gate: c.gate,
+        })
+    }
+
+    /// Channels counting from their reload values at guest time `now`.
+    pub fn from_registers(regs: &[PitChannelRegs; 3], now: u64) -> Self {
+        PitState {
+            channels: regs.map(|r| {
+                let mut c = Channel::new(r.gate);
+                c.mode = r.mode.min(5);
+                c.rw = r.rw_mode & 3;
+                c.bcd = r.bcd;
+                c.reload = if r.count == 0 {
+                    0x10000
+                } else {
+                    u64::from(r.count & 0xffff).max(1)
+                };
+                c.loaded = r.count != 0;
+                c.null_count = false;
+                c.run_start = (r.gate || c.mode == 0 || c.mode == 4).then_some(now);
+                c.read_state = r.read_state & 3;
+                c.write_state = r.write_state & 3;
+                c.write_latch = r.write_latch;
+                c.count_latched = r.count_latched & 3;
+                c.latched_count = r.latched_count;
+                c.status_latched = r.status_latched;
+                c
+            }),
+            port61: 0,
+        }
+    }
+}
+
 /// The PIT as plain data, for snapshots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PitState {

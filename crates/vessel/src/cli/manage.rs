@@ -141,6 +141,7 @@ pub fn create(args: CreateArgs) -> CliResult {
             .collect::<Result<_, _>>()?,
         nets: nets_with_macs(&a, &args.name)?,
         rng: a.rng,
+        cpu_model: a.cpu_model.clone(),
     };
     a.devices()?;
     let home = home()?;
@@ -205,6 +206,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         disks: Vec::new(),
         nets,
         rng: a.rng,
+        cpu_model: a.cpu_model.clone(),
     };
     spec.validate().map_err(Failure::usage)?;
     let home = home()?;

@@ -125,6 +125,10 @@ pub struct VmArgs {
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// The CPU KVM shows the guest: host (everything it can give) or portable (only
+    /// what the software CPU gives too: a VM that can move between backends).
+    #[arg(long, value_name = "MODEL", value_parser = ["host", "portable"])]
+    cpu_model: Option<String>,
     /// A virtio console (the guest's hvc0): `stdio` (the console on this terminal
     /// instead of the serial port; boot with console=hvc0) or `socket=PATH`.
     #[arg(long, value_name = "SPEC")]

@@ -116,6 +116,8 @@ fn run_vm(
             .map_err(|e| Failure::usage(format!("--hvc {e}")))?,
         kvm_fallback: !args.no_kvm_fallback,
         networks: network::switch::networks_dir(manager::Home::from_env()?.root()),
+        cpu_model: vmm::CpuModel::parse(a.cpu_model.as_deref().unwrap_or("host"))
+            .map_err(Failure::usage)?,
     };
     // Said once the VM is built, so that a bad argument is still the only line.
     let (outcome, metrics) = vmm::run(&config, || {

@@ -12,7 +12,7 @@ use cpu::kvm::{Kvm, KvmEdgeIrq, KvmLevelIrq, KvmMsi};
 use devices::IrqLine;
 
 use super::Backend;
-use crate::config::VmConfig;
+use crate::config::{CpuModel, VmConfig};
 use crate::error::VmError;
 use crate::snapshot::capture::IrqPersist;
 use crate::snapshot::{IrqState, KvmIrqState, SnapshotBackend};
@@ -35,16 +35,19 @@ pub(crate) fn backend(
     let com1_irq: Arc<dyn IrqLine> = Arc::new(KvmEdgeIrq::new(vm.fd(), ports::COM1_IRQ)?);
     let sci: Arc<dyn IrqLine> = Arc::new(KvmLevelIrq::new(vm.fd().clone(), ports::ACPI_SCI_IRQ));
     let cpus = config.cpus as u8;
+    let cpuid = guest_cpuid(&vm, config.cpu_model, cpus);
     let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(usize::from(cpus));
     for index in 0..cpus {
-        let mut vcpu = vm.create_vcpu(index, cpus)?.with_memory(mem.clone());
+        let mut vcpu = vm
+            .create_vcpu(index, cpus, &cpuid)?
+            .with_memory(mem.clone());
         if index == 0 {
             vcpu.set_entry_state(entry)?;
         }
         vcpus.push(Box::new(vcpu));
     }
     let notify_vm = vm.fd().clone();
-    let mut cpuid = vm.supported_cpuid();
+    let mut cpuid = cpuid;
     arch::cpuid::set_topology(&mut cpuid, 0, cpus);
     let irq = Box::new(KvmIrq(vm.fd().clone()));
     Ok(Backend {
@@ -60,6 +63,21 @@ pub(crate) fn backend(
         cpuid,
         irq,
     })
+}
+
+/// The CPUID KVM's vCPUs get: what KVM supports and, where KVM has no hardware behind
+/// it and vessel's interpreter runs what its emulator cannot, what the interpreter
+/// implements; `portable` keeps only what the software CPU gives too.
+fn guest_cpuid(vm: &cpu::kvm::KvmVm, model: CpuModel, cpus: u8) -> Vec<arch::cpuid::CpuidEntry> {
+    let mut cpuid = vm.supported_cpuid();
+    let software = cpu::emu::cpuid(0, cpus);
+    if !cpu::kvm::host_has_hardware_virtualization() {
+        arch::cpuid::add_features(&mut cpuid, &software);
+    }
+    if model == CpuModel::Portable {
+        arch::cpuid::keep_features(&mut cpuid, &software);
+    }
+    cpuid
 }
 
 /// KVM's in-kernel PICs, IOAPIC, PIT and clock, saved and loaded.

@@ -105,21 +105,29 @@ pub fn build_from(
         Some(_) => arch::entry::EntryState::default(),
         None => boot_image(config, &mem)?,
     };
-    let clock_start = restore.map(|r| {
-        let s = &r.state;
-        s.guest_ns + crate::snapshot::now_unix_ns().saturating_sub(s.saved_unix_ns)
-    });
+    // A snapshot from the other backend is converted: for the software CPU before its
+    // clock is made (the clock goes on from the snapshot's TSC), for KVM once KVM says
+    // which CPUID it gives.
+    let mut state = restore.map(|r| r.state.clone());
+    let convert = |s: &mut crate::snapshot::VmSnapshot, to, cpuid: &[arch::cpuid::CpuidEntry]| {
+        crate::snapshot::convert::to_backend(s, to, cpuid)
+            .map_err(|e| VmError::Device(format!("cannot restore on {to}: {e}")))
+    };
+    if config.accel == Accel::Emu
+        && let Some(s) = state.as_mut()
+    {
+        let cpuid = cpu::emu::cpuid(0, config.cpus as u8);
+        convert(s, crate::snapshot::SnapshotBackend::Emu, &cpuid)?;
+    }
+    let clock_start = state
+        .as_ref()
+        .map(|s| s.guest_ns + crate::snapshot::now_unix_ns().saturating_sub(s.saved_unix_ns));
     let mut backend = match config.accel {
         Accel::Kvm => kvm::backend(config, &mem, &entry)?,
         Accel::Emu => emu::backend(config, &mem, &code, &entry, clock_start)?,
     };
-    if let Some(r) = restore
-        && r.state.backend != backend.kind
-    {
-        return Err(VmError::Device(format!(
-            "the snapshot was taken on {}, this VM runs on {}",
-            r.state.backend, backend.kind
-        )));
+    if let Some(s) = state.as_mut() {
+        convert(s, backend.kind, &backend.cpuid)?;
     }
     let (events_tx, events_rx) = mpsc::channel();
     let metrics = Arc::new(Metrics::new());
@@ -163,13 +171,13 @@ pub fn build_from(
         virtio: platform.virtio.clone(),
         irq: std::mem::replace(&mut backend.irq, Box::new(NoIrqPersist)),
     });
-    if let Some(r) = restore {
-        for (vcpu, saved) in vcpus.iter_mut().zip(&r.state.vcpus) {
+    if let Some(s) = &state {
+        for (vcpu, saved) in vcpus.iter_mut().zip(&s.vcpus) {
             vcpu.restore(saved)
                 .map_err(|e| VmError::Device(format!("restoring vCPU {}: {e}", saved.index)))?;
         }
         persist
-            .restore_platform(&r.state)
+            .restore_platform(s)
             .map_err(|e| VmError::Device(e.to_string()))?;
     }
     Ok(Vm::new(VmParts {

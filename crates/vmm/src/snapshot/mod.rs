@@ -14,6 +14,7 @@
 //! are this capture with different destinations.
 
 pub mod capture;
+pub mod convert;
 pub mod file;
 
 use arch::cpuid::CpuidEntry;

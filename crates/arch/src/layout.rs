@@ -26,6 +26,9 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area, where a kernel also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
+/// The 16-byte VM generation ID the VMGENID device points the guest at, in the last
+/// page of the BIOS area (the tables stay below it).
+pub const VMGENID_ADDR: u64 = 0xff000;
 /// bzImage protected-mode kernels load here (the boot protocol's code32_start).
 pub const HIMEM_START: u64 = 0x100000;
 

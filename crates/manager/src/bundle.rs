@@ -215,6 +215,7 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             cpu_model: None,
+            vmgenid: None,
         }
     }
 

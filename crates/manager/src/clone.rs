@@ -61,6 +61,7 @@ pub fn copy_vm(
         c.path = dest.into();
         out.disks.push(c.to_spec());
     }
+    out.vmgenid = Some(vmm::vmgenid_hex(&vmm::new_vmgenid()));
     let seed = format!("{name}-{:?}", std::time::SystemTime::now());
     out.nets = spec
         .nets

@@ -282,6 +282,7 @@ impl Monitor {
             description: req.description.clone().unwrap_or_default(),
             created_unix: status::now_unix(),
             live: true,
+            disks: Vec::new(),
         };
         let fill = |tmp: &Path| {
             snapshots::fill(&self.bundle, &self.spec, &meta, tmp).map_err(|e| e.to_string())

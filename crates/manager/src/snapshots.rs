@@ -37,6 +37,45 @@ pub struct SnapshotMeta {
     /// Taken while the VM ran: it holds memory and device state, and restoring it
     /// continues the VM where it was.
     pub live: bool,
+    /// The disk copies as written (file, length, modification time): a copy changed
+    /// since no longer matches the memory and is refused.
+    #[serde(default)]
+    pub disks: Vec<DiskCopy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    pub file: String,
+    pub len: u64,
+    pub mtime_ns: i128,
+}
+
+impl DiskCopy {
+    fn of(dir: &Path, file: &str) -> Result<Self, ManagerError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.join(file);
+        let m = std::fs::metadata(&path).map_err(ManagerError::io(&path))?;
+        Ok(DiskCopy {
+            file: file.to_string(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// Checks that a snapshot folder's disk copies are as its meta recorded them.
+pub fn check_disks(dir: &Path) -> Result<(), ManagerError> {
+    let meta = read_meta(dir)?;
+    for d in &meta.disks {
+        let now = DiskCopy::of(dir, &d.file)?;
+        if now != *d {
+            return Err(ManagerError::Other(format!(
+                "{}: changed since the snapshot was taken",
+                dir.join(&d.file).display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub fn check_name(name: &str) -> Result<(), ManagerError> {
@@ -132,17 +171,19 @@ pub fn fill(
     into: &Path,
 ) -> Result<(), ManagerError> {
     let mut copy = spec.clone();
+    let mut meta = meta.clone();
     copy.disks.clear();
     for (i, mut d) in disks(bundle, spec)?.into_iter().enumerate() {
         let name = copy_name(i, &d.path);
         image::sparse_copy(&d.path, &into.join(&name))
             .map_err(|e| ManagerError::Other(e.to_string()))?;
+        meta.disks.push(DiskCopy::of(into, &name)?);
         d.id = Some(d.serial());
         d.path = name.into();
         copy.disks.push(d.to_spec());
     }
     write(into.join(VM_TOML), copy.to_toml().as_bytes())?;
-    let text = serde_json::to_vec_pretty(meta).map_err(|e| ManagerError::Other(e.to_string()))?;
+    let text = serde_json::to_vec_pretty(&meta).map_err(|e| ManagerError::Other(e.to_string()))?;
     write(into.join(META), &text)
 }
 
@@ -220,6 +261,7 @@ fn find(bundle: &Bundle, name: &str) -> Result<PathBuf, ManagerError> {
 pub fn restore(bundle: &Bundle, name: &str) -> Result<SnapshotMeta, ManagerError> {
     let dir = find(bundle, name)?;
     let meta: SnapshotMeta = read_meta(&dir)?;
+    check_disks(&dir)?;
     let spec = bundle.spec()?;
     let saved = VmSpec::from_toml(
         &dir.join(VM_TOML),

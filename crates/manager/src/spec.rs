@@ -52,6 +52,10 @@ pub struct VmSpec {
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
+    /// The VM generation ID (32 hex digits) the guest reads through ACPI; a clone gets
+    /// a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<String>,
 }
 
 fn default_accel() -> String {
@@ -102,7 +106,11 @@ impl VmSpec {
             kvm_fallback: true,
             networks: PathBuf::new(),
             cpu_model: self.cpu_model()?,
+            vmgenid: [0; 16],
         };
+        if let Some(v) = &self.vmgenid {
+            vmm::parse_vmgenid(v)?;
+        }
         config.validate().map_err(|e| e.to_string())
     }
 
@@ -219,6 +227,10 @@ impl VmSpec {
             hvc: None,
             kvm_fallback: true,
             cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
+            vmgenid: match &self.vmgenid {
+                Some(v) => vmm::parse_vmgenid(v).map_err(ManagerError::Other)?,
+                None => [0; 16],
+            },
             // <home>/vms/NAME -> <home>/networks
             networks: dir
                 .parent()
@@ -255,6 +267,7 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             cpu_model: None,
+            vmgenid: None,
         }
     }
 

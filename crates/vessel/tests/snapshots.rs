@@ -387,6 +387,19 @@ fn a_clone_runs_beside_its_source_with_new_macs() {
     assert_ne!(mac("src"), mac("copy"));
     let ls = home.ok(&["ls"]);
     assert_eq!(ls.matches("running").count(), 2, "{ls}");
+    // Each reads its own VM generation ID where the ACPI VMGENID device says.
+    home.ok(&["snapshot", "copy", "now"]);
+    let genid = |snap: PathBuf| {
+        let mem = std::fs::read(snap.join("memory")).unwrap();
+        let at = arch::layout::VMGENID_ADDR as usize;
+        mem[at..at + 16].to_vec()
+    };
+    let (a, b) = (
+        genid(home.dir("src").join("snapshots/base")),
+        genid(home.dir("copy").join("snapshots/now")),
+    );
+    assert_ne!(a, b, "the clone has its source's VM generation ID");
+    assert!(a.iter().any(|x| *x != 0) && b.iter().any(|x| *x != 0));
 }
 
 /// Writes a copy of `from` with `edit` applied to its state file's bytes.
@@ -492,6 +505,17 @@ fn bad_snapshots_are_refused_in_one_line() {
         vec![9u8; 1 << 20],
         "the disk was touched"
     );
+    // A disk copy changed since the snapshot.
+    home.ok(&["snapshot", "h", "warm"]);
+    let copy = home.dir("h").join("snapshots/warm/disk0.raw");
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&copy, vec![1u8; 1 << 20]).unwrap();
+    let (_, err) = home.refused(&["snapshot", "restore", "h", "warm"]);
+    assert!(
+        err.contains("changed since the snapshot was taken"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![9u8; 1 << 20]);
 }
 
 /// Snapshots `accel`'s counting guest and continues it with `vessel run --accel other`.

@@ -83,6 +83,9 @@ pub struct VmConfig {
     /// Where named networks' switches live (`<vessel home>/networks`).
     pub networks: PathBuf,
     pub cpu_model: CpuModel,
+    /// The VM generation ID the guest reads through ACPI (VMGENID): new for every
+    /// clone.
+    pub vmgenid: [u8; 16],
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
@@ -188,6 +191,38 @@ pub fn host_memory_bytes() -> Option<u64> {
     Some(kib << 10)
 }
 
+/// A fresh VM generation ID (random, from the host's getrandom).
+pub fn new_vmgenid() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // No getrandom: the time and the PID still make clones differ.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        id = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    id
+}
+
+/// A VM generation ID as 32 hex digits (vm.toml), and back.
+pub fn vmgenid_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_vmgenid(s: &str) -> Result<[u8; 16], String> {
+    let bad = || format!("vmgenid {s:?} is not 32 hex digits");
+    if s.len() != 32 {
+        return Err(bad());
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +255,7 @@ mod tests {
             kvm_fallback: true,
             networks: PathBuf::new(),
             cpu_model: CpuModel::Host,
+            vmgenid: [0; 16],
         }
     }
 
@@ -253,3 +289,4 @@ mod tests {
         assert_eq!(config(255, 32 << 20).validate(), Ok(()));
     }
 }
+

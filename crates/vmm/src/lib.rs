@@ -17,7 +17,10 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub use builder::Console;
-pub use config::{Accel, ConfigError, CpuModel, Hvc, VmConfig, choose_accel, parse_size};
+pub use config::{
+    Accel, ConfigError, CpuModel, Hvc, VmConfig, choose_accel, new_vmgenid, parse_size,
+    parse_vmgenid, vmgenid_hex,
+};
 pub use control::{ControlError, RunState};
 pub use error::VmError;
 pub use vm::{Vm, VmHandle, VmOutcome};

@@ -1,5 +1,5 @@
 //! The DSDT: the \_S5 sleep type for power-off and the devices a kernel should find
-//! through ACPI (COM1, the CMOS RTC, the PCI root bridge).
+//! through ACPI (COM1, the CMOS RTC, the PCI root bridge, the VM generation ID).
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, IO, Interrupt, Name, Package,
@@ -28,7 +28,7 @@ pub(super) fn build(cfg: &AcpiConfig) -> Vec<u8> {
         "_S5_".into(),
         &Package::new(vec![&SLEEP_TYPE_S5, &SLEEP_TYPE_S5, &0u8, &0u8]),
     )));
-    let devices = [com1(), rtc(), pci_root(cfg.ram_size)];
+    let devices = [com1(), rtc(), pci_root(cfg.ram_size), vmgenid()];
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
     dsdt.append_slice(&to_bytes(&Scope::new("\\_SB_".into(), children)));
     dsdt.as_slice().to_vec()
@@ -43,6 +43,24 @@ fn com1() -> RawAml {
             &Name::new("_HID".into(), &EISAName::new("PNP0501")),
             &Name::new("_UID".into(), &1u8),
             &Name::new("_CRS".into(), &ResourceTemplate::new(vec![&io, &irq])),
+        ],
+    )))
+}
+
+/// The VM generation ID device (Microsoft's VMGENID, which Linux's vmgenid driver and
+/// Windows read): ADDR is where the 16-byte ID lives; a clone gets a new one, and a
+/// guest that sees it change reseeds its random pool.
+fn vmgenid() -> RawAml {
+    let addr = layout::VMGENID_ADDR;
+    let (low, high) = (addr as u32, (addr >> 32) as u32);
+    RawAml(to_bytes(&Device::new(
+        "VGEN".into(),
+        vec![
+            &Name::new("_HID".into(), &"VMGENCTR"),
+            &Name::new("_CID".into(), &"VM_GEN_COUNTER"),
+            &Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &Name::new("_STA".into(), &0x0fu8),
+            &Name::new("ADDR".into(), &Package::new(vec![&low, &high])),
         ],
     )))
 }

@@ -38,6 +38,8 @@ pub enum AcpiError {
 pub struct AcpiConfig {
     pub cpus: u8,
     pub ram_size: u64,
+    /// The VM generation ID (a GUID's 16 bytes) the VMGENID device shows.
+    pub vmgenid: [u8; 16],
 }
 
 struct AmlBytes(Vec<u8>);
@@ -58,6 +60,8 @@ pub struct AcpiTables {
     pub rsdp_addr: u64,
     /// (address, bytes) of every table, RSDP first.
     pub blobs: Vec<(u64, Vec<u8>)>,
+    /// Written at `layout::VMGENID_ADDR`.
+    pub vmgenid: [u8; 16],
 }
 
 impl AcpiTables {
@@ -91,7 +95,7 @@ impl AcpiTables {
         }
         let xsdt = to_bytes(&xsdt);
         let xsdt_addr = place(xsdt.len(), 16);
-        if next > layout::ACPI_END {
+        if next > layout::VMGENID_ADDR {
             return Err(AcpiError::TooBig((next - layout::ACPI_START) as usize));
         }
         let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -106,6 +110,7 @@ impl AcpiTables {
                 (madt_addr, madt),
                 (mcfg_addr, mcfg),
             ],
+            vmgenid: cfg.vmgenid,
         })
     }
 
@@ -114,6 +119,8 @@ impl AcpiTables {
             mem.write_slice(bytes, GuestAddress(*addr))
                 .map_err(|_| AcpiError::Write)?;
         }
+        mem.write_slice(&self.vmgenid, GuestAddress(layout::VMGENID_ADDR))
+            .map_err(|_| AcpiError::Write)?;
         Ok(self.rsdp_addr)
     }
 

@@ -7,6 +7,7 @@ fn checksum_ok(bytes: &[u8]) -> bool {
 
 fn tables(cpus: u8) -> AcpiTables {
     AcpiTables::build(&AcpiConfig {
+        vmgenid: [0x11; 16],
         cpus,
         ram_size: 512 << 20,
     })

@@ -142,6 +142,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         nets: nets_with_macs(&a, &args.name)?,
         rng: a.rng,
         cpu_model: a.cpu_model.clone(),
+        vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
     };
     a.devices()?;
     let home = home()?;
@@ -207,6 +208,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         nets,
         rng: a.rng,
         cpu_model: a.cpu_model.clone(),
+        vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
     };
     spec.validate().map_err(Failure::usage)?;
     let home = home()?;

@@ -118,6 +118,7 @@ fn run_vm(
         networks: network::switch::networks_dir(manager::Home::from_env()?.root()),
         cpu_model: vmm::CpuModel::parse(a.cpu_model.as_deref().unwrap_or("host"))
             .map_err(Failure::usage)?,
+        vmgenid: vmm::new_vmgenid(),
     };
     // Said once the VM is built, so that a bad argument is still the only line.
     let (outcome, metrics) = vmm::run(&config, || {
@@ -167,6 +168,9 @@ pub fn kit(args: KitArgs) -> CliResult {
 /// `vessel run --restore DIR`: the snapshot's VM, continued in the foreground.
 fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
     let state = vmm::snapshot::read_state(dir).map_err(Failure::usage)?;
+    if dir.join("meta.json").is_file() {
+        manager::snapshots::check_disks(dir)?;
+    }
     let toml = dir.join("vm.toml");
     let text = std::fs::read_to_string(&toml)
         .map_err(|e| Failure::usage(format!("{}: {e}", toml.display())))?;

@@ -141,6 +141,7 @@ fn take(name: &str, snapshot: Option<String>, description: Option<String>) -> Cl
         description: description.unwrap_or_default(),
         created_unix: manager::status::now_unix(),
         live: false,
+        disks: Vec::new(),
     };
     snapshots::take_stopped(&bundle, &meta)?;
     println!(

@@ -201,6 +201,7 @@ fn boot_image(config: &VmConfig, mem: &GuestMemory) -> Result<arch::entry::Entry
     let acpi = AcpiTables::build(&AcpiConfig {
         cpus: config.cpus as u8,
         ram_size: config.memory,
+        vmgenid: config.vmgenid,
     })?;
     let rsdp = acpi.write(mem)?;
     let loaded = boot::load(

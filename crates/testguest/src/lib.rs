@@ -101,6 +101,14 @@ pub fn temp_file(bytes: &[u8]) -> tempfile::TempPath {
     f.into_temp_path()
 }
 
+/// A 64-bit guest assembled into a bzImage in a temp file; the path as a string, for
+/// command lines.
+pub fn bzimage_file(build: impl FnOnce(&mut CodeAssembler)) -> (tempfile::TempPath, String) {
+    let code = assemble(64, BZIMAGE_ENTRY64, build);
+    let (t, p) = temp_path(&bzimage(&code));
+    (t, p.display().to_string())
+}
+
 /// Path of a temp file for the duration of a test.
 pub fn temp_path(bytes: &[u8]) -> (tempfile::TempPath, PathBuf) {
     let t = temp_file(bytes);

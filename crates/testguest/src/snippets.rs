@@ -169,7 +169,11 @@ pub fn halt_forever(a: &mut CodeAssembler) {
     a.jmp(l).unwrap();
 }
 
-/// A guest that prints `count N` (hex) forever, one line per `delay` loop iterations.
+/// Where [`counter`] keeps its count, in guest memory (a snapshot carries it).
+pub const COUNT_AT: u64 = 0x5000;
+
+/// A guest that prints `count N` (hex) forever, one line per `delay` loop iterations;
+/// N is kept in memory at [`COUNT_AT`].
 pub fn counter(a: &mut CodeAssembler, delay: u32) {
     let mut hex = a.create_label();
     let mut main = a.create_label();
@@ -178,13 +182,13 @@ pub fn counter(a: &mut CodeAssembler, delay: u32) {
     a.jmp(main).unwrap();
     hex32_routine(a, &mut hex);
     a.set_label(&mut main).unwrap();
-    a.xor(esi, esi).unwrap();
+    a.mov(dword_ptr(COUNT_AT), 0u32).unwrap();
     a.set_label(&mut lp).unwrap();
     print(a, "count ");
-    a.mov(eax, esi).unwrap();
+    a.mov(eax, dword_ptr(COUNT_AT)).unwrap();
     a.call(hex).unwrap();
     print(a, "\n");
-    a.inc(esi).unwrap();
+    a.inc(dword_ptr(COUNT_AT)).unwrap();
     a.mov(ecx, delay).unwrap();
     a.set_label(&mut wait).unwrap();
     a.dec(ecx).unwrap();

@@ -40,12 +40,6 @@ fn main() {
     update_section("foundation", &body).expect("write BENCHMARKS.md");
 }
 
-fn kernel(build: impl FnOnce(&mut CodeAssembler)) -> (tempfile::TempPath, String) {
-    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, build);
-    let (t, p) = testguest::temp_path(&testguest::bzimage(&code));
-    (t, p.display().to_string())
-}
-
 /// Milliseconds logged by vessel's boot timer, in order.
 fn boot_marks(stderr: &str) -> Vec<f64> {
     stderr
@@ -57,7 +51,7 @@ fn boot_marks(stderr: &str) -> Vec<f64> {
 
 fn startup() -> String {
     // The guest's first instruction marks the boot timer; then a line, then a reset.
-    let (_k, kernel) = kernel(|a| {
+    let (_k, kernel) = testguest::bzimage_file(|a| {
         a.mov(dx, 0x440u32).unwrap();
         a.out(dx, al).unwrap();
         print(a, "ready\n");
@@ -130,7 +124,7 @@ fn out_loop(a: &mut CodeAssembler) {
 }
 
 fn port_io() -> String {
-    let (_k, kernel) = kernel(out_loop);
+    let (_k, kernel) = testguest::bzimage_file(out_loop);
     let mut vessel_us = Vec::new();
     let mut bare_us = Vec::new();
     for _ in 0..5 {
@@ -218,7 +212,7 @@ mod bare {
 }
 
 fn monitor_memory() -> String {
-    let (_k, kernel) = kernel(|a| {
+    let (_k, kernel) = testguest::bzimage_file(|a| {
         a.mov(dx, 0x440u32).unwrap();
         a.out(dx, al).unwrap();
         halt_forever(a);

@@ -142,7 +142,7 @@ fn kit_snapshots(home: &Path) -> String {
 /// restore shows up as a boot-timer line), `delay` iterations of dec/jnz apart (on
 /// KVM here every instruction is emulated: the loop must be short there).
 fn timer_guest(delay: u32) -> (tempfile::TempPath, String) {
-    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, |a| {
+    testguest::bzimage_file(|a| {
         let mut lp = a.create_label();
         let mut wait = a.create_label();
         a.set_label(&mut lp).unwrap();
@@ -154,9 +154,7 @@ fn timer_guest(delay: u32) -> (tempfile::TempPath, String) {
         a.dec(ecx).unwrap();
         a.jnz(wait).unwrap();
         a.jmp(lp).unwrap();
-    });
-    let (t, p) = testguest::temp_path(&testguest::bzimage(&code));
-    (t, p.display().to_string())
+    })
 }
 
 /// Milliseconds from process start to the first boot-timer line of a restore.

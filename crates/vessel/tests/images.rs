@@ -5,7 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::home::Home;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -44,71 +46,28 @@ fn debian() -> Option<image::Image> {
     }
 }
 
-/// A VESSEL_HOME whose monitors are killed when the test ends.
-struct Home(tempfile::TempDir);
-
-impl Home {
-    fn new() -> Self {
-        Home(tempfile::tempdir().unwrap())
-    }
-
-    fn vessel(&self, args: &[&str]) -> common::Finished {
-        let mut cmd = common::vessel();
-        cmd.args(args).env("VESSEL_HOME", self.0.path());
-        common::run_with_deadline(cmd, Duration::from_secs(180))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let r = self.vessel(args);
-        assert_eq!(r.code, Some(0), "vessel {args:?}: {}", r.dump());
-        r.stdout
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        self.0.path().join("vms").join(name)
-    }
-
-    fn log(&self, name: &str) -> String {
-        let bytes = std::fs::read(self.dir(name).join("serial.log")).unwrap_or_default();
-        String::from_utf8_lossy(&bytes).replace('\r', "")
-    }
-
-    /// Waits for the guest's `vessel-ready:` line and its login prompt; returns the
-    /// serial log.
-    fn wait_ready(&self, name: &str) -> String {
-        let deadline = Instant::now() + BOOT_DEADLINE;
-        let prompt = format!("{name} login:");
-        loop {
-            let log = self.log(name);
-            let ready = log
-                .find(READY_PREFIX)
-                .is_some_and(|at| log[at..].contains('\n'));
-            if ready && log.contains(&prompt) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} did not finish starting:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
+fn home() -> Home {
+    Home::with_deadline(Duration::from_secs(180))
 }
 
-impl Drop for Home {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.path().join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(text) = std::fs::read_to_string(e.path().join("status.json"))
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-                && let Some(pid) = v["pid"].as_i64()
-            {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
+/// Waits for the guest's `vessel-ready:` line and its login prompt; returns the
+/// serial log.
+fn wait_ready(home: &Home, name: &str) -> String {
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    let prompt = format!("{name} login:");
+    loop {
+        let log = home.log(name);
+        let ready = log
+            .find(READY_PREFIX)
+            .is_some_and(|at| log[at..].contains('\n'));
+        if ready && log.contains(&prompt) {
+            return log;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not finish starting:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -137,8 +96,8 @@ fn readiness(log: &str) -> (String, Vec<String>) {
 #[test]
 fn vms_from_the_image_run_systemd_on_1_and_2_vcpus_with_identities_of_their_own() {
     let Some(_image) = debian() else { return };
-    let home = Home::new();
-    let key = home.0.path().join("user.pub");
+    let home = home();
+    let key = home.path().join("user.pub");
     std::fs::write(
         &key,
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJtest test@host\n",
@@ -164,11 +123,11 @@ fn vms_from_the_image_run_systemd_on_1_and_2_vcpus_with_identities_of_their_own(
             out.contains(&format!("created {name} from image {IMAGE}")),
             "{out}"
         );
-        let toml = std::fs::read_to_string(home.dir(name).join("vm.toml")).unwrap();
+        let toml = std::fs::read_to_string(home.vm_dir(name).join("vm.toml")).unwrap();
         assert!(toml.contains("seed.img"), "{toml}");
         // The VM's disk is its own, and sparse.
         use std::os::unix::fs::MetadataExt;
-        let disk = std::fs::metadata(home.dir(name).join(image::DISK)).unwrap();
+        let disk = std::fs::metadata(home.vm_dir(name).join(image::DISK)).unwrap();
         assert!(
             disk.blocks() * 512 < disk.len() / 4,
             "the copy is not sparse"
@@ -179,7 +138,7 @@ fn vms_from_the_image_run_systemd_on_1_and_2_vcpus_with_identities_of_their_own(
     }
     let logs: Vec<String> = ["deb-a", "deb-b"]
         .iter()
-        .map(|n| home.wait_ready(n))
+        .map(|n| wait_ready(&home, n))
         .collect();
     for (log, (name, cpus)) in logs.iter().zip([("deb-a", 1), ("deb-b", 2)]) {
         let (state, failed) = readiness(log);
@@ -208,7 +167,7 @@ fn vms_from_the_image_run_systemd_on_1_and_2_vcpus_with_identities_of_their_own(
     assert!(info.contains("nic       net0 user "), "{info}");
     // The seed gave the user the key; the user's home exists.
     let user = manager::ssh::user_name();
-    let disk = home.dir("deb-b").join(image::DISK);
+    let disk = home.vm_dir("deb-b").join(image::DISK);
     // The ACPI power button shuts systemd down cleanly.
     home.ok(&["stop", "deb-b", "--timeout", "180"]);
     let keys = debugfs(
@@ -269,11 +228,11 @@ fn the_kit_initramfs_boots_the_image_disk() {
 #[test]
 fn bad_image_input_is_one_line_and_leaves_nothing_behind() {
     let store_dir = tempfile::tempdir().unwrap();
-    let home = Home::new();
+    let home = home();
     let with_store = |args: &[&str]| {
         let mut cmd = common::vessel();
         cmd.args(args)
-            .env("VESSEL_HOME", home.0.path())
+            .env("VESSEL_HOME", home.path())
             .env("VESSEL_IMAGE_DIR", store_dir.path());
         common::run_with_deadline(cmd, Duration::from_secs(60))
     };
@@ -313,7 +272,7 @@ fn bad_image_input_is_one_line_and_leaves_nothing_behind() {
         &with_store(&["run", "--image", "broken"]),
         "image broken is incomplete",
     );
-    assert!(!home.dir("x").exists(), "nothing half-made");
+    assert!(!home.vm_dir("x").exists(), "nothing half-made");
     let ls = with_store(&["image", "ls"]);
     assert!(
         ls.stdout.contains("broken") && ls.stdout.contains("invalid"),

@@ -4,9 +4,11 @@
 
 mod common;
 
+use common::home::Home;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -14,107 +16,8 @@ use common::kvm_available;
 use testguest::code_asm::*;
 use testguest::snippets::{self, i8042_reset, print};
 
-/// A VESSEL_HOME that kills whatever monitors are left when the test ends.
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-impl Home {
-    fn new() -> Self {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn vessel(&self, args: &[&str]) -> common::Finished {
-        let mut cmd = common::vessel();
-        cmd.args(args).env("VESSEL_HOME", self.path());
-        common::run_with_deadline(cmd, Duration::from_secs(90))
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let r = self.vessel(args);
-        assert_eq!(r.code, Some(0), "vessel {args:?}: {}", r.dump());
-        r.stdout
-    }
-
-    fn vm_dir(&self, name: &str) -> PathBuf {
-        self.path().join("vms").join(name)
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.vm_dir(name).join("serial.log")).unwrap_or_default()
-    }
-
-    fn count(&self, name: &str) -> u32 {
-        snippets::last_count(&self.log(name)).unwrap_or(0)
-    }
-
-    fn wait_count(&self, name: &str, at_least: u32) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.count(name) < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "{name} never counted to {at_least}: {}",
-                self.log(name)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn status(&self, name: &str) -> serde_json::Value {
-        let text = std::fs::read_to_string(self.vm_dir(name).join("status.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    }
-
-    fn pid(&self, name: &str) -> i32 {
-        self.status(name)["pid"].as_i64().unwrap() as i32
-    }
-
-    fn ls(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap()
-    }
-
-    fn state_in_ls(&self, name: &str) -> String {
-        let ls = self.ls();
-        ls.as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == name)
-            .map(|v| v["state"].as_str().unwrap().to_string())
-            .unwrap()
-    }
-}
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.path().join("vms")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if let Ok(text) = std::fs::read_to_string(e.path().join("status.json"))
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-                && let Some(pid) = v["pid"].as_i64()
-            {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-    }
-}
-
-fn guest(build: impl FnOnce(&mut CodeAssembler)) -> (tempfile::TempPath, String) {
-    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, build);
-    let (t, p) = testguest::temp_path(&testguest::bzimage(&code));
-    (t, p.display().to_string())
-}
-
 fn counter() -> (tempfile::TempPath, String) {
-    guest(|a| snippets::counter(a, 20_000))
+    testguest::bzimage_file(|a| snippets::counter(a, 20_000))
 }
 
 /// Pause really stops guest execution, on each backend.
@@ -290,7 +193,7 @@ fn the_control_api_answers_bad_requests_with_4xx_and_keeps_serving() {
 /// A guest that plays the OS's part in an ACPI shutdown: it enables the power button
 /// event, waits for it, and enters S5.
 fn acpi_aware_guest() -> (tempfile::TempPath, String) {
-    guest(|a| {
+    testguest::bzimage_file(|a| {
         let mut wait = a.create_label();
         print(a, "waiting for the power button\n");
         a.mov(dx, 0x602u32).unwrap(); // PM1a_EN
@@ -337,7 +240,7 @@ fn stop_powers_off_through_acpi_and_force_ends_a_guest_that_ignores_it() {
 #[test]
 fn a_guest_reboot_restarts_a_managed_vm_unless_its_policy_says_never() {
     let home = Home::new();
-    let (_k, kernel) = guest(|a| {
+    let (_k, kernel) = testguest::bzimage_file(|a| {
         print(a, "booted\n");
         i8042_reset(a);
     });

@@ -395,16 +395,8 @@ fn a_bridged_vm_reaches_the_bridge() {
     }
     let Some(kit) = common::kit() else { return };
     let br = "vtestbr0";
-    let sh = |c: &str| {
-        let ok = Command::new("sh")
-            .args(["-c", c])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "{c}");
-    };
     let _ = Command::new("ip").args(["link", "del", br]).status();
-    sh(&format!(
+    common::sh(&format!(
         "ip link add {br} type bridge && ip addr add 10.98.0.1/24 dev {br} && ip link set {br} up"
     ));
     let mut cmd = common::vessel();

@@ -5,139 +5,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
+use common::home::Home;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use testguest::code_asm::*;
-use testguest::snippets::{hex32_routine, last_count, print};
-
-/// Where the counting guest keeps its count.
-const COUNT_AT: u64 = 0x5000;
-
-/// A VESSEL_HOME whose monitors are killed when the test ends.
-struct Home(tempfile::TempDir);
-
-impl Home {
-    fn new() -> Self {
-        Home(tempfile::tempdir().unwrap())
-    }
-
-    fn vessel(&self, args: &[&str]) -> common::Finished {
-        let mut cmd = common::vessel();
-        cmd.args(args).env("VESSEL_HOME", self.0.path());
-        common::run_with_deadline(cmd, Duration::from_secs(120))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let r = self.vessel(args);
-        assert_eq!(r.code, Some(0), "vessel {args:?}: {}", r.dump());
-        r.stdout
-    }
-
-    /// A refusal: the exit code, and the one line said.
-    fn refused(&self, args: &[&str]) -> (Option<i32>, String) {
-        let r = self.vessel(args);
-        assert_ne!(r.code, Some(0), "vessel {args:?} should fail: {}", r.dump());
-        assert_eq!(r.stderr.lines().count(), 1, "{}", r.dump());
-        (r.code, r.stderr)
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        self.0.path().join("vms").join(name)
-    }
-
-    fn log(&self, name: &str) -> String {
-        let b = std::fs::read(self.dir(name).join("serial.log")).unwrap_or_default();
-        String::from_utf8_lossy(&b).replace('\r', "")
-    }
-
-    fn wait_log(&self, name: &str, from: usize, what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let log = self.log(name);
-            if log.get(from..).is_some_and(|l| l.contains(what)) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what:?} in:\n{}",
-                &log[from.min(log.len())..]
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid(&self, name: &str) -> i32 {
-        let s = std::fs::read_to_string(self.dir(name).join("status.json")).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        v["pid"].as_i64().unwrap() as i32
-    }
-
-    /// SIGKILL the monitor and wait until `ls` stops calling it running.
-    fn kill_monitor(&self, name: &str) {
-        let pid = self.pid(name);
-        // SAFETY: kill(2) of the monitor process this test started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Types `text` on the VM's serial console.
-    fn type_text(&self, name: &str, text: &str) {
-        let mut s = UnixStream::connect(self.dir(name).join("console.sock")).unwrap();
-        s.write_all(text.as_bytes()).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-impl Drop for Home {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.path().join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(text) = std::fs::read_to_string(e.path().join("status.json"))
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-                && let Some(pid) = v["pid"].as_i64()
-            {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-    }
-}
+use testguest::snippets::{COUNT_AT, counter};
 
 /// A guest that counts in memory at [`COUNT_AT`] and prints every count.
 fn counting_guest() -> (tempfile::TempPath, String) {
-    let code = testguest::assemble(64, testguest::BZIMAGE_ENTRY64, |a| {
-        let mut hex = a.create_label();
-        let mut main = a.create_label();
-        let mut lp = a.create_label();
-        let mut wait = a.create_label();
-        a.jmp(main).unwrap();
-        hex32_routine(a, &mut hex);
-        a.set_label(&mut main).unwrap();
-        a.mov(dword_ptr(COUNT_AT), 0u32).unwrap();
-        a.set_label(&mut lp).unwrap();
-        print(a, "count ");
-        a.mov(eax, dword_ptr(COUNT_AT)).unwrap();
-        a.call(hex).unwrap();
-        print(a, "\n");
-        a.inc(dword_ptr(COUNT_AT)).unwrap();
-        a.mov(ecx, 20_000u32).unwrap();
-        a.set_label(&mut wait).unwrap();
-        a.dec(ecx).unwrap();
-        a.jnz(wait).unwrap();
-        a.jmp(lp).unwrap();
-    });
-    let (t, p) = testguest::temp_path(&testguest::bzimage(&code));
-    (t, p.display().to_string())
+    testguest::bzimage_file(|a| counter(a, 20_000))
 }
 
 /// The complete `count N` lines of `text`, in order.
@@ -162,15 +39,11 @@ fn counting_continues(accel: &str) {
         "create", "g", "--kernel", &kernel, "--memory", "64M", "--accel", accel, "--net", "none",
     ]);
     home.ok(&["start", "g"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while last_count(&home.log("g")).unwrap_or(0) < 20 {
-        assert!(Instant::now() < deadline, "{}", home.log("g"));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    home.wait_count("g", 20);
     home.ok(&["snapshot", "g", "s1"]);
     home.kill_monitor("g");
     let before = home.log("g");
-    let c = count_in_memory(&home.dir("g").join("snapshots/s1"));
+    let c = count_in_memory(&home.vm_dir("g").join("snapshots/s1"));
     home.ok(&["snapshot", "restore", "g", "s1"]);
     home.ok(&["start", "g"]);
     let mark = before.len();
@@ -210,7 +83,7 @@ fn a_counting_guest_goes_on_after_its_monitor_is_killed_on_kvm() {
 /// The kit's Linux with its root on a copy of the kit's disk, a shell on the console.
 fn kit_vm(home: &Home, name: &str) -> Option<()> {
     let kit = common::kit()?;
-    let disk = home.0.path().join(format!("{name}.ext4"));
+    let disk = home.path().join(format!("{name}.ext4"));
     image::sparse_copy(&kit.rootfs, &disk).unwrap();
     let cmdline = format!("{} root=/dev/vda", kit::DEFAULT_CMDLINE);
     home.ok(&[
@@ -381,7 +254,7 @@ fn a_clone_runs_beside_its_source_with_new_macs() {
     home.ok(&["start", "copy"]);
     home.wait_log("copy", 0, "count 00000005\n");
     let mac = |name: &str| {
-        let t = std::fs::read_to_string(home.dir(name).join("vm.toml")).unwrap();
+        let t = std::fs::read_to_string(home.vm_dir(name).join("vm.toml")).unwrap();
         t.split("mac=").nth(1).unwrap()[..17].to_string()
     };
     assert_ne!(mac("src"), mac("copy"));
@@ -395,8 +268,8 @@ fn a_clone_runs_beside_its_source_with_new_macs() {
         mem[at..at + 16].to_vec()
     };
     let (a, b) = (
-        genid(home.dir("src").join("snapshots/base")),
-        genid(home.dir("copy").join("snapshots/now")),
+        genid(home.vm_dir("src").join("snapshots/base")),
+        genid(home.vm_dir("copy").join("snapshots/now")),
     );
     assert_ne!(a, b, "the clone has its source's VM generation ID");
     assert!(a.iter().any(|x| *x != 0) && b.iter().any(|x| *x != 0));
@@ -423,8 +296,8 @@ fn bad_snapshots_are_refused_in_one_line() {
     home.ok(&["start", "g"]);
     home.ok(&["snapshot", "g", "good"]);
     home.ok(&["kill", "g"]);
-    let good = home.dir("g").join("snapshots/good");
-    let bad = home.0.path().join("bad");
+    let good = home.vm_dir("g").join("snapshots/good");
+    let bad = home.path().join("bad");
     let run = |dir: &Path| {
         let mut c = common::vessel();
         c.args(["run", "--accel", "emu", "--restore"]).arg(dir);
@@ -479,7 +352,7 @@ fn bad_snapshots_are_refused_in_one_line() {
     let (_, err) = home.refused(&["snapshot", "g", "good"]);
     assert!(err.contains("has a snapshot named good already"), "{err}");
     // A snapshot whose disk copy went missing: refused, the VM's own disks untouched.
-    let disk = home.0.path().join("d.raw");
+    let disk = home.path().join("d.raw");
     std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
     home.ok(&[
         "create",
@@ -497,7 +370,7 @@ fn bad_snapshots_are_refused_in_one_line() {
     ]);
     home.ok(&["snapshot", "h", "cold"]);
     std::fs::write(&disk, vec![9u8; 1 << 20]).unwrap();
-    std::fs::remove_file(home.dir("h").join("snapshots/cold/disk0.raw")).unwrap();
+    std::fs::remove_file(home.vm_dir("h").join("snapshots/cold/disk0.raw")).unwrap();
     let (_, err) = home.refused(&["snapshot", "restore", "h", "cold"]);
     assert!(err.contains("disk0.raw"), "{err}");
     assert_eq!(
@@ -507,7 +380,7 @@ fn bad_snapshots_are_refused_in_one_line() {
     );
     // A disk copy changed since the snapshot.
     home.ok(&["snapshot", "h", "warm"]);
-    let copy = home.dir("h").join("snapshots/warm/disk0.raw");
+    let copy = home.vm_dir("h").join("snapshots/warm/disk0.raw");
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(&copy, vec![1u8; 1 << 20]).unwrap();
     let (_, err) = home.refused(&["snapshot", "restore", "h", "warm"]);
@@ -528,19 +401,15 @@ fn moves_between_backends(from: &str, to: &str, extra: &[&str]) -> common::Finis
     args.extend_from_slice(extra);
     home.ok(&args);
     home.ok(&["start", "g"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while last_count(&home.log("g")).unwrap_or(0) < 5 {
-        assert!(Instant::now() < deadline, "{}", home.log("g"));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    home.wait_count("g", 5);
     home.ok(&["snapshot", "g", "s1"]);
     home.ok(&["kill", "g"]);
-    let snap = home.dir("g").join("snapshots/s1");
+    let snap = home.vm_dir("g").join("snapshots/s1");
     let c = count_in_memory(&snap);
     let mut cmd = common::vessel();
     cmd.args(["run", "--accel", to, "--restore"])
         .arg(&snap)
-        .env("VESSEL_HOME", home.0.path());
+        .env("VESSEL_HOME", home.path());
     let r = common::run_until(
         cmd,
         &format!("count {:08x}\n", c + 5),

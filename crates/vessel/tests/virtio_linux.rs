@@ -202,16 +202,8 @@ struct Tap(String);
 
 impl Tap {
     fn new(name: &str, addr: &str) -> Self {
-        let sh = |c: &str| {
-            let ok = Command::new("sh")
-                .args(["-c", c])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "{c}");
-        };
         let _ = Command::new("ip").args(["link", "del", name]).output();
-        sh(&format!(
+        common::sh(&format!(
             "ip tuntap add dev {name} mode tap && ip addr add {addr} dev {name} && ip link set {name} up"
         ));
         Tap(name.into())

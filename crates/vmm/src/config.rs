@@ -289,4 +289,3 @@ mod tests {
         assert_eq!(config(255, 32 << 20).validate(), Ok(()));
     }
 }
-

@@ -211,21 +211,20 @@ fn draw(bundle: &Bundle, all: &[SnapshotMeta], m: &SnapshotMeta, indent: &str, h
 
 /// `2026-12-06 17:04 UTC`.
 fn date(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let s = unix % 86_400;
+    let t = libc::time_t::try_from(unix).unwrap_or(libc::time_t::MAX);
+    // SAFETY: all-zero is a valid `struct tm`, filled in by gmtime_r.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals; gmtime_r keeps neither.
+    if unsafe { libc::gmtime_r(&t, &mut tm) }.is_null() {
+        return format!("@{unix}");
+    }
     format!(
-        "{year}-{month:02}-{day:02} {:02}:{:02} UTC",
-        s / 3600,
-        s / 60 % 60
+        "{}-{:02}-{:02} {:02}:{:02} UTC",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min
     )
 }
 

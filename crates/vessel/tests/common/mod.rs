@@ -3,6 +3,8 @@
 //! VESSEL_REQUIRE_KVM=1, as CI runs).
 #![allow(dead_code)]
 
+pub mod home;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -180,6 +182,16 @@ pub fn kvm_available() -> bool {
             false
         }
     }
+}
+
+/// Runs a host shell command that must succeed (setting up TAPs and bridges).
+pub fn sh(command: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "{command}");
 }
 
 /// True when running as root; otherwise prints why the test skips (or panics when

@@ -181,7 +181,7 @@ fn virtio(mem: &Mem, disk: &Arc<Disk>, case: Case, secs: f64) -> (f64, f64) {
         .flat_map(|i| ((3 * i) as u16).to_le_bytes())
         .collect();
     let mut avail_idx = 0u16;
-    let mut offsets = Offsets::new(case, disk.size());
+    let mut offsets = Offsets::new(case, disk.image().size());
     let mut statuses = vec![0u8; case.depth];
     let start = Instant::now();
     let mut bytes = 0u64;

@@ -4,6 +4,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum ImageError {
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
     #[error("no image named {0} (see vessel image ls; vessel image build debian-12 makes one)")]
     NoSuchImage(String),
     #[error("unknown image recipe {0:?}: vessel builds {recipes}", recipes = crate::recipe::NAMES.join(", "))]

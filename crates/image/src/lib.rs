@@ -14,7 +14,6 @@ mod builder;
 mod error;
 pub mod guest;
 pub mod recipe;
-mod sparse;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -25,7 +24,6 @@ use serde::{Deserialize, Serialize};
 pub use builder::{BuildRequest, DEFAULT_SIZE};
 pub use error::ImageError;
 pub use guest::{IDENTITY_PREFIX, READY_PREFIX, ROOT_LABEL, SEED_SERIAL};
-pub use sparse::copy as sparse_copy;
 
 pub const DISK: &str = "disk.raw";
 pub const KERNEL: &str = "vmlinuz";
@@ -323,7 +321,7 @@ pub fn provision(image: &Image, dir: &Path, p: &Provision) -> Result<Provisioned
         seed: SEED,
     };
     let result = (|| {
-        sparse::copy(&image.disk(), &dir.join(out.disk))?;
+        disk::sparse_copy(&image.disk(), &dir.join(out.disk))?;
         for (from, to) in [(image.kernel(), out.kernel), (image.initrd(), out.initrd)] {
             std::fs::copy(&from, dir.join(to)).map_err(ImageError::io(&from))?;
         }

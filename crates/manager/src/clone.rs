@@ -10,7 +10,7 @@ use crate::error::ManagerError;
 use crate::spec::{KIT, VmSpec};
 
 fn copy(from: &Path, to: &Path) -> Result<(), ManagerError> {
-    image::sparse_copy(from, to).map_err(|e| ManagerError::Other(e.to_string()))
+    disk::copy_image(from, to).map_err(|e| ManagerError::Other(e.to_string()))
 }
 
 /// Copies the VM described by `spec` (relative paths resolved against `from`) into

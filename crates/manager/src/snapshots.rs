@@ -175,7 +175,7 @@ pub fn fill(
     copy.disks.clear();
     for (i, mut d) in disks(bundle, spec)?.into_iter().enumerate() {
         let name = copy_name(i, &d.path);
-        image::sparse_copy(&d.path, &into.join(&name))
+        disk::copy_image(&d.path, &into.join(&name))
             .map_err(|e| ManagerError::Other(e.to_string()))?;
         meta.disks.push(DiskCopy::of(into, &name)?);
         d.id = Some(d.serial());
@@ -284,14 +284,14 @@ pub fn restore(bundle: &Bundle, name: &str) -> Result<SnapshotMeta, ManagerError
     let result = (|| {
         for (i, d) in live.iter().enumerate() {
             let from = dir.join(copy_name(i, &d.path));
-            image::sparse_copy(&from, &staging.join(format!("disk{i}")))
+            disk::copy_image(&from, &staging.join(format!("disk{i}")))
                 .map_err(|e| ManagerError::Other(e.to_string()))?;
         }
         if meta.live {
             let state = staging.join(SUSPENDED);
             std::fs::create_dir(&state).map_err(ManagerError::io(&state))?;
             for f in [vmm::snapshot::file::STATE, vmm::snapshot::file::MEMORY] {
-                image::sparse_copy(&dir.join(f), &state.join(f))
+                disk::copy_image(&dir.join(f), &state.join(f))
                     .map_err(|e| ManagerError::Other(e.to_string()))?;
             }
             vmm::snapshot::read_state(&state).map_err(|e| ManagerError::Other(e.to_string()))?;

@@ -110,7 +110,7 @@ fn vessel_boot(image: &image::Image, cpus: u32, n: usize) -> Vec<Option<f64>> {
 fn qemu_boot(image: &image::Image, cpus: u32, n: usize) -> Vec<Option<f64>> {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
-    image::sparse_copy(&image.disk(), &disk).unwrap();
+    disk::sparse_copy(&image.disk(), &disk).unwrap();
     let name = format!("bench{n}");
     let seed = dir.path().join("seed.img");
     image::write_seed(

@@ -204,7 +204,7 @@ fn the_kit_initramfs_boots_the_image_disk() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("root.raw");
-    image::sparse_copy(&image.disk(), &disk).unwrap();
+    disk::sparse_copy(&image.disk(), &disk).unwrap();
     let mut cmd = common::vessel();
     cmd.args(["run", "--accel", "emu", "--memory", "512M"])
         .arg("--disk")

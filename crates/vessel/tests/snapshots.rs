@@ -84,7 +84,7 @@ fn a_counting_guest_goes_on_after_its_monitor_is_killed_on_kvm() {
 fn kit_vm(home: &Home, name: &str) -> Option<()> {
     let kit = common::kit()?;
     let disk = home.path().join(format!("{name}.ext4"));
-    image::sparse_copy(&kit.rootfs, &disk).unwrap();
+    disk::sparse_copy(&kit.rootfs, &disk).unwrap();
     let cmdline = format!("{} root=/dev/vda", kit::DEFAULT_CMDLINE);
     home.ok(&[
         "create",

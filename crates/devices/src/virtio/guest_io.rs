@@ -333,19 +333,3 @@ pub fn mark_dirty<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment]) {
         }
     }
 }
-
-/// Drops the first `n` bytes from an iovec list (after a short read or write).
-pub fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
-    let mut first = 0;
-    while first < iov.len() && n >= iov[first].iov_len {
-        n -= iov[first].iov_len;
-        first += 1;
-    }
-    let rest = &mut iov[first..];
-    if let Some(v) = rest.first_mut() {
-        // SAFETY: n < iov_len here, so the new base stays inside the same buffer.
-        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-        v.iov_len -= n;
-    }
-    rest
-}

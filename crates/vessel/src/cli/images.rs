@@ -163,10 +163,10 @@ pub fn provision(
 /// user's disks, then the seed disk.
 pub fn disks(p: &Provisioned, dir: Option<&Path>, extra: &[String]) -> Vec<String> {
     let at = |f: &str| dir.map_or_else(|| f.to_string(), |d| d.join(f).display().to_string());
-    let mut v = vec![format!("path={}", at(p.disk))];
+    let mut v = vec![format!("path={},format=raw", at(p.disk))];
     v.extend(extra.iter().cloned());
     v.push(format!(
-        "path={},readonly=on,id={}",
+        "path={},format=raw,readonly=on,id={}",
         at(p.seed),
         image::SEED_SERIAL
     ));

@@ -96,11 +96,17 @@ fn absolute(p: &Path) -> Result<String, Failure> {
         .map_err(|e| Failure::usage(format!("{}: {e}", p.display())))
 }
 
-/// A --disk spec with its path made absolute (vm.toml paths are relative to the bundle).
+/// A --disk spec with its path made absolute (vm.toml paths are relative to the bundle)
+/// and its format recorded: told by the content now, when the user hands the image
+/// over, never again by what a guest may since have written into it.
 fn absolute_disk(spec: &str) -> Result<String, Failure> {
     let mut c = devices::virtio::block::BlockConfig::parse(spec)
         .map_err(|e| Failure::usage(format!("--disk {spec:?}: {e}")))?;
     c.path = absolute(&c.path)?.into();
+    if c.format.is_none() {
+        let top = disk::info(&c.path, None).map_err(|e| Failure::usage(e.to_string()))?;
+        c.format = top.first().map(|l| l.format);
+    }
     Ok(c.to_spec())
 }
 

@@ -3,6 +3,7 @@
 //! a host without room).
 
 mod console;
+mod disks;
 mod images;
 mod manage;
 mod net;
@@ -71,6 +72,9 @@ enum Command {
     /// Guest images: bootable root disks built from Debian's packages.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Disk images: create, info, convert (and import), snapshot.
+    #[command(subcommand)]
+    Disk(disks::DiskCommand),
     /// Networks between VMs.
     #[command(subcommand)]
     Net(net::NetCommand),
@@ -307,6 +311,7 @@ pub fn main() -> ExitCode {
         Command::Rm(args) => manage::remove(args),
         Command::Host(args) => manage::host(args),
         Command::Image(cmd) => images::main(cmd),
+        Command::Disk(cmd) => disks::main(cmd),
         Command::Net(cmd) => net::main(cmd),
         Command::Switch { dir } => network::switch::run(&dir)
             .map(|()| ExitCode::SUCCESS)

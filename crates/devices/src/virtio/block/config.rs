@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use disk::Format;
+
 use crate::virtio::options::{on_off, pairs};
 
 /// The most bytes of a disk ID (the serial the guest reads with GET_ID).
@@ -11,8 +13,11 @@ pub const ID_BYTES: usize = 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
-    /// A raw image (or a block device).
+    /// The image (or a block device).
     pub path: PathBuf,
+    /// raw or qcow2; None: told by the content when opened (vessel create records it).
+    #[serde(default)]
+    pub format: Option<Format>,
     pub readonly: bool,
     /// The serial the guest sees (`/sys/block/vda/serial`); at most 20 bytes. Default:
     /// the image's file name, cut to 20 bytes.
@@ -20,15 +25,22 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
-    /// Parses `path=FILE[,readonly=on][,id=NAME]` (a bare first item is the path).
+    /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,id=NAME]` (a bare first
+    /// item is the path).
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut path = None;
+        let mut format = None;
         let mut readonly = false;
         let mut id = None;
         for (k, v) in pairs(s, "path")? {
             match k {
                 "path" if v.is_empty() => return Err("path is empty".into()),
                 "path" => path = Some(PathBuf::from(v)),
+                "format" => {
+                    format = Some(Format::parse(v).ok_or_else(|| {
+                        format!("format '{v}' (vessel serves raw and qcow2 disks)")
+                    })?)
+                }
                 "readonly" | "ro" => readonly = on_off(k, v)?,
                 "id" | "serial" => {
                     if v.len() > ID_BYTES {
@@ -38,18 +50,26 @@ impl BlockConfig {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown option '{k}' (expected path, readonly, id)"
+                        "unknown option '{k}' (expected path, format, readonly, id)"
                     ));
                 }
             }
         }
         let path = path.ok_or("path=FILE is missing")?;
-        Ok(BlockConfig { path, readonly, id })
+        Ok(BlockConfig {
+            path,
+            format,
+            readonly,
+            id,
+        })
     }
 
     /// The spec `parse` reads back.
     pub fn to_spec(&self) -> String {
         let mut s = format!("path={}", self.path.display());
+        if let Some(f) = self.format {
+            s += &format!(",format={f}");
+        }
         if self.readonly {
             s += ",readonly=on";
         }
@@ -92,6 +112,10 @@ mod tests {
     fn parses_the_documented_forms() {
         let c = BlockConfig::parse("path=/img/a.raw,readonly=on,id=root").unwrap();
         assert_eq!(c.path, PathBuf::from("/img/a.raw"));
+        assert_eq!(c.format, None);
+        let q = BlockConfig::parse("path=a.qcow2,format=qcow2").unwrap();
+        assert_eq!(q.format, Some(Format::Qcow2));
+        assert_eq!(BlockConfig::parse(&q.to_spec()).unwrap(), q);
         assert!(c.readonly);
         assert_eq!(c.id.as_deref(), Some("root"));
         assert_eq!(&c.id_bytes()[..5], b"root\0");
@@ -103,6 +127,7 @@ mod tests {
             "readonly=on",
             "path=a,readonly=maybe",
             "path=a,colour=red",
+            "path=a,format=vmdk",
             "path=a,id=123456789012345678901",
             "path=",
             "a,b",

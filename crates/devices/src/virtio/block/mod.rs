@@ -1,5 +1,5 @@
-//! virtio-blk over a raw image: read, write, flush (fdatasync before completion),
-//! get-id, discard and write-zeroes (hole punching keeps the image sparse).
+//! virtio-blk over a disk image (raw or qcow2): read, write, flush (durable before
+//! completion), get-id, discard and write-zeroes (space goes back to the host).
 
 mod config;
 mod disk;
@@ -58,7 +58,7 @@ impl VirtioBlock {
     pub fn with_disk(disk: Disk) -> Self {
         use feature_bits::*;
         let mut features = features::COMMON | SEG_MAX | BLK_SIZE | FLUSH;
-        if disk.readonly() {
+        if disk.image().readonly() {
             features |= RO;
         } else {
             features |= DISCARD | WRITE_ZEROES;
@@ -242,13 +242,13 @@ impl Requests {
         match req.kind {
             RequestKind::Read | RequestKind::Write => {
                 let read = req.kind == RequestKind::Read;
-                if !read && disk.readonly() {
+                if !read && disk.image().readonly() {
                     return (status::IOERR, 1);
                 }
                 if !req.data_len.is_multiple_of(SECTOR_SIZE) {
                     return (status::IOERR, 1);
                 }
-                let Some(offset) = byte_range(req.sector, req.data_len, disk.size()) else {
+                let Some(offset) = byte_range(req.sector, req.data_len, disk.image().size()) else {
                     return (status::IOERR, 1);
                 };
                 if !self.iovecs.fill(ram, &req.data, read) {
@@ -256,9 +256,9 @@ impl Requests {
                     return (status::IOERR, 1);
                 }
                 let r = if read {
-                    disk.read_at(self.iovecs.as_mut_slice(), offset)
+                    disk.image().read_at(self.iovecs.as_mut_slice(), offset)
                 } else {
-                    disk.write_at(self.iovecs.as_mut_slice(), offset)
+                    disk.image().write_at(self.iovecs.as_mut_slice(), offset)
                 };
                 self.iovecs.clear();
                 if read {
@@ -273,7 +273,7 @@ impl Requests {
                     }
                 }
             }
-            RequestKind::Flush => match disk.flush() {
+            RequestKind::Flush => match disk.image().flush() {
                 Ok(()) => (status::OK, 1),
                 Err(e) => {
                     tracing::warn!("virtio-blk: flush failed: {e}");
@@ -296,7 +296,7 @@ impl Requests {
                 if self.features & wanted == 0 {
                     return (status::UNSUPP, 1);
                 }
-                if disk.readonly() {
+                if disk.image().readonly() {
                     return (status::IOERR, 1);
                 }
                 if let Err(s) =
@@ -323,7 +323,7 @@ impl Requests {
                 return status::UNSUPP;
             }
             let len = u64::from(r.sectors) * SECTOR_SIZE;
-            let Some(offset) = byte_range(r.sector, len, disk.size()) else {
+            let Some(offset) = byte_range(r.sector, len, disk.image().size()) else {
                 return status::IOERR;
             };
             if r.sectors > MAX_RANGE_SECTORS {
@@ -333,14 +333,10 @@ impl Requests {
                 continue;
             }
             let result = if discard {
-                disk.punch_hole(offset, len)
-            } else if r.flags & request::RANGE_FLAG_UNMAP != 0 {
-                // Deallocating is allowed, not required: zero in place where the
-                // filesystem cannot punch holes.
-                disk.punch_hole(offset, len)
-                    .or_else(|_| disk.write_zeroes(offset, len))
+                disk.image().discard(offset, len)
             } else {
-                disk.write_zeroes(offset, len)
+                disk.image()
+                    .write_zeroes(offset, len, r.flags & request::RANGE_FLAG_UNMAP != 0)
             };
             match result {
                 Ok(()) => {}

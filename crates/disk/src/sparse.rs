@@ -7,20 +7,20 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use crate::error::ImageError;
+use crate::DiskError;
 
 /// Copies `from` to a new file `to` (which must not exist), keeping holes.
-pub fn copy(from: &Path, to: &Path) -> Result<(), ImageError> {
-    let src = File::open(from).map_err(ImageError::io(from))?;
+pub fn copy(from: &Path, to: &Path) -> Result<(), DiskError> {
+    let src = File::open(from).map_err(DiskError::io(from))?;
     let dst = File::options()
         .write(true)
         .create_new(true)
         .open(to)
-        .map_err(ImageError::io(to))?;
+        .map_err(DiskError::io(to))?;
     let result = copy_open(&src, &dst).and_then(|()| dst.sync_all());
     if let Err(e) = result {
         let _ = std::fs::remove_file(to);
-        return Err(ImageError::io(to)(e));
+        return Err(DiskError::io(to)(e));
     }
     Ok(())
 }

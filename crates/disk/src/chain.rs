@@ -63,6 +63,42 @@ pub fn read_header(path: &Path, file: &File) -> Result<(Header, Vec<u8>), DiskEr
     Ok((header, first))
 }
 
+/// Refuses to write an image whose refcounts do not count its header cluster (a corrupt
+/// image; qemu-img and vessel never write one). imago allocates whatever the refcounts
+/// say is free, so a guest write would land on the header, where the backing file name
+/// lies, and with no refcount block for the header's cluster at all imago's allocator
+/// recurses until the stack overflows.
+pub fn check_header_counted(path: &Path, file: &File, header: &Header) -> Result<(), DiskError> {
+    let corrupt = |why: &str| {
+        DiskError::bad_qcow2(
+            path,
+            format!("{why}: repair it with `qemu-img check -r all`"),
+        )
+    };
+    let mut entry = [0u8; 8];
+    file.read_exact_at(&mut entry, header.refcount_table_offset)
+        .map_err(|_| corrupt("its refcount table is cut short"))?;
+    // The low 9 bits are reserved (QEMU's REFT_OFFSET_MASK); offset 0 is no block.
+    let block = u64::from_be_bytes(entry) & !0x1ff;
+    if block == 0 {
+        return Err(corrupt("no refcount block covers its header"));
+    }
+    // The header cluster's refcount is the block's first entry: the low bits of byte 0
+    // for widths under 8 bits, else a big-endian integer.
+    let bits = 1usize << header.refcount_order;
+    let mut count = [0u8; 8];
+    let count = &mut count[..bits.div_ceil(8)];
+    file.read_exact_at(count, block)
+        .map_err(|_| corrupt("its first refcount block is cut short"))?;
+    if bits < 8 {
+        count[0] &= (1u8 << bits) - 1;
+    }
+    if count.iter().all(|b| *b == 0) {
+        return Err(corrupt("its refcounts say its header cluster is free"));
+    }
+    Ok(())
+}
+
 /// Where a backing file name points: absolute as written, or relative to the
 /// directory of the image that names it (as qemu-img writes and reads them).
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
@@ -121,5 +157,43 @@ impl Seen {
         }
         self.0.push(real);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, Image, OpenOptions, create};
+
+    /// A writable open refuses an image whose refcounts leave its header cluster free
+    /// (no refcount block for it, or a zero count); a read-only one still reads it.
+    #[test]
+    fn a_written_image_counts_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.qcow2");
+        let opts = CreateOptions {
+            format: Format::Qcow2,
+            size: Some(1 << 20),
+            backing: None,
+            cluster_size: Some(4096),
+        };
+        create(&path, &opts).unwrap();
+        let (h, _) = read_header(&path, &File::open(&path).unwrap()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let rt = h.refcount_table_offset as usize;
+        let rb = u64::from_be_bytes(good[rt..rt + 8].try_into().unwrap()) as usize;
+        let open = |readonly| {
+            let format = Some(Format::Qcow2);
+            Image::open(&path, OpenOptions { format, readonly })
+        };
+        assert!(open(false).is_ok());
+        for (at, len) in [(rt, 8), (rb, 2)] {
+            let mut bad = good.clone();
+            bad[at..at + len].fill(0);
+            std::fs::write(&path, &bad).unwrap();
+            let e = open(false).err().unwrap().to_string();
+            assert!(e.contains("qemu-img check -r all"), "{e}");
+            assert!(open(true).is_ok());
+        }
     }
 }

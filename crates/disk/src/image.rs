@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::DiskError;
-use crate::chain::{file_len, open_locked};
+use crate::chain::{check_header_counted, file_len, open_locked, read_header};
 use crate::format::{Detected, Format, detect};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawFile;
@@ -58,7 +58,13 @@ impl Image {
         };
         let backend = match format {
             Format::Raw => Backend::Raw(RawFile::new(file, opts.format.is_none())),
-            Format::Qcow2 => Backend::Qcow2(Qcow2Image::open(path, file, !opts.readonly)?),
+            Format::Qcow2 => {
+                if !opts.readonly {
+                    let (header, _) = read_header(path, &file)?;
+                    check_header_counted(path, &file, &header)?;
+                }
+                Backend::Qcow2(Qcow2Image::open(path, file, !opts.readonly)?)
+            }
         };
         Self::with_backend(path, format, opts.readonly, backend)
     }

@@ -2,6 +2,78 @@
 //! The caller guarantees every iovec points at memory that stays valid while the
 //! image works on it.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Reads exactly the iovecs' total length from `file` at `offset`.
+pub fn read_all(file: &File, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+    transfer(file, Direction::Read, iov, offset)
+}
+
+/// Writes the iovecs' whole length to `file` at `offset`.
+pub fn write_all(file: &File, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+    transfer(file, Direction::Write, iov, offset)
+}
+
+/// Moves the iovecs' whole length between the buffers and the file at `offset`,
+/// resuming after short transfers and signals.
+fn transfer(
+    file: &File,
+    dir: Direction,
+    mut iov: &mut [libc::iovec],
+    mut offset: u64,
+) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    while !iov.is_empty() {
+        let count = iov.len().min(libc::UIO_MAXIOV as usize) as i32;
+        let off = offset as libc::off_t;
+        let (base, len) = (iov[0].iov_base, iov[0].iov_len);
+        // One buffer (the usual 4 KiB request) takes plain pread/pwrite, a little cheaper.
+        // SAFETY: the caller guarantees every iovec points at memory that stays valid
+        // for the duration of the call (guest RAM checked by the device).
+        let n = unsafe {
+            match (dir, count) {
+                (Direction::Read, 1) => libc::pread(fd, base, len, off),
+                (Direction::Read, _) => libc::preadv(fd, iov.as_ptr(), count, off),
+                (Direction::Write, 1) => libc::pwrite(fd, base, len, off),
+                (Direction::Write, _) => libc::pwritev(fd, iov.as_ptr(), count, off),
+            }
+        };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => {
+                return Err(match dir {
+                    Direction::Read => io::ErrorKind::UnexpectedEof,
+                    Direction::Write => io::ErrorKind::WriteZero,
+                }
+                .into());
+            }
+            n => {
+                offset += n as u64;
+                iov = advance(iov, n as usize);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The iovecs' total length.
+pub fn total_len(iov: &[libc::iovec]) -> u64 {
+    iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
 /// Drops the first `n` bytes from an iovec list (after a short read or write).
 pub fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
     let mut first = 0;

@@ -6,13 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::format::{Detected, PROBE_LEN, detect_bytes};
-use crate::iov::{advance, gather};
-
-#[derive(Clone, Copy)]
-enum Direction {
-    Read,
-    Write,
-}
+use crate::iov::{self, gather};
 
 pub struct RawFile {
     file: File,
@@ -31,7 +25,7 @@ impl RawFile {
     }
 
     pub fn read_at(&self, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
-        self.transfer(Direction::Read, iov, offset)
+        iov::read_all(&self.file, iov, offset)
     }
 
     pub fn write_at(&self, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
@@ -51,54 +45,7 @@ impl RawFile {
                 ));
             }
         }
-        self.transfer(Direction::Write, iov, offset)
-    }
-
-    /// Moves the iovecs' whole length between guest buffers and the file at `offset`,
-    /// resuming after short transfers and signals.
-    fn transfer(
-        &self,
-        dir: Direction,
-        mut iov: &mut [libc::iovec],
-        mut offset: u64,
-    ) -> io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        while !iov.is_empty() {
-            let count = iov.len().min(libc::UIO_MAXIOV as usize) as i32;
-            let off = offset as libc::off_t;
-            let (base, len) = (iov[0].iov_base, iov[0].iov_len);
-            // One buffer (the usual 4 KiB request) takes plain pread/pwrite, a little cheaper.
-            // SAFETY: the caller guarantees every iovec points at memory that stays valid
-            // (guest RAM checked by the device) for the duration of the call.
-            let n = unsafe {
-                match (dir, count) {
-                    (Direction::Read, 1) => libc::pread(fd, base, len, off),
-                    (Direction::Read, _) => libc::preadv(fd, iov.as_ptr(), count, off),
-                    (Direction::Write, 1) => libc::pwrite(fd, base, len, off),
-                    (Direction::Write, _) => libc::pwritev(fd, iov.as_ptr(), count, off),
-                }
-            };
-            match n {
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                0 => {
-                    return Err(match dir {
-                        Direction::Read => io::ErrorKind::UnexpectedEof,
-                        Direction::Write => io::ErrorKind::WriteZero,
-                    }
-                    .into());
-                }
-                n => {
-                    offset += n as u64;
-                    iov = advance(iov, n as usize);
-                }
-            }
-        }
-        Ok(())
+        iov::write_all(&self.file, iov, offset)
     }
 
     pub fn flush(&self) -> io::Result<()> {

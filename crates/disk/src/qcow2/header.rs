@@ -163,6 +163,9 @@ impl Header {
         if h.size > MAX_SIZE {
             return Err(format!("virtual size {} is larger than 64 TiB", h.size));
         }
+        if h.refcount_table_clusters == 0 {
+            return Err("the image has no refcount table".into());
+        }
         if h.refcount_order > 6 {
             return Err(format!("refcount order {} is above 6", h.refcount_order));
         }
@@ -382,7 +385,7 @@ mod tests {
         assert_eq!((h.version, h.cluster_size(), h.size), (3, 65536, 1 << 30));
         assert_eq!(h.backing_file, None);
         assert_eq!(h.unsupported(), None);
-        let damage: [(usize, &[u8]); 7] = [
+        let damage: [(usize, &[u8]); 8] = [
             (4, &[0, 0, 0, 4]),               // version
             (20, &[0, 0, 0, 30]),             // cluster bits
             (24, &[0xff; 8]),                 // size
@@ -390,6 +393,7 @@ mod tests {
             (36, &[0, 0, 0, 0]),              // L1 too small
             (100, &[0xff, 0xff, 0xff, 0xf8]), // header length
             (96, &[0, 0, 0, 7]),              // refcount order
+            (56, &[0, 0, 0, 0]),              // no refcount table
         ];
         for (at, bytes) in damage {
             let mut bad = b.clone();

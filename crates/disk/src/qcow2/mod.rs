@@ -2,6 +2,12 @@
 //! maintainer): vessel opens every layer of the chain itself (its own header checks,
 //! locks and backing-file resolution) and hands imago the open files, so nothing is
 //! ever opened on a name the image alone chose without these checks.
+//!
+//! Requests inside one cluster whose data this image holds (the common 4 KiB request)
+//! skip imago: the cluster's host offset, learnt from imago's mapping API once, is
+//! kept in a small cache and the data moved with pread/pwrite on it, as imago itself
+//! would (a writable mapping may be written in place). Discards and zeroing change
+//! mappings, so they empty the cache.
 
 pub mod header;
 
@@ -22,11 +28,43 @@ use crate::{DiskError, iov};
 type Storage = imago::file::File;
 type Access = FormatAccess<Storage>;
 
+/// Slots of the cluster mapping cache (direct-mapped by guest cluster number).
+const MAPPING_SLOTS: usize = 4096;
+
+/// Guest cluster -> host offset of clusters this image holds and may write in place.
+struct Mappings(Vec<(u64, u64)>);
+
+impl Mappings {
+    fn new() -> Self {
+        // Cluster numbers are stored plus one: 0 marks an empty slot.
+        Mappings(vec![(0, 0); MAPPING_SLOTS])
+    }
+
+    fn get(&self, cluster: u64) -> Option<u64> {
+        let (tag, host) = self.0[cluster as usize % MAPPING_SLOTS];
+        (tag == cluster + 1).then_some(host)
+    }
+
+    fn put(&mut self, cluster: u64, host: u64) {
+        self.0[cluster as usize % MAPPING_SLOTS] = (cluster + 1, host);
+    }
+
+    fn clear(&mut self) {
+        self.0.fill((0, 0));
+    }
+}
+
+struct State {
+    access: Access,
+    mappings: Mappings,
+}
+
 pub struct Qcow2Image {
-    access: Mutex<Access>,
-    /// The top layer's file, for punching holes where the guest discarded clusters.
+    state: Mutex<State>,
+    /// The top layer's file: fast-path I/O, and punching holes where the guest
+    /// discarded clusters.
     file: File,
-    cluster_size: u64,
+    cluster_bits: u32,
     size: u64,
 }
 
@@ -39,9 +77,12 @@ impl Qcow2Image {
         seen.enter(path)?;
         let access = open_layer(path, file, writable, &mut seen)?;
         Ok(Qcow2Image {
-            access: Mutex::new(access),
+            state: Mutex::new(State {
+                access,
+                mappings: Mappings::new(),
+            }),
             file: punch,
-            cluster_size: header.cluster_size(),
+            cluster_bits: header.cluster_bits,
             size: header.size,
         })
     }
@@ -50,49 +91,102 @@ impl Qcow2Image {
         self.size
     }
 
-    fn access(&self) -> MutexGuard<'_, Access> {
-        self.access.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The guest cluster a request lies in, when it lies in one.
+    fn one_cluster(&self, iov: &[libc::iovec], offset: u64) -> Option<u64> {
+        let last = offset + iov::total_len(iov).max(1) - 1;
+        let cluster = offset >> self.cluster_bits;
+        (last >> self.cluster_bits == cluster).then_some(cluster)
+    }
+
+    /// Remembers where `cluster` lives when this image holds it writable.
+    fn learn(&self, s: &mut State, cluster: u64) {
+        let cs = self.cluster_size();
+        if let Ok((
+            ShallowMapping::Raw {
+                offset,
+                writable: true,
+                ..
+            },
+            n,
+        )) = s
+            .access
+            .get_shallow_mapping(cluster << self.cluster_bits, cs)
+            && n == cs
+        {
+            s.mappings.put(cluster, offset);
+        }
     }
 
     pub fn read_at(&self, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+        let mut s = self.state();
+        let cluster = self.one_cluster(iov, offset);
+        if let Some(host) = cluster.and_then(|c| s.mappings.get(c)) {
+            let within = offset & (self.cluster_size() - 1);
+            return iov::read_all(&self.file, iov, host + within);
+        }
         // SAFETY: the caller's guarantee on the iovecs (see `crate::iov`); the slices
         // live only for this call.
         let slices = unsafe { iov::slices_mut(iov) };
         let mut v = IoVectorMut::with_capacity(slices.len());
-        for s in slices {
-            v.push(s);
+        // imago refuses (panics on) empty buffers; they move nothing anyway.
+        for sl in slices.into_iter().filter(|sl| !sl.is_empty()) {
+            v.push(sl);
         }
-        self.access().readv(v, offset)
+        s.access.readv(v, offset)?;
+        if let Some(c) = cluster {
+            self.learn(&mut s, c);
+        }
+        Ok(())
     }
 
     pub fn write_at(&self, iov: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+        let mut s = self.state();
+        let cluster = self.one_cluster(iov, offset);
+        if let Some(host) = cluster.and_then(|c| s.mappings.get(c)) {
+            let within = offset & (self.cluster_size() - 1);
+            return iov::write_all(&self.file, iov, host + within);
+        }
         // SAFETY: as in `read_at`.
         let slices = unsafe { iov::slices_mut(iov) };
         let mut v = IoVector::with_capacity(slices.len());
-        for s in slices {
-            v.push(&*s);
+        for sl in slices.into_iter().filter(|sl| !sl.is_empty()) {
+            v.push(&*sl);
         }
-        self.access().writev(v, offset)
+        s.access.writev(v, offset)?;
+        if let Some(c) = cluster {
+            self.learn(&mut s, c);
+        }
+        Ok(())
     }
 
     /// Writes back the metadata caches, then makes everything durable.
     pub fn flush(&self) -> io::Result<()> {
-        let a = self.access();
-        a.flush()?;
-        a.sync()
+        let s = self.state();
+        s.access.flush()?;
+        s.access.sync()
     }
 
     /// Frees the whole clusters in the range and gives their space back to the host
     /// file system; reads of them return zeroes afterwards.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        let start = offset.next_multiple_of(self.cluster_size);
-        let end = (offset + len) / self.cluster_size * self.cluster_size;
+        let cs = self.cluster_size();
+        let start = offset.next_multiple_of(cs);
+        let end = (offset + len) / cs * cs;
         if start >= end {
             return Ok(());
         }
-        let mut a = self.access();
-        let holes = data_extents(&a, start, end)?;
-        match a.discard_to_zero(start, end - start) {
+        let mut s = self.state();
+        s.mappings.clear();
+        let holes = data_extents(&s.access, start, end)?;
+        match s.access.discard_to_zero(start, end - start) {
             // Version 2 images cannot mark clusters zero: a discard is only a hint.
             Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(()),
             r => r?,
@@ -109,7 +203,9 @@ impl Qcow2Image {
         if may_unmap {
             self.discard(offset, len)?;
         }
-        self.access().write_zeroes(offset, len)
+        let mut s = self.state();
+        s.mappings.clear();
+        s.access.write_zeroes(offset, len)
     }
 }
 

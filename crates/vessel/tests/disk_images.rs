@@ -1,5 +1,5 @@
 //! qcow2 disks under a real Linux guest (the kit on the software CPU), checked with
-//! QEMU's own tools: images qemu-img made (cluster sizes, a backing chain, compressed
+//! QEMU's own tools: images qemu-img made (cluster sizes, a backing chain, zlib and zstd
 //! clusters) read right; what the guest writes checks clean; fstrim gives space back;
 //! a monitor killed mid-write loses no flushed write; a full host file system is an
 //! I/O error, not a dead VM; a guest cannot turn its raw disk into a qcow2 that names
@@ -196,12 +196,27 @@ fn qemu_made_qcow2_images_read_right_in_linux_and_what_it_writes_checks_clean() 
         &["-f", "qcow2", "-c", "write -P 0x33 1536k 1M", p(&top)],
     );
     images.push(top.clone());
-    let compressed = d("compressed.qcow2");
-    ok(
-        "qemu-img",
-        &["convert", "-c", "-O", "qcow2", p(&top), p(&compressed)],
-    );
-    images.push(compressed);
+    // Compressed clusters: zlib at 64 KiB, zstd at 2 MiB.
+    for (kind, opts) in [
+        ("zlib", "compression_type=zlib"),
+        ("zstd", "compression_type=zstd,cluster_size=2M"),
+    ] {
+        let compressed = d(&format!("{kind}.qcow2"));
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                p(&top),
+                p(&compressed),
+            ],
+        );
+        images.push(compressed);
+    }
     let sums: Vec<String> = images.iter().map(|i| sha256(&qemu_reads(i))).collect();
 
     // A blank image made by vessel, for the guest to write.
@@ -240,9 +255,9 @@ fn qemu_made_qcow2_images_read_right_in_linux_and_what_it_writes_checks_clean() 
     disks.push(format!("path={}", blank.display()));
     disks.push(format!("path={},format=qcow2", fs.display()));
     let script = [
-        "for v in a b c d e; do sha256sum /dev/vd$v; done",
-        "seq 1 100000 > /dev/vdf && sync && echo written",
-        "mkdir /m && mount /dev/vdg /m && rm /m/big && sync && fstrim -v /m && umount /m",
+        "for v in a b c d e f; do sha256sum /dev/vd$v; done",
+        "seq 1 100000 > /dev/vdg && sync && echo written",
+        "mkdir /m && mount /dev/vdh /m && rm /m/big && sync && fstrim -v /m && umount /m",
     ]
     .join("; ");
     let r = common::run_with_deadline(kit_run(&kit, &disks, "", &script), DEADLINE);

@@ -284,10 +284,9 @@ impl Header {
                     .into(),
             );
         }
-        if self.compression != Compression::Zlib {
+        if let Compression::Other(n) = self.compression {
             return Some(format!(
-                "the image's compressed clusters use {}; vessel reads zlib: convert it with `qemu-img convert -O qcow2 -o compression_type=zlib`",
-                self.compression.name()
+                "the image's compressed clusters use compression type {n}; vessel reads zlib and zstd"
             ));
         }
         let unknown = self.incompatible & !KNOWN;
@@ -438,6 +437,9 @@ mod tests {
         b[104] = 1;
         let h = Header::parse(&b, 1 << 20).unwrap();
         assert_eq!(h.compression, Compression::Zstd);
-        assert!(h.unsupported().unwrap().contains("zstd"));
+        assert_eq!(h.unsupported(), None);
+        b[104] = 7;
+        let h = Header::parse(&b, 1 << 20).unwrap();
+        assert!(h.unsupported().unwrap().contains("type 7"));
     }
 }

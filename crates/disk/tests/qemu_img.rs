@@ -2,69 +2,32 @@
 //! qemu-io write, vessel reads byte for byte; what vessel writes, qemu-img checks
 //! clean and reads back the same.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use disk::{Backing, ConvertOptions, CreateOptions, Format, Image, OpenOptions};
+use testguest::qemu_img::{self as qemu, create as qemu_create, overlay, qemu_img, qemu_io};
 
-fn required() -> bool {
-    std::env::var("VESSEL_REQUIRE_KVM").is_ok_and(|v| v == "1")
+/// A directory for one test's images; None (the test skips) without qemu-utils.
+fn scratch() -> Option<tempfile::TempDir> {
+    qemu::available().then(|| tempfile::tempdir().unwrap())
 }
 
-/// True when qemu-img and qemu-io are installed; otherwise says why the test skips
-/// (a failure under VESSEL_REQUIRE_KVM=1, as CI runs).
-fn have_qemu_utils() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        assert!(
-            !required(),
-            "VESSEL_REQUIRE_KVM=1 but qemu-utils is missing"
-        );
-        eprintln!("skipped: needs qemu-img and qemu-io (Debian package qemu-utils)");
-    }
-    ok
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    run(Command::new("qemu-img").args(args))
-}
-
-/// Runs qemu-io commands on an image (format given, so nothing is probed).
-fn qemu_io(image: &Path, format: &str, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", format]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    run(cmd.arg(image));
+/// `disk::create` with the usual options.
+fn new_image(path: &Path, format: Format, size: Option<u64>, backing: Option<(&Path, Format)>) {
+    let opts = CreateOptions {
+        format,
+        size,
+        backing: backing.map(|(b, f)| Backing {
+            path: b.to_path_buf(),
+            format: Some(f),
+        }),
+        cluster_size: None,
+    };
+    disk::create(path, &opts).unwrap();
 }
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// The guest-visible bytes of an image, as QEMU reads them.
-fn qemu_reads(image: &Path, dir: &Path) -> Vec<u8> {
-    let out = dir.join("qemu-reads.raw");
-    let _ = std::fs::remove_file(&out);
-    qemu_img(&["convert", "-O", "raw", p(image), p(&out)]);
-    std::fs::read(&out).unwrap()
 }
 
 fn open(path: &Path, readonly: bool) -> Image {
@@ -96,7 +59,7 @@ fn vessel_reads(image: &Path) -> Vec<u8> {
 }
 
 fn check_clean(image: &Path) {
-    qemu_img(&["check", p(image)]);
+    qemu::assert_checks(image, false);
 }
 
 fn assert_same(a: &[u8], b: &[u8], what: &str) {
@@ -119,69 +82,34 @@ const WRITES: [&str; 6] = [
 
 #[test]
 fn qemu_made_images_read_the_same_at_every_cluster_size() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     for cluster in ["4k", "64k", "2M"] {
         let img = dir.path().join(format!("c{cluster}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cluster}"),
-            p(&img),
-            "64M",
-        ]);
+        qemu_create(&img, "qcow2", &format!("cluster_size={cluster}"), "64M");
         qemu_io(&img, "qcow2", &WRITES);
-        assert_same(&vessel_reads(&img), &qemu_reads(&img, dir.path()), cluster);
+        assert_same(&vessel_reads(&img), &qemu::reads(&img), cluster);
     }
 }
 
 #[test]
 fn a_two_level_backing_chain_and_compressed_clusters_read_the_same() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let base = d.join("base.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p(&base), "64M"]);
+    qemu_create(&base, "raw", "", "64M");
     qemu_io(&base, "raw", &["write -P 0x11 0 64M"]);
     let mid = d.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        p(&mid),
-    ]);
+    overlay(&mid, "base.raw", "raw", "");
     qemu_io(&mid, "qcow2", &WRITES[..3]);
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        p(&top),
-    ]);
+    overlay(&top, "mid.qcow2", "qcow2", "");
     qemu_io(&top, "qcow2", &WRITES[3..]);
     let chain = disk::info(&top, None).unwrap();
     assert_eq!(chain.len(), 3);
     assert_eq!(chain[2].format, Format::Raw);
-    assert_same(&vessel_reads(&top), &qemu_reads(&top, d), "chain");
+    assert_same(&vessel_reads(&top), &qemu::reads(&top), "chain");
 
-    let want = qemu_reads(&top, d);
+    let want = qemu::reads(&top);
     for kind in ["zlib", "zstd"] {
         let compressed = d.join(format!("{kind}.qcow2"));
         let opt = format!("compression_type={kind}");
@@ -205,7 +133,7 @@ fn a_two_level_backing_chain_and_compressed_clusters_read_the_same() {
         }
         model[(1 << 20) + 4096..(1 << 20) + 4608].fill(0xc3);
         check_clean(&compressed);
-        assert_same(&qemu_reads(&compressed, d), &model, kind);
+        assert_same(&qemu::reads(&compressed), &model, kind);
     }
 }
 
@@ -224,29 +152,14 @@ impl Lcg {
 
 #[test]
 fn what_vessel_writes_qemu_reads_back_and_checks_clean() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let base = d.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "32M"]);
+    qemu_create(&base, "qcow2", "", "32M");
     qemu_io(&base, "qcow2", &["write -P 0x5a 0 32M"]);
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&top),
-    ]);
-    let mut model = qemu_reads(&top, d);
+    overlay(&top, "base.qcow2", "qcow2", "cluster_size=4k");
+    let mut model = qemu::reads(&top);
     {
         let img = open(&top, false);
         let mut rng = Lcg(7);
@@ -268,27 +181,15 @@ fn what_vessel_writes_qemu_reads_back_and_checks_clean() {
         img.flush().unwrap();
     }
     check_clean(&top);
-    assert_same(&qemu_reads(&top, d), &model, "after vessel's writes");
+    assert_same(&qemu::reads(&top), &model, "after vessel's writes");
     assert_same(&vessel_reads(&top), &model, "vessel reading its own writes");
 }
 
 #[test]
 fn discarded_clusters_go_back_to_the_host() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let img_path = dir.path().join("d.qcow2");
-    disk::create(
-        &img_path,
-        &CreateOptions {
-            format: Format::Qcow2,
-            size: Some(64 << 20),
-            backing: None,
-            cluster_size: None,
-        },
-    )
-    .unwrap();
+    new_image(&img_path, Format::Qcow2, Some(64 << 20), None);
     let allocated = || disk::info(&img_path, None).unwrap()[0].allocated;
     let img = open(&img_path, false);
     img.write_from(&vec![0xeeu8; 32 << 20], 0).unwrap();
@@ -308,38 +209,14 @@ fn discarded_clusters_go_back_to_the_host() {
 
 #[test]
 fn vessel_made_images_check_clean_and_show_their_chain() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let base = d.join("base.raw");
-    disk::create(
-        &base,
-        &CreateOptions {
-            format: Format::Raw,
-            size: Some(16 << 20),
-            backing: None,
-            cluster_size: None,
-        },
-    )
-    .unwrap();
+    new_image(&base, Format::Raw, Some(16 << 20), None);
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
     for (img, below, format) in [(&mid, &base, Format::Raw), (&top, &mid, Format::Qcow2)] {
-        disk::create(
-            img,
-            &CreateOptions {
-                format: Format::Qcow2,
-                size: None,
-                backing: Some(Backing {
-                    path: below.clone(),
-                    format: Some(format),
-                }),
-                cluster_size: None,
-            },
-        )
-        .unwrap();
+        new_image(img, Format::Qcow2, None, Some((below, format)));
         check_clean(img);
     }
     let json = qemu_img(&["info", "--backing-chain", "--output=json", p(&top)]);
@@ -348,32 +225,23 @@ fn vessel_made_images_check_clean_and_show_their_chain() {
     assert_eq!(names, [p(&top), p(&mid), p(&base)]);
     assert_eq!(v[0]["backing-filename-format"], "qcow2");
     assert_eq!(v[0]["virtual-size"], 16 << 20);
-    assert!(
-        disk::create(
-            &top,
-            &CreateOptions {
-                format: Format::Qcow2,
-                size: Some(1 << 20),
-                backing: None,
-                cluster_size: None
-            }
-        )
-        .is_err(),
-        "never overwrites"
-    );
+    let again = CreateOptions {
+        format: Format::Qcow2,
+        size: Some(1 << 20),
+        backing: None,
+        cluster_size: None,
+    };
+    assert!(disk::create(&top, &again).is_err(), "never overwrites");
 }
 
 #[test]
 fn an_external_snapshot_freezes_the_base_and_a_copy_still_finds_it() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let img = d.join("vm.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    qemu_create(&img, "qcow2", "", "16M");
     qemu_io(&img, "qcow2", &["write -P 0x42 0 1M"]);
-    let before = qemu_reads(&img, d);
+    let before = qemu::reads(&img);
     let base = disk::snapshot(&img, None).unwrap();
     assert_eq!(base, d.join("vm.snap-1.qcow2"));
     assert!(std::fs::metadata(&base).unwrap().permissions().readonly());
@@ -383,7 +251,7 @@ fn an_external_snapshot_freezes_the_base_and_a_copy_still_finds_it() {
         w.write_from(&[7u8; 4096], 0).unwrap();
         w.flush().unwrap();
     }
-    assert_same(&qemu_reads(&base, d), &before, "the base is untouched");
+    assert_same(&qemu::reads(&base), &before, "the base is untouched");
     check_clean(&img);
     let second = disk::snapshot(&img, Some("before-upgrade")).unwrap();
     assert_eq!(second, d.join("vm.before-upgrade.qcow2"));
@@ -399,13 +267,10 @@ fn an_external_snapshot_freezes_the_base_and_a_copy_still_finds_it() {
 
 #[test]
 fn vmdk_and_vdi_images_are_imported() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let src = d.join("src.raw");
-    qemu_img(&["create", "-q", "-f", "raw", p(&src), "8M"]);
+    qemu_create(&src, "raw", "", "8M");
     qemu_io(&src, "raw", &["write -P 0x99 1M 1M", "write -P 0x17 6M 4k"]);
     let want = std::fs::read(&src).unwrap();
     for (fmt, ext) in [
@@ -463,50 +328,23 @@ fn a_probed_raw_disk_never_turns_into_qcow2() {
 
 #[test]
 fn damaged_and_unsupported_images_are_refused_in_one_line() {
-    if !have_qemu_utils() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let unknown = d.join("zstd.qcow2");
     let opt = "compression_type=zstd";
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opt, p(&unknown), "1M"]);
+    qemu_create(&unknown, "qcow2", opt, "1M");
     let mut bytes = std::fs::read(&unknown).unwrap();
     bytes[104] = 7;
     std::fs::write(&unknown, &bytes).unwrap();
     let dirty = d.join("dirty.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&dirty), "1M"]);
+    qemu_create(&dirty, "qcow2", "", "1M");
     let mut bytes = std::fs::read(&dirty).unwrap();
     bytes[79] |= 1;
     std::fs::write(&dirty, &bytes).unwrap();
     let looped = d.join("loop.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "loop.qcow2",
-        "-F",
-        "qcow2",
-        p(&looped),
-        "1M",
-    ]);
+    qemu::unchecked_overlay(&looped, "loop.qcow2", "qcow2", "1M");
     let missing = d.join("orphan.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "gone.raw",
-        "-F",
-        "raw",
-        p(&missing),
-        "1M",
-    ]);
+    qemu::unchecked_overlay(&missing, "gone.raw", "raw", "1M");
     let short = d.join("short.qcow2");
     std::fs::write(&short, &bytes[..100]).unwrap();
     for (img, says) in [
@@ -530,5 +368,4 @@ fn damaged_and_unsupported_images_are_refused_in_one_line() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("none.raw"));
-    let _: PathBuf = d.to_path_buf();
 }

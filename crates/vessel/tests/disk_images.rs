@@ -13,43 +13,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::home::Home;
+use testguest::qemu_img::{self as qemu, overlay, qemu_img, qemu_io};
 
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn required() -> bool {
-    std::env::var("VESSEL_REQUIRE_KVM").is_ok_and(|v| v == "1")
-}
 
 /// The kit, and qemu-img/qemu-io to check vessel against; None (after saying why)
 /// when either is missing.
 fn setup() -> Option<kit::Kit> {
-    let have = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        assert!(
-            !required(),
-            "VESSEL_REQUIRE_KVM=1 but qemu-utils is missing"
-        );
-        eprintln!("skipped: needs qemu-img and qemu-io (Debian package qemu-utils)");
+    if !qemu::available() {
         return None;
     }
     common::kit()
-}
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program).args(args).output().unwrap()
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn p(path: &Path) -> &str {
@@ -64,16 +38,6 @@ fn vessel_ok(args: &[&str]) -> String {
     r.stdout
 }
 
-/// The guest-visible bytes of an image, as QEMU reads them.
-fn qemu_reads(image: &Path) -> Vec<u8> {
-    let out = image.with_extension("qemu-reads");
-    let _ = std::fs::remove_file(&out);
-    ok("qemu-img", &["convert", "-O", "raw", p(image), p(&out)]);
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_file(&out).unwrap();
-    bytes
-}
-
 fn sha256(bytes: &[u8]) -> String {
     use std::io::Write;
     let mut child = Command::new("sha256sum")
@@ -84,20 +48,6 @@ fn sha256(bytes: &[u8]) -> String {
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
-}
-
-/// `qemu-img check`: clean (0), or only leaked clusters (3) when `leaks_allowed`.
-fn assert_checks(image: &Path, leaks_allowed: bool) {
-    let out = run("qemu-img", &["check", p(image)]);
-    let code = out.status.code();
-    let fine = code == Some(0) || (leaks_allowed && code == Some(3));
-    assert!(
-        fine,
-        "qemu-img check {}: exit {code:?}\n{}{}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn allocated(path: &Path) -> u64 {
@@ -126,75 +76,28 @@ fn qemu_made_qcow2_images_read_right_in_linux_and_what_it_writes_checks_clean() 
     let d = |n: &str| dir.path().join(n);
     let mut images: Vec<PathBuf> = Vec::new();
     let writes = [
-        "-c",
         "write -P 0xab 0 256k",
-        "-c",
         "write -P 0x12 3M 300k",
-        "-c",
         "write -P 0x34 8388096 1536",
-        "-c",
         "write -z 64k 64k",
-        "-c",
         "write -P 0x56 15M 1M",
     ];
     for cluster in ["4k", "64k", "2M"] {
         let img = d(&format!("c{cluster}.qcow2"));
-        let opt = format!("cluster_size={cluster}");
-        ok(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opt, p(&img), "16M"],
-        );
-        let mut args = vec!["-f", "qcow2"];
-        args.extend_from_slice(&writes);
-        args.push(p(&img));
-        ok("qemu-io", &args);
+        qemu::create(&img, "qcow2", &format!("cluster_size={cluster}"), "16M");
+        qemu_io(&img, "qcow2", &writes);
         images.push(img);
     }
     // A chain two levels deep over a raw base, names relative as qemu-img writes them.
     let base = d("base.raw");
-    ok("qemu-img", &["create", "-q", "-f", "raw", p(&base), "16M"]);
-    ok(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x11 0 16M", p(&base)],
-    );
+    qemu::create(&base, "raw", "", "16M");
+    qemu_io(&base, "raw", &["write -P 0x11 0 16M"]);
     let mid = d("mid.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            p(&mid),
-        ],
-    );
-    ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x22 1M 1M", p(&mid)],
-    );
+    overlay(&mid, "base.raw", "raw", "");
+    qemu_io(&mid, "qcow2", &["write -P 0x22 1M 1M"]);
     let top = d("top.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
-    ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x33 1536k 1M", p(&top)],
-    );
+    overlay(&top, "mid.qcow2", "qcow2", "");
+    qemu_io(&top, "qcow2", &["write -P 0x33 1536k 1M"]);
     images.push(top.clone());
     // Compressed clusters: zlib at 64 KiB, zstd at 2 MiB.
     for (kind, opts) in [
@@ -202,22 +105,11 @@ fn qemu_made_qcow2_images_read_right_in_linux_and_what_it_writes_checks_clean() 
         ("zstd", "compression_type=zstd,cluster_size=2M"),
     ] {
         let compressed = d(&format!("{kind}.qcow2"));
-        ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-O",
-                "qcow2",
-                "-o",
-                opts,
-                p(&top),
-                p(&compressed),
-            ],
-        );
+        let (from, to) = (p(&top), p(&compressed));
+        qemu_img(&["convert", "-c", "-O", "qcow2", "-o", opts, from, to]);
         images.push(compressed);
     }
-    let sums: Vec<String> = images.iter().map(|i| sha256(&qemu_reads(i))).collect();
+    let sums: Vec<String> = images.iter().map(|i| sha256(&qemu::reads(i))).collect();
 
     // A blank image made by vessel, for the guest to write.
     let blank = d("blank.qcow2");
@@ -230,20 +122,12 @@ fn qemu_made_qcow2_images_read_right_in_linux_and_what_it_writes_checks_clean() 
         .collect();
     std::fs::write(tree.join("big"), &noise).unwrap();
     let fs_raw = d("fs.raw");
-    ok(
-        "mke2fs",
-        &[
-            "-q",
-            "-t",
-            "ext4",
-            "-E",
-            "discard",
-            "-d",
-            p(&tree),
-            p(&fs_raw),
-            "32M",
-        ],
-    );
+    let (tree, fs_path) = (p(&tree), p(&fs_raw));
+    let mke2fs = [
+        "-q", "-t", "ext4", "-E", "discard", "-d", tree, fs_path, "32M",
+    ];
+    let made = Command::new("mke2fs").args(mke2fs).status().unwrap();
+    assert!(made.success());
     let fs = d("fs.qcow2");
     vessel_ok(&["disk", "convert", p(&fs_raw), p(&fs)]);
     let fs_before = allocated(&fs);
@@ -272,12 +156,12 @@ fn qemu_made_qcow2_images_read_right_in_linux_and_what_it_writes_checks_clean() 
         );
     }
     assert!(r.stdout.contains("written"), "{}", r.dump());
-    assert_checks(&blank, false);
+    qemu::assert_checks(&blank, false);
     let seq: String = (1..=100_000).map(|n| format!("{n}\n")).collect();
-    let back = qemu_reads(&blank);
+    let back = qemu::reads(&blank);
     assert_eq!(&back[..seq.len()], seq.as_bytes());
     assert!(back[seq.len()..].iter().all(|&b| b == 0));
-    assert_checks(&fs, false);
+    qemu::assert_checks(&fs, false);
     let fs_after = allocated(&fs);
     assert!(
         fs_after + (6 << 20) < fs_before,
@@ -303,8 +187,8 @@ fn a_monitor_killed_mid_write_leaves_a_valid_image_with_every_flushed_write() {
     // run_until kills vessel (SIGKILL) as soon as the marker shows.
     let r = common::run_until(kit_run(&kit, &disks, "", &script), "flushed 60\n", DEADLINE);
     assert!(r.stdout.contains("flushed 60"), "{}", r.dump());
-    assert_checks(&img, true);
-    let back = qemu_reads(&img);
+    qemu::assert_checks(&img, true);
+    let back = qemu::reads(&img);
     let flushed: Vec<usize> = r
         .stdout
         .lines()
@@ -364,7 +248,7 @@ fn a_full_host_file_system_is_an_io_error_for_the_guest_and_the_image_stays_vali
         "reads still work: {}",
         r.dump()
     );
-    assert_checks(&img, true);
+    qemu::assert_checks(&img, true);
 }
 
 #[test]
@@ -373,22 +257,7 @@ fn a_guest_cannot_turn_its_raw_disk_into_a_qcow2_naming_a_host_file() {
     let dir = tempfile::tempdir().unwrap();
     // What a hostile guest writes: a qcow2 header whose backing file is /etc/shadow.
     let evil = dir.path().join("evil.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "/etc/shadow",
-            "-F",
-            "raw",
-            p(&evil),
-            "1M",
-        ],
-    );
+    qemu::unchecked_overlay(&evil, "/etc/shadow", "raw", "1M");
     let script = "if head -c 3 /dev/vda | grep -q QFI; then \
                   echo second-boot-size-$(blockdev --getsize64 /dev/vda); \
                   else dd if=/dev/vdb of=/dev/vda bs=512 count=1 conv=fsync 2>&1 | head -1; \
@@ -462,10 +331,7 @@ fn vmdk_and_vdi_disks_are_imported_and_booted() {
     let mut imported = Vec::new();
     for fmt in ["vmdk", "vdi"] {
         let foreign = d(&format!("root.{fmt}"));
-        ok(
-            "qemu-img",
-            &["convert", "-O", fmt, p(&kit.rootfs), p(&foreign)],
-        );
+        qemu_img(&["convert", "-O", fmt, p(&kit.rootfs), p(&foreign)]);
         let out = d(&format!("from-{fmt}.qcow2"));
         let said = vessel_ok(&["disk", "convert", p(&foreign), p(&out)]);
         assert!(said.contains("qcow2"), "{said}");

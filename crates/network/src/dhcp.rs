@@ -32,6 +32,10 @@ pub struct DhcpServer {
     pub subnet: Ipv4Addr,
     /// By MAC, as `aa:bb:cc:dd:ee:ff`.
     pub leases: BTreeMap<String, Lease>,
+    /// The network has a NAT uplink: the switch's address (.1) is the clients' router
+    /// and DNS server.
+    #[serde(default)]
+    pub router: bool,
 }
 
 /// A /24 in 10.0.0.0/8 chosen from the network's name (so the same name is the same
@@ -69,12 +73,18 @@ impl DhcpServer {
         DhcpServer {
             subnet: subnet_for(name),
             leases: BTreeMap::new(),
+            router: false,
         }
     }
 
     pub fn server_ip(&self) -> Ipv4Addr {
         let [a, b, c, _] = self.subnet.octets();
         Ipv4Addr::new(a, b, c, 1)
+    }
+
+    /// The address leased to `mac`, if any.
+    pub fn lease_of(&self, mac: &[u8; 6]) -> Option<Ipv4Addr> {
+        self.leases.get(&mac_text(mac)).map(|l| l.ip)
     }
 
     /// The reply to `frame` if it is a DHCP request for this server, else None.
@@ -147,6 +157,10 @@ impl DhcpServer {
         if kind != 6 {
             opt(51, &LEASE_SECONDS.to_be_bytes());
             opt(1, &[255, 255, 255, 0]);
+            if self.router {
+                opt(3, &server.octets());
+                opt(6, &server.octets());
+            }
         }
         bootp.push(255);
         udp_frame(server, &bootp)

@@ -9,5 +9,6 @@ pub mod dhcp;
 mod error;
 pub mod passt;
 pub mod switch;
+pub mod uplink;
 
 pub use error::NetError;

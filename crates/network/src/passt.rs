@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,7 @@ use devices::virtio::net::{PortForward, Protocol, StreamBackend};
 use crate::error::NetError;
 
 /// The fd number passt finds its end of the socket pair at.
-const PASST_FD: i32 = 3;
+pub(crate) const PASST_FD: i32 = 3;
 
 /// passt from PATH.
 pub fn find_passt() -> Result<PathBuf, NetError> {
@@ -126,44 +126,7 @@ impl Inner {
     /// Starts one passt and connects the backend to it (its port forwards were checked
     /// free just before; if it dies anyway, the supervisor says why and starts it again).
     fn spawn(&self) -> Result<(), NetError> {
-        let (ours, theirs) = UnixStream::pair().map_err(NetError::io("socket pair for passt"))?;
-        let theirs: OwnedFd = theirs.into();
-        let fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(&self.passt);
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: between fork and exec only async-signal-safe calls: dup2 moves passt's
-        // end to the fd number it is told (the copy is not close-on-exec), or fcntl
-        // clears close-on-exec when it is already there.
-        unsafe {
-            cmd.pre_exec(move || {
-                let r = if fd == PASST_FD {
-                    libc::fcntl(fd, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, PASST_FD)
-                };
-                if r < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(NetError::io("starting passt"))?;
-        drop(theirs);
-        if let Some(err) = child.stderr.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    // What passt says at every start as root, and its complaints that
-                    // there is no syslog to tell.
-                    if !line.starts_with("Don't run as root") && !line.starts_with("Failed to send")
-                    {
-                        tracing::warn!("passt: {line}");
-                    }
-                }
-            });
-        }
+        let (child, ours) = spawn(&self.passt, &self.args)?;
         self.backend
             .connect(ours)
             .map_err(NetError::io("connecting to passt"))?;
@@ -208,6 +171,50 @@ impl Inner {
             }
         }
     }
+}
+
+/// Starts `passt ARGS` (whose `-F` must name [`PASST_FD`]) on one end of a new socket
+/// pair; returns the child and vessel's end. passt's stderr goes to the log, less what
+/// it says at every start as root.
+pub(crate) fn spawn(passt: &Path, args: &[String]) -> Result<(Child, UnixStream), NetError> {
+    let (ours, theirs) = UnixStream::pair().map_err(NetError::io("socket pair for passt"))?;
+    let theirs: OwnedFd = theirs.into();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(passt);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 moves passt's
+    // end to the fd number it is told (the copy is not close-on-exec), or fcntl clears
+    // close-on-exec when it is already there.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == PASST_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, PASST_FD)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(NetError::io("starting passt"))?;
+    drop(theirs);
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                // What passt says at every start as root, and its complaints that there
+                // is no syslog to tell.
+                if !line.starts_with("Don't run as root") && !line.starts_with("Failed to send") {
+                    tracing::warn!("passt: {line}");
+                }
+            }
+        });
+    }
+    Ok((child, ours))
 }
 
 impl Passt {

@@ -4,7 +4,8 @@
 //! port, floods only broadcasts and unknown destinations, bounds every port's queue
 //! (a VM that floods, or stops reading, loses frames; the others do not notice), forgets
 //! a port the moment its VM goes, hands out addresses by DHCP, and exits once no VM has
-//! been on the network for a few seconds.
+//! been on the network for a few seconds. A network created with `--nat` also gives
+//! each VM a way out through a passt of its own (see [`crate::uplink`]).
 //!
 //! ```text
 //! <networks>/<name>/switch.sock   the socket VMs connect to
@@ -19,7 +20,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -46,11 +47,50 @@ struct Port {
     tx: SyncSender<Vec<u8>>,
 }
 
+/// One VM's passt on a NAT network: a port of its own, never flooded to.
+struct Uplink {
+    port: PortId,
+    child: Child,
+}
+
 struct State {
     ports: HashMap<PortId, Port>,
     macs: HashMap<[u8; 6], PortId>,
     dhcp: DhcpServer,
     last_port_left: Instant,
+    /// The network has a NAT uplink.
+    nat: bool,
+    /// By VM port: its passt.
+    uplinks: HashMap<PortId, Uplink>,
+    /// By passt port: the VM it serves.
+    owners: HashMap<PortId, PortId>,
+    next_port: PortId,
+}
+
+impl State {
+    fn new_port(&mut self) -> PortId {
+        self.next_port += 1;
+        self.next_port
+    }
+
+    /// Forgets a VM's port and stops its passt.
+    fn remove_port(&mut self, id: PortId) {
+        self.ports.remove(&id);
+        self.macs.retain(|_, p| *p != id);
+        if let Some(mut up) = self.uplinks.remove(&id) {
+            self.ports.remove(&up.port);
+            self.owners.remove(&up.port);
+            let _ = up.child.kill();
+            std::thread::spawn(move || up.child.wait());
+        }
+    }
+}
+
+/// What the switch must do that it cannot under the state's lock.
+enum After {
+    Nothing,
+    /// Start the VM's passt, then forward the frame to it.
+    StartUplink,
 }
 
 /// Counters the switch keeps (logged when it exits).
@@ -107,40 +147,41 @@ pub fn run(dir: &Path) -> Result<(), NetError> {
         .and_then(|b| serde_json::from_slice::<DhcpServer>(&b).ok())
         .filter(|d| d.subnet == crate::dhcp::subnet_for(&name))
         .unwrap_or_else(|| DhcpServer::new(&name));
+    let nat = crate::uplink::NetworkConfig::load(dir)?.is_some_and(|c| c.nat);
+    let mut dhcp = dhcp;
+    dhcp.router = nat;
     tracing::info!(
-        "switch for network {name}: {} (DHCP {}/24)",
+        "switch for network {name}: {} (DHCP {}/24{})",
         sock.display(),
-        dhcp.subnet
+        dhcp.subnet,
+        if nat { ", NAT through passt" } else { "" }
     );
     let state = Arc::new(Mutex::new(State {
         ports: HashMap::new(),
         macs: HashMap::new(),
         dhcp,
         last_port_left: Instant::now(),
+        nat,
+        uplinks: HashMap::new(),
+        owners: HashMap::new(),
+        next_port: 0,
     }));
     let counters = Arc::new(Counters::default());
     {
         let (state, counters, sock) = (state.clone(), counters.clone(), sock.clone());
         std::thread::spawn(move || idle_watch(&state, &counters, &sock, &leases_path));
     }
-    let mut next: PortId = 0;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        next += 1;
-        let id = next;
-        let Ok(writer) = conn.try_clone() else {
+        let Ok(id) = attach(&state, &conn) else {
             continue;
         };
-        let (tx, rx) = sync_channel(PORT_QUEUE);
-        lock(&state).ports.insert(id, Port { tx });
         tracing::info!("port {id} joined");
-        std::thread::spawn(move || write_port(writer, rx));
         let (state, counters) = (state.clone(), counters.clone());
         std::thread::spawn(move || {
             read_port(id, conn, &state, &counters);
             let mut s = lock(&state);
-            s.ports.remove(&id);
-            s.macs.retain(|_, p| *p != id);
+            s.remove_port(id);
             if s.ports.is_empty() {
                 s.last_port_left = Instant::now();
             }
@@ -148,6 +189,62 @@ pub fn run(dir: &Path) -> Result<(), NetError> {
         });
     }
     Ok(())
+}
+
+/// Gives a connection a port: an id, a bounded queue and a thread writing it out.
+fn attach(state: &Mutex<State>, conn: &UnixStream) -> std::io::Result<PortId> {
+    let writer = conn.try_clone()?;
+    let (tx, rx) = sync_channel(PORT_QUEUE);
+    let id = {
+        let mut s = lock(state);
+        let id = s.new_port();
+        s.ports.insert(id, Port { tx });
+        id
+    };
+    std::thread::spawn(move || write_port(writer, rx));
+    Ok(id)
+}
+
+/// Starts VM `vm`'s passt and joins it to the switch as its uplink port.
+fn start_uplink(vm: PortId, state: &Arc<Mutex<State>>, counters: &Arc<Counters>) {
+    let (gateway, guest) = {
+        let s = lock(state);
+        if s.uplinks.contains_key(&vm) || !s.ports.contains_key(&vm) {
+            return;
+        }
+        let mac = s.macs.iter().find(|(_, p)| **p == vm).map(|(m, _)| *m);
+        (s.dhcp.server_ip(), mac.and_then(|m| s.dhcp.lease_of(&m)))
+    };
+    let (child, conn) = match crate::uplink::start(gateway, guest) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("port {vm}: no NAT uplink: {e}");
+            return;
+        }
+    };
+    let Ok(port) = attach(state, &conn) else {
+        return;
+    };
+    {
+        let mut s = lock(state);
+        s.owners.insert(port, vm);
+        s.uplinks.insert(vm, Uplink { port, child });
+    }
+    tracing::info!("port {vm}: NAT uplink started (port {port})");
+    let (state, counters) = (state.clone(), counters.clone());
+    std::thread::spawn(move || {
+        read_port(port, conn, &state, &counters);
+        // passt went away: forget it (the next frame for the gateway starts another).
+        let mut s = lock(&state);
+        if s.owners.remove(&port).is_some() {
+            s.ports.remove(&port);
+            if let Some(mut up) = s.uplinks.remove(&vm) {
+                let _ = up.child.kill();
+                std::thread::spawn(move || up.child.wait());
+            }
+            tracing::warn!("port {vm}: its NAT uplink stopped");
+        }
+    });
 }
 
 /// Exits the process once no port has been connected for [`IDLE_EXIT`]; writes the
@@ -189,7 +286,12 @@ fn write_port(mut conn: UnixStream, frames: Receiver<Vec<u8>>) {
 }
 
 /// Frames from one port, until it goes away or breaks the framing.
-fn read_port(id: PortId, mut conn: UnixStream, state: &Mutex<State>, counters: &Counters) {
+fn read_port(
+    id: PortId,
+    mut conn: UnixStream,
+    state: &Arc<Mutex<State>>,
+    counters: &Arc<Counters>,
+) {
     let mut len = [0u8; 4];
     let mut frame = vec![0u8; MAX_ETHERNET];
     loop {
@@ -204,7 +306,11 @@ fn read_port(id: PortId, mut conn: UnixStream, state: &Mutex<State>, counters: &
         if conn.read_exact(&mut frame[..n]).is_err() {
             return;
         }
-        forward(id, &frame[..n], &mut lock(state), counters);
+        let after = forward(id, &frame[..n], &mut lock(state), counters);
+        if let After::StartUplink = after {
+            start_uplink(id, state, counters);
+            forward(id, &frame[..n], &mut lock(state), counters);
+        }
     }
 }
 
@@ -212,19 +318,33 @@ fn is_multicast(mac: &[u8]) -> bool {
     mac[0] & 1 != 0
 }
 
-/// Where one frame goes: a DHCP reply back, the port behind its destination, or every
-/// other port.
-fn forward(from: PortId, frame: &[u8], s: &mut State, counters: &Counters) {
+/// Where one frame goes: from a passt, to its VM; a DHCP reply back; on a NAT network,
+/// frames for the gateway to the sender's passt; else the port behind its destination,
+/// or every other VM's port.
+fn forward(from: PortId, frame: &[u8], s: &mut State, counters: &Counters) -> After {
+    if let Some(&vm) = s.owners.get(&from) {
+        send(s, vm, frame.to_vec(), counters);
+        return After::Nothing;
+    }
     let (dst, src): ([u8; 6], [u8; 6]) = match (frame[..6].try_into(), frame[6..12].try_into()) {
         (Ok(d), Ok(s)) => (d, s),
-        _ => return,
+        _ => return After::Nothing,
     };
-    if !is_multicast(&src) {
+    if !is_multicast(&src) && src != crate::dhcp::SERVER_MAC {
         s.macs.insert(src, from);
     }
     if let Some(reply) = s.dhcp.handle(frame) {
         send(s, from, reply, counters);
-        return;
+        return After::Nothing;
+    }
+    if s.nat && crate::uplink::for_gateway(frame, s.dhcp.server_ip()) {
+        return match s.uplinks.get(&from) {
+            Some(up) => {
+                send(s, up.port, frame.to_vec(), counters);
+                After::Nothing
+            }
+            None => After::StartUplink,
+        };
     }
     match s.macs.get(&dst) {
         Some(&to) if !is_multicast(&dst) => {
@@ -235,12 +355,18 @@ fn forward(from: PortId, frame: &[u8], s: &mut State, counters: &Counters) {
         }
         _ => {
             counters.flooded.fetch_add(1, Ordering::Relaxed);
-            let others: Vec<PortId> = s.ports.keys().copied().filter(|p| *p != from).collect();
+            let others: Vec<PortId> = s
+                .ports
+                .keys()
+                .copied()
+                .filter(|p| *p != from && !s.owners.contains_key(p))
+                .collect();
             for to in others {
                 send(s, to, frame.to_vec(), counters);
             }
         }
     }
+    After::Nothing
 }
 
 fn send(s: &State, to: PortId, frame: Vec<u8>, counters: &Counters) {
@@ -344,6 +470,10 @@ mod tests {
             macs: HashMap::new(),
             dhcp: DhcpServer::new("t"),
             last_port_left: Instant::now(),
+            nat: false,
+            uplinks: HashMap::new(),
+            owners: HashMap::new(),
+            next_port: 3,
         };
         let c = Counters::default();
         let (a, b) = ([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]);

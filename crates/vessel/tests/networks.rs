@@ -75,8 +75,31 @@ impl Rootless {
         self.dir.path().join("home")
     }
 
+    /// `vessel ARGS` in this home, as nobody when we are root; must succeed.
+    fn vessel(&self, args: &[&str]) -> String {
+        let mut cmd = self.cli();
+        cmd.args(args);
+        let r = common::run_with_deadline(cmd, Duration::from_secs(30));
+        assert_eq!(r.code, Some(0), "vessel {args:?}: {}", r.dump());
+        r.stdout
+    }
+
     /// `vessel run` of the kit with `script` after ` -- `, as nobody when we are root.
     fn command(&self, net: &[&str], cmdline_extra: &str, script: &str) -> Command {
+        let mut cmd = self.cli();
+        let cmdline = format!("{} {cmdline_extra} -- {script}", kit::DEFAULT_CMDLINE);
+        cmd.args(["run", "--accel", "emu", "--memory", "256M"])
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--initrd")
+            .arg(&self.initrd)
+            .args(["--cmdline", &cmdline])
+            .args(net.iter().flat_map(|n| ["--net", n]));
+        cmd
+    }
+
+    /// The vessel binary in this home, as nobody when we are root.
+    fn cli(&self) -> Command {
         let vessel = env!("CARGO_BIN_EXE_vessel");
         let mut cmd = if is_root() {
             let mut c = Command::new("setpriv");
@@ -92,16 +115,7 @@ impl Rootless {
         } else {
             Command::new(vessel)
         };
-        let cmdline = format!("{} {cmdline_extra} -- {script}", kit::DEFAULT_CMDLINE);
-        cmd.args(["run", "--accel", "emu", "--memory", "256M"])
-            .arg("--kernel")
-            .arg(&self.kernel)
-            .arg("--initrd")
-            .arg(&self.initrd)
-            .args(["--cmdline", &cmdline])
-            .args(net.iter().flat_map(|n| ["--net", n]))
-            .env("VESSEL_HOME", self.home())
-            .env("HOME", self.home());
+        cmd.env("VESSEL_HOME", self.home()).env("HOME", self.home());
         cmd
     }
 }
@@ -338,12 +352,18 @@ fn a_port_forward_reaches_a_server_in_the_guest() {
 }
 
 #[test]
-fn vms_on_a_named_network_exchange_16_mib_and_other_networks_see_nothing() {
+fn vms_on_a_named_network_exchange_16_mib_reach_out_by_nat_and_other_networks_see_nothing() {
     let Some(r) = Rootless::new() else { return };
+    // lab has a NAT uplink: through its gateway a VM reaches the host's loopback.
+    r.vessel(&["net", "create", "lab", "--nat"]);
+    let port = http_server("through-the-uplink");
     let receiver = Running::spawn(r.command(
         &["network=lab"],
         "",
-        "nc -l -p 5000 > /tmp/got; md5sum /tmp/got; ls -l /tmp/got",
+        &format!(
+            "gw=$(ip route | grep default | cut -d' ' -f3); wget -q -O - http://$gw:{port}/; echo; \
+             nc -l -p 5000 > /tmp/got; md5sum /tmp/got; ls -l /tmp/got"
+        ),
     ));
     let ip = address(&receiver.wait_for(kit::ADDRESS_MARKER_PREFIX));
     let sender = Running::spawn(r.command(
@@ -375,17 +395,22 @@ fn vms_on_a_named_network_exchange_16_mib_and_other_networks_see_nothing() {
     };
     assert_eq!(md5(&sent, "/tmp/f"), md5(&got, "/tmp/got"), "{got}");
     assert!(got.contains(" 16777216 "), "{got}");
+    assert!(got.contains("through-the-uplink"), "{got}");
     let (_, alone) = stranger.finish();
     assert!(alone.contains("100% packet loss"), "{alone}");
     // `vessel net ls` knows the network and the addresses it gave.
     let mut ls = common::vessel();
     ls.args(["net", "ls"]).env("VESSEL_HOME", r.home());
     let ls = common::run_with_deadline(ls, Duration::from_secs(10));
-    assert!(
-        ls.stdout.contains("lab") && ls.stdout.contains("elsewhere"),
-        "{}",
-        ls.dump()
-    );
+    let nat_of = |net: &str| {
+        ls.stdout
+            .lines()
+            .find(|l| l.starts_with(net))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .map(str::to_string)
+    };
+    assert_eq!(nat_of("lab").as_deref(), Some("yes"), "{}", ls.dump());
+    assert_eq!(nat_of("elsewhere").as_deref(), Some("no"), "{}", ls.dump());
 }
 
 #[test]

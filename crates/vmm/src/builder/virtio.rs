@@ -41,7 +41,7 @@ pub(super) struct Opened {
 pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     for disk in &config.disks {
-        let dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(e.to_string()))?;
+        let dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(format!("disk {e}")))?;
         out.push(Box::new(dev));
     }
     let mut link_interrupts = Vec::new();

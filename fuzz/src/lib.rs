@@ -7,6 +7,12 @@
 //! EVENT_IDX; bits 8..: the head to parse for the block target), the rest is the
 //! guest memory image: descriptor table at 0x0, available ring at 0x1000, used ring at
 //! 0x2000, buffers and indirect tables wherever the descriptors say.
+//!
+//! Also: a DHCP frame from a guest, and what whoever hands vessel a file controls: a
+//! snapshot's state file and a qcow2 disk image (`qcow2.rs`).
+
+mod qcow2;
+pub use qcow2::{qcow2_image, qcow2_opens};
 
 use devices::virtio::block::request::{self, Request, RequestKind};
 use devices::virtio::chain::{Chain, Cursor, UsedRing, pop, pop_all};

@@ -216,6 +216,7 @@ mod tests {
             rng: false,
             cpu_model: None,
             vmgenid: None,
+            cpu: Default::default(),
         }
     }
 

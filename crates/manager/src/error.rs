@@ -27,6 +27,8 @@ pub enum ManagerError {
     },
     #[error("cannot start {name}: {missing}")]
     Admission { name: String, missing: String },
+    #[error("{name}: cgroup controls: {reason}")]
+    Cgroup { name: String, reason: String },
     #[error("{0}")]
     Api(#[from] api::ClientError),
     #[error("{0}")]

@@ -2,6 +2,8 @@
 //! VMs hold, and admission control: a VM starts only if its CPUs and memory fit under
 //! the overcommit ratios (defaults: CPU 4.0, memory 1.0, as OpenStack's).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
@@ -20,6 +22,8 @@ struct HostToml {
     memory: Option<String>,
     cpu_overcommit: Option<f64>,
     memory_overcommit: Option<f64>,
+    /// Where VMs' cgroups go, relative to the cgroup hierarchy (default "vessel").
+    cgroup_parent: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -28,6 +32,7 @@ pub struct Host {
     pub memory: u64,
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
+    pub cgroup_parent: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -35,6 +40,13 @@ pub struct Allocation {
     pub name: String,
     pub cpus: u32,
     pub memory: u64,
+    /// Host CPUs guaranteed (`cpu_reservation`): never overcommitted.
+    pub reservation: f64,
+}
+
+/// The CPUs this process may run on (what the host gives vessel).
+pub fn online_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 impl Host {
@@ -57,15 +69,30 @@ impl Host {
             None => vmm::config::host_memory_bytes().unwrap_or(0),
         };
         let host = Host {
-            cpus: config.cpus.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-            }),
+            cpus: config.cpus.unwrap_or_else(online_cpus),
             memory,
             cpu_overcommit: config.cpu_overcommit.unwrap_or(DEFAULT_CPU_OVERCOMMIT),
             memory_overcommit: config
                 .memory_overcommit
                 .unwrap_or(DEFAULT_MEMORY_OVERCOMMIT),
+            cgroup_parent: PathBuf::from(
+                config
+                    .cgroup_parent
+                    .as_deref()
+                    .unwrap_or(cgroup::DEFAULT_PARENT),
+            ),
         };
+        let p = &host.cgroup_parent;
+        if p.as_os_str().is_empty()
+            || !p
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(bad(format!(
+                "cgroup_parent {:?} must be a relative path inside the cgroup hierarchy",
+                p.display()
+            )));
+        }
         for (name, ratio) in [
             ("cpu_overcommit", host.cpu_overcommit),
             ("memory_overcommit", host.memory_overcommit),
@@ -114,6 +141,16 @@ impl Host {
                 self.memory_overcommit
             ));
         }
+        let reserved: f64 = held.iter().map(|a| a.reservation).sum();
+        let unreserved = f64::from(self.cpus) - reserved;
+        if want.reservation > unreserved + 1e-9 {
+            missing.push(format!(
+                "it reserves {} CPUs but only {} of the host's {} are not reserved",
+                want.reservation,
+                (unreserved.max(0.0) * 100.0).round() / 100.0,
+                self.cpus
+            ));
+        }
         if missing.is_empty() {
             Ok(())
         } else {
@@ -132,6 +169,7 @@ pub fn allocations(home: &Home) -> Result<Vec<Allocation>, ManagerError> {
                 name: bundle.name,
                 cpus: u32::from(spec.cpus),
                 memory: spec.memory_bytes(),
+                reservation: spec.cpu.reservation.unwrap_or(0.0),
             });
         }
     }
@@ -161,6 +199,7 @@ mod tests {
             memory: 8 * GIB,
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
+            cgroup_parent: "vessel".into(),
         }
     }
 
@@ -169,6 +208,7 @@ mod tests {
             name: name.into(),
             cpus,
             memory: gib * GIB,
+            reservation: 0.0,
         }
     }
 
@@ -231,5 +271,26 @@ mod tests {
         );
         std::fs::write(home.host_config(), "gpus = 4\n").unwrap();
         assert!(Host::load(&home).is_err());
+    }
+
+    /// Reservations are guarantees: counted against the host's real CPUs, never
+    /// overcommitted, whatever the vCPU overcommit ratio.
+    #[test]
+    fn reservations_never_exceed_the_host() {
+        let h = Host {
+            cpu_overcommit: 4.0,
+            ..host()
+        };
+        let reserving = |name: &str, r: f64| Allocation {
+            reservation: r,
+            ..vm(name, 1, 1)
+        };
+        let held = vec![reserving("a", 2.5), reserving("b", 1.0)];
+        h.admit(&held, &reserving("c", 0.5)).unwrap();
+        let err = h.admit(&held, &reserving("c", 0.75)).unwrap_err();
+        assert_eq!(
+            err,
+            "it reserves 0.75 CPUs but only 0.5 of the host's 4 are not reserved"
+        );
     }
 }

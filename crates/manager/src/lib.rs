@@ -9,6 +9,7 @@ mod error;
 pub mod home;
 pub mod host;
 pub mod monitor;
+pub mod resources;
 pub mod snapshots;
 pub mod spec;
 pub mod ssh;

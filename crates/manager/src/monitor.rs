@@ -23,6 +23,7 @@ use crate::bundle::Bundle;
 use crate::error::ManagerError;
 use crate::home::Home;
 use crate::host::{self, Allocation, Host};
+use crate::resources;
 use crate::snapshots;
 use crate::spec::{Restart, VmSpec};
 use crate::status::{self, Status, VmState};
@@ -35,12 +36,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Holds `path` locked (flock) until dropped.
-struct FileLock {
+pub(crate) struct FileLock {
     _held: File,
 }
 
 impl FileLock {
-    fn acquire(path: &Path) -> Result<Self, ManagerError> {
+    pub(crate) fn acquire(path: &Path) -> Result<Self, ManagerError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(ManagerError::io(dir))?;
         }
@@ -78,12 +79,14 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
         name: name.into(),
         cpus: u32::from(spec.cpus),
         memory: spec.memory_bytes(),
+        reservation: spec.cpu.reservation.unwrap_or(0.0),
     };
     host.admit(&held, &want)
         .map_err(|missing| ManagerError::Admission {
             name: name.into(),
             missing,
         })?;
+    let placement = resources::prepare(&host, name, &spec.cpu)?;
 
     let log_path = bundle.monitor_log();
     let log = OpenOptions::new()
@@ -99,17 +102,35 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the monitor from our session and
-    // terminal, so it outlives the CLI and never receives its terminal's signals.
+    let policy = spec.cpu.clone();
+    // SAFETY: setsid and sched_setaffinity are async-signal-safe system calls; setsid
+    // detaches the monitor from our session and terminal, so it outlives the CLI and
+    // never receives its terminal's signals; the affinity is inherited by every thread
+    // the monitor makes.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
-            Ok(())
+            resources::pin_before_exec(&policy)
         });
     }
     let mut child = cmd.spawn().map_err(|e| {
         ManagerError::Other(format!("cannot start the monitor {}: {e}", exe.display()))
     })?;
+    // The whole process moves, whichever threads it has made by now.
+    if let Err(e) = placement.admit(name, child.id()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    if let resources::Placement::Without(why) = &placement {
+        let _ = writeln!(
+            OpenOptions::new()
+                .append(true)
+                .open(&log_path)
+                .map_err(ManagerError::io(&log_path))?,
+            "vessel: {name} runs without cgroup controls: {why}"
+        );
+    }
     let client = api::Client::new(bundle.control_socket()).with_timeout(Duration::from_secs(5));
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -393,10 +414,11 @@ impl Monitor {
                 Err(e) => Response::error(400, format!("invalid action request: {e}")),
             },
             (Method::Get, "metrics") => {
-                let text = lock(&self.handle)
+                let mut text = lock(&self.handle)
                     .as_ref()
                     .map(|h| h.metrics().prometheus(&self.name))
                     .unwrap_or_default();
+                text += &resources::prometheus(&self.name);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             (_, "" | "state" | "actions" | "metrics") => Response::error(405, "method not allowed"),

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cgroup::CpuPolicy;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,7 @@ pub enum Restart {
     Never,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     pub cpus: u16,
@@ -56,6 +57,10 @@ pub struct VmSpec {
     /// a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmgenid: Option<String>,
+    /// Its share of the host's CPUs (`[cpu]`: shares, limit, reservation, affinity),
+    /// applied through its cgroup by the host layer.
+    #[serde(default, skip_serializing_if = "CpuPolicy::is_empty")]
+    pub cpu: CpuPolicy,
 }
 
 fn default_accel() -> String {
@@ -111,6 +116,9 @@ impl VmSpec {
         if let Some(v) = &self.vmgenid {
             vmm::parse_vmgenid(v)?;
         }
+        self.cpu
+            .validate(crate::host::online_cpus())
+            .map_err(|e| e.to_string())?;
         config.validate().map_err(|e| e.to_string())
     }
 
@@ -162,9 +170,10 @@ impl VmSpec {
                     _ => return Err(format!("restart: {value:?} is not on-reboot or never")),
                 }
             }
+            k if k.starts_with("cpu_") => self.cpu.set(k, value).map_err(|e| e.to_string())?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity)"
                 ));
             }
         }
@@ -268,6 +277,7 @@ mod tests {
             rng: false,
             cpu_model: None,
             vmgenid: None,
+            cpu: Default::default(),
         }
     }
 

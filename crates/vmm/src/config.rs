@@ -153,34 +153,8 @@ impl VmConfig {
 /// Parses sizes like `512M`, `2G`, `1.5G`, `65536K`, `268435456` (plain numbers are MiB,
 /// as with QEMU's -m).
 pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize(text.to_string());
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (number, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 20),
-    };
-    if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        return Err(bad());
-    }
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    let bytes = value * (1u64 << shift) as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
+    devices::virtio::options::parse_size(text, 20)
+        .ok_or_else(|| ConfigError::BadSize(text.to_string()))
 }
 
 /// The host's RAM (MemTotal), if /proc/meminfo says.

@@ -28,7 +28,7 @@ pub mod console;
 pub mod guest_io;
 mod interrupt;
 pub mod net;
-mod options;
+pub mod options;
 mod pci;
 pub mod rng;
 mod worker;

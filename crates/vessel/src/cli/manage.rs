@@ -149,6 +149,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         rng: a.rng,
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
+        cpu: a.cpu_policy()?,
     };
     a.devices()?;
     let home = home()?;
@@ -215,6 +216,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         rng: a.rng,
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
+        cpu: a.cpu_policy()?,
     };
     spec.validate().map_err(Failure::usage)?;
     let home = home()?;
@@ -388,7 +390,7 @@ pub fn stop(args: StopArgs) -> CliResult {
 }
 
 pub fn info(args: InfoArgs) -> CliResult {
-    let (_, bundle) = open(&args.name)?;
+    let (home, bundle) = open(&args.name)?;
     let status = bundle.status();
     let spec = bundle.spec()?;
     let live: Option<VmInfo> = match status.state {
@@ -397,10 +399,21 @@ pub fn info(args: InfoArgs) -> CliResult {
         }
         _ => None,
     };
+    let cgroup = match live {
+        Some(_) => manager::resources::usage(&Host::load(&home)?, &bundle.name),
+        None => None,
+    };
     if args.json {
+        let cgroup = cgroup.as_ref().map(|(g, u)| {
+            json!({
+                "path": g.path(), "version": g.version(), "cpu_seconds": u.used.as_secs_f64(),
+                "throttled_seconds": u.throttled.as_secs_f64(), "periods": u.periods,
+                "throttled_periods": u.throttled_periods,
+            })
+        });
         let v = json!({
             "name": bundle.name, "dir": bundle.dir, "state": live.as_ref().map(|l| l.state.clone()).unwrap_or(status.state.to_string()),
-            "config": spec, "status": status, "live": live,
+            "config": spec, "status": status, "live": live, "cgroup": cgroup,
         });
         return super::print_json(&v);
     }
@@ -430,6 +443,23 @@ pub fn info(args: InfoArgs) -> CliResult {
             "on-reboot"
         }
     );
+    if !spec.cpu.is_empty() {
+        println!("cpu       {}", spec.cpu.describe());
+    }
+    if live.is_some() {
+        match &cgroup {
+            Some((g, u)) => println!(
+                "cgroup    {} (v{}): cpu time {:.2}s, throttled {:.2}s in {} of {} periods",
+                g.path().display(),
+                g.version(),
+                u.used.as_secs_f64(),
+                u.throttled.as_secs_f64(),
+                u.throttled_periods,
+                u.periods
+            ),
+            None => println!("cgroup    none (no cgroup controls on this host for this user)"),
+        }
+    }
     if let Some(l) = live {
         println!("pid       {}", l.pid);
         println!("uptime    {:.1}s", l.uptime_seconds);
@@ -525,31 +555,36 @@ pub fn logs(args: LogsArgs) -> CliResult {
 }
 
 pub fn set(args: SetArgs) -> CliResult {
-    let (_, b) = open(&args.name)?;
-    if b.suspended_dir().exists() {
+    let (home, bundle) = open(&args.name)?;
+    if bundle.suspended_dir().exists() {
         return Err(Failure::refused(format!(
             "VM {} is suspended: its saved state holds the old settings; start it and stop it first",
-            b.name
-        )));
-    }
-    let (_, bundle) = open(&args.name)?;
-    let state = bundle.status().state;
-    if matches!(state, VmState::Running | VmState::Paused) {
-        return Err(Failure::refused(format!(
-            "VM {} is {state}: settings change only when it is stopped",
             bundle.name
         )));
     }
+    let status = bundle.status();
+    let live = matches!(status.state, VmState::Running | VmState::Paused);
     let mut spec = bundle.spec()?;
     for kv in &args.settings {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| Failure::usage(format!("{kv:?} is not key=value")))?;
+        if live && !manager::resources::LIVE_KEYS.contains(&k) {
+            return Err(Failure::refused(format!(
+                "VM {} is {}: only {} change while it runs; {k} when it is stopped",
+                bundle.name,
+                status.state,
+                manager::resources::LIVE_KEYS.join(", ")
+            )));
+        }
         let v = match k {
             "kernel" | "initrd" if !v.is_empty() && v != KIT => absolute(&PathBuf::from(v))?,
             _ => v.to_string(),
         };
         spec.set(k, &v).map_err(Failure::usage)?;
+    }
+    if live && let Some(pid) = status.pid {
+        manager::resources::set_live(&home, &bundle.name, pid, &spec.cpu)?;
     }
     bundle.save_spec(&spec)?;
     println!("{} updated", bundle.name);
@@ -557,7 +592,7 @@ pub fn set(args: SetArgs) -> CliResult {
 }
 
 pub fn remove(args: NameArg) -> CliResult {
-    let (_, bundle) = open(&args.name)?;
+    let (home, bundle) = open(&args.name)?;
     let state = bundle.status().state;
     if matches!(state, VmState::Running | VmState::Paused) {
         return Err(Failure::refused(format!(
@@ -567,6 +602,9 @@ pub fn remove(args: NameArg) -> CliResult {
     }
     let name = bundle.name.clone();
     bundle.remove()?;
+    if let Ok(h) = Host::load(&home) {
+        manager::resources::remove(&h, &name);
+    }
     println!("removed {name}");
     Ok(ExitCode::SUCCESS)
 }
@@ -602,9 +640,23 @@ pub fn host(args: ListArgs) -> CliResult {
         h.cpu_capacity() - f64::from(cpus),
         host::human((h.memory_capacity() - memory as f64).max(0.0))
     );
-    for Allocation { name, cpus, memory } in held {
+    let reserved: f64 = held.iter().map(|a| a.reservation).sum();
+    if reserved > 0.0 {
+        println!("reserved  {reserved} of {} CPUs", h.cpus);
+    }
+    for Allocation {
+        name,
+        cpus,
+        memory,
+        reservation,
+    } in held
+    {
+        let reserves = match reservation {
+            r if r > 0.0 => format!("  reserves {r} CPUs"),
+            _ => String::new(),
+        };
         println!(
-            "  {name:<20} {cpus:>3} vCPUs {:>10}",
+            "  {name:<20} {cpus:>3} vCPUs {:>10}{reserves}",
             host::human(memory as f64)
         );
     }

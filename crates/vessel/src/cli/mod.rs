@@ -137,9 +137,43 @@ pub struct VmArgs {
     /// instead of the serial port; boot with console=hvc0) or `socket=PATH`.
     #[arg(long, value_name = "SPEC")]
     hvc: Option<String>,
+    /// CPU weight against other VMs (2-262144; default 1024): with 700 and 300, two
+    /// busy VMs on one host CPU get 70% and 30% of it.
+    #[arg(long, value_name = "N")]
+    cpu_shares: Option<String>,
+    /// At most this many host CPUs of time (e.g. 0.5 or 1.5), however idle the host.
+    #[arg(long, value_name = "CPUS")]
+    cpu_limit: Option<String>,
+    /// Host CPUs guaranteed to this VM: the host starts no VM whose reservation does not
+    /// fit beside the running ones' (managed VMs).
+    #[arg(long, value_name = "CPUS")]
+    cpu_reservation: Option<String>,
+    /// The host CPUs the VM's threads run on, e.g. `0` or `0,2-3`.
+    #[arg(long, value_name = "LIST")]
+    cpu_affinity: Option<String>,
 }
 
 impl VmArgs {
+    /// The --cpu-* options, checked against the host.
+    fn cpu_policy(&self) -> Result<cgroup::CpuPolicy, Failure> {
+        let mut p = cgroup::CpuPolicy::default();
+        for (key, value) in [
+            ("cpu_shares", &self.cpu_shares),
+            ("cpu_limit", &self.cpu_limit),
+            ("cpu_reservation", &self.cpu_reservation),
+            ("cpu_affinity", &self.cpu_affinity),
+        ] {
+            if let Some(v) = value {
+                let flag = format!("--{}", key.replace('_', "-"));
+                p.set(key, v)
+                    .map_err(|e| Failure::usage(format!("{flag}: {e}")))?;
+            }
+        }
+        p.validate(manager::host::online_cpus())
+            .map_err(|e| Failure::usage(e.to_string()))?;
+        Ok(p)
+    }
+
     /// The --disk and --net specs, parsed.
     fn devices(
         &self,
@@ -249,7 +283,7 @@ impl From<manager::ManagerError> for Failure {
     fn from(e: manager::ManagerError) -> Self {
         use manager::ManagerError as E;
         match &e {
-            E::WrongState { .. } | E::Admission { .. } => Failure::refused(e),
+            E::WrongState { .. } | E::Admission { .. } | E::Cgroup { .. } => Failure::refused(e),
             E::Api(api::ClientError::Status { status: 409, .. }) => Failure::refused(e),
             _ => Failure::usage(e),
         }

@@ -98,6 +98,14 @@ fn run_vm(
             .collect::<Result<_, _>>()?;
     }
     let (accel, why) = a.accel.resolve();
+    let policy = a.cpu_policy()?;
+    if let Some(set) = &policy.affinity {
+        cgroup::pin_current_thread(set)
+            .map_err(|e| Failure::usage(format!("--cpu-affinity {set}: {e}")))?;
+    }
+    let home = manager::Home::from_env()?;
+    let parent = manager::host::Host::load(&home)?.cgroup_parent;
+    let _cgroup = manager::resources::OwnCgroup::join(&parent, &policy).map_err(Failure::usage)?;
     let config = VmConfig {
         kernel,
         initrd,
@@ -115,7 +123,7 @@ fn run_vm(
             .transpose()
             .map_err(|e| Failure::usage(format!("--hvc {e}")))?,
         kvm_fallback: !args.no_kvm_fallback,
-        networks: network::switch::networks_dir(manager::Home::from_env()?.root()),
+        networks: network::switch::networks_dir(home.root()),
         cpu_model: vmm::CpuModel::parse(a.cpu_model.as_deref().unwrap_or("host"))
             .map_err(Failure::usage)?,
         vmgenid: vmm::new_vmgenid(),

@@ -29,6 +29,8 @@ fn open(path: &Path, format: Format) -> Arc<Disk> {
         format: Some(format),
         readonly: false,
         id: None,
+        limits: Default::default(),
+        group: None,
     };
     Arc::new(Disk::open(&config).unwrap())
 }

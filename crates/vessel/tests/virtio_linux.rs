@@ -255,3 +255,77 @@ fn the_guest_pings_the_host_and_sends_16_mib_over_tcp() {
         r.dump()
     );
 }
+
+/// Seconds from the first busybox `time` line ("real 0m 4.12s") after `after`.
+fn seconds_after(out: &str, after: &str) -> f64 {
+    let t = out
+        .split(after)
+        .nth(1)
+        .and_then(|rest| rest.lines().find_map(|l| l.trim().strip_prefix("real")))
+        .unwrap_or_else(|| panic!("no timing after {after:?} in:\n{out}"))
+        .trim()
+        .to_string();
+    let (m, s) = t.split_once('m').unwrap();
+    m.trim().parse::<f64>().unwrap() * 60.0 + s.trim().trim_end_matches('s').parse::<f64>().unwrap()
+}
+
+/// Rate limits on disks as the guest sees them: `dd` with O_DIRECT reads a disk limited
+/// to 10 MiB/s at 10 ± 1 MiB/s, and 4 KiB reads from one limited to 50 operations a
+/// second at 50 ± 5 per second; two disks sharing one 10 MiB/s group read at 10 MiB/s
+/// together; an unlimited disk beside them is not held back.
+#[test]
+fn a_guest_reads_rate_limited_disks_at_the_rates_set() {
+    let Some(kit) = kit() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, vec![0x5au8; 48 << 20]).unwrap();
+        p
+    };
+    let (bw, ops, free) = (image("bw.img"), image("ops.img"), image("free.img"));
+    let (pair_a, pair_b) = (image("a.img"), image("b.img"));
+    let script = [
+        "echo bw-start; time dd if=/dev/vda of=/dev/null bs=1M count=40 iflag=direct 2>&1",
+        "echo ops-start; time dd if=/dev/vdb of=/dev/null bs=4k count=150 iflag=direct 2>&1",
+        "echo free-start; time dd if=/dev/vdc of=/dev/null bs=1M count=40 iflag=direct 2>&1",
+        "echo pair-start; time sh -c 'dd if=/dev/vdd of=/dev/null bs=1M count=20 iflag=direct & \
+         dd if=/dev/vde of=/dev/null bs=1M count=20 iflag=direct; wait' 2>&1",
+    ]
+    .join("; ");
+    let extra: Vec<String> = [
+        format!("path={},bw=10M", bw.display()),
+        format!("path={},iops=50", ops.display()),
+        format!("path={}", free.display()),
+        format!("path={},bw=10M,group=pair", pair_a.display()),
+        format!("path={},group=pair", pair_b.display()),
+    ]
+    .iter()
+    .flat_map(|d| ["--disk".to_string(), d.clone()])
+    .collect();
+    let cmd = vessel_emu(&kit, &extra, &kit::cmdline("", Some(&script)));
+    let r = common::run_with_deadline(cmd, DEADLINE);
+    assert!(
+        r.stdout.contains("VESSEL-KIT: exit status 0"),
+        "{}",
+        r.dump()
+    );
+    let mib_per_s = 40.0 / seconds_after(&r.stdout, "bw-start");
+    let ops_per_s = 150.0 / seconds_after(&r.stdout, "ops-start");
+    let free_mib_per_s = 40.0 / seconds_after(&r.stdout, "free-start");
+    let pair_mib_per_s = 40.0 / seconds_after(&r.stdout, "pair-start");
+    eprintln!(
+        "bw=10M: {mib_per_s:.2} MiB/s; iops=50: {ops_per_s:.1}/s; group: {pair_mib_per_s:.2} MiB/s; unlimited: {free_mib_per_s:.0} MiB/s"
+    );
+    assert!(
+        (mib_per_s - 10.0).abs() <= 1.0,
+        "bw=10M gave {mib_per_s:.2} MiB/s"
+    );
+    assert!(
+        (ops_per_s - 50.0).abs() <= 5.0,
+        "iops=50 gave {ops_per_s:.1}/s"
+    );
+    assert!(
+        free_mib_per_s > 20.0,
+        "the unlimited disk read at {free_mib_per_s:.1} MiB/s"
+    );
+}

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 
 use api::model::NicInfo;
+use devices::virtio::block::Throttling;
 use devices::virtio::net::NetCounters;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -66,6 +67,8 @@ pub struct Metrics {
     nics: Mutex<Vec<(String, Arc<NetCounters>)>>,
     /// Where the host reaches the guest's SSH server.
     ssh: Mutex<Option<std::net::SocketAddr>>,
+    /// Each rate-limited disk's throttling (by disk index).
+    disks: Mutex<Vec<(usize, Arc<Throttling>)>>,
 }
 
 impl Metrics {
@@ -80,6 +83,7 @@ impl Metrics {
             software_cpu: Mutex::default(),
             nics: Mutex::default(),
             ssh: Mutex::default(),
+            disks: Mutex::default(),
         }
     }
 
@@ -89,6 +93,10 @@ impl Metrics {
 
     pub fn ssh(&self) -> Option<std::net::SocketAddr> {
         *lock(&self.ssh)
+    }
+
+    pub fn add_throttled_disk(&self, index: usize, t: Arc<Throttling>) {
+        lock(&self.disks).push((index, t));
     }
 
     pub fn add_nic(&self, label: String, counters: Arc<NetCounters>) {
@@ -312,6 +320,33 @@ impl Metrics {
                     s,
                     "vessel_nic_{name}_total{{vm=\"{vm}\",nic=\"net{i}\"}} {}",
                     get(n)
+                );
+            }
+        }
+        let disks = lock(&self.disks);
+        if !disks.is_empty() {
+            let _ = writeln!(
+                s,
+                "# HELP vessel_disk_throttled_requests_total Requests a rate limit made wait.\n\
+                 # TYPE vessel_disk_throttled_requests_total counter"
+            );
+            for (i, t) in disks.iter() {
+                let n = t.requests.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    s,
+                    "vessel_disk_throttled_requests_total{{vm=\"{vm}\",disk=\"disk{i}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "# HELP vessel_disk_throttled_seconds_total Time a rate limit held the disk's queue.\n\
+                 # TYPE vessel_disk_throttled_seconds_total counter"
+            );
+            for (i, t) in disks.iter() {
+                let secs = t.nanos.load(Ordering::Relaxed) as f64 / 1e9;
+                let _ = writeln!(
+                    s,
+                    "vessel_disk_throttled_seconds_total{{vm=\"{vm}\",disk=\"disk{i}\"}} {secs:.6}"
                 );
             }
         }

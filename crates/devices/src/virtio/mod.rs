@@ -30,6 +30,7 @@ mod interrupt;
 pub mod net;
 pub mod options;
 mod pci;
+pub mod rate_limit;
 pub mod rng;
 mod worker;
 

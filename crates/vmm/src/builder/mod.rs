@@ -144,6 +144,9 @@ pub fn build_from(
     for (label, counters) in virtio.nic_counters {
         metrics.add_nic(label, counters);
     }
+    for (index, t) in virtio.disk_throttling {
+        metrics.add_throttled_disk(index, t);
+    }
     metrics.set_ssh(virtio.ssh);
     let (mut platform, interrupts) = Platform::new(
         events_tx.clone(),

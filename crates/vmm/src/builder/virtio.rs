@@ -6,12 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
-use devices::virtio::block::VirtioBlock;
+use devices::virtio::block::{Throttling, VirtioBlock};
 use devices::virtio::console::{ConsoleInput, VirtioConsole};
 use devices::virtio::net::NetCounters;
+use devices::virtio::rate_limit::RateLimiter;
 use devices::virtio::rng::VirtioRng;
 use devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioPciDevice};
 use devices::{Bus, BusDevice};
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -30,6 +32,8 @@ pub(super) struct Opened {
     pub link_interrupts: Vec<(usize, Arc<std::sync::OnceLock<Arc<VirtioInterrupt>>>)>,
     /// Each NIC's label and counters.
     pub nic_counters: Vec<(String, Arc<NetCounters>)>,
+    /// Each rate-limited disk's index and throttling counters.
+    pub disk_throttling: Vec<(usize, Arc<Throttling>)>,
     /// Helper processes and threads kept as long as the VM.
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
     /// Where the host reaches the guest's SSH server, when a NIC forwards it.
@@ -40,8 +44,31 @@ pub(super) struct Opened {
 /// console.
 pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
-    for disk in &config.disks {
-        let dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(format!("disk {e}")))?;
+    let mut groups: HashMap<&str, (usize, RateLimiter)> = HashMap::new();
+    let mut disk_throttling = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let mut dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(format!("disk {e}")))?;
+        let limiter = match &disk.group {
+            Some(g) => {
+                let (first, limiter) = groups
+                    .entry(g)
+                    .or_insert_with(|| (i, RateLimiter::new(&disk.limits)));
+                let theirs = &config.disks[*first].limits;
+                if !disk.limits.is_none() && disk.limits != *theirs {
+                    return Err(VmError::Device(format!(
+                        "disk {}: group {g} has the limits of its first disk ({}); give the others none or the same",
+                        disk.path.display(),
+                        config.disks[*first].path.display()
+                    )));
+                }
+                (!theirs.is_none()).then(|| limiter.clone())
+            }
+            None => (!disk.limits.is_none()).then(|| RateLimiter::new(&disk.limits)),
+        };
+        if let Some(l) = limiter {
+            dev.set_rate_limiter(l);
+            disk_throttling.push((i, dev.throttling()));
+        }
         out.push(Box::new(dev));
     }
     let mut link_interrupts = Vec::new();
@@ -83,6 +110,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         stdio_hvc,
         link_interrupts,
         nic_counters,
+        disk_throttling,
         helpers,
         ssh,
     })

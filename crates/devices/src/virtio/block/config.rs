@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use disk::Format;
 
 use crate::virtio::options::{on_off, pairs};
+use crate::virtio::rate_limit::Limits;
 
 /// The most bytes of a disk ID (the serial the guest reads with GET_ID).
 pub const ID_BYTES: usize = 20;
@@ -22,18 +23,32 @@ pub struct BlockConfig {
     /// The serial the guest sees (`/sys/block/vda/serial`); at most 20 bytes. Default:
     /// the image's file name, cut to 20 bytes.
     pub id: Option<String>,
+    /// Rate limits (bytes and operations per second).
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
+    /// Disks naming one group share one set of buckets (its first disk's limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl BlockConfig {
-    /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,id=NAME]` (a bare first
-    /// item is the path).
+    /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,id=NAME][,bw=RATE]
+    /// [,bw_burst=SIZE][,iops=N][,iops_burst=N][,group=NAME]` (a bare first item is the
+    /// path; RATE is bytes per second, e.g. 10M).
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut path = None;
         let mut format = None;
         let mut readonly = false;
         let mut id = None;
+        let mut limits = Limits::default();
+        let mut group = None;
         for (k, v) in pairs(s, "path")? {
+            if limits.parse_option(k, v)? {
+                continue;
+            }
             match k {
+                "group" if v.is_empty() => return Err("group is empty".into()),
+                "group" => group = Some(v.to_string()),
                 "path" if v.is_empty() => return Err("path is empty".into()),
                 "path" => path = Some(PathBuf::from(v)),
                 "format" => {
@@ -50,17 +65,20 @@ impl BlockConfig {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown option '{k}' (expected path, format, readonly, id)"
+                        "unknown option '{k}' (expected path, format, readonly, id, bw, bw_burst, iops, iops_burst, group)"
                     ));
                 }
             }
         }
         let path = path.ok_or("path=FILE is missing")?;
+        limits.validate()?;
         Ok(BlockConfig {
             path,
             format,
             readonly,
             id,
+            limits,
+            group,
         })
     }
 
@@ -75,6 +93,10 @@ impl BlockConfig {
         }
         if let Some(id) = &self.id {
             s += &format!(",id={id}");
+        }
+        s += &self.limits.to_spec();
+        if let Some(g) = &self.group {
+            s += &format!(",group={g}");
         }
         s
     }
@@ -113,7 +135,9 @@ mod tests {
         let c = BlockConfig::parse("path=/img/a.raw,readonly=on,id=root").unwrap();
         assert_eq!(c.path, PathBuf::from("/img/a.raw"));
         assert_eq!(c.format, None);
-        let q = BlockConfig::parse("path=a.qcow2,format=qcow2").unwrap();
+        let q = BlockConfig::parse("path=a.qcow2,format=qcow2,bw=10M,iops=50,group=g").unwrap();
+        assert_eq!(q.limits.bytes.unwrap().per_second, 10 << 20);
+        assert_eq!(q.group.as_deref(), Some("g"));
         assert_eq!(q.format, Some(Format::Qcow2));
         assert_eq!(BlockConfig::parse(&q.to_spec()).unwrap(), q);
         assert!(c.readonly);
@@ -129,6 +153,8 @@ mod tests {
             "path=a,colour=red",
             "path=a,format=vmdk",
             "path=a,id=123456789012345678901",
+            "path=a,bw=lots",
+            "path=a,iops_burst=3",
             "path=",
             "a,b",
         ] {

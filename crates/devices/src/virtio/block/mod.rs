@@ -5,10 +5,15 @@ mod config;
 mod disk;
 pub mod request;
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 pub use config::{BlockConfig, ID_BYTES};
 pub use disk::{Disk, DiskError};
@@ -22,6 +27,7 @@ use super::{
     VirtioInterrupt, features, read_config_bytes,
 };
 use crate::virtio::publish_and_rearm;
+use crate::virtio::rate_limit::RateLimiter;
 use request::{SECTOR_SIZE, byte_range, parse_ranges, status};
 
 /// Feature bits (virtio 1.x, 5.2.3).
@@ -47,6 +53,17 @@ pub struct VirtioBlock {
     features: u64,
     config: Vec<u8>,
     worker: Option<Worker>,
+    limiter: Option<RateLimiter>,
+    throttling: Arc<Throttling>,
+}
+
+/// How much a rate limit has held the device back.
+#[derive(Debug, Default)]
+pub struct Throttling {
+    /// Requests that had to wait for the bucket.
+    pub requests: AtomicU64,
+    /// Time the queue stood still, in nanoseconds.
+    pub nanos: AtomicU64,
 }
 
 impl VirtioBlock {
@@ -79,7 +96,18 @@ impl VirtioBlock {
             features,
             config: c,
             worker: None,
+            limiter: None,
+            throttling: Arc::default(),
         }
+    }
+
+    /// Limits the device's requests (a limiter shared with other disks of a group).
+    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = Some(limiter);
+    }
+
+    pub fn throttling(&self) -> Arc<Throttling> {
+        self.throttling.clone()
     }
 
     pub fn disk(&self) -> &Arc<Disk> {
@@ -115,7 +143,13 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioBlock {
         let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
             return Err(ActivateError::Queues(queue_events.len()));
         };
-        let handler = BlockQueue::new(mem, queue, self.disk.clone(), interrupt.clone(), features);
+        let mut handler =
+            BlockQueue::new(mem, queue, self.disk.clone(), interrupt.clone(), features);
+        if let Some(l) = &self.limiter {
+            handler
+                .limit(l.clone(), self.throttling.clone())
+                .map_err(ActivateError::Worker)?;
+        }
         let worker = Worker::spawn("virtio-blk", handler, queue_events, interrupt)
             .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
@@ -135,8 +169,18 @@ pub struct BlockQueue<M> {
     requests: Requests,
 }
 
+/// A rate limit in force on the queue: while a request waits for its tokens, the queue
+/// stands still and `timer` is set for when they will be there.
+struct Throttle {
+    limiter: RateLimiter,
+    timer: TimerFd,
+    since: Option<Instant>,
+    stats: Arc<Throttling>,
+}
+
 /// Everything but the memory, so a pass can borrow both.
 struct Requests {
+    throttle: Option<Throttle>,
     queue: Queue,
     disk: Arc<Disk>,
     interrupt: Arc<VirtioInterrupt>,
@@ -160,6 +204,7 @@ impl<M: GuestMemory> BlockQueue<M> {
         BlockQueue {
             mem,
             requests: Requests {
+                throttle: None,
                 used: UsedRing::new(&queue),
                 heads: Vec::new(),
                 queue,
@@ -172,6 +217,17 @@ impl<M: GuestMemory> BlockQueue<M> {
                 ranges: Vec::new(),
             },
         }
+    }
+
+    /// Puts the queue under `limiter`.
+    pub fn limit(&mut self, limiter: RateLimiter, stats: Arc<Throttling>) -> std::io::Result<()> {
+        self.requests.throttle = Some(Throttle {
+            limiter,
+            timer: TimerFd::new()?,
+            since: None,
+            stats,
+        });
+        Ok(())
     }
 
     pub fn queue(&self) -> &Queue {
@@ -217,6 +273,15 @@ impl Requests {
                         queue: 0,
                         reason: e.to_string(),
                     })?;
+                if !self.admitted() {
+                    // This head and the ones after it go back to the driver's side of
+                    // the ring, taken again when the timer fires (and by a snapshot,
+                    // which reads the used index, as never taken).
+                    let back = (self.heads.len() - i) as u16;
+                    self.queue
+                        .set_next_avail(self.queue.next_avail().wrapping_sub(back));
+                    return Ok(());
+                }
                 let (status, used) = self.execute(ram);
                 if !ram.write_from(self.request.status, &[status]) {
                     return Err(DeviceError::Request {
@@ -228,6 +293,39 @@ impl Requests {
             }
             if !publish_and_rearm(&mut self.used, &mut self.queue, ram, mem, 0)? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Whether the rate limit lets the parsed request through now; if not, the timer
+    /// is set for when it will.
+    fn admitted(&mut self) -> bool {
+        let Some(t) = &mut self.throttle else {
+            return true;
+        };
+        let bytes = match self.request.kind {
+            RequestKind::Read | RequestKind::Write => self.request.data_len,
+            _ => 0,
+        };
+        match t.limiter.admit(bytes) {
+            Ok(()) => {
+                if let Some(since) = t.since.take() {
+                    let waited = since.elapsed().as_nanos() as u64;
+                    t.stats.nanos.fetch_add(waited, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(wait) => {
+                if t.since.is_none() {
+                    t.since = Some(Instant::now());
+                    t.stats.requests.fetch_add(1, Ordering::Relaxed);
+                }
+                // A zero time would disarm the timer.
+                let wait = wait.max(std::time::Duration::from_micros(1));
+                if let Err(e) = t.timer.reset(wait, None) {
+                    tracing::error!("virtio-blk: rate limit timer: {e}");
+                }
+                false
             }
         }
     }
@@ -357,6 +455,29 @@ impl Requests {
 
 impl<M: GuestMemoryShared> QueueHandler for BlockQueue<M> {
     fn queue_notified(&mut self, _index: usize) -> Result<(), DeviceError> {
+        // While throttled, the timer (not the driver's kick) says when to go on.
+        if self
+            .requests
+            .throttle
+            .as_ref()
+            .is_some_and(|t| t.since.is_some())
+        {
+            return Ok(());
+        }
+        self.process()
+    }
+
+    fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
+        match &self.requests.throttle {
+            Some(t) => vec![(t.timer.as_raw_fd(), EventSet::IN)],
+            None => Vec::new(),
+        }
+    }
+
+    fn fd_ready(&mut self, _which: usize, _events: EventSet) -> Result<(), DeviceError> {
+        if let Some(t) = &mut self.requests.throttle {
+            let _ = t.timer.wait();
+        }
         self.process()
     }
 }

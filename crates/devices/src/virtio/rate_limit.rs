@@ -1,0 +1,271 @@
+//! I/O rate limits: token buckets for bytes and for operations, as Firecracker's rate
+//! limiter and QEMU's throttling have them. A bucket holds a tenth of a second of its
+//! rate (QEMU's default burst) and starts full; a one-time burst is spent first. A
+//! request larger than the bucket goes through when the bucket is full and leaves it
+//! in debt, so any size passes and the long-run rate is exact. A device whose request
+//! does not fit arms a timer for the moment it will, and takes nothing until then.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::options::parse_size;
+
+/// How much of its rate a bucket holds.
+const BUCKET_WINDOW: Duration = Duration::from_millis(100);
+
+/// One limit: tokens per second, and tokens to spend once before it applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rate {
+    pub per_second: u64,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+/// A device's limits (`bw=`, `iops=` and their bursts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Rate>,
+}
+
+impl Limits {
+    pub fn is_none(&self) -> bool {
+        self.bytes.is_none() && self.ops.is_none()
+    }
+
+    /// Takes `key=value` if it is a limit's (`bw`, `bw_burst`, `iops`, `iops_burst`);
+    /// Ok(false) for other keys.
+    pub fn parse_option(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        let bad = |what: &str| format!("{key}={value}: {what}");
+        let size = || parse_size(value, 0).ok_or_else(|| bad("not a size (e.g. 10M)"));
+        let count = || {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| bad("not a positive whole number"))
+        };
+        match key {
+            "bw" => self.bytes.get_or_insert_default().per_second = size()?,
+            "bw_burst" => self.bytes.get_or_insert_default().burst = size()?,
+            "iops" => self.ops.get_or_insert_default().per_second = count()?,
+            "iops_burst" => self.ops.get_or_insert_default().burst = count()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// A burst needs a rate.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, r) in [("bw", self.bytes), ("iops", self.ops)] {
+            if r.is_some_and(|r| r.per_second == 0) {
+                return Err(format!("{name}_burst needs {name}= (a rate) too"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The options `parse_option` reads back.
+    pub fn to_spec(&self) -> String {
+        let mut s = String::new();
+        for (name, r) in [("bw", self.bytes), ("iops", self.ops)] {
+            if let Some(r) = r {
+                s += &format!(",{name}={}", r.per_second);
+                if r.burst > 0 {
+                    s += &format!(",{name}_burst={}", r.burst);
+                }
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    size: f64,
+    /// Negative after a request larger than the bucket.
+    budget: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(r: Rate, now: Instant) -> Self {
+        let per_second = r.per_second as f64;
+        let size = (per_second * BUCKET_WINDOW.as_secs_f64()).max(1.0);
+        TokenBucket {
+            per_second,
+            size,
+            budget: size,
+            burst: r.burst as f64,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.budget = (self.budget + dt * self.per_second).min(self.size);
+        self.last = now;
+    }
+
+    /// How long until `n` tokens may be taken (zero: now).
+    fn wait(&self, n: f64) -> Duration {
+        if n <= self.burst {
+            return Duration::ZERO;
+        }
+        let need = (n - self.burst).min(self.size);
+        if self.budget >= need {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((need - self.budget) / self.per_second)
+        }
+    }
+
+    fn take(&mut self, n: f64) {
+        let from_burst = n.min(self.burst);
+        self.burst -= from_burst;
+        self.budget -= n - from_burst;
+    }
+}
+
+#[derive(Debug)]
+struct Buckets {
+    bytes: Option<TokenBucket>,
+    ops: Option<TokenBucket>,
+}
+
+/// Limits in force, shared by the devices of one group; [`RateLimiter::admit`] is the
+/// one call a device makes per request.
+#[derive(Clone, Debug)]
+pub struct RateLimiter {
+    buckets: Arc<Mutex<Buckets>>,
+}
+
+impl RateLimiter {
+    pub fn new(limits: &Limits) -> Self {
+        let now = Instant::now();
+        RateLimiter {
+            buckets: Arc::new(Mutex::new(Buckets {
+                bytes: limits.bytes.map(|r| TokenBucket::new(r, now)),
+                ops: limits.ops.map(|r| TokenBucket::new(r, now)),
+            })),
+        }
+    }
+
+    /// Takes the tokens for one request of `bytes` (and one operation) if both buckets
+    /// have them; else takes nothing and says how long to wait.
+    pub fn admit(&self, bytes: u64) -> Result<(), Duration> {
+        let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let Buckets { bytes: b, ops } = &mut *guard;
+        let now = Instant::now();
+        let mut wait = Duration::ZERO;
+        for (bucket, n) in [(&mut *b, bytes as f64), (&mut *ops, 1.0)] {
+            if let Some(bucket) = bucket {
+                bucket.refill(now);
+                wait = wait.max(bucket.wait(n));
+            }
+        }
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        for (bucket, n) in [(b, bytes as f64), (ops, 1.0)] {
+            if let Some(bucket) = bucket {
+                bucket.take(n);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(spec: &str) -> Limits {
+        let mut l = Limits::default();
+        for kv in spec.split(',') {
+            let (k, v) = kv.split_once('=').unwrap();
+            assert!(l.parse_option(k, v).unwrap(), "{kv}");
+        }
+        l.validate().unwrap();
+        l
+    }
+
+    #[test]
+    fn options_parse_and_read_back() {
+        let l = limits("bw=10M,bw_burst=1M,iops=200");
+        assert_eq!(
+            l.bytes,
+            Some(Rate {
+                per_second: 10 << 20,
+                burst: 1 << 20
+            })
+        );
+        assert_eq!(
+            l.ops,
+            Some(Rate {
+                per_second: 200,
+                burst: 0
+            })
+        );
+        assert_eq!(l.to_spec(), ",bw=10485760,bw_burst=1048576,iops=200");
+        let mut bad = Limits::default();
+        assert!(bad.parse_option("bw", "fast").is_err());
+        assert!(bad.parse_option("iops", "0").is_err());
+        assert!(!bad.parse_option("path", "x").unwrap());
+        bad.parse_option("iops_burst", "5").unwrap();
+        assert!(bad.validate().unwrap_err().contains("needs iops="));
+    }
+
+    /// Driven with a clock of its own: the rate a greedy client gets is the rate set,
+    /// requests larger than the bucket included.
+    #[test]
+    fn a_greedy_client_gets_the_rate() {
+        for (spec, size, want) in [
+            ("bw=1M", 4096u64, (1u64 << 20) as f64),
+            ("bw=1M", 4 << 20, (1u64 << 20) as f64),
+            ("iops=100", 512, 100.0),
+        ] {
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(limits(spec).bytes.or(limits(spec).ops).unwrap(), t0);
+            let per_request = if spec.starts_with("bw") {
+                size as f64
+            } else {
+                1.0
+            };
+            let mut now = t0;
+            let mut done = 0.0;
+            while now < t0 + Duration::from_secs(20) {
+                b.refill(now);
+                match b.wait(per_request) {
+                    w if w.is_zero() => {
+                        b.take(per_request);
+                        done += per_request;
+                    }
+                    w => now += w,
+                }
+            }
+            let rate = done / 20.0;
+            assert!(
+                (rate / want - 1.0).abs() < 0.03,
+                "{spec} x{size}: {rate} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_burst_is_spent_once() {
+        let l = limits("iops=10,iops_burst=50");
+        let r = RateLimiter::new(&l);
+        // 50 from the burst, then the bucket's one (a tenth of a second of 10/s).
+        let n = (0..100).take_while(|_| r.admit(0).is_ok()).count();
+        assert_eq!(n, 51);
+        let wait = r.admit(0).unwrap_err();
+        assert!(wait > Duration::from_millis(50) && wait <= Duration::from_millis(100));
+    }
+}

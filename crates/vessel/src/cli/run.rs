@@ -104,8 +104,13 @@ fn run_vm(
             .map_err(|e| Failure::usage(format!("--cpu-affinity {set}: {e}")))?;
     }
     let home = manager::Home::from_env()?;
-    let parent = manager::host::Host::load(&home)?.cgroup_parent;
-    let _cgroup = manager::resources::OwnCgroup::join(&parent, &policy).map_err(Failure::usage)?;
+    // host.toml is read only when there is a cgroup to place (it names the parent).
+    let _cgroup = if policy.needs_cgroup() {
+        let parent = manager::host::Host::load(&home)?.cgroup_parent;
+        manager::resources::OwnCgroup::join(&parent, &policy).map_err(Failure::usage)?
+    } else {
+        None
+    };
     let config = VmConfig {
         kernel,
         initrd,

@@ -95,6 +95,11 @@ impl VmCgroup {
         g.cpu.is_dir().then_some(g)
     }
 
+    /// The hierarchy's root cgroup (where a process goes to leave its own).
+    pub fn root(h: &Hierarchy) -> VmCgroup {
+        VmCgroup::at(h, Path::new(""))
+    }
+
     /// The cgroup process `pid` is in now (from /proc/PID/cgroup).
     pub fn of_process(h: &Hierarchy, pid: u32) -> Option<VmCgroup> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

@@ -86,7 +86,7 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
             name: name.into(),
             missing,
         })?;
-    let placement = resources::prepare(&host, name, &spec.cpu)?;
+    let placement = resources::prepare(home, &host, name, &spec.cpu)?;
 
     let log_path = bundle.monitor_log();
     let log = OpenOptions::new()
@@ -594,6 +594,8 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let _ = std::fs::remove_file(bundle.console_socket());
     // Answer the request that ended the VM (a kill) before going away.
     in_flight.drain(Duration::from_secs(2));
+    // Before the status says stopped: a start that follows makes the cgroup anew.
+    resources::leave(home, name);
     if monitor.suspended.load(Ordering::SeqCst) {
         monitor.write_status(VmState::Suspended, Some("suspended".into()));
     } else {

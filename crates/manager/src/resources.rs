@@ -1,7 +1,9 @@
 //! Performance isolation, the host layer's part: each managed VM's monitor goes into a
-//! cgroup of its own (`<cgroup_parent>/<name>`, default `vessel/NAME`) where the VM's
+//! cgroup of its own (`<cgroup_parent>/<name>.<home>`, default `vessel/NAME.1a2b3c4d`:
+//! the suffix tells apart VMs of one name in different vessel homes) where the VM's
 //! CPU policy is written, at start and live; its threads are pinned to the host CPUs
-//! asked for. A monitor never writes its own limits.
+//! asked for. A monitor never writes its own limits; when it ends, it leaves its cgroup
+//! and removes it.
 
 use std::path::Path;
 
@@ -25,12 +27,31 @@ fn group_error(name: &str, e: impl std::fmt::Display) -> ManagerError {
     }
 }
 
+/// The VM's cgroup's name under the parent.
+fn leaf(home: &Home, name: &str) -> String {
+    // FNV-1a of the home's path: stable, short, and the same from every process.
+    let root = std::path::absolute(home.root()).unwrap_or_else(|_| home.root().to_path_buf());
+    let hash = root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+        });
+    format!("{name}.{hash:08x}")
+}
+
 /// Makes the VM's cgroup and writes its policy, before the monitor starts. Without
 /// cgroups (no controller, no rights) a VM that asked for shares or a cap is refused;
 /// one that did not starts without, and [`Placement::Without`] says why.
-pub fn prepare(host: &Host, name: &str, policy: &CpuPolicy) -> Result<Placement, ManagerError> {
+pub fn prepare(
+    home: &Home,
+    host: &Host,
+    name: &str,
+    policy: &CpuPolicy,
+) -> Result<Placement, ManagerError> {
     let made = Hierarchy::detect().and_then(|h| {
-        let g = VmCgroup::create(&h, &host.cgroup_parent, name)?;
+        let g = VmCgroup::create(&h, &host.cgroup_parent, &leaf(home, name))?;
         g.apply(policy)?;
         Ok(g)
     });
@@ -73,18 +94,24 @@ pub fn set_live(home: &Home, name: &str, pid: u32, policy: &CpuPolicy) -> Result
             name: name.into(),
             missing,
         })?;
-    apply_live(&host, name, pid, policy)
+    apply_live(home, &host, name, pid, policy)
 }
 
 /// The running VM's cgroup, if it has one.
-pub fn cgroup_of(host: &Host, name: &str) -> Option<VmCgroup> {
+pub fn cgroup_of(home: &Home, host: &Host, name: &str) -> Option<VmCgroup> {
     let h = Hierarchy::detect().ok()?;
-    VmCgroup::open(&h, &host.cgroup_parent, name)
+    VmCgroup::open(&h, &host.cgroup_parent, &leaf(home, name))
 }
 
 /// A running VM's new policy: written to its cgroup, its threads re-pinned.
-fn apply_live(host: &Host, name: &str, pid: u32, policy: &CpuPolicy) -> Result<(), ManagerError> {
-    match cgroup_of(host, name) {
+fn apply_live(
+    home: &Home,
+    host: &Host,
+    name: &str,
+    pid: u32,
+    policy: &CpuPolicy,
+) -> Result<(), ManagerError> {
+    match cgroup_of(home, host, name) {
         Some(g) => g.apply(policy).map_err(|e| group_error(name, e))?,
         None if policy.needs_cgroup() => {
             return Err(group_error(
@@ -100,18 +127,33 @@ fn apply_live(host: &Host, name: &str, pid: u32, policy: &CpuPolicy) -> Result<(
     Ok(())
 }
 
-pub fn usage(host: &Host, name: &str) -> Option<(VmCgroup, CpuUsage)> {
-    let g = cgroup_of(host, name)?;
+pub fn usage(home: &Home, host: &Host, name: &str) -> Option<(VmCgroup, CpuUsage)> {
+    let g = cgroup_of(home, host, name)?;
     let u = g.usage().ok()?;
     Some((g, u))
 }
 
 /// Removes a stopped VM's cgroup (`vessel rm`); best effort.
-pub fn remove(host: &Host, name: &str) {
-    if let Some(g) = cgroup_of(host, name)
+pub fn remove(home: &Home, host: &Host, name: &str) {
+    if let Some(g) = cgroup_of(home, host, name)
         && let Err(e) = g.remove()
     {
         tracing::warn!("{name}: {e}");
+    }
+}
+
+/// The monitor of `name`, ending: leaves its cgroup for the hierarchy's root and
+/// removes it, so nothing is left behind (a monitor killed outright leaves an empty
+/// cgroup, reused at the next start and removed by `vessel rm`).
+pub fn leave(home: &Home, name: &str) {
+    let Ok(host) = Host::load(home) else { return };
+    let (Ok(h), Some(g)) = (Hierarchy::detect(), cgroup_of(home, &host, name)) else {
+        return;
+    };
+    let pid = std::process::id();
+    let mine = VmCgroup::of_process(&h, pid).is_some_and(|m| m.path() == g.path());
+    if mine && VmCgroup::root(&h).add_process(pid).is_ok() {
+        let _ = g.remove();
     }
 }
 

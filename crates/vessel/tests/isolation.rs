@@ -33,11 +33,29 @@ impl std::ops::Deref for CgroupHome {
     }
 }
 
+impl CgroupHome {
+    /// The VMs' cgroups under the home's parent (v1's `cpu` hierarchy, or v2's).
+    fn cgroups(&self) -> Vec<String> {
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu").join(&self.parent);
+        let v2 = std::path::Path::new("/sys/fs/cgroup").join(&self.parent);
+        let dir = if v1.is_dir() { v1 } else { v2 };
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
 impl Drop for CgroupHome {
     fn drop(&mut self) {
         // The home kills its monitors; then their cgroups can go.
         drop(self.home.take());
-        for controller in ["cpu", "cpuacct"] {
+        for controller in ["cpu", "cpuacct", ""] {
             let dir = std::path::Path::new("/sys/fs/cgroup")
                 .join(controller)
                 .join(&self.parent);
@@ -156,6 +174,11 @@ fn shares_split_one_cpu_70_30_a_cap_holds_and_shares_change_live() {
     let web = split(&home, "web", "backup");
     assert!((web - 0.50).abs() <= 0.05, "700:700 gave web {web:.3}");
     home.ok(&["kill", "backup"]);
+    let left = home.cgroups();
+    assert!(
+        left.len() == 1 && left[0].starts_with("web."),
+        "the VMs' cgroups: {left:?}"
+    );
 
     // A cap of half a CPU, alone on its CPU.
     home.ok(&["set", "web", "cpu_limit=0.5"]);
@@ -175,11 +198,11 @@ fn shares_split_one_cpu_70_30_a_cap_holds_and_shares_change_live() {
         .and_then(|v| v.parse::<f64>().ok());
     assert!(throttled.is_some_and(|t| t > 0.5), "{metrics}");
     home.ok(&["kill", "web"]);
-    home.ok(&["rm", "web"]);
-    let cgroup = std::path::Path::new("/sys/fs/cgroup/cpu")
-        .join(&home.parent)
-        .join("web");
-    assert!(!cgroup.exists(), "rm leaves no cgroup behind");
+    assert_eq!(
+        home.cgroups(),
+        Vec::<String>::new(),
+        "a stopped VM leaves no cgroup"
+    );
 }
 
 #[test]

@@ -400,7 +400,7 @@ pub fn info(args: InfoArgs) -> CliResult {
         _ => None,
     };
     let cgroup = match live {
-        Some(_) => manager::resources::usage(&Host::load(&home)?, &bundle.name),
+        Some(_) => manager::resources::usage(&home, &Host::load(&home)?, &bundle.name),
         None => None,
     };
     if args.json {
@@ -603,7 +603,7 @@ pub fn remove(args: NameArg) -> CliResult {
     let name = bundle.name.clone();
     bundle.remove()?;
     if let Ok(h) = Host::load(&home) {
-        manager::resources::remove(&h, &name);
+        manager::resources::remove(&home, &h, &name);
     }
     println!("removed {name}");
     Ok(ExitCode::SUCCESS)

@@ -147,12 +147,43 @@ fn write_frames(
             batch.push_back(more);
         }
         let buf: Vec<u8> = batch.drain(..).flatten().collect();
-        if let Err(e) = stream.write_all(&buf) {
+        if let Err(e) = write_waiting(&mut stream, &buf) {
             tracing::warn!("virtio-net: the network peer stopped taking frames: {e}");
             set_link(link, notify, false);
             return;
         }
     }
+}
+
+/// Writes all of `buf`, waiting while the peer's socket is full. The socket is
+/// non-blocking (the flag belongs to the connection, which the reader shares), so a
+/// full socket says WouldBlock: that is the peer being slower than the guest, not the
+/// peer going away.
+fn write_waiting(stream: &mut UnixStream, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.write(&buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for a socket this thread holds open.
+                if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl NetBackend for StreamBackend {
@@ -241,5 +272,34 @@ impl NetBackend for StreamBackend {
 
     fn link_up(&self) -> bool {
         self.link.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer slower than the guest: more frames than its socket holds wait for it
+    /// (the link stays up), and all of them arrive, in order, once it reads.
+    #[test]
+    fn a_full_peer_socket_is_waited_for_not_taken_for_a_dead_peer() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let backend = StreamBackend::new().unwrap();
+        backend.connect(ours).unwrap();
+        const FRAMES: usize = 400;
+        let mut frame = vec![0u8; HEADER_LEN + 1500];
+        for i in 0..FRAMES {
+            frame[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(i as u32).to_be_bytes());
+            backend.send(&frame).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(backend.link_up(), "a full socket took the link down");
+        let mut got = vec![0u8; FRAMES * (4 + 1500)];
+        theirs.read_exact(&mut got).unwrap();
+        for (i, f) in got.chunks(4 + 1500).enumerate() {
+            assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()), 1500);
+            assert_eq!(u32::from_be_bytes(f[4..8].try_into().unwrap()), i as u32);
+        }
+        assert!(backend.link_up());
     }
 }

@@ -508,3 +508,74 @@ fn killing_passt_takes_the_link_down_and_back_and_the_vm_runs_on() {
         "no lease after the restart:\n{out}"
     );
 }
+
+/// Rate limits per direction on a NAT NIC hold for a TCP stream: the guest's `wget` of
+/// 6 MiB from the host under rx_bw=1M (the software CPU receives at about 4 MiB/s
+/// unlimited), and the host fetching 6 MiB from the guest's httpd under tx_bw=3M, each
+/// within 10% of the limit (which counts whole frames, so
+/// the payload rate sits a few percent under it).
+#[test]
+fn a_nics_rate_limits_hold_for_tcp_streams_each_way() {
+    let Some(r) = Rootless::new() else { return };
+    const MIB: usize = 6;
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let body = vec![0x42u8; MIB << 20];
+        for mut c in listener.incoming().flatten() {
+            let mut req = [0u8; 256];
+            let _ = c.read(&mut req);
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = c.write_all(&body);
+        }
+    });
+    let fwd_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let net = format!("user,hostfwd=tcp:127.0.0.1:{fwd_port}-:80,rx_bw=1M,tx_bw=3M");
+    let script = format!(
+        "\"until ip route | grep -q default; do sleep 1; done; \
+         gw=$(ip route | grep default | cut -d' ' -f3); mkdir /www; \
+         dd if=/dev/zero of=/www/f bs=1M count={MIB} 2>/dev/null; \
+         time wget -q -O /dev/null http://$gw:{host_port}/f 2>&1; \
+         httpd -p 80 -h /www; echo serving; sleep 1000\""
+    );
+    let vm = Running::spawn(r.command(&[&net], "", &script));
+    let out = vm.wait_for("serving");
+    let real = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("real"))
+        .unwrap_or_else(|| panic!("no timing:\n{out}"))
+        .trim()
+        .to_string();
+    let (m, s) = real.split_once('m').unwrap();
+    let secs = m.trim().parse::<f64>().unwrap() * 60.0
+        + s.trim().trim_end_matches('s').parse::<f64>().unwrap();
+    let rx = MIB as f64 / secs;
+    let mut c = TcpStream::connect(("127.0.0.1", fwd_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(b"GET /f HTTP/1.0\r\n\r\n").unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut n, mut first) = (0, None);
+    while let Ok(k) = c.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        n += k;
+    }
+    let tx = n as f64 / (1 << 20) as f64 / first.unwrap().elapsed().as_secs_f64();
+    eprintln!("rx_bw=1M: {rx:.2} MiB/s; tx_bw=3M: {tx:.2} MiB/s");
+    assert!(n > MIB << 20, "short answer: {n} bytes");
+    assert!((rx - 0.95).abs() <= 0.1, "rx_bw=1M gave {rx:.2} MiB/s");
+    assert!(
+        (tx / 3.0 - 0.95).abs() <= 0.1,
+        "tx_bw=3M gave {tx:.2} MiB/s"
+    );
+}

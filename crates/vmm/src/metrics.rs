@@ -67,8 +67,8 @@ pub struct Metrics {
     nics: Mutex<Vec<(String, Arc<NetCounters>)>>,
     /// Where the host reaches the guest's SSH server.
     ssh: Mutex<Option<std::net::SocketAddr>>,
-    /// Each rate-limited disk's throttling (by disk index).
-    disks: Mutex<Vec<(usize, Arc<Throttling>)>>,
+    /// Each rate-limited queue's throttling: `disk0`, `net0-rx`, `net0-tx`.
+    throttled: Mutex<Vec<(String, Arc<Throttling>)>>,
 }
 
 impl Metrics {
@@ -83,7 +83,7 @@ impl Metrics {
             software_cpu: Mutex::default(),
             nics: Mutex::default(),
             ssh: Mutex::default(),
-            disks: Mutex::default(),
+            throttled: Mutex::default(),
         }
     }
 
@@ -95,8 +95,8 @@ impl Metrics {
         *lock(&self.ssh)
     }
 
-    pub fn add_throttled_disk(&self, index: usize, t: Arc<Throttling>) {
-        lock(&self.disks).push((index, t));
+    pub fn add_throttled(&self, device: String, t: Arc<Throttling>) {
+        lock(&self.throttled).push((device, t));
     }
 
     pub fn add_nic(&self, label: String, counters: Arc<NetCounters>) {
@@ -323,30 +323,30 @@ impl Metrics {
                 );
             }
         }
-        let disks = lock(&self.disks);
-        if !disks.is_empty() {
+        let throttled = lock(&self.throttled);
+        if !throttled.is_empty() {
             let _ = writeln!(
                 s,
-                "# HELP vessel_disk_throttled_requests_total Requests a rate limit made wait.\n\
-                 # TYPE vessel_disk_throttled_requests_total counter"
+                "# HELP vessel_io_throttled_requests_total Requests or frames a rate limit made wait.\n\
+                 # TYPE vessel_io_throttled_requests_total counter"
             );
-            for (i, t) in disks.iter() {
+            for (device, t) in throttled.iter() {
                 let n = t.requests.load(Ordering::Relaxed);
                 let _ = writeln!(
                     s,
-                    "vessel_disk_throttled_requests_total{{vm=\"{vm}\",disk=\"disk{i}\"}} {n}"
+                    "vessel_io_throttled_requests_total{{vm=\"{vm}\",device=\"{device}\"}} {n}"
                 );
             }
             let _ = writeln!(
                 s,
-                "# HELP vessel_disk_throttled_seconds_total Time a rate limit held the disk's queue.\n\
-                 # TYPE vessel_disk_throttled_seconds_total counter"
+                "# HELP vessel_io_throttled_seconds_total Time a rate limit held a queue.\n\
+                 # TYPE vessel_io_throttled_seconds_total counter"
             );
-            for (i, t) in disks.iter() {
+            for (device, t) in throttled.iter() {
                 let secs = t.nanos.load(Ordering::Relaxed) as f64 / 1e9;
                 let _ = writeln!(
                     s,
-                    "vessel_disk_throttled_seconds_total{{vm=\"{vm}\",disk=\"disk{i}\"}} {secs:.6}"
+                    "vessel_io_throttled_seconds_total{{vm=\"{vm}\",device=\"{device}\"}} {secs:.6}"
                 );
             }
         }

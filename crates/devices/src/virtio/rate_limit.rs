@@ -5,10 +5,13 @@
 //! in debt, so any size passes and the long-run rate is exact. A device whose request
 //! does not fit arms a timer for the moment it will, and takes nothing until then.
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::options::parse_size;
 
@@ -59,6 +62,17 @@ impl Limits {
         Ok(true)
     }
 
+    /// Like [`Limits::parse_option`] for keys named `PREFIX` + a limit's key (a NIC's
+    /// `rx_bw`, `tx_iops`...).
+    pub fn parse_prefixed(&mut self, prefix: &str, key: &str, value: &str) -> Result<bool, String> {
+        match key.strip_prefix(prefix) {
+            Some(k) => self
+                .parse_option(k, value)
+                .map_err(|e| format!("{prefix}{e}")),
+            None => Ok(false),
+        }
+    }
+
     /// A burst needs a rate.
     pub fn validate(&self) -> Result<(), String> {
         for (name, r) in [("bw", self.bytes), ("iops", self.ops)] {
@@ -71,12 +85,17 @@ impl Limits {
 
     /// The options `parse_option` reads back.
     pub fn to_spec(&self) -> String {
+        self.to_spec_prefixed("")
+    }
+
+    /// The options `parse_prefixed` reads back.
+    pub fn to_spec_prefixed(&self, prefix: &str) -> String {
         let mut s = String::new();
         for (name, r) in [("bw", self.bytes), ("iops", self.ops)] {
             if let Some(r) = r {
-                s += &format!(",{name}={}", r.per_second);
+                s += &format!(",{prefix}{name}={}", r.per_second);
                 if r.burst > 0 {
-                    s += &format!(",{name}_burst={}", r.burst);
+                    s += &format!(",{prefix}{name}_burst={}", r.burst);
                 }
             }
         }
@@ -179,6 +198,76 @@ impl RateLimiter {
             }
         }
         Ok(())
+    }
+}
+
+/// How much a rate limit has held a queue back.
+#[derive(Debug, Default)]
+pub struct Throttling {
+    /// Requests (or frames) that had to wait for the bucket.
+    pub requests: AtomicU64,
+    /// Time the queue stood still, in nanoseconds.
+    pub nanos: AtomicU64,
+}
+
+/// A rate limit in force on one queue: while a request waits for its tokens, the queue
+/// stands still and the timer is set for when they will be there.
+pub struct QueueThrottle {
+    limiter: RateLimiter,
+    timer: TimerFd,
+    since: Option<Instant>,
+    stats: Arc<Throttling>,
+}
+
+impl QueueThrottle {
+    pub fn new(limiter: RateLimiter, stats: Arc<Throttling>) -> std::io::Result<Self> {
+        Ok(QueueThrottle {
+            limiter,
+            timer: TimerFd::new()?,
+            since: None,
+            stats,
+        })
+    }
+
+    /// Whether the queue is waiting for its timer (a kick from the driver changes
+    /// nothing then).
+    pub fn waiting(&self) -> bool {
+        self.since.is_some()
+    }
+
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The timer fired.
+    pub fn timer_expired(&mut self) {
+        let _ = self.timer.wait();
+    }
+
+    /// Whether a request of `bytes` may go now; if not, the timer is set for when it
+    /// may.
+    pub fn admit(&mut self, bytes: u64) -> bool {
+        match self.limiter.admit(bytes) {
+            Ok(()) => {
+                if let Some(since) = self.since.take() {
+                    let waited = since.elapsed().as_nanos() as u64;
+                    self.stats.nanos.fetch_add(waited, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(wait) => {
+                if self.since.is_none() {
+                    self.since = Some(Instant::now());
+                    self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                }
+                // A zero time would disarm the timer.
+                let wait = wait.max(Duration::from_micros(1));
+                if let Err(e) = self.timer.reset(wait, None) {
+                    tracing::error!("rate limit timer: {e}");
+                }
+                false
+            }
+        }
     }
 }
 

@@ -145,6 +145,7 @@ fn list(a: LsArgs) -> CliResult {
             let Ok(NetConfig {
                 attach: Attachment::Network(name),
                 mac,
+                ..
             }) = NetConfig::parse(n)
             else {
                 continue;

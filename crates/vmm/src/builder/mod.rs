@@ -144,8 +144,8 @@ pub fn build_from(
     for (label, counters) in virtio.nic_counters {
         metrics.add_nic(label, counters);
     }
-    for (index, t) in virtio.disk_throttling {
-        metrics.add_throttled_disk(index, t);
+    for (device, t) in virtio.throttling {
+        metrics.add_throttled(device, t);
     }
     metrics.set_ssh(virtio.ssh);
     let (mut platform, interrupts) = Platform::new(

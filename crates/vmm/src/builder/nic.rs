@@ -13,6 +13,7 @@ use devices::virtio::net::{
     Attachment, NetBackend, NetConfig, NetCounters, PortForward, Protocol, StreamBackend, Tap,
     VirtioNet, format_mac, generated_mac,
 };
+use devices::virtio::rate_limit::{Limits, RateLimiter};
 
 use crate::error::VmError;
 
@@ -88,8 +89,11 @@ pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic
             (format!("network {name}"), backend)
         }
     };
+    let mut device = VirtioNet::new(backend, mac, counters);
+    let limiter = |l: &Limits| (!l.is_none()).then(|| RateLimiter::new(l));
+    device.set_rate_limiters(limiter(&net.rx), limiter(&net.tx));
     Ok(Nic {
-        device: VirtioNet::new(backend, mac, counters),
+        device,
         interrupt,
         helper,
         label: format!("net{index} {kind} {}", format_mac(&mac)),

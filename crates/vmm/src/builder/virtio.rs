@@ -32,8 +32,8 @@ pub(super) struct Opened {
     pub link_interrupts: Vec<(usize, Arc<std::sync::OnceLock<Arc<VirtioInterrupt>>>)>,
     /// Each NIC's label and counters.
     pub nic_counters: Vec<(String, Arc<NetCounters>)>,
-    /// Each rate-limited disk's index and throttling counters.
-    pub disk_throttling: Vec<(usize, Arc<Throttling>)>,
+    /// Each rate-limited queue (`disk0`, `net0-rx`...) and its throttling counters.
+    pub throttling: Vec<(String, Arc<Throttling>)>,
     /// Helper processes and threads kept as long as the VM.
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
     /// Where the host reaches the guest's SSH server, when a NIC forwards it.
@@ -45,7 +45,7 @@ pub(super) struct Opened {
 pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     let mut groups: HashMap<&str, (usize, RateLimiter)> = HashMap::new();
-    let mut disk_throttling = Vec::new();
+    let mut throttling = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let mut dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(format!("disk {e}")))?;
         let limiter = match &disk.group {
@@ -67,7 +67,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         };
         if let Some(l) = limiter {
             dev.set_rate_limiter(l);
-            disk_throttling.push((i, dev.throttling()));
+            throttling.push((format!("disk{i}"), dev.throttling()));
         }
         out.push(Box::new(dev));
     }
@@ -81,6 +81,10 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         tracing::debug!("{}", nic.label);
         link_interrupts.push((out.len(), nic.interrupt));
         nic_counters.push((nic.label, nic.device.counters()));
+        let [rx, tx] = nic.device.throttling();
+        for (dir, t) in [("rx", rx), ("tx", tx)] {
+            throttling.extend(t.map(|t| (format!("net{index}-{dir}"), t)));
+        }
         helpers.extend(nic.helper);
         out.push(Box::new(nic.device));
     }
@@ -110,7 +114,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         stdio_hvc,
         link_interrupts,
         nic_counters,
-        disk_throttling,
+        throttling,
         helpers,
         ssh,
     })

@@ -5,15 +5,12 @@ mod config;
 mod disk;
 pub mod request;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::timerfd::TimerFd;
 
 pub use config::{BlockConfig, ID_BYTES};
 pub use disk::{Disk, DiskError};
@@ -27,7 +24,8 @@ use super::{
     VirtioInterrupt, features, read_config_bytes,
 };
 use crate::virtio::publish_and_rearm;
-use crate::virtio::rate_limit::RateLimiter;
+pub use crate::virtio::rate_limit::Throttling;
+use crate::virtio::rate_limit::{QueueThrottle, RateLimiter};
 use request::{SECTOR_SIZE, byte_range, parse_ranges, status};
 
 /// Feature bits (virtio 1.x, 5.2.3).
@@ -55,15 +53,6 @@ pub struct VirtioBlock {
     worker: Option<Worker>,
     limiter: Option<RateLimiter>,
     throttling: Arc<Throttling>,
-}
-
-/// How much a rate limit has held the device back.
-#[derive(Debug, Default)]
-pub struct Throttling {
-    /// Requests that had to wait for the bucket.
-    pub requests: AtomicU64,
-    /// Time the queue stood still, in nanoseconds.
-    pub nanos: AtomicU64,
 }
 
 impl VirtioBlock {
@@ -169,18 +158,9 @@ pub struct BlockQueue<M> {
     requests: Requests,
 }
 
-/// A rate limit in force on the queue: while a request waits for its tokens, the queue
-/// stands still and `timer` is set for when they will be there.
-struct Throttle {
-    limiter: RateLimiter,
-    timer: TimerFd,
-    since: Option<Instant>,
-    stats: Arc<Throttling>,
-}
-
 /// Everything but the memory, so a pass can borrow both.
 struct Requests {
-    throttle: Option<Throttle>,
+    throttle: Option<QueueThrottle>,
     queue: Queue,
     disk: Arc<Disk>,
     interrupt: Arc<VirtioInterrupt>,
@@ -221,12 +201,7 @@ impl<M: GuestMemory> BlockQueue<M> {
 
     /// Puts the queue under `limiter`.
     pub fn limit(&mut self, limiter: RateLimiter, stats: Arc<Throttling>) -> std::io::Result<()> {
-        self.requests.throttle = Some(Throttle {
-            limiter,
-            timer: TimerFd::new()?,
-            since: None,
-            stats,
-        });
+        self.requests.throttle = Some(QueueThrottle::new(limiter, stats)?);
         Ok(())
     }
 
@@ -300,34 +275,11 @@ impl Requests {
     /// Whether the rate limit lets the parsed request through now; if not, the timer
     /// is set for when it will.
     fn admitted(&mut self) -> bool {
-        let Some(t) = &mut self.throttle else {
-            return true;
-        };
         let bytes = match self.request.kind {
             RequestKind::Read | RequestKind::Write => self.request.data_len,
             _ => 0,
         };
-        match t.limiter.admit(bytes) {
-            Ok(()) => {
-                if let Some(since) = t.since.take() {
-                    let waited = since.elapsed().as_nanos() as u64;
-                    t.stats.nanos.fetch_add(waited, Ordering::Relaxed);
-                }
-                true
-            }
-            Err(wait) => {
-                if t.since.is_none() {
-                    t.since = Some(Instant::now());
-                    t.stats.requests.fetch_add(1, Ordering::Relaxed);
-                }
-                // A zero time would disarm the timer.
-                let wait = wait.max(std::time::Duration::from_micros(1));
-                if let Err(e) = t.timer.reset(wait, None) {
-                    tracing::error!("virtio-blk: rate limit timer: {e}");
-                }
-                false
-            }
-        }
+        self.throttle.as_mut().is_none_or(|t| t.admit(bytes))
     }
 
     /// Runs the parsed request: (status, bytes written into the chain).
@@ -460,7 +412,7 @@ impl<M: GuestMemoryShared> QueueHandler for BlockQueue<M> {
             .requests
             .throttle
             .as_ref()
-            .is_some_and(|t| t.since.is_some())
+            .is_some_and(QueueThrottle::waiting)
         {
             return Ok(());
         }
@@ -469,14 +421,14 @@ impl<M: GuestMemoryShared> QueueHandler for BlockQueue<M> {
 
     fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
         match &self.requests.throttle {
-            Some(t) => vec![(t.timer.as_raw_fd(), EventSet::IN)],
+            Some(t) => vec![(t.timer_fd(), EventSet::IN)],
             None => Vec::new(),
         }
     }
 
     fn fd_ready(&mut self, _which: usize, _events: EventSet) -> Result<(), DeviceError> {
         if let Some(t) = &mut self.requests.throttle {
-            let _ = t.timer.wait();
+            t.timer_expired();
         }
         self.process()
     }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::virtio::options::{on_off, pairs};
+use crate::virtio::rate_limit::Limits;
 
 /// IFNAMSIZ less the terminating NUL.
 pub const MAX_TAP_NAME: usize = 15;
@@ -93,6 +94,12 @@ pub struct NetConfig {
     pub attach: Attachment,
     /// None: [`generated_mac`].
     pub mac: Option<[u8; 6]>,
+    /// Rate limits on what the guest receives (`rx_bw=`, `rx_iops=`: frames)...
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub rx: Limits,
+    /// ... and on what it sends (`tx_bw=`, `tx_iops=`).
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub tx: Limits,
 }
 
 fn check_name(kind: &str, v: &str, max: usize) -> Result<String, String> {
@@ -107,7 +114,9 @@ fn check_name(kind: &str, v: &str, max: usize) -> Result<String, String> {
 
 impl NetConfig {
     /// Parses `user[,hostfwd=...][,dns=ADDR][,ssh=on]`, `network=NAME`, `bridge=BR` or
-    /// `tap=NAME` (a bare first item is a TAP name), each with `[,mac=MAC]`.
+    /// `tap=NAME` (a bare first item is a TAP name), each with `[,mac=MAC]` and rate
+    /// limits per direction (`[,rx_bw=RATE][,tx_bw=RATE][,rx_iops=N][,tx_iops=N]` and
+    /// their `_burst`s).
     pub fn parse(s: &str) -> Result<Self, String> {
         let items = pairs(s, "tap")?;
         let Some(&(kind, value)) = items.first() else {
@@ -146,7 +155,11 @@ impl NetConfig {
             }
         };
         let mut mac = None;
+        let (mut rx, mut tx) = (Limits::default(), Limits::default());
         for &(k, v) in &items[1..] {
+            if rx.parse_prefixed("rx_", k, v)? || tx.parse_prefixed("tx_", k, v)? {
+                continue;
+            }
             match (k, &mut attach) {
                 ("mac", _) => mac = Some(parse_mac(v)?),
                 ("hostfwd", Attachment::User { forwards, .. }) => {
@@ -166,12 +179,19 @@ impl NetConfig {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown option '{k}' (expected mac, hostfwd, dns, ssh)"
+                        "unknown option '{k}' (expected mac, hostfwd, dns, ssh, rx_bw, tx_bw, rx_iops, tx_iops)"
                     ));
                 }
             }
         }
-        Ok(NetConfig { attach, mac })
+        rx.validate().map_err(|e| format!("rx_{e}"))?;
+        tx.validate().map_err(|e| format!("tx_{e}"))?;
+        Ok(NetConfig {
+            attach,
+            mac,
+            rx,
+            tx,
+        })
     }
 
     /// The spec `parse` reads back.
@@ -197,6 +217,8 @@ impl NetConfig {
         if let Some(m) = &self.mac {
             s += &format!(",mac={}", format_mac(m));
         }
+        s += &self.rx.to_spec_prefixed("rx_");
+        s += &self.tx.to_spec_prefixed("tx_");
         s
     }
 }

@@ -7,6 +7,7 @@ mod config;
 mod stream;
 mod tap;
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use super::{
     VirtioInterrupt, features, finish, read_config_bytes,
 };
 use crate::virtio::publish_and_rearm;
+use crate::virtio::rate_limit::{QueueThrottle, RateLimiter, Throttling};
 
 /// Feature bits (virtio 1.x, 5.1.3).
 pub mod feature_bits {
@@ -53,6 +55,8 @@ const NUM_BUFFERS_OFFSET: u64 = 10;
 /// The largest frame with its header: a 64 KiB GSO packet plus Ethernet and VLAN.
 pub const MAX_FRAME: usize = HEADER_LEN + 65535 + 14 + 4;
 pub const QUEUE_SIZE: u16 = 256;
+/// The most a rate-limited NIC holds back for the guest.
+const RX_BACKLOG_BYTES: usize = 4 << 20;
 const RX: usize = 0;
 const TX: usize = 1;
 const LINK_UP: u16 = 1;
@@ -117,6 +121,8 @@ pub struct VirtioNet {
     mac: [u8; 6],
     counters: Arc<NetCounters>,
     worker: Option<Worker>,
+    /// Rate limits on what the guest receives and sends, with what they held back.
+    limits: [Option<(RateLimiter, Arc<Throttling>)>; 2],
 }
 
 impl VirtioNet {
@@ -128,7 +134,20 @@ impl VirtioNet {
             mac,
             counters,
             worker: None,
+            limits: [None, None],
         }
+    }
+
+    /// Limits what the guest receives (`rx`) and sends (`tx`).
+    pub fn set_rate_limiters(&mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) {
+        self.limits = [rx, tx].map(|l| l.map(|l| (l, Arc::default())));
+    }
+
+    /// Throttling of (rx, tx), where limited.
+    pub fn throttling(&self) -> [Option<Arc<Throttling>>; 2] {
+        self.limits
+            .each_ref()
+            .map(|l| l.as_ref().map(|(_, t)| t.clone()))
     }
 
     pub fn counters(&self) -> Arc<NetCounters> {
@@ -182,6 +201,13 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
             a.features,
         )
         .with_counters(self.counters.clone());
+        let mut handler = handler;
+        for (queue, limit) in self.limits.iter().enumerate() {
+            if let Some((l, t)) = limit {
+                handler.throttle[queue] =
+                    Some(QueueThrottle::new(l.clone(), t.clone()).map_err(ActivateError::Worker)?);
+            }
+        }
         self.worker = Some(
             Worker::spawn("virtio-net", handler, a.queue_events, a.interrupt)
                 .map_err(ActivateError::Worker)?,
@@ -221,11 +247,18 @@ pub struct NetQueues<M> {
     tx_used: UsedRing,
     /// A received frame waiting for buffers.
     pending: Option<usize>,
+    /// Frames taken from the backend while the receive rate limit holds the queue, so
+    /// that the peer (passt drops what its socket cannot take) is not made to drop
+    /// them: the limit shapes, it does not police. Bounded by [`RX_BACKLOG_BYTES`].
+    backlog: VecDeque<Vec<u8>>,
+    backlog_bytes: usize,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     /// The first receive buffer of the frame being delivered.
     first: Vec<Segment>,
     counters: Arc<NetCounters>,
+    /// Rate limits on the receive and transmit queues.
+    throttle: [Option<QueueThrottle>; 2],
 }
 
 impl<M: GuestMemory> NetQueues<M> {
@@ -249,10 +282,13 @@ impl<M: GuestMemory> NetQueues<M> {
             chain: Chain::new(),
             heads: Vec::new(),
             pending: None,
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(MAX_FRAME),
             first: Vec::new(),
             counters: Arc::default(),
+            throttle: [None, None],
         }
     }
 
@@ -282,6 +318,13 @@ impl<M: GuestMemory> NetQueues<M> {
         loop {
             let len = match self.pending {
                 Some(len) => len,
+                None if !self.backlog.is_empty() => {
+                    let frame = self.backlog.pop_front().unwrap_or_default();
+                    self.backlog_bytes -= frame.len();
+                    self.rx_buf[..frame.len()].copy_from_slice(&frame);
+                    self.pending = Some(frame.len());
+                    frame.len()
+                }
                 None => match self.backend.recv(&mut self.rx_buf) {
                     // End of file: the backend went away; nothing more will come.
                     Ok(0) => return Ok(()),
@@ -301,6 +344,14 @@ impl<M: GuestMemory> NetQueues<M> {
                     }
                 },
             };
+            if let Some(t) = &mut self.throttle[RX]
+                && !t.admit((len - HEADER_LEN) as u64)
+            {
+                // The frame waits in `pending` for the timer, the ones behind it in
+                // the backlog.
+                self.stash();
+                return Ok(());
+            }
             match self.deliver(len)? {
                 Delivery::NoBuffers => return Ok(()),
                 Delivery::Delivered => {
@@ -315,6 +366,27 @@ impl<M: GuestMemory> NetQueues<M> {
                     self.pending = None;
                     self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+        }
+    }
+
+    /// While the receive limit holds the queue: frames from the backend into the
+    /// backlog, while it has room (past it they are dropped and counted).
+    fn stash(&mut self) {
+        let mut buf = vec![0u8; MAX_FRAME];
+        loop {
+            match self.backend.recv(&mut buf) {
+                Ok(0) => return,
+                Ok(len) if len < HEADER_LEN => {}
+                Ok(len) if self.backlog_bytes + len > RX_BACKLOG_BYTES => {
+                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(len) => {
+                    self.backlog_bytes += len;
+                    self.backlog.push_back(buf[..len].to_vec());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
             }
         }
     }
@@ -415,6 +487,16 @@ impl<M: GuestMemory> NetQueues<M> {
                     return Err(DeviceError::direction(TX, head, "device-writable"));
                 }
                 let len = self.chain.readable_len() as usize;
+                if let Some(t) = &mut self.throttle[TX]
+                    && !t.admit(len.saturating_sub(HEADER_LEN) as u64)
+                {
+                    // This frame and the ones after it go back to the ring until the
+                    // timer fires.
+                    let back = (self.heads.len() - i) as u16;
+                    self.tx
+                        .set_next_avail(self.tx.next_avail().wrapping_sub(back));
+                    return Ok(());
+                }
                 if (HEADER_LEN..=MAX_FRAME).contains(&len) {
                     self.tx_buf.resize(len, 0);
                     if Cursor::new(&self.chain.readable).read(&self.mem, &mut self.tx_buf) {
@@ -441,23 +523,62 @@ impl<M: GuestMemory> NetQueues<M> {
     }
 }
 
+impl<M: GuestMemoryShared> NetQueues<M> {
+    /// Whether queue `q` waits for its rate limit's timer (nothing else moves it then).
+    fn throttled(&self, q: usize) -> bool {
+        self.throttle[q]
+            .as_ref()
+            .is_some_and(QueueThrottle::waiting)
+    }
+
+    fn run_queue(&mut self, q: usize) -> Result<(), DeviceError> {
+        match q {
+            RX => self.receive(),
+            _ => self.transmit(),
+        }
+    }
+}
+
 impl<M: GuestMemoryShared> QueueHandler for NetQueues<M> {
     fn queue_notified(&mut self, index: usize) -> Result<(), DeviceError> {
         match index {
-            RX => self.receive(),
-            TX => self.transmit(),
+            RX | TX if self.throttled(index) => Ok(()),
+            RX | TX => self.run_queue(index),
             _ => Ok(()),
         }
     }
 
+    /// The backend, then each rate-limited queue's timer.
     fn watched_fds(&self) -> Vec<(RawFd, EventSet)> {
-        vec![(
+        let mut fds = vec![(
             self.backend.as_raw_fd(),
             EventSet::IN | EventSet::EDGE_TRIGGERED,
-        )]
+        )];
+        fds.extend(
+            self.throttle
+                .iter()
+                .flatten()
+                .map(|t| (t.timer_fd(), EventSet::IN)),
+        );
+        fds
     }
 
-    fn fd_ready(&mut self, _which: usize, _events: EventSet) -> Result<(), DeviceError> {
-        self.receive()
+    fn fd_ready(&mut self, which: usize, _events: EventSet) -> Result<(), DeviceError> {
+        if which == 0 {
+            if self.throttled(RX) {
+                self.stash();
+                return Ok(());
+            }
+            return self.receive();
+        }
+        // The n-th timer among the limited queues.
+        let q = (0..2)
+            .filter(|&q| self.throttle[q].is_some())
+            .nth(which - 1)
+            .unwrap_or(RX);
+        if let Some(t) = &mut self.throttle[q] {
+            t.timer_expired();
+        }
+        self.run_queue(q)
     }
 }

@@ -119,7 +119,9 @@ fn script(setup: &str, server: &str) -> String {
     )
 }
 
-const VIA_GATEWAY: &str = "gw=$(ip route | grep default | cut -d' ' -f3)";
+/// The gateway, once DHCP has given one (the kit's udhcpc retries in the background
+/// when the first three seconds bring no lease).
+const VIA_GATEWAY: &str = "until ip route | grep -q default; do sleep 1; done; gw=$(ip route | grep default | cut -d' ' -f3)";
 
 /// Seconds from busybox `time`'s first "real 0m 1.23s" line.
 fn guest_seconds(out: &str) -> f64 {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use api::model::{Action, ActionRequest, StateBody, VmInfo};
+use api::model::{Action, ActionRequest, LimitsRequest, StateBody, VmInfo};
 use api::{Method, Request, Response};
 use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
 
@@ -337,6 +337,22 @@ impl Monitor {
         }
     }
 
+    /// New rate limits for one disk or NIC, in force at once.
+    fn set_limits(&self, req: &LimitsRequest) -> Response {
+        let Some(handle) = lock(&self.handle).clone() else {
+            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
+        };
+        match handle.io_limits().set(&req.device, &req.limits) {
+            Ok(()) => Response::json(
+                200,
+                &StateBody {
+                    state: self.state_name().into(),
+                },
+            ),
+            Err(e) => Response::error(400, e),
+        }
+    }
+
     fn act(&self, req: &ActionRequest) -> Response {
         let action = req.action;
         match action {
@@ -413,6 +429,10 @@ impl Monitor {
                 Ok(req) => self.act(&req),
                 Err(e) => Response::error(400, format!("invalid action request: {e}")),
             },
+            (Method::Post, "limits") => match serde_json::from_slice::<LimitsRequest>(&r.body) {
+                Ok(req) => self.set_limits(&req),
+                Err(e) => Response::error(400, format!("invalid limits request: {e}")),
+            },
             (Method::Get, "metrics") => {
                 let mut text = lock(&self.handle)
                     .as_ref()
@@ -421,7 +441,9 @@ impl Monitor {
                 text += &resources::prometheus(&self.name);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
-            (_, "" | "state" | "actions" | "metrics") => Response::error(405, "method not allowed"),
+            (_, "" | "state" | "actions" | "metrics" | "limits") => {
+                Response::error(405, "method not allowed")
+            }
             (_, other) => Response::error(404, format!("no such resource {other:?}")),
         }
     }

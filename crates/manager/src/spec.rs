@@ -171,13 +171,70 @@ impl VmSpec {
                 }
             }
             k if k.starts_with("cpu_") => self.cpu.set(k, value).map_err(|e| e.to_string())?,
+            k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// `disk0.bw=20M`, `net0.rx_bw=1M`: a rate limit option of one disk or NIC (its
+    /// spec in vm.toml rewritten).
+    fn set_device_option(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let (device, option) = key.split_once('.').unwrap_or_default();
+        let index = |prefix: &str| {
+            device
+                .strip_prefix(prefix)
+                .and_then(|n| n.parse::<usize>().ok())
+        };
+        let bad = |what: String| format!("{key}={value}: {what}");
+        if let Some(i) = index("disk") {
+            let spec = self
+                .disks
+                .get_mut(i)
+                .ok_or_else(|| bad(format!("the VM has no disk{i}")))?;
+            let mut c = BlockConfig::parse(spec)?;
+            if !c.limits.parse_option(option, value).map_err(bad)? {
+                return Err(bad("a disk takes bw, iops, bw_burst, iops_burst".into()));
+            }
+            c.limits.validate().map_err(bad)?;
+            *spec = c.to_spec();
+        } else if let Some(i) = index("net") {
+            let spec = self
+                .nets
+                .get_mut(i)
+                .ok_or_else(|| bad(format!("the VM has no net{i}")))?;
+            let mut c = NetConfig::parse(spec)?;
+            let known = c.rx.parse_prefixed("rx_", option, value).map_err(bad)?
+                || c.tx.parse_prefixed("tx_", option, value).map_err(bad)?;
+            if !known {
+                return Err(bad(
+                    "a NIC takes rx_bw, tx_bw, rx_iops, tx_iops and their _burst".into(),
+                ));
+            }
+            *spec = NetConfig::parse(&c.to_spec())?.to_spec();
+        } else {
+            return Err(bad("devices are disk0, disk1... and net0, net1...".into()));
+        }
+        Ok(())
+    }
+
+    /// The limits of device `name` (`disk0`, `net0`), as the monitor's API takes them.
+    pub fn device_limits(&self, name: &str) -> Option<String> {
+        if let Some(i) = name
+            .strip_prefix("disk")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            let c = BlockConfig::parse(self.disks.get(i)?).ok()?;
+            return Some(c.limits.to_spec().trim_start_matches(',').to_string());
+        }
+        let i = name.strip_prefix("net")?.parse::<usize>().ok()?;
+        let c = NetConfig::parse(self.nets.get(i)?).ok()?;
+        let s = c.rx.to_spec_prefixed("rx_") + &c.tx.to_spec_prefixed("tx_");
+        Some(s.trim_start_matches(',').to_string())
     }
 
     /// The VM as the monitor builds it; `dir` is the bundle.

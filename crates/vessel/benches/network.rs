@@ -109,6 +109,15 @@ impl Drop for Vm {
     }
 }
 
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The guest's part: fetch /f from `server` (timed), then serve 64 MiB and a small file
 /// with httpd on port 80 and say so.
 fn script(setup: &str, server: &str) -> String {
@@ -247,13 +256,16 @@ fn qemu_row(kit: &kit::Kit) -> Option<Row> {
     Command::new(QEMU).arg("--version").output().ok()?;
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("passt.sock");
-    let mut passt = Command::new("passt")
-        .args(["-f", "-q", "-s"])
-        .arg(&sock)
-        .args(["-t", &format!("127.0.0.1/{QEMU_FORWARD_PORT}:80")])
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
+    // Killed however this row ends: a passt left behind would hold the port.
+    let passt = KillOnDrop(
+        Command::new("passt")
+            .args(["-f", "-q", "-s"])
+            .arg(&sock)
+            .args(["-t", &format!("127.0.0.1/{QEMU_FORWARD_PORT}:80")])
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?,
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -283,8 +295,7 @@ fn qemu_row(kit: &kit::Kit) -> Option<Row> {
         SocketAddr::from(([127, 0, 0, 1], QEMU_FORWARD_PORT)),
     );
     drop(vm);
-    let _ = passt.kill();
-    let _ = passt.wait();
+    drop(passt);
     Some(row)
 }
 

@@ -329,3 +329,103 @@ fn a_guest_reads_rate_limited_disks_at_the_rates_set() {
         "the unlimited disk read at {free_mib_per_s:.1} MiB/s"
     );
 }
+
+/// Seconds of the `time` line after the `dd-N` marker, once that dd has finished.
+fn dd_seconds(log: &str, n: u32) -> Option<f64> {
+    let rest = log.split(&format!("dd-{n}\n")).nth(1)?;
+    let real = rest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("real"))?
+        .trim();
+    let (m, s) = real.split_once('m')?;
+    Some(
+        m.trim().parse::<f64>().ok()? * 60.0
+            + s.trim().trim_end_matches('s').parse::<f64>().ok()?,
+    )
+}
+
+/// A running VM's disk limit changes with `vessel set NAME disk0.bw=...`: a guest
+/// reading 8 MiB over and over under bw=32M slows to 4 MiB/s at once, and is quick
+/// again when the limit is lifted; vm.toml keeps what was set.
+#[test]
+fn a_running_vms_disk_limit_changes_live() {
+    let Some(kit) = kit() else { return };
+    let home = common::home::Home::new();
+    let disk = home.path().join("data.img");
+    std::fs::write(&disk, vec![0x5au8; 16 << 20]).unwrap();
+    let script = "i=0; while :; do i=$((i+1)); echo dd-$i; \
+                  time dd if=/dev/vda of=/dev/null bs=1M count=8 iflag=direct 2>&1; done";
+    home.ok(&[
+        "create",
+        "io",
+        "--kernel",
+        &kit.vmlinux.display().to_string(),
+        "--initrd",
+        &kit.initrd.display().to_string(),
+        "--cmdline",
+        &kit::cmdline("", Some(script)),
+        "--memory",
+        "256M",
+        "--accel",
+        "emu",
+        "--net",
+        "none",
+        "--disk",
+        &format!("path={},bw=32M", disk.display()),
+    ]);
+    home.ok(&["start", "io"]);
+    // The dd that starts after a change is the first to run wholly under it.
+    let next_dd = |after: u32| {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let log = home.log("io");
+            let done = (after..after + 50)
+                .take_while(|&n| dd_seconds(&log, n).is_some())
+                .last();
+            if let Some(n) = done {
+                return n + 1;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no dd done after {after}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let wait_dd = |n: u32| {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = dd_seconds(&home.log("io"), n) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dd-{n} never ended:\n{}",
+                home.log("io")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first = wait_dd(2);
+    home.ok(&["set", "io", "disk0.bw=4M"]);
+    let n = next_dd(2) + 1;
+    let slow = 8.0 / wait_dd(n);
+    home.ok(&["set", "io", "disk0.bw=none"]);
+    let m = next_dd(n) + 1;
+    let fast = 8.0 / wait_dd(m);
+    eprintln!(
+        "bw=32M: {:.1} MiB/s, then 4M: {slow:.2} MiB/s, then none: {fast:.1} MiB/s",
+        8.0 / first
+    );
+    assert!(
+        (slow - 4.0).abs() <= 0.4,
+        "bw=4M set live gave {slow:.2} MiB/s"
+    );
+    assert!(fast > 12.0, "lifted, the disk read at {fast:.1} MiB/s");
+    let toml = std::fs::read_to_string(home.vm_dir("io").join("vm.toml")).unwrap();
+    assert!(!toml.contains("bw="), "{toml}");
+    let (code, err) = home.refused(&["set", "io", "disk3.bw=1M"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("the VM has no disk3"), "{err}");
+    home.ok(&["kill", "io"]);
+}

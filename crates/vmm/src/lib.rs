@@ -8,6 +8,7 @@ pub mod control;
 pub mod dispatcher;
 mod error;
 mod fallback;
+pub mod io_limits;
 pub mod metrics;
 pub mod snapshot;
 mod teardown;

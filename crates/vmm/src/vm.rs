@@ -19,6 +19,7 @@ use crate::console::{self, RawTerminal};
 use crate::control::{ControlError, RunState, VmControl};
 use crate::dispatcher::Dispatcher;
 use crate::error::VmError;
+use crate::io_limits::IoLimits;
 use crate::metrics::Metrics;
 
 /// Something that happened to the VM, reported to the thread that owns it.
@@ -82,9 +83,15 @@ pub struct VmHandle {
     hvc: Option<devices::virtio::console::ConsoleInput>,
     metrics: Arc<Metrics>,
     persist: Arc<crate::snapshot::Persist>,
+    io_limits: Arc<IoLimits>,
 }
 
 impl VmHandle {
+    /// The disks' and NICs' rate limiters.
+    pub fn io_limits(&self) -> &IoLimits {
+        &self.io_limits
+    }
+
     pub fn state(&self) -> RunState {
         self.control.state()
     }
@@ -166,6 +173,7 @@ pub struct Vm {
     mem: cpu::GuestMemory,
     kvm_fallback: bool,
     persist: Arc<crate::snapshot::Persist>,
+    io_limits: Arc<IoLimits>,
 }
 
 /// What the builder hands over.
@@ -182,6 +190,7 @@ pub(crate) struct VmParts {
     pub kvm_fallback: bool,
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
     pub persist: Arc<crate::snapshot::Persist>,
+    pub io_limits: Arc<IoLimits>,
 }
 
 impl Vm {
@@ -201,6 +210,7 @@ impl Vm {
             kvm_fallback: p.kvm_fallback,
             _helpers: p.helpers,
             persist: p.persist,
+            io_limits: p.io_limits,
         }
     }
 
@@ -219,6 +229,7 @@ impl Vm {
             hvc: self.platform.stdio_hvc.clone(),
             metrics: self.metrics.clone(),
             persist: self.persist.clone(),
+            io_limits: self.io_limits.clone(),
         }
     }
 

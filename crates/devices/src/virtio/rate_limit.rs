@@ -43,6 +43,17 @@ impl Limits {
     /// Takes `key=value` if it is a limit's (`bw`, `bw_burst`, `iops`, `iops_burst`);
     /// Ok(false) for other keys.
     pub fn parse_option(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        // `none` (or nothing) lifts the limit, or the burst.
+        if value.is_empty() || value == "none" {
+            match key {
+                "bw" => self.bytes = None,
+                "iops" => self.ops = None,
+                "bw_burst" => self.bytes.iter_mut().for_each(|r| r.burst = 0),
+                "iops_burst" => self.ops.iter_mut().for_each(|r| r.burst = 0),
+                _ => return Ok(false),
+            }
+            return Ok(true);
+        }
         let bad = |what: &str| format!("{key}={value}: {what}");
         let size = || parse_size(value, 0).ok_or_else(|| bad("not a size (e.g. 10M)"));
         let count = || {
@@ -174,6 +185,14 @@ impl RateLimiter {
                 ops: limits.ops.map(|r| TokenBucket::new(r, now)),
             })),
         }
+    }
+
+    /// Puts new limits in force (their buckets full), for every device sharing it.
+    pub fn update(&self, limits: &Limits) {
+        let now = Instant::now();
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        b.bytes = limits.bytes.map(|r| TokenBucket::new(r, now));
+        b.ops = limits.ops.map(|r| TokenBucket::new(r, now));
     }
 
     /// Takes the tokens for one request of `bytes` (and one operation) if both buckets

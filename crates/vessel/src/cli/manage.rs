@@ -569,9 +569,11 @@ pub fn set(args: SetArgs) -> CliResult {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| Failure::usage(format!("{kv:?} is not key=value")))?;
-        if live && !manager::resources::LIVE_KEYS.contains(&k) {
+        let device_limit = k.starts_with("disk") || k.starts_with("net");
+        if live && !(manager::resources::LIVE_KEYS.contains(&k) || device_limit && k.contains('.'))
+        {
             return Err(Failure::refused(format!(
-                "VM {} is {}: only {} change while it runs; {k} when it is stopped",
+                "VM {} is {}: only {}, diskN.* and netN.* rate limits change while it runs; {k} when it is stopped",
                 bundle.name,
                 status.state,
                 manager::resources::LIVE_KEYS.join(", ")
@@ -585,6 +587,24 @@ pub fn set(args: SetArgs) -> CliResult {
     }
     if live && let Some(pid) = status.pid {
         manager::resources::set_live(&home, &bundle.name, pid, &spec.cpu)?;
+        // Each device whose limits changed gets all of them anew.
+        let mut devices: Vec<&str> = args
+            .settings
+            .iter()
+            .filter_map(|kv| kv.split_once('.').map(|(d, _)| d))
+            .collect();
+        devices.dedup();
+        for device in devices {
+            let limits = spec.device_limits(device).unwrap_or_default();
+            let req = api::model::LimitsRequest {
+                device: device.to_string(),
+                limits,
+            };
+            client(&bundle, "change the limits of")?.post::<_, api::model::StateBody>(
+                &format!("/v1/vms/{}/limits", bundle.name),
+                &req,
+            )?;
+        }
     }
     bundle.save_spec(&spec)?;
     println!("{} updated", bundle.name);

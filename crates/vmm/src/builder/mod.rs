@@ -148,6 +148,7 @@ pub fn build_from(
         metrics.add_throttled(device, t);
     }
     metrics.set_ssh(virtio.ssh);
+    let io_limits = Arc::new(virtio.io_limits);
     let (mut platform, interrupts) = Platform::new(
         events_tx.clone(),
         output,
@@ -196,6 +197,7 @@ pub fn build_from(
         kvm_fallback: config.kvm_fallback,
         helpers: virtio.helpers,
         persist,
+        io_limits,
     }))
 }
 

@@ -13,7 +13,7 @@ use devices::virtio::net::{
     Attachment, NetBackend, NetConfig, NetCounters, PortForward, Protocol, StreamBackend, Tap,
     VirtioNet, format_mac, generated_mac,
 };
-use devices::virtio::rate_limit::{Limits, RateLimiter};
+use devices::virtio::rate_limit::RateLimiter;
 
 use crate::error::VmError;
 
@@ -26,6 +26,8 @@ pub(super) struct Nic {
     pub helper: Option<Box<dyn Any + Send>>,
     /// `net0 user 52:54:...`: what the NIC is, for metrics and logs.
     pub label: String,
+    /// What it receives and sends is limited by (rx, tx).
+    pub limiters: (RateLimiter, RateLimiter),
     /// The loopback address forwarded to the guest's SSH port (`user,ssh=on`).
     pub ssh: Option<std::net::SocketAddr>,
 }
@@ -90,10 +92,12 @@ pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic
         }
     };
     let mut device = VirtioNet::new(backend, mac, counters);
-    let limiter = |l: &Limits| (!l.is_none()).then(|| RateLimiter::new(l));
-    device.set_rate_limiters(limiter(&net.rx), limiter(&net.tx));
+    // Limiters even without limits: `vessel set` may add some while the VM runs.
+    let limiters = (RateLimiter::new(&net.rx), RateLimiter::new(&net.tx));
+    device.set_rate_limiters(Some(limiters.0.clone()), Some(limiters.1.clone()));
     Ok(Nic {
         device,
+        limiters,
         interrupt,
         helper,
         label: format!("net{index} {kind} {}", format_mac(&mac)),

@@ -21,6 +21,7 @@ use std::path::Path;
 use super::Backend;
 use crate::config::{Hvc, VmConfig};
 use crate::error::VmError;
+use crate::io_limits::IoLimits;
 
 /// The config's virtio devices, opened, and the console input when hvc0 is the
 /// terminal's console.
@@ -32,8 +33,10 @@ pub(super) struct Opened {
     pub link_interrupts: Vec<(usize, Arc<std::sync::OnceLock<Arc<VirtioInterrupt>>>)>,
     /// Each NIC's label and counters.
     pub nic_counters: Vec<(String, Arc<NetCounters>)>,
-    /// Each rate-limited queue (`disk0`, `net0-rx`...) and its throttling counters.
+    /// Each queue under a rate limiter (`disk0`, `net0-rx`...) and its throttling.
     pub throttling: Vec<(String, Arc<Throttling>)>,
+    /// The disks' and NICs' limiters, for changing limits live.
+    pub io_limits: IoLimits,
     /// Helper processes and threads kept as long as the VM.
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
     /// Where the host reaches the guest's SSH server, when a NIC forwards it.
@@ -46,6 +49,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     let mut groups: HashMap<&str, (usize, RateLimiter)> = HashMap::new();
     let mut throttling = Vec::new();
+    let mut io_limits = IoLimits::default();
     for (i, disk) in config.disks.iter().enumerate() {
         let mut dev = VirtioBlock::new(disk).map_err(|e| VmError::Device(format!("disk {e}")))?;
         let limiter = match &disk.group {
@@ -61,14 +65,14 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
                         config.disks[*first].path.display()
                     )));
                 }
-                (!theirs.is_none()).then(|| limiter.clone())
+                limiter.clone()
             }
-            None => (!disk.limits.is_none()).then(|| RateLimiter::new(&disk.limits)),
+            // Even without limits: `vessel set` may add some while the VM runs.
+            None => RateLimiter::new(&disk.limits),
         };
-        if let Some(l) = limiter {
-            dev.set_rate_limiter(l);
-            throttling.push((format!("disk{i}"), dev.throttling()));
-        }
+        dev.set_rate_limiter(limiter.clone());
+        io_limits.add_disk(i, limiter);
+        throttling.push((format!("disk{i}"), dev.throttling()));
         out.push(Box::new(dev));
     }
     let mut link_interrupts = Vec::new();
@@ -81,6 +85,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         tracing::debug!("{}", nic.label);
         link_interrupts.push((out.len(), nic.interrupt));
         nic_counters.push((nic.label, nic.device.counters()));
+        io_limits.add_nic(index, nic.limiters.0, nic.limiters.1);
         let [rx, tx] = nic.device.throttling();
         for (dir, t) in [("rx", rx), ("tx", tx)] {
             throttling.extend(t.map(|t| (format!("net{index}-{dir}"), t)));
@@ -115,6 +120,7 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         link_interrupts,
         nic_counters,
         throttling,
+        io_limits,
         helpers,
         ssh,
     })

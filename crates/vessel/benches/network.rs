@@ -89,14 +89,14 @@ impl Vm {
         Vm { child, out }
     }
 
-    fn wait_for(&self, what: &str) -> String {
+    fn wait_for(&self, row: &str, what: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let t = self.out.lock().unwrap().clone();
             if t.contains(what) {
                 return t;
             }
-            assert!(Instant::now() < deadline, "no {what:?} in:\n{t}");
+            assert!(Instant::now() < deadline, "{row}: no {what:?} in:\n{t}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -178,7 +178,7 @@ struct Row {
 /// Host -> guest from the guest's timing; guest -> host and setup latency against the
 /// guest's httpd at `guest`.
 fn measure(path: &str, vm: &Vm, guest: SocketAddr) -> Row {
-    let out = vm.wait_for("www-ready");
+    let out = vm.wait_for(path, "www-ready");
     let mb = (MIB << 20) as f64 / 1e6;
     let host_to_guest = mb / guest_seconds(&out);
     // The guest's httpd answers once its forward or address is up.
@@ -254,8 +254,11 @@ fn passt_row(kit: &kit::Kit) -> Row {
 /// QEMU with the same kit, and a passt of its own over `-netdev stream`.
 fn qemu_row(kit: &kit::Kit) -> Option<Row> {
     Command::new(QEMU).arg("--version").output().ok()?;
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("passt.sock");
+    // Straight in /tmp: passt, having given up root for nobody, says it bound a socket
+    // in a folder only root may write to, but none appears there and QEMU's NIC stays
+    // unconnected.
+    let sock = std::env::temp_dir().join(format!("vessel-bench-passt-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
     // Killed however this row ends: a passt left behind would hold the port.
     let passt = KillOnDrop(
         Command::new("passt")
@@ -296,6 +299,7 @@ fn qemu_row(kit: &kit::Kit) -> Option<Row> {
     );
     drop(vm);
     drop(passt);
+    let _ = std::fs::remove_file(&sock);
     Some(row)
 }
 
@@ -345,7 +349,7 @@ fn vm_to_vm(kit: &kit::Kit) -> f64 {
     let mut a = vessel_run(kit, &["network=bench"], "", &serve);
     a.env("VESSEL_HOME", home.path());
     let a = Vm::spawn(a);
-    let out = a.wait_for("www-ready");
+    let out = a.wait_for("VM -> VM, server", "www-ready");
     let ip = out
         .lines()
         .find_map(|l| l.strip_prefix(kit::ADDRESS_MARKER_PREFIX))
@@ -357,7 +361,7 @@ fn vm_to_vm(kit: &kit::Kit) -> f64 {
     let mut b = vessel_run(kit, &["network=bench"], "", &fetch);
     b.env("VESSEL_HOME", home.path());
     let b = Vm::spawn(b);
-    let out = b.wait_for("VESSEL-KIT: exit status");
+    let out = b.wait_for("VM -> VM, client", "VESSEL-KIT: exit status");
     (MIB << 20) as f64 / 1e6 / guest_seconds(&out)
 }
 

@@ -42,7 +42,12 @@ pub struct StreamBackend {
     tx: Mutex<Option<SyncSender<Vec<u8>>>>,
     link: Arc<AtomicBool>,
     notify: Arc<Mutex<Option<LinkNotifier>>>,
+    /// The guest negotiated GUEST_CSUM: frames are marked DATA_VALID.
+    data_valid: AtomicBool,
 }
+
+/// virtio-net header flag: the frame's checksums have been checked (5.1.6.4).
+const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 
 impl StreamBackend {
     /// A backend with no peer yet (link down).
@@ -57,6 +62,7 @@ impl StreamBackend {
             tx: Mutex::new(None),
             link: Arc::new(AtomicBool::new(false)),
             notify: Arc::default(),
+            data_valid: AtomicBool::new(false),
         })
     }
 
@@ -207,8 +213,11 @@ impl NetBackend for StreamBackend {
                 if rx.len >= 4 + n {
                     let frame = &rx.buf[4..4 + n];
                     let total = HEADER_LEN + n;
-                    // A virtio header that asks nothing: checksums are complete, no GSO.
+                    // A virtio header with no GSO; DATA_VALID when the guest takes it.
                     out[..HEADER_LEN].fill(0);
+                    if self.data_valid.load(Ordering::Relaxed) {
+                        out[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+                    }
                     out[HEADER_LEN..total].copy_from_slice(frame);
                     rx.buf.copy_within(4 + n..rx.len, 0);
                     rx.len -= 4 + n;
@@ -261,13 +270,22 @@ impl NetBackend for StreamBackend {
         }
     }
 
-    fn set_offloads(&self, _guest_features: u64) -> io::Result<()> {
-        // The peer only takes and gives complete frames: the device offers no offloads.
+    fn set_offloads(&self, guest_features: u64) -> io::Result<()> {
+        // The peer only takes and gives complete frames: no segmentation offloads. Its
+        // frames' checksums are complete (passt computes them; a guest behind the
+        // switch has no checksum offload either), which a guest that took GUEST_CSUM
+        // is told.
+        let valid = guest_features & super::feature_bits::GUEST_CSUM != 0;
+        self.data_valid.store(valid, Ordering::Relaxed);
         Ok(())
     }
 
     fn offloads(&self) -> bool {
         false
+    }
+
+    fn rx_checksums_valid(&self) -> bool {
+        true
     }
 
     fn link_up(&self) -> bool {

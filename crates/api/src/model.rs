@@ -25,6 +25,14 @@ pub enum Action {
     Suspend,
 }
 
+/// Settings to change on a running VM (`POST .../settings`), as `vessel set` takes
+/// them: `cpu_shares=700`, `disk0.bw=10M`, `net0.rx_bw=none`...
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsRequest {
+    pub settings: Vec<String>,
+}
+
 /// New I/O rate limits for one device of a running VM (`POST .../limits`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +106,17 @@ pub struct VmInfo {
     /// forwards it (`user,ssh=on`).
     #[serde(default)]
     pub ssh: Option<String>,
+    /// What the rate limits held back, per queue (`disk0`, `net0-rx`, `net0-tx`).
+    #[serde(default)]
+    pub throttled: Vec<ThrottleInfo>,
+}
+
+/// One rate-limited queue's waits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThrottleInfo {
+    pub queue: String,
+    pub requests: u64,
+    pub seconds: f64,
 }
 
 /// One NIC: what it is attached to, and its frame and byte counts.

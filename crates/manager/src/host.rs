@@ -44,9 +44,13 @@ pub struct Allocation {
     pub reservation: f64,
 }
 
-/// The CPUs this process may run on (what the host gives vessel).
+/// The host's online CPUs. Not `available_parallelism`: inside a VM's monitor that
+/// counts what its cgroup cap and affinity leave it, and a VM capped at 1.5 CPUs would
+/// find its own cap "more than the host has".
 pub fn online_cpus() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
 }
 
 impl Host {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use api::model::{Action, ActionRequest, LimitsRequest, StateBody, VmInfo};
+use api::model::{Action, ActionRequest, LimitsRequest, SettingsRequest, StateBody, VmInfo};
 use api::{Method, Request, Response};
 use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
 
@@ -217,6 +217,7 @@ impl Write for HubWriter {
 /// What the API, the console and the boot loop share.
 struct Monitor {
     name: String,
+    home: Home,
     bundle: Bundle,
     spec: VmSpec,
     handle: Mutex<Option<VmHandle>>,
@@ -259,11 +260,11 @@ impl Monitor {
     }
 
     fn info(&self) -> VmInfo {
-        let (vcpu_seconds, nics, ssh) = lock(&self.handle)
+        let (vcpu_seconds, nics, ssh, throttled) = lock(&self.handle)
             .as_ref()
             .map(|h| {
                 let m = h.metrics();
-                (m.vcpu_seconds(), m.nics(), m.ssh())
+                (m.vcpu_seconds(), m.nics(), m.ssh(), m.throttled())
             })
             .unwrap_or_default();
         VmInfo {
@@ -281,6 +282,7 @@ impl Monitor {
             monitor_rss_kib: rss_kib(),
             nics,
             ssh: ssh.map(|a| a.to_string()),
+            throttled,
         }
     }
 
@@ -333,6 +335,49 @@ impl Monitor {
                 handle.kill();
                 Response::json(200, &snapshot_body("suspended".into(), &c))
             }
+            Err(e) => Response::error(500, e.to_string()),
+        }
+    }
+
+    /// What `vessel set` does to a running VM, through the API: CPU policy (through
+    /// the host layer's admission and the VM's cgroup) and I/O limits, in force at once
+    /// and kept in vm.toml; nothing changes when one setting is refused.
+    fn change_settings(&self, req: &SettingsRequest) -> Response {
+        let Some(handle) = lock(&self.handle).clone() else {
+            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
+        };
+        let mut spec = match self.bundle.spec() {
+            Ok(s) => s,
+            Err(e) => return Response::error(500, e.to_string()),
+        };
+        for kv in &req.settings {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Response::error(400, format!("{kv:?} is not key=value"));
+            };
+            if !resources::is_live_key(k) {
+                return Response::error(409, format!("{k} changes only when the VM is stopped"));
+            }
+            if let Err(e) = spec.set(k, v) {
+                return Response::error(400, e);
+            }
+        }
+        let pid = std::process::id();
+        if let Err(e) = resources::set_live(&self.home, &self.name, pid, &spec.cpu) {
+            return Response::error(409, e.to_string());
+        }
+        for device in resources::devices_named(&req.settings) {
+            let limits = spec.device_limits(device).unwrap_or_default();
+            if let Err(e) = handle.io_limits().set(device, &limits) {
+                return Response::error(400, e);
+            }
+        }
+        match self.bundle.save_spec(&spec) {
+            Ok(()) => Response::json(
+                200,
+                &StateBody {
+                    state: self.state_name().into(),
+                },
+            ),
             Err(e) => Response::error(500, e.to_string()),
         }
     }
@@ -429,6 +474,12 @@ impl Monitor {
                 Ok(req) => self.act(&req),
                 Err(e) => Response::error(400, format!("invalid action request: {e}")),
             },
+            (Method::Post, "settings") => {
+                match serde_json::from_slice::<SettingsRequest>(&r.body) {
+                    Ok(req) => self.change_settings(&req),
+                    Err(e) => Response::error(400, format!("invalid settings request: {e}")),
+                }
+            }
             (Method::Post, "limits") => match serde_json::from_slice::<LimitsRequest>(&r.body) {
                 Ok(req) => self.set_limits(&req),
                 Err(e) => Response::error(400, format!("invalid limits request: {e}")),
@@ -441,7 +492,7 @@ impl Monitor {
                 text += &resources::prometheus(&self.name);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
-            (_, "" | "state" | "actions" | "metrics" | "limits") => {
+            (_, "" | "state" | "actions" | "metrics" | "limits" | "settings") => {
                 Response::error(405, "method not allowed")
             }
             (_, other) => Response::error(404, format!("no such resource {other:?}")),
@@ -546,6 +597,7 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     }
     let monitor = Arc::new(Monitor {
         name: name.to_string(),
+        home: home.clone(),
         bundle: bundle.clone(),
         spec: spec.clone(),
         handle: Mutex::new(None),

@@ -72,8 +72,27 @@ impl Placement {
     }
 }
 
-/// Settings `vessel set` changes while the VM runs.
+/// CPU settings `vessel set` changes while the VM runs.
 pub const LIVE_KEYS: [&str; 4] = ["cpu_shares", "cpu_limit", "cpu_reservation", "cpu_affinity"];
+
+/// Whether `key` may change while the VM runs: the CPU policy, and disks' and NICs'
+/// rate limits (`disk0.bw`, `net0.rx_bw`).
+pub fn is_live_key(key: &str) -> bool {
+    LIVE_KEYS.contains(&key)
+        || (key.starts_with("disk") || key.starts_with("net")) && key.contains('.')
+}
+
+/// The devices (`disk0`, `net1`) that `key=value` settings name, each once.
+pub fn devices_named(settings: &[String]) -> Vec<&str> {
+    let mut devices: Vec<&str> = settings
+        .iter()
+        .filter_map(|kv| kv.split_once('=').and_then(|(k, _)| k.split_once('.')))
+        .map(|(d, _)| d)
+        .collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices
+}
 
 /// A running VM's CPU policy changed: a larger reservation passes admission again (with
 /// the admission lock held), then the policy is applied.

@@ -101,19 +101,30 @@ fn cpu_seconds(home: &Home, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no cgroup usage for {name}: {info}"))
 }
 
-/// The monitor's Prometheus metrics, from its control socket.
-fn metrics(home: &Home, name: &str) -> String {
+/// A request to the VM's monitor on its control socket: the whole answer.
+fn request(home: &Home, name: &str, method: &str, what: &str, body: &str) -> String {
     use std::io::{Read, Write};
     let sock = home.vm_dir(name).join("control.sock");
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     write!(
         s,
-        "GET /v1/vms/{name}/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} /v1/vms/{name}/{what} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// The monitor's Prometheus metrics.
+fn metrics(home: &Home, name: &str) -> String {
+    request(home, name, "GET", "metrics", "")
+}
+
+fn post(home: &Home, name: &str, what: &str, body: &str) -> String {
+    request(home, name, "POST", what, body)
 }
 
 /// CPU each VM used over `window`, as a fraction of one host CPU.
@@ -169,7 +180,15 @@ fn shares_split_one_cpu_70_30_a_cap_holds_and_shares_change_live() {
     assert!(info.contains("cgroup    "), "{info}");
 
     // Live: equal shares, and within a second the split is even.
-    home.ok(&["set", "backup", "cpu_shares=700"]);
+    // This change through the monitor's API (`vessel set` does the cap below).
+    let answer = post(
+        &home,
+        "backup",
+        "settings",
+        r#"{"settings": ["cpu_shares=700"]}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(home.ok(&["info", "backup"]).contains("cpu_shares=700"));
     std::thread::sleep(Duration::from_secs(1));
     let web = split(&home, "web", "backup");
     assert!((web - 0.50).abs() <= 0.05, "700:700 gave web {web:.3}");
@@ -255,6 +274,12 @@ fn reservations_pass_admission_or_are_refused() {
     assert!(home.ok(&["info", "etl"]).contains("cpu_reservation=0.1"));
     home.ok(&["kill", "db"]);
     home.ok(&["kill", "etl"]);
+    // A cap above one CPU starts (the monitor, inside its cap, still sees the host's
+    // CPUs when it checks vm.toml).
+    let cap = (cpus as f64 - 0.5).to_string();
+    create(&home, "wide", &kernel, &["--cpu-limit", &cap]);
+    home.ok(&["start", "wide"]);
+    home.ok(&["kill", "wide"]);
 }
 
 /// Without the rights to cgroups: a VM that asks for shares is refused in one line; one

@@ -410,6 +410,8 @@ fn a_running_vms_disk_limit_changes_live() {
     home.ok(&["set", "io", "disk0.bw=4M"]);
     let n = next_dd(2) + 1;
     let slow = 8.0 / wait_dd(n);
+    let info = home.ok(&["info", "io"]);
+    assert!(info.contains("throttled disk0: "), "{info}");
     home.ok(&["set", "io", "disk0.bw=none"]);
     let m = next_dd(n) + 1;
     let fast = 8.0 / wait_dd(m);

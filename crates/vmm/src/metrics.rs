@@ -95,6 +95,18 @@ impl Metrics {
         *lock(&self.ssh)
     }
 
+    /// Each rate-limited queue's waits so far.
+    pub fn throttled(&self) -> Vec<api::model::ThrottleInfo> {
+        lock(&self.throttled)
+            .iter()
+            .map(|(queue, t)| api::model::ThrottleInfo {
+                queue: queue.clone(),
+                requests: t.requests.load(Ordering::Relaxed),
+                seconds: t.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            })
+            .collect()
+    }
+
     pub fn add_throttled(&self, device: String, t: Arc<Throttling>) {
         lock(&self.throttled).push((device, t));
     }

@@ -1,6 +1,7 @@
 //! I/O rate limits: token buckets for bytes and for operations, as Firecracker's rate
 //! limiter and QEMU's throttling have them. A bucket holds a tenth of a second of its
-//! rate (QEMU's default burst) and starts full; a one-time burst is spent first. A
+//! rate (QEMU's default burst) unless its size is given (its refill time is then size
+//! over rate), and starts full; a one-time burst is spent first. A
 //! request larger than the bucket goes through when the bucket is full and leaves it
 //! in debt, so any size passes and the long-run rate is exact. A device whose request
 //! does not fit arms a timer for the moment it will, and takes nothing until then.
@@ -24,6 +25,9 @@ pub struct Rate {
     pub per_second: u64,
     #[serde(default)]
     pub burst: u64,
+    /// The bucket's size (0: a tenth of a second of the rate).
+    #[serde(default)]
+    pub bucket: u64,
 }
 
 /// A device's limits (`bw=`, `iops=` and their bursts).
@@ -40,7 +44,8 @@ impl Limits {
         self.bytes.is_none() && self.ops.is_none()
     }
 
-    /// Takes `key=value` if it is a limit's (`bw`, `bw_burst`, `iops`, `iops_burst`);
+    /// Takes `key=value` if it is a limit's (`bw`, `iops`, and their `_burst` and
+    /// `_bucket`);
     /// Ok(false) for other keys.
     pub fn parse_option(&mut self, key: &str, value: &str) -> Result<bool, String> {
         // `none` (or nothing) lifts the limit, or the burst.
@@ -50,6 +55,8 @@ impl Limits {
                 "iops" => self.ops = None,
                 "bw_burst" => self.bytes.iter_mut().for_each(|r| r.burst = 0),
                 "iops_burst" => self.ops.iter_mut().for_each(|r| r.burst = 0),
+                "bw_bucket" => self.bytes.iter_mut().for_each(|r| r.bucket = 0),
+                "iops_bucket" => self.ops.iter_mut().for_each(|r| r.bucket = 0),
                 _ => return Ok(false),
             }
             return Ok(true);
@@ -68,6 +75,8 @@ impl Limits {
             "bw_burst" => self.bytes.get_or_insert_default().burst = size()?,
             "iops" => self.ops.get_or_insert_default().per_second = count()?,
             "iops_burst" => self.ops.get_or_insert_default().burst = count()?,
+            "bw_bucket" => self.bytes.get_or_insert_default().bucket = size()?,
+            "iops_bucket" => self.ops.get_or_insert_default().bucket = count()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -88,7 +97,9 @@ impl Limits {
     pub fn validate(&self) -> Result<(), String> {
         for (name, r) in [("bw", self.bytes), ("iops", self.ops)] {
             if r.is_some_and(|r| r.per_second == 0) {
-                return Err(format!("{name}_burst needs {name}= (a rate) too"));
+                return Err(format!(
+                    "{name}_burst and {name}_bucket need {name}= (a rate) too"
+                ));
             }
         }
         Ok(())
@@ -107,6 +118,9 @@ impl Limits {
                 s += &format!(",{prefix}{name}={}", r.per_second);
                 if r.burst > 0 {
                     s += &format!(",{prefix}{name}_burst={}", r.burst);
+                }
+                if r.bucket > 0 {
+                    s += &format!(",{prefix}{name}_bucket={}", r.bucket);
                 }
             }
         }
@@ -127,7 +141,10 @@ struct TokenBucket {
 impl TokenBucket {
     fn new(r: Rate, now: Instant) -> Self {
         let per_second = r.per_second as f64;
-        let size = (per_second * BUCKET_WINDOW.as_secs_f64()).max(1.0);
+        let size = match r.bucket {
+            0 => (per_second * BUCKET_WINDOW.as_secs_f64()).max(1.0),
+            b => b as f64,
+        };
         TokenBucket {
             per_second,
             size,
@@ -306,28 +323,24 @@ mod tests {
 
     #[test]
     fn options_parse_and_read_back() {
-        let l = limits("bw=10M,bw_burst=1M,iops=200");
+        let l = limits("bw=10M,bw_burst=1M,iops=200,iops_bucket=400");
+        let rate = |per_second, burst, bucket| Rate {
+            per_second,
+            burst,
+            bucket,
+        };
+        assert_eq!(l.bytes, Some(rate(10 << 20, 1 << 20, 0)));
+        assert_eq!(l.ops, Some(rate(200, 0, 400)));
         assert_eq!(
-            l.bytes,
-            Some(Rate {
-                per_second: 10 << 20,
-                burst: 1 << 20
-            })
+            l.to_spec(),
+            ",bw=10485760,bw_burst=1048576,iops=200,iops_bucket=400"
         );
-        assert_eq!(
-            l.ops,
-            Some(Rate {
-                per_second: 200,
-                burst: 0
-            })
-        );
-        assert_eq!(l.to_spec(), ",bw=10485760,bw_burst=1048576,iops=200");
         let mut bad = Limits::default();
         assert!(bad.parse_option("bw", "fast").is_err());
         assert!(bad.parse_option("iops", "0").is_err());
         assert!(!bad.parse_option("path", "x").unwrap());
         bad.parse_option("iops_burst", "5").unwrap();
-        assert!(bad.validate().unwrap_err().contains("needs iops="));
+        assert!(bad.validate().unwrap_err().contains("need iops="));
     }
 
     /// Driven with a clock of its own: the rate a greedy client gets is the rate set,
@@ -364,6 +377,16 @@ mod tests {
                 "{spec} x{size}: {rate} vs {want}"
             );
         }
+    }
+
+    /// A bucket of 5 at 10 per second: 5 at once, then one every 100 ms.
+    #[test]
+    fn a_bucket_size_sets_the_refill_time() {
+        let r = RateLimiter::new(&limits("iops=10,iops_bucket=5"));
+        let n = (0..100).take_while(|_| r.admit(0).is_ok()).count();
+        assert_eq!(n, 5);
+        let wait = r.admit(0).unwrap_err();
+        assert!(wait > Duration::from_millis(80) && wait <= Duration::from_millis(100));
     }
 
     #[test]

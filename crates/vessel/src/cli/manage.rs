@@ -473,6 +473,12 @@ pub fn info(args: InfoArgs) -> CliResult {
                 .join(" ")
         );
         println!("monitor   {} KiB resident", l.monitor_rss_kib);
+        for t in l.throttled.iter().filter(|t| t.requests > 0) {
+            println!(
+                "throttled {}: {} requests waited {:.2}s in all",
+                t.queue, t.requests, t.seconds
+            );
+        }
         for n in &l.nics {
             println!(
                 "nic       {}: rx {} frames {} bytes, tx {} frames {} bytes, dropped rx {} tx {}",
@@ -569,9 +575,7 @@ pub fn set(args: SetArgs) -> CliResult {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| Failure::usage(format!("{kv:?} is not key=value")))?;
-        let device_limit = k.starts_with("disk") || k.starts_with("net");
-        if live && !(manager::resources::LIVE_KEYS.contains(&k) || device_limit && k.contains('.'))
-        {
+        if live && !manager::resources::is_live_key(k) {
             return Err(Failure::refused(format!(
                 "VM {} is {}: only {}, diskN.* and netN.* rate limits change while it runs; {k} when it is stopped",
                 bundle.name,
@@ -588,13 +592,7 @@ pub fn set(args: SetArgs) -> CliResult {
     if live && let Some(pid) = status.pid {
         manager::resources::set_live(&home, &bundle.name, pid, &spec.cpu)?;
         // Each device whose limits changed gets all of them anew.
-        let mut devices: Vec<&str> = args
-            .settings
-            .iter()
-            .filter_map(|kv| kv.split_once('.').map(|(d, _)| d))
-            .collect();
-        devices.dedup();
-        for device in devices {
+        for device in manager::resources::devices_named(&args.settings) {
             let limits = spec.device_limits(device).unwrap_or_default();
             let req = api::model::LimitsRequest {
                 device: device.to_string(),

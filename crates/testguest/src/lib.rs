@@ -8,6 +8,7 @@ use std::path::PathBuf;
 pub mod qemu_img;
 pub mod report;
 pub mod snippets;
+pub mod timing;
 
 pub use iced_x86::code_asm;
 use iced_x86::code_asm::CodeAssembler;

@@ -35,21 +35,6 @@ fn run(kit: &kit::Kit, extra: &[&str], script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Seconds from busybox `time`'s "real 0m 1.23s" lines, in order.
-fn times(out: &str) -> Vec<f64> {
-    out.lines()
-        .filter_map(|l| l.trim().strip_prefix("real"))
-        .filter_map(|t| {
-            let t = t.trim();
-            let (m, s) = t.split_once('m')?;
-            Some(
-                m.trim().parse::<f64>().ok()? * 60.0
-                    + s.trim().trim_end_matches('s').parse::<f64>().ok()?,
-            )
-        })
-        .collect()
-}
-
 fn main() {
     let kit = kit();
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +74,7 @@ fn main() {
         ],
         &script,
     );
-    let t = times(&out);
+    let t = testguest::timing::busybox_times(&out);
     assert_eq!(t.len(), 7, "{out}");
     let mb = MIB as f64 * 1.048_576;
     let row = |what: &str, i: usize| {

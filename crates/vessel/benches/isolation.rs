@@ -182,22 +182,11 @@ fn disk_rates(kit: &kit::Kit, disks: &[String], dds: &[String]) -> Vec<f64> {
         kit::cmdline("", Some(&script.join("; "))),
     ]);
     let out = Command::new(VESSEL).args(&args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     (0..dds.len())
         .map(|i| {
-            let after = text
-                .split(&format!("dd-{i}\n"))
-                .nth(1)
-                .unwrap_or_else(|| panic!("no dd-{i} in:\n{text}"));
-            let real = after
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("real"))
-                .expect("timing")
-                .trim()
-                .to_string();
-            let (m, s) = real.split_once('m').unwrap();
-            m.trim().parse::<f64>().unwrap() * 60.0
-                + s.trim().trim_end_matches('s').parse::<f64>().unwrap()
+            testguest::timing::busybox_time_after(&text, &format!("dd-{i}"))
+                .unwrap_or_else(|| panic!("no time for dd-{i} in:\n{text}"))
         })
         .collect()
 }

@@ -134,14 +134,7 @@ const VIA_GATEWAY: &str = "until ip route | grep -q default; do sleep 1; done; g
 
 /// Seconds from busybox `time`'s first "real 0m 1.23s" line.
 fn guest_seconds(out: &str) -> f64 {
-    let t = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("real"))
-        .unwrap_or_else(|| panic!("no timing in:\n{out}"))
-        .trim()
-        .to_string();
-    let (m, s) = t.split_once('m').unwrap();
-    m.trim().parse::<f64>().unwrap() * 60.0 + s.trim().trim_end_matches('s').parse::<f64>().unwrap()
+    testguest::timing::busybox_time_after(out, "").unwrap_or_else(|| panic!("no timing in:\n{out}"))
 }
 
 fn get(at: SocketAddr, path: &str) -> (usize, f64) {

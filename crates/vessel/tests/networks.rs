@@ -548,15 +548,8 @@ fn a_nics_rate_limits_hold_for_tcp_streams_each_way() {
     );
     let vm = Running::spawn(r.command(&[&net], "", &script));
     let out = vm.wait_for("serving");
-    let real = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("real"))
-        .unwrap_or_else(|| panic!("no timing:\n{out}"))
-        .trim()
-        .to_string();
-    let (m, s) = real.split_once('m').unwrap();
-    let secs = m.trim().parse::<f64>().unwrap() * 60.0
-        + s.trim().trim_end_matches('s').parse::<f64>().unwrap();
+    let secs = testguest::timing::busybox_time_after(&out, "")
+        .unwrap_or_else(|| panic!("no timing:\n{out}"));
     let rx = MIB as f64 / secs;
     let mut c = TcpStream::connect(("127.0.0.1", fwd_port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();

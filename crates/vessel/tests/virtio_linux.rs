@@ -258,15 +258,8 @@ fn the_guest_pings_the_host_and_sends_16_mib_over_tcp() {
 
 /// Seconds from the first busybox `time` line ("real 0m 4.12s") after `after`.
 fn seconds_after(out: &str, after: &str) -> f64 {
-    let t = out
-        .split(after)
-        .nth(1)
-        .and_then(|rest| rest.lines().find_map(|l| l.trim().strip_prefix("real")))
+    testguest::timing::busybox_time_after(out, after)
         .unwrap_or_else(|| panic!("no timing after {after:?} in:\n{out}"))
-        .trim()
-        .to_string();
-    let (m, s) = t.split_once('m').unwrap();
-    m.trim().parse::<f64>().unwrap() * 60.0 + s.trim().trim_end_matches('s').parse::<f64>().unwrap()
 }
 
 /// Rate limits on disks as the guest sees them: `dd` with O_DIRECT reads a disk limited
@@ -332,16 +325,7 @@ fn a_guest_reads_rate_limited_disks_at_the_rates_set() {
 
 /// Seconds of the `time` line after the `dd-N` marker, once that dd has finished.
 fn dd_seconds(log: &str, n: u32) -> Option<f64> {
-    let rest = log.split(&format!("dd-{n}\n")).nth(1)?;
-    let real = rest
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("real"))?
-        .trim();
-    let (m, s) = real.split_once('m')?;
-    Some(
-        m.trim().parse::<f64>().ok()? * 60.0
-            + s.trim().trim_end_matches('s').parse::<f64>().ok()?,
-    )
+    testguest::timing::busybox_time_after(log, &format!("dd-{n}"))
 }
 
 /// A running VM's disk limit changes with `vessel set NAME disk0.bw=...`: a guest

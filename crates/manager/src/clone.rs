@@ -1,5 +1,7 @@
 //! A copy of a VM that is a VM of its own: every file it needs copied into its folder
-//! (disks sparse or reflinked, kernel, initramfs), and new MAC addresses.
+//! (disks sparse or reflinked, kernel, initramfs), and new MAC addresses. A linked
+//! clone of a snapshot copies no disk: each of its disks is a qcow2 overlay on the
+//! snapshot's (which never change), as VirtualBox's linked clones are.
 
 use std::path::Path;
 
@@ -13,13 +15,20 @@ fn copy(from: &Path, to: &Path) -> Result<(), ManagerError> {
     disk::copy_image(from, to).map_err(|e| ManagerError::Other(e.to_string()))
 }
 
+/// The name of the file in a snapshot's folder that lists the VMs whose disks are
+/// overlays on the snapshot's (one folder per clone).
+pub const LINKED_CLONES: &str = "linked-clones";
+
 /// Copies the VM described by `spec` (relative paths resolved against `from`) into
-/// `into`, the new VM `name`'s folder; returns the new VM's spec.
+/// `into`, the new VM `name`'s folder; returns the new VM's spec. `linked`: the disks
+/// become qcow2 overlays on those in `from` (a snapshot's folder, whose disks stay as
+/// they are) instead of copies.
 pub fn copy_vm(
     spec: &VmSpec,
     from: &Path,
     into: &Path,
     name: &str,
+    linked: bool,
 ) -> Result<VmSpec, ManagerError> {
     let resolve = |p: &str| {
         let p = Path::new(p);
@@ -51,11 +60,30 @@ pub fn copy_vm(
         let mut c =
             BlockConfig::parse(d).map_err(|e| ManagerError::Other(format!("disk {d:?}: {e}")))?;
         let src = resolve(&c.path.to_string_lossy());
-        let dest = match src.extension() {
-            Some(ext) => format!("disk{i}.{}", ext.to_string_lossy()),
-            None => format!("disk{i}"),
+        let dest = if linked {
+            let dest = format!("disk{i}.qcow2");
+            let base = disk::Backing {
+                path: src.clone(),
+                format: c.format,
+            };
+            let opts = disk::CreateOptions {
+                format: disk::Format::Qcow2,
+                size: None,
+                backing: Some(base),
+                cluster_size: None,
+            };
+            disk::create(&into.join(&dest), &opts)
+                .map_err(|e| ManagerError::Other(e.to_string()))?;
+            c.format = Some(disk::Format::Qcow2);
+            dest
+        } else {
+            let dest = match src.extension() {
+                Some(ext) => format!("disk{i}.{}", ext.to_string_lossy()),
+                None => format!("disk{i}"),
+            };
+            copy(&src, &into.join(&dest))?;
+            dest
         };
-        copy(&src, &into.join(&dest))?;
         // The guest keeps seeing the serials it knew.
         c.id = Some(c.serial());
         c.path = dest.into();

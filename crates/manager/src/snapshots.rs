@@ -326,8 +326,40 @@ fn read_meta(dir: &Path) -> Result<SnapshotMeta, ManagerError> {
 }
 
 /// Deletes snapshot `name`; its children hang from its parent from now on.
+/// Notes that VM `clone`'s disks are overlays on the snapshot in `dir`.
+pub fn add_linked_clone(dir: &Path, clone: &str) -> Result<(), ManagerError> {
+    let list = dir.join(crate::clone::LINKED_CLONES);
+    std::fs::create_dir_all(&list).map_err(ManagerError::io(&list))?;
+    write(list.join(clone), b"")
+}
+
+/// The VMs (still there) whose disks are overlays on the snapshot in `dir`.
+fn linked_clones(bundle: &Bundle, dir: &Path) -> Vec<String> {
+    let list = dir.join(crate::clone::LINKED_CLONES);
+    let Some(home) = bundle.dir.parent() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = std::fs::read_dir(list)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| home.join(n).join("vm.toml").is_file())
+        .collect();
+    names.sort();
+    names
+}
+
 pub fn remove(bundle: &Bundle, name: &str) -> Result<(), ManagerError> {
     let dir = find(bundle, name)?;
+    let clones = linked_clones(bundle, &dir);
+    if !clones.is_empty() {
+        return Err(ManagerError::Other(format!(
+            "snapshot {name} of {} holds the disks of its linked clones ({}): remove them first",
+            bundle.name,
+            clones.join(", ")
+        )));
+    }
     let meta = read_meta(&dir)?;
     for child in list(bundle)?
         .into_iter()

@@ -458,3 +458,85 @@ fn a_guest_that_saw_more_cpu_than_the_destination_has_is_refused_by_name() {
         r.dump()
     );
 }
+
+/// A linked clone of a snapshot copies no disk: its disk is a qcow2 overlay on the
+/// snapshot's. The kit's Linux writes into the clone's disk; the clone reads its own
+/// write back after a restart, the source and the snapshot still read theirs, and the
+/// snapshot cannot be removed while the clone exists.
+#[test]
+fn a_linked_clone_writes_over_its_snapshot_and_leaves_it_as_it_was() {
+    let Some(kit) = common::kit() else { return };
+    let home = Home::new();
+    let data = home.path().join("data.img");
+    let mut bytes = b"base-data\n".to_vec();
+    bytes.resize(8 << 20, 0);
+    std::fs::write(&data, &bytes).unwrap();
+    let read = "head -c 11 /dev/vda";
+    let write =
+        "echo clone-wrote | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; head -c 11 /dev/vda";
+    let cmdline = |script: &str| kit::cmdline("", Some(script));
+    home.ok(&[
+        "create",
+        "src",
+        "--kernel",
+        &kit.vmlinux.display().to_string(),
+        "--initrd",
+        &kit.initrd.display().to_string(),
+        "--cmdline",
+        &cmdline(read),
+        "--memory",
+        "256M",
+        "--accel",
+        "emu",
+        "--net",
+        "none",
+        "--disk",
+        &format!("path={}", data.display()),
+    ]);
+    home.ok(&["snapshot", "src", "base"]);
+    // Without a snapshot to share: refused in one line.
+    let (_, err) = home.refused(&["clone", "src", "lc", "--linked"]);
+    assert!(err.contains("give --snapshot NAME"), "{err}");
+    let out = home.ok(&["clone", "src", "lc", "--snapshot", "base", "--linked"]);
+    assert!(out.contains("linked to snapshot base"), "{out}");
+    let overlay = home.vm_dir("lc").join("disk0.qcow2");
+    assert!(
+        std::fs::metadata(&overlay).unwrap().len() < 1 << 20,
+        "the clone's disk is an overlay, not a copy"
+    );
+    // Boots the VM to its command's end and waits for it to stop.
+    let boot = |name: &str, from: usize| {
+        home.ok(&["start", name]);
+        let log = home.wait_log(name, from, "VESSEL-KIT: exit status");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while home.state_in_ls(name) != "stopped" {
+            assert!(std::time::Instant::now() < deadline, "{name} does not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        log
+    };
+    home.ok(&["set", "lc", &format!("cmdline={}", cmdline(write))]);
+    let log = boot("lc", 0);
+    assert!(log.contains("clone-wrote"), "{log}");
+    home.ok(&["set", "lc", &format!("cmdline={}", cmdline(read))]);
+    let again = boot("lc", log.len());
+    assert!(again[log.len()..].contains("clone-wrote"), "{again}");
+    let src = boot("src", 0);
+    assert!(
+        src.contains("base-data") && !src.contains("clone-wrote"),
+        "{src}"
+    );
+    // The snapshot's copy of the disk is byte for byte what it was.
+    let base_disks: Vec<Vec<u8>> = std::fs::read_dir(home.vm_dir("src").join("snapshots/base"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() == 8 << 20))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    assert_eq!(base_disks.len(), 1);
+    assert!(base_disks[0] == bytes, "the snapshot's disk changed");
+    let (_, err) = home.refused(&["snapshot", "rm", "src", "base"]);
+    assert!(err.contains("linked clones (lc)"), "{err}");
+    home.ok(&["rm", "lc"]);
+    home.ok(&["snapshot", "rm", "src", "base"]);
+}

@@ -46,7 +46,8 @@ pub struct CloneArgs {
     /// Clone the VM as it was at this snapshot (its disks and config).
     #[arg(long, value_name = "SNAP")]
     snapshot: Option<String>,
-    /// Copy-on-write disks over the source's (needs qcow2; full copies until then).
+    /// Copy no disk: each of the clone's disks is a qcow2 overlay on the snapshot's
+    /// (with --snapshot; the snapshot cannot be removed while the clone exists).
     #[arg(long)]
     linked: bool,
 }
@@ -247,10 +248,11 @@ fn restore(name: &str, snapshot: &str) -> CliResult {
 
 pub fn clone(args: CloneArgs) -> CliResult {
     let (home, src) = open(&args.source)?;
-    if args.linked {
-        eprintln!(
-            "vessel: --linked needs qcow2 overlays, which vessel has not yet: making full copies"
-        );
+    if args.linked && args.snapshot.is_none() {
+        return Err(Failure::usage(format!(
+            "a linked clone shares a snapshot's disks, which never change: give --snapshot NAME (take one with `vessel snapshot {} NAME`)",
+            src.name
+        )));
     }
     let (spec, from) = match &args.snapshot {
         Some(s) => {
@@ -272,8 +274,18 @@ pub fn clone(args: CloneArgs) -> CliResult {
         }
     };
     let dst = Bundle::create_with(&home, &args.destination, |dir| {
-        manager::clone::copy_vm(&spec, &from, dir, &args.destination)
+        manager::clone::copy_vm(&spec, &from, dir, &args.destination, args.linked)
     })?;
+    if args.linked {
+        snapshots::add_linked_clone(&from, &dst.name)?;
+        println!(
+            "cloned {} to {}, linked to snapshot {} (new MAC addresses)",
+            src.name,
+            dst.name,
+            args.snapshot.as_deref().unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("cloned {} to {} (new MAC addresses)", src.name, dst.name);
     Ok(ExitCode::SUCCESS)
 }

@@ -9,10 +9,13 @@
 //! 0x2000, buffers and indirect tables wherever the descriptors say.
 //!
 //! Also: a DHCP frame from a guest, and what whoever hands vessel a file controls: a
-//! snapshot's state file and a qcow2 disk image (`qcow2.rs`).
+//! snapshot's state file, a qcow2 disk image (`qcow2.rs`) and a VM's vm.toml
+//! (`vm_toml.rs`).
 
 mod qcow2;
+mod vm_toml;
 pub use qcow2::{qcow2_image, qcow2_opens};
+pub use vm_toml::vm_toml;
 
 use devices::virtio::block::request::{self, Request, RequestKind};
 use devices::virtio::chain::{Chain, Cursor, UsedRing, pop, pop_all};

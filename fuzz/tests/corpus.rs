@@ -226,3 +226,48 @@ fn qcow2_image_corpus_and_mutations() {
     }
     eprintln!("qcow2_image: {n} inputs");
 }
+
+#[test]
+fn vm_toml_corpus_and_mutations() {
+    let seeds: Vec<Vec<u8>> = corpus("vm_toml")
+        .into_iter()
+        .filter(|s| std::str::from_utf8(s).is_ok_and(|t| t.contains("memory")))
+        .collect();
+    assert!(seeds.len() >= 2);
+    for s in &seeds {
+        let text = std::str::from_utf8(s).unwrap();
+        // The seeds load (else the mutations below test only the TOML parser).
+        manager::VmSpec::from_toml(Path::new("vm.toml"), text).unwrap();
+        vessel_fuzz::vm_toml(s);
+    }
+    // Values swapped for others that are odd, out of range or malformed.
+    let odd = [
+        "0",
+        "-1",
+        "1e308",
+        "nan",
+        "inf",
+        "\"\"",
+        "\"none\"",
+        "262145",
+        "0.001",
+        "\"0-4095\"",
+        "\"path=,bw=\"",
+        "\"9-1\"",
+        "\"user,rx_bw=0\"",
+        "\"path=a,iops_burst=5\"",
+    ];
+    let mut r = Rng(0x70_3170);
+    let mut n = 0;
+    for i in 0..4_000 {
+        let text = std::str::from_utf8(&seeds[i % seeds.len()]).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let at = r.next() as usize % lines.len();
+        if let Some((k, _)) = lines[at].split_once(" = ") {
+            lines[at] = format!("{k} = {}", odd[r.next() as usize % odd.len()]);
+        }
+        vessel_fuzz::vm_toml(lines.join("\n").as_bytes());
+        n += 1;
+    }
+    eprintln!("vm_toml: {n} inputs");
+}

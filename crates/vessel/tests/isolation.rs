@@ -259,9 +259,22 @@ fn reservations_pass_admission_or_are_refused() {
     // Three quarters of the host's CPUs reserved, then a VM that wants half: refused,
     // and it fits once the first has stopped.
     let r = cpus as f64 * 0.75;
-    create(&home, "db", &kernel, &["--cpu-reservation", &r.to_string()]);
+    // Busy guests kept off CPU 0, where the shares test measures.
+    let last = (cpus - 1).to_string();
+    let off0 = ["--cpu-affinity", last.as_str()];
+    create(
+        &home,
+        "db",
+        &kernel,
+        &[&off0[..], &["--cpu-reservation", &r.to_string()]].concat(),
+    );
     let half = (cpus as f64 / 2.0).to_string();
-    create(&home, "etl", &kernel, &["--cpu-reservation", &half]);
+    create(
+        &home,
+        "etl",
+        &kernel,
+        &[&off0[..], &["--cpu-reservation", &half]].concat(),
+    );
     home.ok(&["start", "db"]);
     let (code, err) = home.refused(&["start", "etl"]);
     assert_eq!(code, Some(1));
@@ -277,7 +290,12 @@ fn reservations_pass_admission_or_are_refused() {
     // A cap above one CPU starts (the monitor, inside its cap, still sees the host's
     // CPUs when it checks vm.toml).
     let cap = (cpus as f64 - 0.5).to_string();
-    create(&home, "wide", &kernel, &["--cpu-limit", &cap]);
+    create(
+        &home,
+        "wide",
+        &kernel,
+        &[&off0[..], &["--cpu-limit", &cap]].concat(),
+    );
     home.ok(&["start", "wide"]);
     home.ok(&["kill", "wide"]);
 }

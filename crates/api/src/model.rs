@@ -33,17 +33,6 @@ pub struct SettingsRequest {
     pub settings: Vec<String>,
 }
 
-/// New I/O rate limits for one device of a running VM (`POST .../limits`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsRequest {
-    /// `disk0`, `net0`...
-    pub device: String,
-    /// As `--disk` (`bw=10M,iops=50`) or `--net` (`rx_bw=1M,tx_bw=1M`) take them; what
-    /// is left out is unlimited.
-    pub limits: String,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {

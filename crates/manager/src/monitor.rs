@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use api::model::{Action, ActionRequest, LimitsRequest, SettingsRequest, StateBody, VmInfo};
+use api::model::{Action, ActionRequest, SettingsRequest, StateBody, VmInfo};
 use api::{Method, Request, Response};
 use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
 
@@ -103,10 +103,11 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
         .stdout(Stdio::null())
         .stderr(log);
     let policy = spec.cpu.clone();
-    // SAFETY: setsid and sched_setaffinity are async-signal-safe system calls; setsid
-    // detaches the monitor from our session and terminal, so it outlives the CLI and
-    // never receives its terminal's signals; the affinity is inherited by every thread
-    // the monitor makes.
+    // setsid detaches the monitor from our session and terminal, so it outlives the CLI
+    // and never receives its terminal's signals; the affinity is inherited by every
+    // thread the monitor makes.
+    // SAFETY: only async-signal-safe system calls (setsid, sched_setaffinity) run
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
@@ -366,8 +367,11 @@ impl Monitor {
             return Response::error(409, e.to_string());
         }
         for device in resources::devices_named(&req.settings) {
-            let limits = spec.device_limits(device).unwrap_or_default();
-            if let Err(e) = handle.io_limits().set(device, &limits) {
+            let set = match spec.device_limits(device) {
+                Some(limits) => handle.io_limits().set(device, &limits),
+                None => Err(format!("the VM has no {device}")),
+            };
+            if let Err(e) = set {
                 return Response::error(400, e);
             }
         }
@@ -379,22 +383,6 @@ impl Monitor {
                 },
             ),
             Err(e) => Response::error(500, e.to_string()),
-        }
-    }
-
-    /// New rate limits for one disk or NIC, in force at once.
-    fn set_limits(&self, req: &LimitsRequest) -> Response {
-        let Some(handle) = lock(&self.handle).clone() else {
-            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
-        };
-        match handle.io_limits().set(&req.device, &req.limits) {
-            Ok(()) => Response::json(
-                200,
-                &StateBody {
-                    state: self.state_name().into(),
-                },
-            ),
-            Err(e) => Response::error(400, e),
         }
     }
 
@@ -480,10 +468,6 @@ impl Monitor {
                     Err(e) => Response::error(400, format!("invalid settings request: {e}")),
                 }
             }
-            (Method::Post, "limits") => match serde_json::from_slice::<LimitsRequest>(&r.body) {
-                Ok(req) => self.set_limits(&req),
-                Err(e) => Response::error(400, format!("invalid limits request: {e}")),
-            },
             (Method::Get, "metrics") => {
                 let mut text = lock(&self.handle)
                     .as_ref()
@@ -492,7 +476,7 @@ impl Monitor {
                 text += &resources::prometheus(&self.name);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
-            (_, "" | "state" | "actions" | "metrics" | "limits" | "settings") => {
+            (_, "" | "state" | "actions" | "metrics" | "settings") => {
                 Response::error(405, "method not allowed")
             }
             (_, other) => Response::error(404, format!("no such resource {other:?}")),

@@ -7,6 +7,7 @@ use cgroup::CpuPolicy;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
 use serde::{Deserialize, Serialize};
+use vmm::io_limits::DeviceLimits;
 use vmm::{Accel, VmConfig};
 
 use crate::error::ManagerError;
@@ -215,26 +216,27 @@ impl VmSpec {
                     "a NIC takes rx_bw, tx_bw, rx_iops, tx_iops and their _burst".into(),
                 ));
             }
-            *spec = NetConfig::parse(&c.to_spec())?.to_spec();
+            c.rx.validate().map_err(|e| bad(format!("rx_{e}")))?;
+            c.tx.validate().map_err(|e| bad(format!("tx_{e}")))?;
+            *spec = c.to_spec();
         } else {
             return Err(bad("devices are disk0, disk1... and net0, net1...".into()));
         }
         Ok(())
     }
 
-    /// The limits of device `name` (`disk0`, `net0`), as the monitor's API takes them.
-    pub fn device_limits(&self, name: &str) -> Option<String> {
+    /// The limits of device `name` (`disk0`, `net0`).
+    pub fn device_limits(&self, name: &str) -> Option<DeviceLimits> {
         if let Some(i) = name
             .strip_prefix("disk")
             .and_then(|n| n.parse::<usize>().ok())
         {
             let c = BlockConfig::parse(self.disks.get(i)?).ok()?;
-            return Some(c.limits.to_spec().trim_start_matches(',').to_string());
+            return Some(DeviceLimits::Disk(c.limits));
         }
         let i = name.strip_prefix("net")?.parse::<usize>().ok()?;
         let c = NetConfig::parse(self.nets.get(i)?).ok()?;
-        let s = c.rx.to_spec_prefixed("rx_") + &c.tx.to_spec_prefixed("tx_");
-        Some(s.trim_start_matches(',').to_string())
+        Some(DeviceLimits::Nic { rx: c.rx, tx: c.tx })
     }
 
     /// The VM as the monitor builds it; `dir` is the bundle.

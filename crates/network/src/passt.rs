@@ -185,9 +185,9 @@ pub(crate) fn spawn(passt: &Path, args: &[String]) -> Result<(Child, UnixStream)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 moves passt's
-    // end to the fd number it is told (the copy is not close-on-exec), or fcntl clears
-    // close-on-exec when it is already there.
+    // dup2 moves passt's end to the fd number it is told (the copy is not
+    // close-on-exec), or fcntl clears close-on-exec when it is already there.
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) run between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             let r = if fd == PASST_FD {

@@ -475,24 +475,8 @@ fn a_linked_clone_writes_over_its_snapshot_and_leaves_it_as_it_was() {
     let write =
         "echo clone-wrote | dd of=/dev/vda conv=notrunc 2>/dev/null; sync; head -c 11 /dev/vda";
     let cmdline = |script: &str| kit::cmdline("", Some(script));
-    home.ok(&[
-        "create",
-        "src",
-        "--kernel",
-        &kit.vmlinux.display().to_string(),
-        "--initrd",
-        &kit.initrd.display().to_string(),
-        "--cmdline",
-        &cmdline(read),
-        "--memory",
-        "256M",
-        "--accel",
-        "emu",
-        "--net",
-        "none",
-        "--disk",
-        &format!("path={}", data.display()),
-    ]);
+    let disk = format!("path={}", data.display());
+    home.create_kit_vm("src", &kit, read, &["--disk", &disk]);
     home.ok(&["snapshot", "src", "base"]);
     // Without a snapshot to share: refused in one line.
     let (_, err) = home.refused(&["clone", "src", "lc", "--linked"]);

@@ -339,24 +339,8 @@ fn a_running_vms_disk_limit_changes_live() {
     std::fs::write(&disk, vec![0x5au8; 16 << 20]).unwrap();
     let script = "i=0; while :; do i=$((i+1)); echo dd-$i; \
                   time dd if=/dev/vda of=/dev/null bs=1M count=8 iflag=direct 2>&1; done";
-    home.ok(&[
-        "create",
-        "io",
-        "--kernel",
-        &kit.vmlinux.display().to_string(),
-        "--initrd",
-        &kit.initrd.display().to_string(),
-        "--cmdline",
-        &kit::cmdline("", Some(script)),
-        "--memory",
-        "256M",
-        "--accel",
-        "emu",
-        "--net",
-        "none",
-        "--disk",
-        &format!("path={},bw=32M", disk.display()),
-    ]);
+    let spec = format!("path={},bw=32M", disk.display());
+    home.create_kit_vm("io", &kit, script, &["--disk", &spec]);
     home.ok(&["start", "io"]);
     // The dd that starts after a change is the first to run wholly under it.
     let next_dd = |after: u32| {

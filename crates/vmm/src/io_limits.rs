@@ -4,6 +4,13 @@
 
 use devices::virtio::rate_limit::{Limits, RateLimiter};
 
+/// One device's limits, as its `--disk` or `--net` spec gives them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeviceLimits {
+    Disk(Limits),
+    Nic { rx: Limits, tx: Limits },
+}
+
 enum Queues {
     Disk(RateLimiter),
     Nic { rx: RateLimiter, tx: RateLimiter },
@@ -25,44 +32,20 @@ impl IoLimits {
             .push((format!("net{index}"), Queues::Nic { rx, tx }));
     }
 
-    /// New limits for `device` from options as `--disk` (`bw=10M,iops=50`) or `--net`
-    /// (`rx_bw=1M,tx_iops=100`) take them; what the options leave out is unlimited.
-    pub fn set(&self, device: &str, options: &str) -> Result<(), String> {
+    /// Puts `limits` in force on `device`.
+    pub fn set(&self, device: &str, limits: &DeviceLimits) -> Result<(), String> {
         let (_, queues) = self
             .devices
             .iter()
             .find(|(d, _)| d == device)
             .ok_or_else(|| format!("no device {device} (disks are disk0.., NICs net0..)"))?;
-        // Nothing: no limits.
-        let pairs = match options.trim() {
-            "" => Vec::new(),
-            o => devices::virtio::options::pairs(o, "")?,
-        };
-        match queues {
-            Queues::Disk(l) => {
-                let mut limits = Limits::default();
-                for (k, v) in pairs {
-                    if !limits.parse_option(k, v)? {
-                        return Err(format!("{k}: not a disk limit (bw, iops and their _burst)"));
-                    }
-                }
-                limits.validate()?;
-                l.update(&limits);
+        match (queues, limits) {
+            (Queues::Disk(l), DeviceLimits::Disk(limits)) => l.update(limits),
+            (Queues::Nic { rx, tx }, DeviceLimits::Nic { rx: r, tx: t }) => {
+                rx.update(r);
+                tx.update(t);
             }
-            Queues::Nic { rx, tx } => {
-                let (mut r, mut t) = (Limits::default(), Limits::default());
-                for (k, v) in pairs {
-                    if !(r.parse_prefixed("rx_", k, v)? || t.parse_prefixed("tx_", k, v)?) {
-                        return Err(format!(
-                            "{k}: not a NIC limit (rx_bw, tx_bw, rx_iops, tx_iops and their _burst)"
-                        ));
-                    }
-                }
-                r.validate()?;
-                t.validate()?;
-                rx.update(&r);
-                tx.update(&t);
-            }
+            _ => return Err(format!("{device}: limits of another kind of device")),
         }
         Ok(())
     }

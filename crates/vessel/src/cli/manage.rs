@@ -561,7 +561,7 @@ pub fn logs(args: LogsArgs) -> CliResult {
 }
 
 pub fn set(args: SetArgs) -> CliResult {
-    let (home, bundle) = open(&args.name)?;
+    let (_, bundle) = open(&args.name)?;
     if bundle.suspended_dir().exists() {
         return Err(Failure::refused(format!(
             "VM {} is suspended: its saved state holds the old settings; start it and stop it first",
@@ -589,22 +589,18 @@ pub fn set(args: SetArgs) -> CliResult {
         };
         spec.set(k, &v).map_err(Failure::usage)?;
     }
-    if live && let Some(pid) = status.pid {
-        manager::resources::set_live(&home, &bundle.name, pid, &spec.cpu)?;
-        // Each device whose limits changed gets all of them anew.
-        for device in manager::resources::devices_named(&args.settings) {
-            let limits = spec.device_limits(device).unwrap_or_default();
-            let req = api::model::LimitsRequest {
-                device: device.to_string(),
-                limits,
-            };
-            client(&bundle, "change the limits of")?.post::<_, api::model::StateBody>(
-                &format!("/v1/vms/{}/limits", bundle.name),
-                &req,
-            )?;
-        }
+    if live {
+        // The monitor applies them (CPU through the host layer, I/O limits in its
+        // devices) and writes vm.toml: checked here first, so a refusal reads the same
+        // whether the VM runs or not.
+        let req = api::model::SettingsRequest {
+            settings: args.settings.clone(),
+        };
+        client(&bundle, "change the settings of")?
+            .post::<_, api::model::StateBody>(&format!("/v1/vms/{}/settings", bundle.name), &req)?;
+    } else {
+        bundle.save_spec(&spec)?;
     }
-    bundle.save_spec(&spec)?;
     println!("{} updated", bundle.name);
     Ok(ExitCode::SUCCESS)
 }

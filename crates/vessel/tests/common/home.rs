@@ -37,6 +37,34 @@ impl Home {
         super::run_with_deadline(cmd, self.deadline)
     }
 
+    /// `vessel create NAME` of the kit's Linux on the software CPU (256 MiB, no NIC)
+    /// running `script`, with `extra` arguments.
+    pub fn create_kit_vm(&self, name: &str, kit: &kit::Kit, script: &str, extra: &[&str]) {
+        let (kernel, initrd) = (
+            kit.vmlinux.display().to_string(),
+            kit.initrd.display().to_string(),
+        );
+        let cmdline = kit::cmdline("", Some(script));
+        let mut args = vec![
+            "create",
+            name,
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "256M",
+            "--accel",
+            "emu",
+            "--net",
+            "none",
+        ];
+        args.extend(extra);
+        self.ok(&args);
+    }
+
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.vessel(args);

@@ -385,9 +385,11 @@ impl<M: GuestMemory> NetQueues<M> {
     /// While the receive limit holds the queue: frames from the backend into the
     /// backlog, while it has room (past it they are dropped and counted).
     fn stash(&mut self) {
-        let mut buf = vec![0u8; MAX_FRAME];
+        // `rx_buf` holds the pending frame: read into the transmit buffer's room.
+        let buf = &mut self.tx_buf;
+        buf.resize(MAX_FRAME, 0);
         loop {
-            match self.backend.recv(&mut buf) {
+            match self.backend.recv(buf) {
                 Ok(0) => return,
                 Ok(len) if len < HEADER_LEN => {}
                 Ok(len) if self.backlog_bytes + len > RX_BACKLOG_BYTES => {

@@ -13,8 +13,12 @@ pub struct ErrorBody {
 pub enum Action {
     Pause,
     Resume,
-    /// The ACPI power button: the guest shuts down.
+    /// A clean shutdown: through the guest agent when one answers, else the ACPI power
+    /// button.
     Shutdown,
+    /// The ACPI power button only.
+    #[serde(rename = "power-button")]
+    PowerButton,
     /// A hard reset; a managed VM boots again.
     Reboot,
     /// Ends the VM at once.

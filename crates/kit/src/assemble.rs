@@ -15,7 +15,10 @@ use crate::cpio::CpioWriter;
 use crate::debian::{self, Deb};
 use crate::modules::{ModulePlan, ModuleTree};
 use crate::tree::Tree;
-use crate::{DEFAULT_CMDLINE, KIT_FORMAT, Kit, KitError, MANIFEST, bootmark, init, locate, rootfs};
+use crate::{
+    AGENT_NAME, Agent, DEFAULT_CMDLINE, KIT_FORMAT, Kit, KitError, MANIFEST, bootmark, init,
+    locate, rootfs,
+};
 
 const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
@@ -27,8 +30,10 @@ const REQUIRED_MODULES: &[&str] = &[
     "virtio_rng",
     "virtio_console",
 ];
-/// ACPI power button to input events, for acpid; shipped only if the kernel has them.
-const OPTIONAL_MODULES: &[&str] = &["button", "evdev"];
+/// ACPI power button to input events, for acpid, and vsock for the guest agent; shipped
+/// only if the kernel has them.
+/// vsock, for the guest agent.
+const OPTIONAL_MODULES: &[&str] = &["button", "evdev", "vmw_vsock_virtio_transport"];
 
 /// Removes a build's scratch directory however the build ends.
 struct Scratch(PathBuf);
@@ -39,12 +44,19 @@ impl Drop for Scratch {
 }
 
 /// Builds under the cache's lock, re-checking for a kit another process just finished.
-pub(crate) fn build_locked(cache: &Path, force: bool) -> Result<Kit, KitError> {
+pub(crate) fn build_locked(
+    cache: &Path,
+    force: bool,
+    agent: Option<&Agent>,
+) -> Result<Kit, KitError> {
     fs::create_dir_all(cache).map_err(KitError::io(cache))?;
     let lock_path = cache.join(".lock");
     let lock = fs::File::create(&lock_path).map_err(KitError::io(&lock_path))?;
     lock.lock().map_err(KitError::io(&lock_path))?;
-    if !force && let Some(kit) = locate(cache) {
+    if !force
+        && let Some(kit) = locate(cache)
+        && agent.is_none_or(|a| kit.agent.as_ref() == Some(&a.id))
+    {
         return Ok(kit);
     }
     remove_leftovers(cache)?;
@@ -52,7 +64,7 @@ pub(crate) fn build_locked(cache: &Path, force: bool) -> Result<Kit, KitError> {
     let scratch = Scratch(cache.join(format!(".build-{}", std::process::id())));
     fs::create_dir_all(&scratch.0).map_err(KitError::io(&scratch.0))?;
     let out = scratch.0.join("kit");
-    let manifest = assemble(&scratch.0, &out)?;
+    let manifest = assemble(&scratch.0, &out, agent)?;
     publish(cache, &out, &manifest)?;
     let kit = locate(cache).ok_or_else(|| KitError::Manifest {
         dir: cache.join("current"),
@@ -109,7 +121,7 @@ fn publish(cache: &Path, out: &Path, manifest: &str) -> Result<(), KitError> {
 
 /// Downloads and unpacks the packages under `work`, writes the kit files into `out`, and
 /// returns the manifest text.
-fn assemble(work: &Path, out: &Path) -> Result<String, KitError> {
+fn assemble(work: &Path, out: &Path, agent: Option<&Agent>) -> Result<String, KitError> {
     let debs = work.join("debs");
     let mkdir = |d: &Path| fs::create_dir_all(d).map_err(KitError::io(d));
     mkdir(&debs)?;
@@ -150,7 +162,14 @@ fn assemble(work: &Path, out: &Path) -> Result<String, KitError> {
             dir: kernel_root.clone(),
         })?;
     let plan = ModuleTree::scan(&modules_root)?.plan(REQUIRED_MODULES, OPTIONAL_MODULES)?;
-    let system = system_tree(&busybox_root, &modules_root, &kernel_version, &plan)?;
+    let mut system = system_tree(&busybox_root, &modules_root, &kernel_version, &plan)?;
+    if let Some(a) = agent {
+        tree_agent(&mut system, stripped(&a.path, work)?);
+    } else {
+        tracing::warn!(
+            "no {AGENT_NAME} beside vessel: the kit has no guest agent (cargo build --release builds it)"
+        );
+    }
     let initrd = initramfs(system.clone(), &kernel_version, &plan)?;
     root_disk(
         system,
@@ -168,7 +187,32 @@ fn assemble(work: &Path, out: &Path) -> Result<String, KitError> {
         let path = out.join(name);
         fs::write(&path, data).map_err(KitError::io(&path))?;
     }
-    manifest(&kernel_version, &[&meta, &kernel, &busybox], &plan)
+    manifest(
+        &kernel_version,
+        &[&meta, &kernel, &busybox],
+        &plan,
+        agent.map(|a| a.id.as_str()),
+    )
+}
+
+/// The binary at `path` without its symbols and debug information (binutils' strip),
+/// or as it is when strip is not installed: smaller in the guest's initramfs.
+fn stripped(path: &Path, work: &Path) -> Result<Vec<u8>, KitError> {
+    let out = work.join(AGENT_NAME);
+    let done = Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&out)
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    let from = if done { &out } else { path };
+    fs::read(from).map_err(KitError::io(from))
+}
+
+/// The guest agent at `/sbin/vessel-agent`, started by both inits.
+fn tree_agent(tree: &mut Tree, binary: Vec<u8>) {
+    tree.file(init::AGENT_PATH, 0o755, binary);
 }
 
 /// `boot/vmlinuz-<version>` in the unpacked kernel package.
@@ -323,7 +367,12 @@ fn busybox_applets(busybox: &Path) -> Result<Vec<String>, KitError> {
 }
 
 /// The kit.toml text: format, kernel version, package versions and modules.
-fn manifest(kernel_version: &str, debs: &[&Deb], plan: &ModulePlan) -> Result<String, KitError> {
+fn manifest(
+    kernel_version: &str,
+    debs: &[&Deb],
+    plan: &ModulePlan,
+    agent: Option<&str>,
+) -> Result<String, KitError> {
     let quote = |v: &str| -> Result<String, KitError> {
         if v.chars()
             .all(|c| (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ')
@@ -348,6 +397,9 @@ fn manifest(kernel_version: &str, debs: &[&Deb], plan: &ModulePlan) -> Result<St
     };
     text.push_str(&format!("modules = {}\n", names(&plan.required)?));
     text.push_str(&format!("optional_modules = {}\n", names(&plan.optional)?));
+    if let Some(id) = agent {
+        text.push_str(&format!("agent = {}\n", quote(id)?));
+    }
     text.push_str("\n[packages]\n");
     for deb in debs {
         text.push_str(&format!(

@@ -20,6 +20,12 @@ pub const ADDRESS_MARKER_PREFIX: &str = "VESSEL-KIT: eth";
 /// busybox udhcpc's event script.
 pub(crate) const DHCP_SCRIPT_PATH: &str = "/etc/udhcpc.script";
 
+/// The guest agent (`vessel exec`, `vessel cp`...), started by both inits when the
+/// kernel has vsock.
+pub(crate) const AGENT_PATH: &str = "sbin/vessel-agent";
+/// What init prints when the agent runs.
+pub const AGENT_MARKER: &str = "VESSEL-KIT: agent";
+
 /// Stops the machine at once, leaving a root disk clean (in both systems).
 pub(crate) const HALT_PATH: &str = "/sbin/vessel-halt";
 /// Where busybox acpid finds the power button's action: `<conf dir>/PWRF/00000080`.
@@ -82,6 +88,8 @@ fn fill(template: &str, kernel_version: &str, plan: &ModulePlan) -> String {
         .replace("@MARKER@", INIT_MARKER)
         .replace("@ROOT_MARKER@", ROOT_MARKER_PREFIX)
         .replace("@BOOT_MARK@", BOOT_MARK_PATH)
+        .replace("@AGENT@", AGENT_PATH)
+        .replace("@AGENT_MARKER@", AGENT_MARKER)
         .replace("@HALT@", HALT_PATH)
         .replace("@DHCP_SCRIPT@", DHCP_SCRIPT_PATH)
         .replace("@KVER@", kernel_version)
@@ -208,6 +216,12 @@ if [ -e /dev/input/event0 ]; then
         echo "VESSEL-KIT: acpid did not start; the power button will do nothing"
 else
     echo "VESSEL-KIT: no input devices; the power button will do nothing"
+fi
+
+# The guest agent answers the host on vsock (vessel exec, cp, stop, time, snapshots).
+if [ -x /@AGENT@ ] && [ -d /sys/module/vmw_vsock_virtio_transport ]; then
+    /@AGENT@ >/dev/null 2>&1 </dev/null &
+    echo "@AGENT_MARKER@"
 fi
 
 at_once=

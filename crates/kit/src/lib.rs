@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 pub use bootmark::{BOOT_MARK_PATH, BOOT_TIMER_PORT};
 pub use bzimage::{extract_vmlinux, pvh_entry};
 pub use error::KitError;
-pub use init::{ADDRESS_MARKER_PREFIX, INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX};
+pub use init::{
+    ADDRESS_MARKER_PREFIX, AGENT_MARKER, INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX,
+};
 pub use rootfs::fresh_rootfs;
 
 /// The kernel command line the kit expects: serial console, quiet (every console byte is
@@ -38,7 +40,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notest
 /// What init prints after running a command from the command line, before the status.
 pub const EXIT_STATUS_PREFIX: &str = "VESSEL-KIT: exit status ";
 /// Bumped whenever the kit's contents change meaning, so older kits are rebuilt.
-const KIT_FORMAT: u32 = 4;
+const KIT_FORMAT: u32 = 5;
 const MANIFEST: &str = "kit.toml";
 
 /// How to get a kit.
@@ -48,6 +50,37 @@ pub struct KitOptions {
     pub cache_dir: Option<PathBuf>,
     /// Rebuild even if a complete kit is cached.
     pub force: bool,
+    /// The guest agent to put in the kit (`/sbin/vessel-agent`); `None` means the
+    /// one built beside this program ([`agent_beside_exe`]), if any. A cached kit with
+    /// another agent is rebuilt.
+    pub agent: Option<PathBuf>,
+}
+
+/// The name of the guest agent's binary.
+pub const AGENT_NAME: &str = "vessel-agent";
+
+/// `$VESSEL_AGENT`, else `vessel-agent` next to the running program (or one directory
+/// up, for cargo's test binaries in `deps/`).
+pub fn agent_beside_exe() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VESSEL_AGENT").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(AGENT_NAME))
+        .find(|p| p.is_file())
+}
+
+/// An identity for an agent binary: FNV-1a over its bytes, in hex.
+fn agent_id(path: &Path) -> Result<String, KitError> {
+    let bytes = std::fs::read(path).map_err(KitError::io(path))?;
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    Ok(format!("{hash:016x}"))
 }
 
 /// A complete kit on disk.
@@ -66,6 +99,8 @@ pub struct Kit {
     pub rootfs: PathBuf,
     /// `uname -r` of the kernel, e.g. `6.1.0-56-cloud-amd64`.
     pub kernel_version: String,
+    /// The identity of the guest agent in the kit, if it has one.
+    pub agent: Option<String>,
 }
 
 /// The kernel command line for the kit: [`DEFAULT_CMDLINE`], then `extra`, then (after
@@ -124,6 +159,7 @@ pub fn locate(dir: &Path) -> Option<Kit> {
         initrd: kit_dir.join("initrd.img"),
         rootfs: kit_dir.join(rootfs::ROOTFS_FILE),
         kernel_version: manifest_value(&manifest, "kernel_version")?.to_string(),
+        agent: manifest_value(&manifest, "agent").map(str::to_string),
         dir: kit_dir,
     };
     let complete = [&kit.bzimage, &kit.vmlinux, &kit.initrd, &kit.rootfs]
@@ -139,12 +175,28 @@ pub fn build(opts: &KitOptions) -> Result<Kit, KitError> {
         Some(dir) => dir.clone(),
         None => default_cache_dir()?,
     };
+    let agent = match opts.agent.clone().or_else(agent_beside_exe) {
+        Some(path) => Some(Agent {
+            id: agent_id(&path)?,
+            path,
+        }),
+        None => None,
+    };
     if !opts.force
         && let Some(kit) = locate(&cache)
+        && agent
+            .as_ref()
+            .is_none_or(|a| kit.agent.as_ref() == Some(&a.id))
     {
         return Ok(kit);
     }
-    assemble::build_locked(&cache, opts.force)
+    assemble::build_locked(&cache, opts.force, agent.as_ref())
+}
+
+/// The guest agent a build puts in.
+pub(crate) struct Agent {
+    pub path: PathBuf,
+    pub id: String,
 }
 
 /// A `key = value` line's value from the manifest, without TOML string quotes.

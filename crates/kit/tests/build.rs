@@ -22,6 +22,7 @@ fn a_forced_rebuild_replaces_the_kit_and_clears_leftovers() {
     let opts = KitOptions {
         cache_dir: Some(cache.clone()),
         force: false,
+        agent: None,
     };
     let first = match kit::build(&opts) {
         Ok(kit) => kit,
@@ -70,6 +71,7 @@ fn an_unusable_cache_directory_is_an_error() {
     let result = kit::build(&KitOptions {
         cache_dir: Some(file.join("sub")),
         force: false,
+        agent: None,
     });
     std::fs::remove_file(&file).unwrap();
     let err = result.unwrap_err();

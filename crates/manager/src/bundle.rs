@@ -214,6 +214,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            vsock: None,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

@@ -21,6 +21,7 @@ use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
 
 use crate::bundle::Bundle;
 use crate::error::ManagerError;
+use crate::guest_agent::GuestAgent;
 use crate::home::Home;
 use crate::host::{self, Allocation, Host};
 use crate::resources;
@@ -221,6 +222,7 @@ struct Monitor {
     home: Home,
     bundle: Bundle,
     spec: VmSpec,
+    agent: GuestAgent,
     handle: Mutex<Option<VmHandle>>,
     boots: AtomicU64,
     started: Instant,
@@ -311,7 +313,16 @@ impl Monitor {
         let fill = |tmp: &Path| {
             snapshots::fill(&self.bundle, &self.spec, &meta, tmp).map_err(|e| e.to_string())
         };
-        match handle.snapshot(&dest, &fill) {
+        // The disks are taken with the guest's file systems frozen (when an agent
+        // answers): consistent on their own, with no journal to replay.
+        let frozen = self.agent.freeze();
+        let taken = handle.snapshot(&dest, &fill);
+        if let Some(f) = frozen
+            && let Err(e) = f.thaw()
+        {
+            tracing::warn!("guest agent: thaw after the snapshot: {e}");
+        }
+        match taken {
             Ok(c) => {
                 if let Err(e) = self.bundle.set_head(Some(&name)) {
                     tracing::warn!("{e}");
@@ -413,10 +424,13 @@ impl Monitor {
             Action::Pause => handle
                 .pause()
                 .map(|()| self.write_status(VmState::Paused, None)),
-            Action::Resume => handle
-                .resume()
-                .map(|()| self.write_status(VmState::Running, None)),
-            Action::Shutdown => handle.press_power_button(),
+            Action::Resume => handle.resume().map(|()| {
+                self.write_status(VmState::Running, None);
+                // The guest's clock stood still while it was paused.
+                self.agent.sync_time_soon(Duration::from_secs(5));
+            }),
+            Action::Shutdown if self.agent.shutdown() => Ok(()),
+            Action::Shutdown | Action::PowerButton => handle.press_power_button(),
             Action::Reboot => {
                 self.reboot_requested.store(true, Ordering::SeqCst);
                 handle.reset();
@@ -575,7 +589,8 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         )
         .map_err(|e| ManagerError::Other(e.to_string()))?,
     );
-    if restore.is_some() {
+    let restored = restore.is_some();
+    if restored {
         // The saved memory is mapped privately: the file can go, the mapping stays.
         let _ = std::fs::remove_dir_all(&suspended);
     }
@@ -584,6 +599,7 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         home: home.clone(),
         bundle: bundle.clone(),
         spec: spec.clone(),
+        agent: GuestAgent::of(&bundle, &spec),
         handle: Mutex::new(None),
         boots: AtomicU64::new(0),
         started: Instant::now(),
@@ -594,6 +610,10 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         suspended: AtomicBool::new(false),
         status_lock: Mutex::new(()),
     });
+    if restored {
+        // The guest's clock stopped when it was saved.
+        monitor.agent.sync_time_soon(Duration::from_secs(60));
+    }
     let control = bind(&bundle.control_socket())?;
     let console = bind(&bundle.console_socket())?;
     let in_flight = api::InFlight::default();

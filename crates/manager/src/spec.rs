@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use cgroup::CpuPolicy;
 use devices::virtio::block::BlockConfig;
 use devices::virtio::net::NetConfig;
+use devices::virtio::vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
 use vmm::io_limits::DeviceLimits;
 use vmm::{Accel, VmConfig};
@@ -13,6 +14,8 @@ use vmm::{Accel, VmConfig};
 use crate::error::ManagerError;
 
 pub const KIT: &str = "kit";
+/// The VM's vsock socket in its folder: host programs reach the guest through it.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// What a guest-initiated reboot does to a managed VM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +53,10 @@ pub struct VmSpec {
     /// A virtio-rng device.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rng: bool,
+    /// The virtio-vsock device: `cid=N`, or `off`; every VM has one unless it says off
+    /// (guest CID 3, the host side at `<bundle>/vsock.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<String>,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +115,7 @@ impl VmSpec {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            vsock: None,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),
@@ -117,10 +125,21 @@ impl VmSpec {
         if let Some(v) = &self.vmgenid {
             vmm::parse_vmgenid(v)?;
         }
+        self.vsock_config(Path::new(VSOCK_SOCKET))?;
         self.cpu
             .validate(crate::host::online_cpus())
             .map_err(|e| e.to_string())?;
         config.validate().map_err(|e| e.to_string())
+    }
+
+    /// The vsock device, its host socket at `socket`; None when the spec says off.
+    pub fn vsock_config(&self, socket: &Path) -> Result<Option<VsockConfig>, String> {
+        match self.vsock.as_deref() {
+            Some("off") => Ok(None),
+            spec => VsockConfig::parse(spec.unwrap_or(""), socket)
+                .map(Some)
+                .map_err(|e| format!("vsock: {e}")),
+        }
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -292,6 +311,9 @@ impl VmSpec {
             disks,
             nets,
             rng: self.rng,
+            vsock: self
+                .vsock_config(&dir.join(VSOCK_SOCKET))
+                .map_err(ManagerError::Other)?,
             hvc: None,
             kvm_fallback: true,
             cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
@@ -309,12 +331,9 @@ impl VmSpec {
     }
 }
 
-/// The cached kit, built on first use.
+/// The cached kit, built on first use (and again when the guest agent beside vessel is
+/// not the one in it).
 pub fn default_kit() -> Result<kit::Kit, ManagerError> {
-    let dir = kit::default_cache_dir().map_err(|e| ManagerError::Other(e.to_string()))?;
-    if let Some(k) = kit::locate(&dir) {
-        return Ok(k);
-    }
     kit::build(&kit::KitOptions::default()).map_err(|e| ManagerError::Other(e.to_string()))
 }
 
@@ -334,6 +353,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            vsock: None,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

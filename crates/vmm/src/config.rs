@@ -88,6 +88,8 @@ pub struct VmConfig {
     pub vmgenid: [u8; 16],
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// A virtio-vsock device and its host socket.
+    pub vsock: Option<devices::virtio::vsock::VsockConfig>,
     /// A virtio-console (the guest's hvc0) and where it goes.
     pub hvc: Option<Hvc>,
     /// Run instructions KVM cannot emulate in vessel's interpreter (on by default);
@@ -225,6 +227,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            vsock: None,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),

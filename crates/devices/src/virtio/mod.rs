@@ -1,4 +1,4 @@
-//! virtio 1.x devices on the PCI transport: block, network, entropy and console.
+//! virtio 1.x devices on the PCI transport: block, network, entropy, console and vsock.
 //!
 //! A [`VirtioPciDevice`] is the transport (configuration space, the BAR with the
 //! common, notify, ISR and device configuration structures, MSI-X); it wraps one
@@ -32,6 +32,7 @@ pub mod options;
 mod pci;
 pub mod rate_limit;
 pub mod rng;
+pub mod vsock;
 mod worker;
 
 use std::sync::Arc;
@@ -75,6 +76,7 @@ pub enum DeviceType {
     Block = 2,
     Console = 3,
     Rng = 4,
+    Vsock = 19,
 }
 
 impl DeviceType {
@@ -85,6 +87,7 @@ impl DeviceType {
             DeviceType::Block => 0x01_00_00,
             DeviceType::Console => 0x07_80_00,
             DeviceType::Rng => 0xff_00_00,
+            DeviceType::Vsock => 0x07_80_00,
         }
     }
 
@@ -94,6 +97,7 @@ impl DeviceType {
             DeviceType::Block => "virtio-blk",
             DeviceType::Console => "virtio-console",
             DeviceType::Rng => "virtio-rng",
+            DeviceType::Vsock => "virtio-vsock",
         }
     }
 }
@@ -171,6 +175,12 @@ pub trait VirtioDevice<M>: Send {
     fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError>;
     /// Stops processing and forgets the queues; the device may be activated again.
     fn reset(&mut self);
+    /// Stops processing for a while (a snapshot): the device is activated again on
+    /// the same queues and keeps what its backend holds. Most devices hold nothing
+    /// beyond their queues.
+    fn pause(&mut self) {
+        self.reset();
+    }
 }
 
 /// Copies from a configuration image; bytes beyond it read zero.

@@ -298,7 +298,7 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         if self.interrupt.device_status() & status::DRIVER_OK == 0 {
             return;
         }
-        self.device.reset();
+        self.device.pause();
         for q in self.queues.iter_mut().filter(|q| q.ready) {
             let idx = vm_memory::Bytes::read_obj::<u16>(&self.mem, GuestAddress(q.device + 2))
                 .unwrap_or(0);

@@ -60,6 +60,9 @@ pub struct StopArgs {
     /// Seconds to wait for the guest to power off.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     timeout: u64,
+    /// Press the ACPI power button even if a guest agent answers.
+    #[arg(long)]
+    button: bool,
 }
 
 #[derive(Args)]
@@ -147,6 +150,7 @@ pub fn create(args: CreateArgs) -> CliResult {
             .collect::<Result<_, _>>()?,
         nets: nets_with_macs(&a, &args.name)?,
         rng: a.rng,
+        vsock: a.spec_vsock()?,
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
         cpu: a.cpu_policy()?,
@@ -214,6 +218,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         disks: Vec::new(),
         nets,
         rng: a.rng,
+        vsock: a.spec_vsock()?,
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
         cpu: a.cpu_policy()?,
@@ -369,7 +374,11 @@ fn wait_stopped(bundle: &Bundle, timeout: Duration) -> Result<bool, Failure> {
 
 pub fn stop(args: StopArgs) -> CliResult {
     let (_, bundle) = open(&args.name)?;
-    post_action(&bundle, Action::Shutdown)?;
+    let action = match args.button {
+        true => Action::PowerButton,
+        false => Action::Shutdown,
+    };
+    post_action(&bundle, action)?;
     if wait_stopped(&bundle, Duration::from_secs(args.timeout))? {
         println!("{} powered off", bundle.name);
         return Ok(ExitCode::SUCCESS);
@@ -403,6 +412,10 @@ pub fn info(args: InfoArgs) -> CliResult {
         Some(_) => manager::resources::usage(&home, &Host::load(&home)?, &bundle.name),
         None => None,
     };
+    let guest = match live {
+        Some(_) => super::guest::facts(&bundle, &spec),
+        None => None,
+    };
     if args.json {
         let cgroup = cgroup.as_ref().map(|(g, u)| {
             json!({
@@ -414,6 +427,11 @@ pub fn info(args: InfoArgs) -> CliResult {
         let v = json!({
             "name": bundle.name, "dir": bundle.dir, "state": live.as_ref().map(|l| l.state.clone()).unwrap_or(status.state.to_string()),
             "config": spec, "status": status, "live": live, "cgroup": cgroup,
+            "guest": guest.as_ref().map(|(f, offset)| json!({
+                "os": f.os, "kernel": f.kernel, "uptime_seconds": f.uptime_seconds,
+                "addresses": f.addresses, "memory_total_kib": f.memory_total_kib,
+                "memory_available_kib": f.memory_available_kib, "clock_offset_seconds": offset,
+            })),
         });
         return super::print_json(&v);
     }
@@ -484,6 +502,24 @@ pub fn info(args: InfoArgs) -> CliResult {
                 "nic       {}: rx {} frames {} bytes, tx {} frames {} bytes, dropped rx {} tx {}",
                 n.nic, n.rx_frames, n.rx_bytes, n.tx_frames, n.tx_bytes, n.rx_dropped, n.tx_dropped
             );
+        }
+        match &guest {
+            Some((f, offset)) => {
+                println!(
+                    "guest     {} (kernel {}), up {:.0}s",
+                    f.os, f.kernel, f.uptime_seconds
+                );
+                println!(
+                    "guest mem {} MiB in use of {} MiB",
+                    f.memory_total_kib.saturating_sub(f.memory_available_kib) / 1024,
+                    f.memory_total_kib / 1024
+                );
+                if !f.addresses.is_empty() {
+                    println!("addresses {}", f.addresses.join(", "));
+                }
+                println!("clock     {offset:+.3}s from the host's");
+            }
+            None => println!("guest     no agent answers"),
         }
     } else if let Some(e) = &status.last_exit {
         println!("last exit {e}");

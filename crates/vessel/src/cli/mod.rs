@@ -4,6 +4,7 @@
 
 mod console;
 mod disks;
+mod guest;
 mod images;
 mod manage;
 mod net;
@@ -40,7 +41,8 @@ enum Command {
     Start(manage::NameArg),
     /// Attach to a VM's serial console (Ctrl-] detaches; the VM keeps running).
     Console(manage::NameArg),
-    /// Press a VM's ACPI power button and wait for it to power off.
+    /// Shut a VM down cleanly (through its guest agent, else the ACPI power button) and
+    /// wait for it to power off.
     Stop(manage::StopArgs),
     /// End a VM at once.
     Kill(manage::NameArg),
@@ -59,6 +61,12 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Copy a VM (or one of its snapshots) into a new VM with new MAC addresses.
     Clone(snapshot::CloneArgs),
+    /// Run a command in a VM through its guest agent: `vessel exec NAME -- CMD...`
+    /// (stdin, stdout and stderr streamed; its exit code is vessel's).
+    Exec(guest::ExecArgs),
+    /// Copy a file between the host and a VM through its guest agent:
+    /// `vessel cp NAME:PATH LOCAL` or `vessel cp LOCAL NAME:PATH`.
+    Cp(guest::CpArgs),
     /// Open an SSH session to a VM made from an image (or run a command: -- CMD...).
     Ssh(manage::SshArgs),
     /// Print a VM's serial console log.
@@ -129,6 +137,12 @@ pub struct VmArgs {
     /// A virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device: `[cid=N][,socket=PATH]` (guest CID, default 3). Host
+    /// programs connect to the socket and write `CONNECT <port>`; guest connections to
+    /// host port P go to `PATH_P`. Managed VMs have one (socket `vsock.sock` in their
+    /// folder) unless given `off`.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    vsock: Option<String>,
     /// The CPU KVM shows the guest: host (everything it can give) or portable (only
     /// what the software CPU gives too: a VM that can move between backends).
     #[arg(long, value_name = "MODEL", value_parser = ["host", "portable"])]
@@ -154,6 +168,41 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
+    /// `vessel run`'s vsock device: only when asked for, its socket by default in the
+    /// runtime directory, named after this process.
+    fn run_vsock(&self) -> Result<Option<devices::virtio::vsock::VsockConfig>, Failure> {
+        let Some(spec) = self.vsock.as_deref().filter(|s| *s != "off") else {
+            return Ok(None);
+        };
+        let dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(std::path::PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let socket = dir.join(format!("vessel-{}.vsock", std::process::id()));
+        devices::virtio::vsock::VsockConfig::parse(spec, &socket)
+            .map(Some)
+            .map_err(|e| Failure::usage(format!("--vsock {e}")))
+    }
+
+    /// A managed VM's vsock spec for vm.toml (None: the default device).
+    fn spec_vsock(&self) -> Result<Option<String>, Failure> {
+        match self.vsock.as_deref() {
+            None | Some("") => Ok(None),
+            Some("off") => Ok(Some("off".into())),
+            Some(spec) => {
+                let socket = std::path::Path::new(manager::spec::VSOCK_SOCKET);
+                let c = devices::virtio::vsock::VsockConfig::parse(spec, socket)
+                    .map_err(|e| Failure::usage(format!("--vsock {e}")))?;
+                if c.socket != socket {
+                    return Err(Failure::usage(
+                        "--vsock: a managed VM's socket is vsock.sock in its folder; give only cid=N",
+                    ));
+                }
+                Ok(Some(format!("cid={}", c.cid)))
+            }
+        }
+    }
+
     /// The --cpu-* options, checked against the host.
     fn cpu_policy(&self) -> Result<cgroup::CpuPolicy, Failure> {
         let mut p = cgroup::CpuPolicy::default();
@@ -338,6 +387,8 @@ pub fn main() -> ExitCode {
         Command::Info(args) => manage::info(args),
         Command::Logs(args) => manage::logs(args),
         Command::Ssh(args) => manage::ssh(args),
+        Command::Exec(args) => guest::exec(args),
+        Command::Cp(args) => guest::cp(args),
         Command::Suspend(args) => snapshot::suspend(args.name()),
         Command::Snapshot(args) => snapshot::main(args),
         Command::Clone(args) => snapshot::clone(args),

@@ -121,6 +121,7 @@ fn run_vm(
         disks,
         nets,
         rng: a.rng,
+        vsock: a.run_vsock()?,
         hvc: a
             .hvc
             .as_deref()
@@ -152,16 +153,16 @@ fn run_vm(
     })
 }
 
-/// The cached kit, built on first use.
+/// The cached kit, built on first use (and again when the guest agent beside vessel is
+/// not the one in it).
 fn default_kit() -> Result<kit::Kit, Failure> {
     let dir = kit::default_cache_dir().map_err(Failure::usage)?;
-    if let Some(kit) = kit::locate(&dir) {
-        return Ok(kit);
+    if kit::locate(&dir).is_none() {
+        eprintln!(
+            "vessel: building the default guest kit in {} (first run)",
+            dir.display()
+        );
     }
-    eprintln!(
-        "vessel: building the default guest kit in {} (first run)",
-        dir.display()
-    );
     kit::build(&kit::KitOptions::default()).map_err(Failure::usage)
 }
 
@@ -169,12 +170,20 @@ pub fn kit(args: KitArgs) -> CliResult {
     let kit = kit::build(&kit::KitOptions {
         cache_dir: args.dir,
         force: args.force,
+        agent: None,
     })
     .map_err(Failure::usage)?;
     println!("kernel   {}", kit.bzimage.display());
     println!("vmlinux  {}", kit.vmlinux.display());
     println!("initrd   {}", kit.initrd.display());
     println!("version  {}", kit.kernel_version);
+    match &kit.agent {
+        Some(id) => println!("agent    {} ({id})", kit::AGENT_NAME),
+        None => println!(
+            "agent    none (build {} and run vessel kit again)",
+            kit::AGENT_NAME
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

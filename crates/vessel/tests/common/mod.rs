@@ -46,6 +46,24 @@ impl Finished {
     }
 }
 
+/// An example program of this package (`examples/NAME.rs`), built by `cargo test`.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built (cargo test builds the examples)",
+        path.display()
+    );
+    path
+}
+
 pub fn vessel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vessel"))
 }
@@ -211,13 +229,10 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// The default guest kit, built if needed. None (after printing why) when it cannot be
-/// had; under VESSEL_REQUIRE_KVM=1 that is a failure.
+/// The default guest kit, built if needed (or rebuilt when its guest agent is not the
+/// one just built). None (after printing why) when it cannot be had; under
+/// VESSEL_REQUIRE_KVM=1 that is a failure.
 pub fn kit() -> Option<kit::Kit> {
-    let dir = kit::default_cache_dir().ok()?;
-    if let Some(k) = kit::locate(&dir) {
-        return Some(k);
-    }
     match kit::build(&kit::KitOptions::default()) {
         Ok(k) => Some(k),
         Err(e) => {

@@ -11,6 +11,7 @@ use devices::virtio::console::{ConsoleInput, VirtioConsole};
 use devices::virtio::net::NetCounters;
 use devices::virtio::rate_limit::RateLimiter;
 use devices::virtio::rng::VirtioRng;
+use devices::virtio::vsock::VirtioVsock;
 use devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioPciDevice};
 use devices::{Bus, BusDevice};
 use std::collections::HashMap;
@@ -95,6 +96,11 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     }
     if config.rng {
         out.push(Box::new(VirtioRng::new()));
+    }
+    if let Some(v) = &config.vsock {
+        let dev = VirtioVsock::new(v)
+            .map_err(|e| VmError::Device(format!("vsock socket {}: {e}", v.socket.display())))?;
+        out.push(Box::new(dev));
     }
     let mut stdio_hvc = None;
     if let Some(hvc) = &config.hvc {

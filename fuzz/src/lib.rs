@@ -8,14 +8,20 @@
 //! guest memory image: descriptor table at 0x0, available ring at 0x1000, used ring at
 //! 0x2000, buffers and indirect tables wherever the descriptors say.
 //!
-//! Also: a DHCP frame from a guest, and what whoever hands vessel a file controls: a
-//! snapshot's state file, a qcow2 disk image (`qcow2.rs`) and a VM's vm.toml
-//! (`vm_toml.rs`).
+//! Also: a DHCP frame from a guest, the packets a guest sends its vsock device
+//! (`vsock.rs`), what a guest agent sends the host (`agent.rs`), and what whoever hands
+//! vessel a file controls: a snapshot's state file, a qcow2 disk image (`qcow2.rs`) and
+//! a VM's vm.toml (`vm_toml.rs`).
 
+mod agent;
 mod qcow2;
+mod sandbox;
 mod vm_toml;
+pub mod vsock;
+pub use agent::{agent_protocol, agent_protocol_outcome, agent_seeds};
 pub use qcow2::{qcow2_image, qcow2_opens};
 pub use vm_toml::vm_toml;
+pub use vsock::{vsock_packets, vsock_packets_stats, vsock_seeds};
 
 use devices::virtio::block::request::{self, Request, RequestKind};
 use devices::virtio::chain::{Chain, Cursor, UsedRing, pop, pop_all};

@@ -92,6 +92,115 @@ fn write_seeds_when_asked() {
         )
         .unwrap();
     }
+    for (target, seeds) in [
+        ("vsock_packets", vessel_fuzz::vsock_seeds()),
+        ("agent_protocol", vessel_fuzz::agent_seeds()),
+    ] {
+        std::fs::create_dir_all(root.join(target)).unwrap();
+        for (name, bytes) in seeds {
+            std::fs::write(root.join(target).join(name), bytes).unwrap();
+        }
+    }
+}
+
+/// The seeds written by [`write_seeds_when_asked`] are those checked in.
+fn checked_in_seeds(target: &str, seeds: &[(&str, Vec<u8>)]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
+    for (name, bytes) in seeds {
+        let file = std::fs::read(dir.join(name)).unwrap_or_else(|e| {
+            panic!("{target}/{name}: {e} (VESSEL_FUZZ_WRITE_SEEDS=1 cargo test writes it)")
+        });
+        assert_eq!(&file, bytes, "{target}/{name} is not the seed the harness makes");
+    }
+}
+
+/// Flips, truncates and splices the seeds: for inputs that are records, mostly small
+/// numbers and the fields that pick operations.
+fn mutate(r: &mut Rng, seeds: &[Vec<u8>], i: usize) -> Vec<u8> {
+    let mut v = seeds[i % seeds.len()].clone();
+    if r.next().is_multiple_of(4) {
+        let other = &seeds[r.next() as usize % seeds.len()];
+        let at = r.next() as usize % (other.len() + 1);
+        v.extend_from_slice(&other[at..]);
+    }
+    for _ in 0..1 + r.next() % 6 {
+        if v.is_empty() {
+            break;
+        }
+        let at = r.next() as usize % v.len();
+        v[at] = match r.next() % 4 {
+            0 => v[at] ^ (1 << (r.next() % 8)),
+            1 => (r.next() % 8) as u8,
+            2 => 0xff,
+            _ => r.next() as u8,
+        };
+    }
+    if r.next().is_multiple_of(8) {
+        v.truncate(r.next() as usize % (v.len() + 1));
+    }
+    v
+}
+
+#[test]
+fn vsock_packets_corpus_and_mutations() {
+    let seeds = vessel_fuzz::vsock_seeds();
+    checked_in_seeds("vsock_packets", &seeds);
+    // The seeds reach the data path both ways and its ends, not only resets.
+    let mut total = vessel_fuzz::vsock::VsockStats::default();
+    for (name, bytes) in &seeds {
+        let s = vessel_fuzz::vsock_packets_stats(bytes);
+        assert_eq!(s.rejected, 0, "{name}: {s:?}");
+        total.accepted += s.accepted;
+        total.host_initiated += s.host_initiated;
+        total.bytes_to_guest += s.bytes_to_guest;
+        total.bytes_to_host += s.bytes_to_host;
+        total.shutdowns += s.shutdowns;
+        total.credit_updates += s.credit_updates;
+    }
+    assert!(total.accepted >= 3 && total.host_initiated >= 2, "{total:?}");
+    assert!(total.bytes_to_guest > 0 && total.bytes_to_host > 0, "{total:?}");
+    assert!(total.shutdowns >= 2 && total.credit_updates >= 1, "{total:?}");
+    let all = corpus("vsock_packets");
+    for input in &all {
+        vessel_fuzz::vsock_packets(input);
+    }
+    let seeds: Vec<Vec<u8>> = seeds.into_iter().map(|(_, b)| b).collect();
+    let mut r = Rng(0x750c_4e7);
+    let n = 3_000;
+    for i in 0..n {
+        let v = mutate(&mut r, &seeds, i);
+        std::fs::write("/tmp/dbg/last", &v).unwrap();
+        vessel_fuzz::vsock_packets(&v);
+    }
+    eprintln!("vsock_packets: {} inputs", all.len() + n);
+}
+
+#[test]
+fn agent_protocol_corpus_and_mutations() {
+    let seeds = vessel_fuzz::agent_seeds();
+    checked_in_seeds("agent_protocol", &seeds);
+    // The seeds are answers the client takes (the agent's error as an error).
+    for (name, bytes) in &seeds {
+        let outcome = vessel_fuzz::agent_protocol_outcome(bytes);
+        if *name == "error" {
+            assert_eq!(outcome, Err("permission denied".into()));
+        } else {
+            assert_eq!(outcome, Ok(()), "{name}");
+        }
+    }
+    let all = corpus("agent_protocol");
+    for input in &all {
+        vessel_fuzz::agent_protocol(input);
+    }
+    let seeds: Vec<Vec<u8>> = seeds.into_iter().map(|(_, b)| b).collect();
+    let mut r = Rng(0xa9e7_0001);
+    let n = 2_000;
+    for i in 0..n {
+        vessel_fuzz::agent_protocol(&mutate(&mut r, &seeds, i));
+    }
+    eprintln!("agent_protocol: {} inputs", all.len() + n);
 }
 
 #[test]

@@ -30,10 +30,9 @@ const REQUIRED_MODULES: &[&str] = &[
     "virtio_rng",
     "virtio_console",
 ];
-/// ACPI power button to input events, for acpid, and vsock for the guest agent; shipped
-/// only if the kernel has them.
-/// vsock, for the guest agent.
-const OPTIONAL_MODULES: &[&str] = &["button", "evdev", "vmw_vsock_virtio_transport"];
+/// ACPI power button to input events, for acpid; shipped only if the kernel has them.
+/// vsock, for the guest agent; virtio-fs, for shared folders.
+const OPTIONAL_MODULES: &[&str] = &["button", "evdev", "vmw_vsock_virtio_transport", "virtiofs"];
 
 /// Removes a build's scratch directory however the build ends.
 struct Scratch(PathBuf);

@@ -25,6 +25,9 @@ pub(crate) const DHCP_SCRIPT_PATH: &str = "/etc/udhcpc.script";
 pub(crate) const AGENT_PATH: &str = "sbin/vessel-agent";
 /// What init prints when the agent runs.
 pub const AGENT_MARKER: &str = "VESSEL-KIT: agent";
+/// What init prints when it has mounted a shared folder: `VESSEL-KIT: share TAG on
+/// /mnt/share`. The tag is `share` unless the command line says `vessel.share=TAG`.
+pub const SHARE_MARKER_PREFIX: &str = "VESSEL-KIT: share ";
 
 /// Stops the machine at once, leaving a root disk clean (in both systems).
 pub(crate) const HALT_PATH: &str = "/sbin/vessel-halt";
@@ -90,6 +93,7 @@ fn fill(template: &str, kernel_version: &str, plan: &ModulePlan) -> String {
         .replace("@BOOT_MARK@", BOOT_MARK_PATH)
         .replace("@AGENT@", AGENT_PATH)
         .replace("@AGENT_MARKER@", AGENT_MARKER)
+        .replace("@SHARE_MARKER@", SHARE_MARKER_PREFIX)
         .replace("@HALT@", HALT_PATH)
         .replace("@DHCP_SCRIPT@", DHCP_SCRIPT_PATH)
         .replace("@KVER@", kernel_version)
@@ -222,6 +226,23 @@ fi
 if [ -x /@AGENT@ ] && [ -d /sys/module/vmw_vsock_virtio_transport ]; then
     /@AGENT@ >/dev/null 2>&1 </dev/null &
     echo "@AGENT_MARKER@"
+fi
+
+# A shared folder (virtio-fs) at /mnt/share: the tag vessel.share= names, else "share".
+if [ -d /sys/module/virtiofs ]; then
+    tag=share
+    for w in $(cat /proc/cmdline); do
+        case "$w" in
+        --) break ;;
+        vessel.share=*) tag=${w#vessel.share=} ;;
+        esac
+    done
+    mkdir -p /mnt/share
+    if mount -t virtiofs "$tag" /mnt/share 2>/dev/null; then
+        echo "@SHARE_MARKER@$tag on /mnt/share"
+    else
+        rmdir /mnt/share
+    fi
 fi
 
 at_once=

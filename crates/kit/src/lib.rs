@@ -29,6 +29,7 @@ pub use bzimage::{extract_vmlinux, pvh_entry};
 pub use error::KitError;
 pub use init::{
     ADDRESS_MARKER_PREFIX, AGENT_MARKER, INIT_MARKER, POWER_BUTTON_MARKER, ROOT_MARKER_PREFIX,
+    SHARE_MARKER_PREFIX,
 };
 pub use rootfs::fresh_rootfs;
 

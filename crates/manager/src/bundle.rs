@@ -215,6 +215,8 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             vsock: None,
+            shares: Vec::new(),
+            memory_backing: None,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

@@ -329,7 +329,7 @@ impl Monitor {
                 }
                 Response::json(200, &snapshot_body(name, &c))
             }
-            Err(e) => Response::error(500, e.to_string()),
+            Err(e) => snapshot_error(&e),
         }
     }
 
@@ -347,7 +347,7 @@ impl Monitor {
                 handle.kill();
                 Response::json(200, &snapshot_body("suspended".into(), &c))
             }
-            Err(e) => Response::error(500, e.to_string()),
+            Err(e) => snapshot_error(&e),
         }
     }
 
@@ -495,6 +495,15 @@ impl Monitor {
             }
             (_, other) => Response::error(404, format!("no such resource {other:?}")),
         }
+    }
+}
+
+/// A snapshot that failed: a VM that cannot be saved is a refusal (409), anything
+/// else the monitor's failure (500).
+fn snapshot_error(e: &vmm::snapshot::SnapshotError) -> Response {
+    match e {
+        vmm::snapshot::SnapshotError::Unsaveable(_) => Response::error(409, e.to_string()),
+        _ => Response::error(500, e.to_string()),
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use cgroup::CpuPolicy;
 use devices::virtio::block::BlockConfig;
+use devices::virtio::fs::ShareConfig;
 use devices::virtio::net::NetConfig;
 use devices::virtio::vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,13 @@ pub struct VmSpec {
     /// (guest CID 3, the host side at `<bundle>/vsock.sock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<String>,
+    /// Host directories shared with the guest over virtio-fs:
+    /// `HOSTDIR[,tag=T][,readonly=on]` (the first one's tag is `share` by default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<String>,
+    /// Guest RAM backing: `private` (default) or `shared` (implied by shares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_backing: Option<String>,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +124,9 @@ impl VmSpec {
             nets: Vec::new(),
             rng: false,
             vsock: None,
+            shares: Vec::new(),
+            runtime_dir: PathBuf::new(),
+            shared_memory: false,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),
@@ -126,6 +137,10 @@ impl VmSpec {
             vmm::parse_vmgenid(v)?;
         }
         self.vsock_config(Path::new(VSOCK_SOCKET))?;
+        self.share_configs()?;
+        if let Some(b) = &self.memory_backing {
+            vmm::parse_memory_backing(b)?;
+        }
         self.cpu
             .validate(crate::host::online_cpus())
             .map_err(|e| e.to_string())?;
@@ -140,6 +155,11 @@ impl VmSpec {
                 .map(Some)
                 .map_err(|e| format!("vsock: {e}")),
         }
+    }
+
+    /// The shares, parsed (each tag used once).
+    pub fn share_configs(&self) -> Result<Vec<ShareConfig>, String> {
+        parse_shares(&self.shares)
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -314,6 +334,12 @@ impl VmSpec {
             vsock: self
                 .vsock_config(&dir.join(VSOCK_SOCKET))
                 .map_err(ManagerError::Other)?,
+            shares: self.share_configs().map_err(ManagerError::Other)?,
+            runtime_dir: dir.to_path_buf(),
+            shared_memory: match &self.memory_backing {
+                Some(b) => vmm::parse_memory_backing(b).map_err(ManagerError::Other)?,
+                None => false,
+            },
             hvc: None,
             kvm_fallback: true,
             cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
@@ -329,6 +355,20 @@ impl VmSpec {
                 .unwrap_or_default(),
         })
     }
+}
+
+/// `--share` specs, parsed with their default tags; a tag used twice is an error.
+pub fn parse_shares(specs: &[String]) -> Result<Vec<ShareConfig>, String> {
+    let mut out: Vec<ShareConfig> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let s = ShareConfig::parse(spec, &ShareConfig::default_tag(i))
+            .map_err(|e| format!("share {spec:?}: {e}"))?;
+        if out.iter().any(|o| o.tag == s.tag) {
+            return Err(format!("share {spec:?}: tag {} is used twice", s.tag));
+        }
+        out.push(s);
+    }
+    Ok(out)
 }
 
 /// The cached kit, built on first use (and again when the guest agent beside vessel is
@@ -354,6 +394,8 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             vsock: None,
+            shares: Vec::new(),
+            memory_backing: None,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

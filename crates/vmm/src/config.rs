@@ -90,6 +90,12 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-vsock device and its host socket.
     pub vsock: Option<devices::virtio::vsock::VsockConfig>,
+    /// Host directories shared with the guest (virtio-fs, each served by a virtiofsd).
+    pub shares: Vec<devices::virtio::fs::ShareConfig>,
+    /// Where the virtiofsd sockets go (`virtiofs-<tag>.sock`).
+    pub runtime_dir: PathBuf,
+    /// Guest RAM in a shared memfd rather than private memory (forced by `shares`).
+    pub shared_memory: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
     pub hvc: Option<Hvc>,
     /// Run instructions KVM cannot emulate in vessel's interpreter (on by default);
@@ -105,6 +111,23 @@ pub enum Hvc {
     Stdio,
     /// A Unix socket vessel listens on; one client at a time is the console.
     Socket(PathBuf),
+}
+
+/// How guest RAM is backed: `private` (anonymous memory, what page merging and
+/// reclaim work on; the default) or `shared` (a memfd another process can map).
+pub fn parse_memory_backing(s: &str) -> Result<bool, String> {
+    match s {
+        "private" => Ok(false),
+        "shared" => Ok(true),
+        _ => Err(format!("memory backing {s:?}: use private or shared")),
+    }
+}
+
+impl VmConfig {
+    /// Whether guest RAM is a shared memfd.
+    pub fn memory_is_shared(&self) -> bool {
+        self.shared_memory || !self.shares.is_empty()
+    }
 }
 
 impl Hvc {
@@ -228,6 +251,9 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             vsock: None,
+            shares: Vec::new(),
+            runtime_dir: PathBuf::new(),
+            shared_memory: false,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),

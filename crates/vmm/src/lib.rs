@@ -19,8 +19,8 @@ use std::time::Instant;
 
 pub use builder::Console;
 pub use config::{
-    Accel, ConfigError, CpuModel, Hvc, VmConfig, choose_accel, new_vmgenid, parse_size,
-    parse_vmgenid, vmgenid_hex,
+    Accel, ConfigError, CpuModel, Hvc, VmConfig, choose_accel, new_vmgenid, parse_memory_backing,
+    parse_size, parse_vmgenid, vmgenid_hex,
 };
 pub use control::{ControlError, RunState};
 pub use error::VmError;

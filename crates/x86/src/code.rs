@@ -254,6 +254,39 @@ pub fn guest_memory(
     Ok(GuestMemoryMmap::from_regions(regions)?)
 }
 
+/// Guest RAM in one memfd, mapped shared: another process (virtiofsd over vhost-user)
+/// can map the same pages. The ranges lie one after the other in the file.
+pub fn guest_memory_shared(
+    ranges: &[(GuestAddress, usize)],
+    code: &Arc<CodeMap>,
+) -> Result<GuestMemoryMmap<CodeBitmap>, FromRangesError> {
+    let mmap_err = |e| FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e));
+    let total: usize = ranges.iter().map(|r| r.1).sum();
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned below.
+    let fd = unsafe { libc::memfd_create(c"vessel-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(mmap_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor memfd_create just returned, owned by nobody else.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(total as u64).map_err(mmap_err)?;
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for &(start, len) in ranges {
+        let bitmap = CodeBitmap::new(Arc::clone(code), start);
+        let f = file.try_clone().map_err(mmap_err)?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+            .with_file_offset(vm_memory::FileOffset::new(f, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_SHARED)
+            .build()?;
+        regions
+            .push(GuestRegionMmap::new(mapping, start).ok_or(FromRangesError::InvalidGuestRegion)?);
+        offset += len as u64;
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
 /// Guest RAM mapped privately from `file` (the ranges one after the other in it): pages
 /// are read in as the guest touches them and writes stay in this process. A restored
 /// VM starts without reading its memory first.

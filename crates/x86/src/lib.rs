@@ -177,7 +177,7 @@ mod mmu;
 mod platform;
 mod state;
 
-pub use code::{CodeBitmap, CodeMap, guest_memory, guest_memory_from_file};
+pub use code::{CodeBitmap, CodeMap, guest_memory, guest_memory_from_file, guest_memory_shared};
 pub use cpuid::{CpuidLeaf, cpuid_lookup, emu_cpuid};
 pub use exception::{Event, Exception, Fault, UnsupportedInstruction};
 pub use iced_x86::Mnemonic;

@@ -1,4 +1,5 @@
-//! virtio 1.x devices on the PCI transport: block, network, entropy, console and vsock.
+//! virtio 1.x devices on the PCI transport: block, network, entropy, console, vsock and
+//! file system (vhost-user).
 //!
 //! A [`VirtioPciDevice`] is the transport (configuration space, the BAR with the
 //! common, notify, ISR and device configuration structures, MSI-X); it wraps one
@@ -25,6 +26,7 @@
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod fs;
 pub mod guest_io;
 mod interrupt;
 pub mod net;
@@ -77,6 +79,7 @@ pub enum DeviceType {
     Console = 3,
     Rng = 4,
     Vsock = 19,
+    Fs = 26,
 }
 
 impl DeviceType {
@@ -88,6 +91,7 @@ impl DeviceType {
             DeviceType::Console => 0x07_80_00,
             DeviceType::Rng => 0xff_00_00,
             DeviceType::Vsock => 0x07_80_00,
+            DeviceType::Fs => 0x01_80_00,
         }
     }
 
@@ -98,6 +102,7 @@ impl DeviceType {
             DeviceType::Console => "virtio-console",
             DeviceType::Rng => "virtio-rng",
             DeviceType::Vsock => "virtio-vsock",
+            DeviceType::Fs => "virtio-fs",
         }
     }
 }
@@ -180,6 +185,11 @@ pub trait VirtioDevice<M>: Send {
     /// beyond their queues.
     fn pause(&mut self) {
         self.reset();
+    }
+    /// Whether a snapshot can hold this device (a device whose state lives in another
+    /// process cannot).
+    fn saveable(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 

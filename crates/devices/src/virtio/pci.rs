@@ -314,6 +314,11 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         }
     }
 
+    /// Whether a snapshot can hold this function.
+    pub fn saveable(&self) -> Result<(), String> {
+        self.device.saveable()
+    }
+
     /// Everything about this function a snapshot needs (after `quiesce`).
     pub fn save(&self) -> VirtioPciState {
         VirtioPciState {

@@ -143,6 +143,15 @@ pub struct VmArgs {
     /// folder) unless given `off`.
     #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
     vsock: Option<String>,
+    /// A host directory in the guest over virtio-fs (repeatable):
+    /// `HOSTDIR[,tag=T][,readonly=on]`; the guest mounts it with `mount -t virtiofs T DIR`
+    /// (the kit mounts the first, tag `share` by default, at /mnt/share). Needs
+    /// virtiofsd; makes guest memory shared.
+    #[arg(long = "share", value_name = "SPEC")]
+    shares: Vec<String>,
+    /// Guest RAM backing: private (default) or shared (a memfd; implied by --share).
+    #[arg(long, value_name = "KIND", value_parser = ["private", "shared"])]
+    memory_backing: Option<String>,
     /// The CPU KVM shows the guest: host (everything it can give) or portable (only
     /// what the software CPU gives too: a VM that can move between backends).
     #[arg(long, value_name = "MODEL", value_parser = ["host", "portable"])]
@@ -174,14 +183,30 @@ impl VmArgs {
         let Some(spec) = self.vsock.as_deref().filter(|s| *s != "off") else {
             return Ok(None);
         };
-        let dir = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(std::path::PathBuf::from)
-            .filter(|d| d.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let socket = dir.join(format!("vessel-{}.vsock", std::process::id()));
+        let socket = run::runtime_dir().join(format!("vessel-{}.vsock", std::process::id()));
         devices::virtio::vsock::VsockConfig::parse(spec, &socket)
             .map(Some)
             .map_err(|e| Failure::usage(format!("--vsock {e}")))
+    }
+
+    /// The --share specs with absolute host directories, checked.
+    fn share_specs(&self) -> Result<Vec<String>, Failure> {
+        let shares = manager::spec::parse_shares(&self.shares)
+            .map_err(|e| Failure::usage(format!("--{e}")))?;
+        shares
+            .into_iter()
+            .map(|mut s| {
+                s.dir = std::fs::canonicalize(&s.dir)
+                    .map_err(|e| Failure::usage(format!("--share {}: {e}", s.dir.display())))?;
+                if !s.dir.is_dir() {
+                    return Err(Failure::usage(format!(
+                        "--share {}: not a directory",
+                        s.dir.display()
+                    )));
+                }
+                Ok(s.to_spec())
+            })
+            .collect()
     }
 
     /// A managed VM's vsock spec for vm.toml (None: the default device).

@@ -122,6 +122,9 @@ fn run_vm(
         nets,
         rng: a.rng,
         vsock: a.run_vsock()?,
+        shares: manager::spec::parse_shares(&a.share_specs()?).map_err(Failure::usage)?,
+        runtime_dir: runtime_dir(),
+        shared_memory: a.memory_backing.as_deref() == Some("shared"),
         hvc: a
             .hvc
             .as_deref()
@@ -185,6 +188,14 @@ pub fn kit(args: KitArgs) -> CliResult {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `vessel run` puts its sockets: `$XDG_RUNTIME_DIR`, else the temporary directory.
+pub fn runtime_dir() -> std::path::PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// `vessel run --restore DIR`: the snapshot's VM, continued in the foreground.

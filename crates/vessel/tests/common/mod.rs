@@ -181,6 +181,20 @@ pub fn boot(kernel: &Path, args: &[&str], deadline: Duration) -> Finished {
     run_with_deadline(cmd, deadline)
 }
 
+/// True when virtiofsd is installed; otherwise prints why the test skips (or panics
+/// when VESSEL_REQUIRE_KVM=1, under which CI installs it).
+pub fn virtiofsd_available() -> bool {
+    if devices::virtio::fs::find_virtiofsd().is_some() {
+        return true;
+    }
+    assert!(
+        !required(),
+        "VESSEL_REQUIRE_KVM=1 but virtiofsd is not installed (cargo install virtiofsd)"
+    );
+    eprintln!("skipped: virtiofsd is not installed (cargo install virtiofsd)");
+    false
+}
+
 fn required() -> bool {
     std::env::var("VESSEL_REQUIRE_KVM").is_ok_and(|v| v == "1")
 }

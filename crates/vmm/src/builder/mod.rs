@@ -56,13 +56,17 @@ impl std::io::Write for CountingOutput {
 
 /// Guest RAM laid out around the 32-bit MMIO hole, with the map of which pages hold
 /// code the software CPU decoded (every write through vm-memory is reported to it).
-pub fn guest_memory(size: u64) -> Result<(GuestMemory, Arc<CodeMap>), VmError> {
+pub fn guest_memory(size: u64, shared: bool) -> Result<(GuestMemory, Arc<CodeMap>), VmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
         .iter()
         .map(|r| (GuestAddress(r.start), r.size as usize))
         .collect();
     let code = Arc::new(CodeMap::new(&ranges));
-    let mem = x86::guest_memory(&ranges, &code).map_err(|e| VmError::Memory {
+    let mem = match shared {
+        true => x86::guest_memory_shared(&ranges, &code),
+        false => x86::guest_memory(&ranges, &code),
+    };
+    let mem = mem.map_err(|e| VmError::Memory {
         mib: size >> 20,
         reason: e.to_string(),
     })?;
@@ -97,7 +101,7 @@ pub fn build_from(
 ) -> Result<Vm, VmError> {
     config.validate()?;
     let (mem, code) = match restore {
-        None => guest_memory(config.memory)?,
+        None => guest_memory(config.memory, config.memory_is_shared())?,
         Some(r) => restored_memory(config, r)?,
     };
     // A restored VM has its ACPI tables, kernel and everything else in its memory.
@@ -139,7 +143,7 @@ pub fn build_from(
         out: output,
         metrics: metrics.clone(),
     });
-    let virtio = virtio::devices(config)?;
+    let virtio = virtio::devices(config, &mem)?;
     let stdio_hvc = virtio.stdio_hvc.clone();
     for (label, counters) in virtio.nic_counters {
         metrics.add_nic(label, counters);

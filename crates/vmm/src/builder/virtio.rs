@@ -8,6 +8,7 @@ use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
 use devices::virtio::block::{Throttling, VirtioBlock};
 use devices::virtio::console::{ConsoleInput, VirtioConsole};
+use devices::virtio::fs::{SharedRegion, VirtioFs};
 use devices::virtio::net::NetCounters;
 use devices::virtio::rate_limit::RateLimiter;
 use devices::virtio::rng::VirtioRng;
@@ -46,7 +47,7 @@ pub(super) struct Opened {
 
 /// Opens the config's devices: disk images, TAP interfaces, the entropy source, the
 /// console.
-pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
+pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, VmError> {
     let mut out: Vec<Box<dyn VirtioDevice<GuestMemory>>> = Vec::new();
     let mut groups: HashMap<&str, (usize, RateLimiter)> = HashMap::new();
     let mut throttling = Vec::new();
@@ -97,6 +98,17 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
     if config.rng {
         out.push(Box::new(VirtioRng::new()));
     }
+    if !config.shares.is_empty() {
+        let regions = shared_regions(mem);
+        for share in &config.shares {
+            let socket = config
+                .runtime_dir
+                .join(format!("virtiofs-{}.sock", share.tag));
+            let dev = VirtioFs::new(share, &socket, regions.clone())
+                .map_err(|e| VmError::Device(format!("share {}: {e}", share.tag)))?;
+            out.push(Box::new(dev));
+        }
+    }
     if let Some(v) = &config.vsock {
         let dev = VirtioVsock::new(v)
             .map_err(|e| VmError::Device(format!("vsock socket {}: {e}", v.socket.display())))?;
@@ -130,6 +142,24 @@ pub(super) fn devices(config: &VmConfig) -> Result<Opened, VmError> {
         helpers,
         ssh,
     })
+}
+
+/// Guest RAM as virtiofsd maps it: each region's memfd and offset (none for private
+/// memory, which the device then refuses).
+fn shared_regions(mem: &GuestMemory) -> Vec<SharedRegion> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    mem.iter()
+        .map(|r| SharedRegion {
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+            host_addr: r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_or(0, |p| p as u64),
+            fd: r.file_offset().map_or(-1, |f| f.file().as_raw_fd()),
+            offset: r.file_offset().map_or(0, |f| f.start()),
+        })
+        .collect()
 }
 
 /// hvc0's output to the socket's client, never blocking the device (a slow or absent

@@ -56,6 +56,9 @@ impl Persist {
         fill: Fill,
     ) -> Result<Captured, SnapshotError> {
         let started = std::time::Instant::now();
+        for d in &self.virtio {
+            lock(d).saveable().map_err(SnapshotError::Unsaveable)?;
+        }
         let was_running = control.state() == RunState::Running;
         if was_running {
             control

@@ -142,6 +142,9 @@ pub enum SnapshotError {
     },
     #[error("cannot take the snapshot: {0}")]
     Capture(String),
+    /// The VM has a part a snapshot cannot hold.
+    #[error("{0}")]
+    Unsaveable(String),
     #[error("cannot restore: {0}")]
     Restore(String),
 }

@@ -373,7 +373,7 @@ impl Muxer {
         }
         let state = self.conns.get(&key).map(|c| c.state);
         match (h.op, state) {
-            (op::REQUEST, None) => self.connect_to_host(key),
+            (op::REQUEST, None) => self.connect_to_host(key, h),
             (op::RESPONSE, Some(State::Connecting)) => self.established(key),
             (op::RST, Some(_)) => self.close(key),
             (op::RST, None) => {}
@@ -389,7 +389,7 @@ impl Muxer {
         }
     }
 
-    fn connect_to_host(&mut self, key: Key) {
+    fn connect_to_host(&mut self, key: Key, request: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
             self.queue_control(key, op::RST, 0);
             return;
@@ -404,8 +404,12 @@ impl Muxer {
         };
         let token = self.take_token();
         self.tokens.insert(token, key);
-        self.conns
-            .insert(key, Connection::new(stream, token, State::Established));
+        let mut c = Connection::new(stream, token, State::Established);
+        // The request announces the guest's receive buffer, as every packet does: a
+        // host program that speaks first may use it before the guest sends anything.
+        c.peer_buf_alloc = request.buf_alloc;
+        c.peer_fwd_cnt = Wrapping(request.fwd_cnt);
+        self.conns.insert(key, c);
         self.queue_control(key, op::RESPONSE, 0);
         self.rearm(key);
     }

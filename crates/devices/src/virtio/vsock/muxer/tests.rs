@@ -115,6 +115,23 @@ fn a_guest_connects_to_a_host_listener_or_is_refused() {
 }
 
 #[test]
+fn a_host_program_that_speaks_first_reaches_a_guest_that_only_asked_to_connect() {
+    // A server with a banner: the guest's REQUEST is all it sends before reading, so
+    // the credit the REQUEST announces is what the banner goes out on.
+    let path = socket_path("banner");
+    let mut m = Muxer::new(GUEST, &path).unwrap();
+    let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+    m.guest_packet(&from_guest(op::REQUEST, 40000, 5000, 0), &[]);
+    let mut buf = Vec::new();
+    assert_eq!(next(&mut m, &mut buf).unwrap().op, op::RESPONSE);
+    let (mut server, _) = listener.accept().unwrap();
+    server.write_all(b"SSH-2.0-banner\r\n").unwrap();
+    let rw = next(&mut m, &mut buf).expect("the banner, within the REQUEST's credit");
+    assert_eq!((rw.op, &buf[..]), (op::RW, &b"SSH-2.0-banner\r\n"[..]));
+    let _ = std::fs::remove_file(format!("{}_5000", path.display()));
+}
+
+#[test]
 fn data_to_the_guest_waits_for_its_credit() {
     let path = socket_path("credit");
     let mut m = Muxer::new(GUEST, &path).unwrap();

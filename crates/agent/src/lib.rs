@@ -10,4 +10,5 @@
 
 pub mod guest;
 pub mod host;
+pub mod install;
 pub mod protocol;

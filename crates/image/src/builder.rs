@@ -24,6 +24,8 @@ pub struct BuildRequest {
     pub size: u64,
     /// Packages on top of the recipe's.
     pub packages: Vec<String>,
+    /// The guest agent to install (with its systemd unit, enabled); None: no agent.
+    pub agent: Option<PathBuf>,
 }
 
 pub const DEFAULT_SIZE: u64 = 8 << 30;
@@ -54,9 +56,17 @@ pub(crate) fn build_into(
     let started = Instant::now();
     let staged = out.join("files");
     stage_files(&staged)?;
+    let mut enable: Vec<&str> = guest::ENABLED_UNITS.to_vec();
+    if let Some(agent) = &req.agent {
+        stage_agent(&staged, agent)?;
+        enable.push(agent::install::UNIT_NAME);
+    }
     let hook = out.join("customize.sh");
-    std::fs::write(&hook, customize_script(&staged, out, &mke2fs, req.size))
-        .map_err(ImageError::io(&hook))?;
+    std::fs::write(
+        &hook,
+        customize_script(&staged, out, &mke2fs, req.size, &enable),
+    )
+    .map_err(ImageError::io(&hook))?;
     let mut packages: Vec<&str> = recipe.packages.to_vec();
     packages.extend(req.packages.iter().map(String::as_str));
     let mut cmd = Command::new(&mmdebstrap);
@@ -143,14 +153,44 @@ fn stage_files(dir: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// The guest agent (stripped) and its unit, laid out as in the image.
+fn stage_agent(dir: &Path, binary: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bytes = agent::install::stripped(binary, dir).map_err(ImageError::io(binary))?;
+    let unit = format!("etc/systemd/system/{}", agent::install::UNIT_NAME);
+    for (path, mode, data) in [
+        (
+            agent::install::INSTALL_PATH.trim_start_matches('/'),
+            0o755,
+            bytes.as_slice(),
+        ),
+        (unit.as_str(), 0o644, agent::install::UNIT.as_bytes()),
+    ] {
+        let path = dir.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(ImageError::io(parent))?;
+        }
+        std::fs::write(&path, data).map_err(ImageError::io(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(ImageError::io(&path))?;
+    }
+    Ok(())
+}
+
 fn quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
 /// The customize hook: runs with the finished root as `$1` (inside mmdebstrap's user
 /// namespace when it is not run as root, so ownership comes out right).
-fn customize_script(staged: &Path, out: &Path, mke2fs: &Path, size: u64) -> String {
-    let enable = guest::ENABLED_UNITS.join(" ");
+fn customize_script(
+    staged: &Path,
+    out: &Path,
+    mke2fs: &Path,
+    size: u64,
+    enable: &[&str],
+) -> String {
+    let enable = enable.join(" ");
     let disable = guest::DISABLED_UNITS.join(" ");
     format!(
         r#"#!/bin/sh
@@ -203,11 +243,16 @@ mod tests {
             Path::new("/o"),
             Path::new("/sbin/mke2fs"),
             8 << 30,
+            &["vessel-ready.service", agent::install::UNIT_NAME],
         );
         let out = Command::new("sh").args(["-n", "-c", &s]).output().unwrap();
         assert!(out.status.success(), "{out:?}\n{s}");
         assert!(s.contains("'/tmp/it'\\''s'/."), "{s}");
         assert!(s.contains(" 8388608k "), "{s}");
+        assert!(
+            s.contains("systemctl enable vessel-ready.service vessel-agent.service"),
+            "{s}"
+        );
     }
 
     #[test]

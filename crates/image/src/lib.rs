@@ -31,7 +31,7 @@ pub const INITRD: &str = "initrd.img";
 pub const SEED: &str = "seed.img";
 const MANIFEST: &str = "image.toml";
 /// Bumped whenever what vessel puts into an image changes, so older images are rebuilt.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 
 /// The kernel command line a VM made from an image boots with: the serial console, the
 /// root by label, and no crypto self-tests (a large part of a boot on a software CPU).
@@ -295,6 +295,7 @@ impl ImageStore {
             name: None,
             size: DEFAULT_SIZE,
             packages: Vec::new(),
+            agent: agent::install::beside_exe(),
         };
         self.build(&req, Existing::KeepIfUsable, progress)
     }
@@ -431,6 +432,7 @@ mod tests {
             name: None,
             size: DEFAULT_SIZE,
             packages: vec![],
+            agent: None,
         };
         let err = ImageStore::at(tmp.path())
             .build(&req, Existing::Refuse, &mut |_| {})

@@ -194,19 +194,9 @@ fn assemble(work: &Path, out: &Path, agent: Option<&Agent>) -> Result<String, Ki
     )
 }
 
-/// The binary at `path` without its symbols and debug information (binutils' strip),
-/// or as it is when strip is not installed: smaller in the guest's initramfs.
+/// The agent without its symbols and debug information: smaller in the initramfs.
 fn stripped(path: &Path, work: &Path) -> Result<Vec<u8>, KitError> {
-    let out = work.join(AGENT_NAME);
-    let done = Command::new("strip")
-        .arg("--strip-all")
-        .arg("-o")
-        .arg(&out)
-        .arg(path)
-        .status()
-        .is_ok_and(|s| s.success());
-    let from = if done { &out } else { path };
-    fs::read(from).map_err(KitError::io(from))
+    agent::install::stripped(path, work).map_err(KitError::io(path))
 }
 
 /// The guest agent at `/sbin/vessel-agent`, started by both inits.

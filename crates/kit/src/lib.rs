@@ -52,28 +52,13 @@ pub struct KitOptions {
     /// Rebuild even if a complete kit is cached.
     pub force: bool,
     /// The guest agent to put in the kit (`/sbin/vessel-agent`); `None` means the
-    /// one built beside this program ([`agent_beside_exe`]), if any. A cached kit with
+    /// one built beside this program (`agent::install::beside_exe`), if any. A cached kit with
     /// another agent is rebuilt.
     pub agent: Option<PathBuf>,
 }
 
 /// The name of the guest agent's binary.
-pub const AGENT_NAME: &str = "vessel-agent";
-
-/// `$VESSEL_AGENT`, else `vessel-agent` next to the running program (or one directory
-/// up, for cargo's test binaries in `deps/`).
-pub fn agent_beside_exe() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("VESSEL_AGENT").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(AGENT_NAME))
-        .find(|p| p.is_file())
-}
+pub const AGENT_NAME: &str = agent::install::BINARY;
 
 /// An identity for an agent binary: FNV-1a over its bytes, in hex.
 fn agent_id(path: &Path) -> Result<String, KitError> {
@@ -176,7 +161,7 @@ pub fn build(opts: &KitOptions) -> Result<Kit, KitError> {
         Some(dir) => dir.clone(),
         None => default_cache_dir()?,
     };
-    let agent = match opts.agent.clone().or_else(agent_beside_exe) {
+    let agent = match opts.agent.clone().or_else(agent::install::beside_exe) {
         Some(path) => Some(Agent {
             id: agent_id(&path)?,
             path,

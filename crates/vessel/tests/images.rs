@@ -165,11 +165,17 @@ fn vms_from_the_image_run_systemd_on_1_and_2_vcpus_with_identities_of_their_own(
     assert_eq!([uname.trim().to_string()], kernel.as_slice(), "{uname}");
     let info = home.ok(&["info", "deb-a"]);
     assert!(info.contains("nic       net0 user "), "{info}");
+    // The guest agent the image carries answers through vsock.
+    let uname = home.ok(&["exec", "deb-a", "--", "uname", "-r"]);
+    assert_eq!([uname.trim().to_string()], kernel.as_slice(), "{uname}");
+    assert!(info.contains("guest     Debian GNU/Linux 12"), "{info}");
     // The seed gave the user the key; the user's home exists.
     let user = manager::ssh::user_name();
     let disk = home.vm_dir("deb-b").join(image::DISK);
-    // The ACPI power button shuts systemd down cleanly.
-    home.ok(&["stop", "deb-b", "--timeout", "180"]);
+    // The ACPI power button shuts systemd down cleanly, and so does the agent.
+    home.ok(&["stop", "deb-b", "--button", "--timeout", "180"]);
+    home.ok(&["stop", "deb-a", "--timeout", "180"]);
+    assert!(home.log("deb-a").contains("reboot: Power down"));
     let keys = debugfs(
         &disk,
         &format!("cat {}/.ssh/authorized_keys", home_of(&user)),

@@ -76,6 +76,7 @@ fn build(store: &ImageStore, a: BuildArgs) -> CliResult {
         name: a.name,
         size,
         packages: a.packages.into_iter().filter(|p| !p.is_empty()).collect(),
+        agent: agent::install::beside_exe(),
     };
     let started = Instant::now();
     let existing = if a.force {

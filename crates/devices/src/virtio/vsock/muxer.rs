@@ -575,6 +575,11 @@ impl Muxer {
             return Some(self.header(ctl.key, ctl.op, ctl.flags, 0));
         }
         let max_payload = max_payload.min(packet::MAX_PAYLOAD as usize);
+        if max_payload == 0 {
+            // No room for data (a buffer for the header alone): reading into nothing
+            // would return 0, which is how the host program's end looks.
+            return None;
+        }
         while let Some(key) = self.ready.pop_front() {
             let Some(c) = self.conns.get_mut(&key) else {
                 continue;

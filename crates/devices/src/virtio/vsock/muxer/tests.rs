@@ -132,6 +132,28 @@ fn a_host_program_that_speaks_first_reaches_a_guest_that_only_asked_to_connect()
 }
 
 #[test]
+fn a_receive_buffer_without_room_for_data_is_not_the_end_of_the_stream() {
+    let path = socket_path("noroom");
+    let mut m = Muxer::new(GUEST, &path).unwrap();
+    let (mut host, local) = host_connects(&mut m, &path, 1024);
+    m.guest_packet(&from_guest(op::CREDIT_UPDATE, 1024, local, 0), &[]);
+    host.write_all(b"data").unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..200 {
+        m.process_host_events();
+        assert_eq!(m.next_rx(0, &mut buf), None, "a header-only buffer");
+        if m.has_rx() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rw = m
+        .next_rx(4096, &mut buf)
+        .expect("the data, in a buffer with room");
+    assert_eq!((rw.op, &buf[..]), (op::RW, &b"data"[..]));
+}
+
+#[test]
 fn data_to_the_guest_waits_for_its_credit() {
     let path = socket_path("credit");
     let mut m = Muxer::new(GUEST, &path).unwrap();

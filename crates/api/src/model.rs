@@ -102,6 +102,46 @@ pub struct VmInfo {
     /// What the rate limits held back, per queue (`disk0`, `net0-rx`, `net0-tx`).
     #[serde(default)]
     pub throttled: Vec<ThrottleInfo>,
+    /// Where the guest's memory stands on the host: balloon, merged pages.
+    #[serde(default)]
+    pub memory: MemoryInfo,
+}
+
+/// A VM's memory as the host sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemoryInfo {
+    /// The monitor's resident memory (guest RAM the guest has touched, plus vessel).
+    pub rss_bytes: u64,
+    /// Pages of this VM KSM has merged (with its own or other VMs' pages).
+    #[serde(default)]
+    pub ksm_merging_pages: Option<u64>,
+    #[serde(default)]
+    pub balloon: Option<BalloonInfo>,
+}
+
+/// The balloon: what the host asks for, what the guest gave, what went back to the host,
+/// and the guest's own figures (its last statistics).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BalloonInfo {
+    pub target_bytes: u64,
+    pub actual_bytes: u64,
+    /// Given back to the host by inflation, and by free page reporting (totals).
+    pub inflated_bytes: u64,
+    pub reported_bytes: u64,
+    #[serde(default)]
+    pub guest_total_bytes: Option<u64>,
+    #[serde(default)]
+    pub guest_free_bytes: Option<u64>,
+    #[serde(default)]
+    pub guest_available_bytes: Option<u64>,
+    #[serde(default)]
+    pub swap_in_bytes: Option<u64>,
+    #[serde(default)]
+    pub swap_out_bytes: Option<u64>,
+    #[serde(default)]
+    pub major_faults: Option<u64>,
+    #[serde(default)]
+    pub minor_faults: Option<u64>,
 }
 
 /// One rate-limited queue's waits.

@@ -8,6 +8,7 @@ pub mod interrupt;
 pub mod irqchip;
 pub mod legacy;
 pub mod pci;
+pub mod reclaim;
 pub mod request;
 pub mod virtio;
 

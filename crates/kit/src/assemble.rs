@@ -31,8 +31,14 @@ const REQUIRED_MODULES: &[&str] = &[
     "virtio_console",
 ];
 /// ACPI power button to input events, for acpid; shipped only if the kernel has them.
-/// vsock, for the guest agent; virtio-fs, for shared folders.
-const OPTIONAL_MODULES: &[&str] = &["button", "evdev", "vmw_vsock_virtio_transport", "virtiofs"];
+/// vsock, for the guest agent; virtio-fs, for shared folders; the memory balloon.
+const OPTIONAL_MODULES: &[&str] = &[
+    "button",
+    "evdev",
+    "vmw_vsock_virtio_transport",
+    "virtiofs",
+    "virtio_balloon",
+];
 
 /// Removes a build's scratch directory however the build ends.
 struct Scratch(PathBuf);

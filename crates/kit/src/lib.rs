@@ -41,7 +41,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 cryptomgr.notest
 /// What init prints after running a command from the command line, before the status.
 pub const EXIT_STATUS_PREFIX: &str = "VESSEL-KIT: exit status ";
 /// Bumped whenever the kit's contents change meaning, so older kits are rebuilt.
-const KIT_FORMAT: u32 = 5;
+const KIT_FORMAT: u32 = 7;
 const MANIFEST: &str = "kit.toml";
 
 /// How to get a kit.

@@ -217,6 +217,8 @@ mod tests {
             vsock: None,
             shares: Vec::new(),
             memory_backing: None,
+            balloon: false,
+            memory_merge: false,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

@@ -9,6 +9,8 @@ mod error;
 pub mod guest_agent;
 pub mod home;
 pub mod host;
+pub mod ksm;
+pub mod memory;
 pub mod monitor;
 pub mod resources;
 pub mod snapshots;

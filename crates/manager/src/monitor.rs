@@ -286,6 +286,7 @@ impl Monitor {
             nics,
             ssh: ssh.map(|a| a.to_string()),
             throttled,
+            memory: crate::memory::info(lock(&self.handle).as_ref()),
         }
     }
 
@@ -362,10 +363,25 @@ impl Monitor {
             Ok(s) => s,
             Err(e) => return Response::error(500, e.to_string()),
         };
+        let mut balloon = None;
         for kv in &req.settings {
             let Some((k, v)) = kv.split_once('=') else {
                 return Response::error(400, format!("{kv:?} is not key=value"));
             };
+            if let Some(size) = crate::spec::balloon_size(k, v) {
+                let checked = size.and_then(|s| crate::spec::check_balloon(&spec, s).map(|()| s));
+                match (checked, handle.balloon()) {
+                    (Ok(s), Some(b)) => balloon = Some((b.clone(), s)),
+                    (Ok(_), None) => {
+                        return Response::error(
+                            409,
+                            "the VM runs without a balloon (it was created before --balloon was set)",
+                        );
+                    }
+                    (Err(e), _) => return Response::error(409, e),
+                }
+                continue;
+            }
             if !resources::is_live_key(k) {
                 return Response::error(409, format!("{k} changes only when the VM is stopped"));
             }
@@ -385,6 +401,10 @@ impl Monitor {
             if let Err(e) = set {
                 return Response::error(400, e);
             }
+        }
+        if let Some((b, size)) = balloon {
+            tracing::info!("balloon: asking the guest for {} MiB", size >> 20);
+            b.set_target(size);
         }
         match self.bundle.save_spec(&spec) {
             Ok(()) => Response::json(
@@ -488,6 +508,8 @@ impl Monitor {
                     .map(|h| h.metrics().prometheus(&self.name))
                     .unwrap_or_default();
                 text += &resources::prometheus(&self.name);
+                let memory = crate::memory::info(lock(&self.handle).as_ref());
+                text += &crate::memory::prometheus(&self.name, &memory);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             (_, "" | "state" | "actions" | "metrics" | "settings") => {

@@ -65,6 +65,12 @@ pub struct VmSpec {
     /// Guest RAM backing: `private` (default) or `shared` (implied by shares).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_backing: Option<String>,
+    /// A virtio-balloon device (`vessel set NAME balloon=SIZE` while it runs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub balloon: bool,
+    /// Guest RAM offered to the host's page merging (KSM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_merge: bool,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,7 +132,9 @@ impl VmSpec {
             vsock: None,
             shares: Vec::new(),
             runtime_dir: PathBuf::new(),
-            shared_memory: false,
+            shared_memory: self.memory_backing.as_deref() == Some("shared"),
+            balloon: self.balloon,
+            memory_merge: self.memory_merge,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),
@@ -140,6 +148,11 @@ impl VmSpec {
         self.share_configs()?;
         if let Some(b) = &self.memory_backing {
             vmm::parse_memory_backing(b)?;
+        }
+        if self.memory_merge
+            && (!self.shares.is_empty() || self.memory_backing.as_deref() == Some("shared"))
+        {
+            return Err(vmm::ConfigError::MergeShared.to_string());
         }
         self.cpu
             .validate(crate::host::online_cpus())
@@ -210,11 +223,18 @@ impl VmSpec {
                     _ => return Err(format!("restart: {value:?} is not on-reboot or never")),
                 }
             }
+            "balloon" if balloon_size(key, value).is_some() => {
+                return Err(format!(
+                    "balloon={value}: the balloon takes memory from a running VM; on a stopped one, balloon=on|off"
+                ));
+            }
+            "balloon" => self.balloon = value == "on",
+            "memory_merge" => self.memory_merge = on_off("memory_merge", value)?,
             k if k.starts_with("cpu_") => self.cpu.set(k, value).map_err(|e| e.to_string())?,
             k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_merge, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
@@ -340,6 +360,8 @@ impl VmSpec {
                 Some(b) => vmm::parse_memory_backing(b).map_err(ManagerError::Other)?,
                 None => false,
             },
+            balloon: self.balloon,
+            memory_merge: self.memory_merge,
             hvc: None,
             kvm_fallback: true,
             cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
@@ -355,6 +377,37 @@ impl VmSpec {
                 .unwrap_or_default(),
         })
     }
+}
+
+/// `balloon=SIZE`: how much memory a running VM's balloon is to hold (None for any other
+/// setting, `balloon=on|off` included).
+pub fn balloon_size(key: &str, value: &str) -> Option<Result<u64, String>> {
+    if key != "balloon" || matches!(value, "on" | "off") {
+        return None;
+    }
+    Some(match value {
+        "0" => Ok(0),
+        _ => vmm::parse_size(value).map_err(|e| format!("balloon: {e}")),
+    })
+}
+
+/// Whether a running VM of `spec` can hold `size` in its balloon.
+pub fn check_balloon(spec: &VmSpec, size: u64) -> Result<(), String> {
+    if !spec.balloon {
+        return Err("the VM has no balloon (create it with --balloon, or set balloon=on while it is stopped)".into());
+    }
+    if size >= spec.memory_bytes() {
+        return Err(format!(
+            "balloon={}: the guest has {} MiB in all",
+            size >> 20,
+            spec.memory_bytes() >> 20
+        ));
+    }
+    Ok(())
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    devices::virtio::options::on_off(key, value)
 }
 
 /// `--share` specs, parsed with their default tags; a tag used twice is an error.
@@ -396,6 +449,8 @@ mod tests {
             vsock: None,
             shares: Vec::new(),
             memory_backing: None,
+            balloon: false,
+            memory_merge: false,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

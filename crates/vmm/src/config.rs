@@ -96,6 +96,10 @@ pub struct VmConfig {
     pub runtime_dir: PathBuf,
     /// Guest RAM in a shared memfd rather than private memory (forced by `shares`).
     pub shared_memory: bool,
+    /// A virtio-balloon device (the host can ask the guest for memory back).
+    pub balloon: bool,
+    /// Guest RAM marked for the host's page merging (KSM); needs private memory.
+    pub memory_merge: bool,
     /// A virtio-console (the guest's hvc0) and where it goes.
     pub hvc: Option<Hvc>,
     /// Run instructions KVM cannot emulate in vessel's interpreter (on by default);
@@ -145,6 +149,10 @@ impl Hvc {
 pub enum ConfigError {
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Cpus(u16),
+    #[error(
+        "--memory-merge needs private guest memory: a VM with shared folders (or --memory-backing shared) cannot have its pages merged"
+    )]
+    MergeShared,
     #[error("--memory {0} MiB is below the 32 MiB minimum")]
     MemoryTooSmall(u64),
     #[error("--memory {asked_mib} MiB is more than this host's {host_mib} MiB of RAM")]
@@ -162,6 +170,9 @@ impl VmConfig {
         }
         if self.memory < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(self.memory >> 20));
+        }
+        if self.memory_merge && self.memory_is_shared() {
+            return Err(ConfigError::MergeShared);
         }
         if let Some(host) = host_memory_bytes()
             && self.memory > host
@@ -254,6 +265,8 @@ mod tests {
             shares: Vec::new(),
             runtime_dir: PathBuf::new(),
             shared_memory: false,
+            balloon: false,
+            memory_merge: false,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),

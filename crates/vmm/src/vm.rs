@@ -21,6 +21,7 @@ use crate::dispatcher::Dispatcher;
 use crate::error::VmError;
 use crate::io_limits::IoLimits;
 use crate::metrics::Metrics;
+use devices::virtio::balloon::BalloonState;
 
 /// Something that happened to the VM, reported to the thread that owns it.
 #[derive(Debug)]
@@ -84,12 +85,18 @@ pub struct VmHandle {
     metrics: Arc<Metrics>,
     persist: Arc<crate::snapshot::Persist>,
     io_limits: Arc<IoLimits>,
+    balloon: Option<Arc<BalloonState>>,
 }
 
 impl VmHandle {
     /// The disks' and NICs' rate limiters.
     pub fn io_limits(&self) -> &IoLimits {
         &self.io_limits
+    }
+
+    /// The balloon, when the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<BalloonState>> {
+        self.balloon.as_ref()
     }
 
     pub fn state(&self) -> RunState {
@@ -174,6 +181,7 @@ pub struct Vm {
     kvm_fallback: bool,
     persist: Arc<crate::snapshot::Persist>,
     io_limits: Arc<IoLimits>,
+    balloon: Option<Arc<BalloonState>>,
 }
 
 /// What the builder hands over.
@@ -191,6 +199,7 @@ pub(crate) struct VmParts {
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
     pub persist: Arc<crate::snapshot::Persist>,
     pub io_limits: Arc<IoLimits>,
+    pub balloon: Option<Arc<BalloonState>>,
 }
 
 impl Vm {
@@ -211,6 +220,7 @@ impl Vm {
             _helpers: p.helpers,
             persist: p.persist,
             io_limits: p.io_limits,
+            balloon: p.balloon,
         }
     }
 
@@ -230,6 +240,7 @@ impl Vm {
             metrics: self.metrics.clone(),
             persist: self.persist.clone(),
             io_limits: self.io_limits.clone(),
+            balloon: self.balloon.clone(),
         }
     }
 

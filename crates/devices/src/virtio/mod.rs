@@ -23,6 +23,7 @@
 //!
 //! [`MsiSink`]: crate::interrupt::MsiSink
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod console;
@@ -78,6 +79,7 @@ pub enum DeviceType {
     Block = 2,
     Console = 3,
     Rng = 4,
+    Balloon = 5,
     Vsock = 19,
     Fs = 26,
 }
@@ -90,6 +92,7 @@ impl DeviceType {
             DeviceType::Block => 0x01_00_00,
             DeviceType::Console => 0x07_80_00,
             DeviceType::Rng => 0xff_00_00,
+            DeviceType::Balloon => 0x05_00_00,
             DeviceType::Vsock => 0x07_80_00,
             DeviceType::Fs => 0x01_80_00,
         }
@@ -101,6 +104,7 @@ impl DeviceType {
             DeviceType::Block => "virtio-blk",
             DeviceType::Console => "virtio-console",
             DeviceType::Rng => "virtio-rng",
+            DeviceType::Balloon => "virtio-balloon",
             DeviceType::Vsock => "virtio-vsock",
             DeviceType::Fs => "virtio-fs",
         }

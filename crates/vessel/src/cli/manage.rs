@@ -38,6 +38,28 @@ pub struct CreateArgs {
 }
 
 #[derive(Args)]
+pub struct HostArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Option<HostCommand>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum HostCommand {
+    /// The host's kernel same-page merging: on, off or status. It merges identical pages
+    /// of VMs created with --memory-merge (CPU spent scanning; see the README's risks).
+    Ksm {
+        #[arg(value_parser = ["on", "off", "status"])]
+        action: String,
+        /// Machine-readable status.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
 pub struct ListArgs {
     /// Machine-readable output.
     #[arg(long)]
@@ -153,6 +175,8 @@ pub fn create(args: CreateArgs) -> CliResult {
         vsock: a.spec_vsock()?,
         shares: a.share_specs()?,
         memory_backing: a.memory_backing.clone(),
+        balloon: a.balloon,
+        memory_merge: a.memory_merge,
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
         cpu: a.cpu_policy()?,
@@ -223,6 +247,8 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         vsock: a.spec_vsock()?,
         shares: a.share_specs()?,
         memory_backing: a.memory_backing.clone(),
+        balloon: a.balloon,
+        memory_merge: a.memory_merge,
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
         cpu: a.cpu_policy()?,
@@ -495,6 +521,27 @@ pub fn info(args: InfoArgs) -> CliResult {
                 .join(" ")
         );
         println!("monitor   {} KiB resident", l.monitor_rss_kib);
+        let mib = |b: u64| b >> 20;
+        if let Some(b) = &l.memory.balloon {
+            println!(
+                "balloon   {} MiB asked, {} MiB held; returned to the host: {} MiB inflated, {} MiB reported free",
+                mib(b.target_bytes),
+                mib(b.actual_bytes),
+                mib(b.inflated_bytes),
+                mib(b.reported_bytes)
+            );
+            if let (Some(t), Some(a)) = (b.guest_total_bytes, b.guest_available_bytes) {
+                println!(
+                    "guest ram {} MiB, {} MiB available, {} MiB free (balloon statistics)",
+                    mib(t),
+                    mib(a),
+                    mib(b.guest_free_bytes.unwrap_or(0))
+                );
+            }
+        }
+        if let Some(p) = l.memory.ksm_merging_pages.filter(|&p| p > 0) {
+            println!("ksm       {p} pages merged");
+        }
         for t in l.throttled.iter().filter(|t| t.requests > 0) {
             println!(
                 "throttled {}: {} requests waited {:.2}s in all",
@@ -615,13 +662,28 @@ pub fn set(args: SetArgs) -> CliResult {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| Failure::usage(format!("{kv:?} is not key=value")))?;
-        if live && !manager::resources::is_live_key(k) {
+        if live
+            && !manager::resources::is_live_key(k)
+            && manager::spec::balloon_size(k, v).is_none()
+        {
             return Err(Failure::refused(format!(
                 "VM {} is {}: only {}, diskN.* and netN.* rate limits change while it runs; {k} when it is stopped",
                 bundle.name,
                 status.state,
                 manager::resources::LIVE_KEYS.join(", ")
             )));
+        }
+        if let Some(size) = manager::spec::balloon_size(k, v) {
+            // Memory taken from a running guest: not a setting kept in vm.toml.
+            let size = size.map_err(Failure::usage)?;
+            if !live {
+                return Err(Failure::refused(format!(
+                    "VM {} is {}: balloon={v} takes memory from a running VM (on a stopped one: balloon=on|off)",
+                    bundle.name, status.state
+                )));
+            }
+            manager::spec::check_balloon(&spec, size).map_err(Failure::refused)?;
+            continue;
         }
         let v = match k {
             "kernel" | "initrd" if !v.is_empty() && v != KIT => absolute(&PathBuf::from(v))?,
@@ -663,7 +725,38 @@ pub fn remove(args: NameArg) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn host(args: ListArgs) -> CliResult {
+/// `vessel host ksm on|off|status`.
+fn ksm(action: &str, json: bool) -> CliResult {
+    match action {
+        "on" | "off" => manager::ksm::set_running(action == "on").map_err(Failure::refused)?,
+        _ => {}
+    }
+    let s = manager::ksm::status().map_err(Failure::refused)?;
+    if json {
+        return super::print_json(&json!(s));
+    }
+    let page = 4096.0;
+    println!(
+        "ksm       {}",
+        if s.running { "running" } else { "stopped" }
+    );
+    println!(
+        "sharing   {} pages in {} ({} saved)",
+        s.pages_sharing,
+        s.pages_shared,
+        host::human(s.pages_sharing as f64 * page)
+    );
+    println!(
+        "scanning  {} pages every {} ms, {} full scans",
+        s.pages_to_scan, s.sleep_millisecs, s.full_scans
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn host(args: HostArgs) -> CliResult {
+    if let Some(HostCommand::Ksm { action, json }) = &args.command {
+        return ksm(action, *json);
+    }
     let home = home()?;
     let h = Host::load(&home)?;
     let held = host::allocations(&home)?;

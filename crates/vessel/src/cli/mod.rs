@@ -75,8 +75,9 @@ enum Command {
     Set(manage::SetArgs),
     /// Delete a stopped VM and its folder.
     Rm(manage::NameArg),
-    /// Show the host's CPUs and memory and what running VMs hold.
-    Host(manage::ListArgs),
+    /// Show the host's CPUs and memory and what running VMs hold, or drive its page
+    /// merging: `vessel host ksm on|off|status`.
+    Host(manage::HostArgs),
     /// Guest images: bootable root disks built from Debian's packages.
     #[command(subcommand)]
     Image(images::ImageCommand),
@@ -149,6 +150,14 @@ pub struct VmArgs {
     /// virtiofsd; makes guest memory shared.
     #[arg(long = "share", value_name = "SPEC")]
     shares: Vec<String>,
+    /// A virtio-balloon device: `vessel set NAME balloon=SIZE` then takes that much
+    /// memory back from the running guest (and `balloon=0` gives it back); the guest's
+    /// freed pages go back to the host as it frees them (free page reporting).
+    #[arg(long)]
+    balloon: bool,
+    /// Offer the guest's memory to the host's page merging (KSM: `vessel host ksm on`).
+    #[arg(long)]
+    memory_merge: bool,
     /// Guest RAM backing: private (default) or shared (a memfd; implied by --share).
     #[arg(long, value_name = "KIND", value_parser = ["private", "shared"])]
     memory_backing: Option<String>,

@@ -125,6 +125,8 @@ fn run_vm(
         shares: manager::spec::parse_shares(&a.share_specs()?).map_err(Failure::usage)?,
         runtime_dir: runtime_dir(),
         shared_memory: a.memory_backing.as_deref() == Some("shared"),
+        balloon: a.balloon,
+        memory_merge: a.memory_merge,
         hvc: a
             .hvc
             .as_deref()

@@ -72,13 +72,24 @@ pub fn guest_memory(size: u64, shared: bool) -> Result<(GuestMemory, Arc<CodeMap
     })?;
     // Guest RAM never goes to a forked child (as QEMU does): forks stay cheap and a
     // child never shares the guest's memory.
+    advise(&mem, libc::MADV_DONTFORK);
+    Ok((mem, code))
+}
+
+/// Gives the kernel `advice` on all of guest RAM (best effort: a refusal is logged).
+fn advise(mem: &GuestMemory, advice: libc::c_int) {
     for region in mem.iter() {
         if let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) {
             // SAFETY: advising on a mapping vm-memory owns, for its whole length.
-            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
+            let r = unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
+            if r != 0 {
+                tracing::warn!(
+                    "madvise({advice}) on guest RAM: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
-    Ok((mem, code))
 }
 
 /// A snapshot to start from instead of booting the kernel.
@@ -143,6 +154,10 @@ pub fn build_from(
         out: output,
         metrics: metrics.clone(),
     });
+    if config.memory_merge {
+        // KSM may merge the guest's identical pages with other VMs' (copy on write).
+        advise(&mem, libc::MADV_MERGEABLE);
+    }
     let virtio = virtio::devices(config, &mem)?;
     let stdio_hvc = virtio.stdio_hvc.clone();
     for (label, counters) in virtio.nic_counters {
@@ -164,6 +179,11 @@ pub fn build_from(
         if let Some(i) = interrupts.get(index) {
             let _ = cell.set(i.clone());
         }
+    }
+    if let Some((index, b)) = &virtio.balloon
+        && let Some(i) = interrupts.get(*index)
+    {
+        b.attach(i.clone());
     }
     platform.stdio_hvc = stdio_hvc;
     let mut vcpus = (backend.vcpus)(&platform)?;
@@ -202,6 +222,7 @@ pub fn build_from(
         helpers: virtio.helpers,
         persist,
         io_limits,
+        balloon: virtio.balloon.map(|(_, b)| b),
     }))
 }
 

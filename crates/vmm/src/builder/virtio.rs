@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
+use devices::reclaim::Backing;
+use devices::virtio::balloon::{BalloonState, VirtioBalloon};
 use devices::virtio::block::{Throttling, VirtioBlock};
 use devices::virtio::console::{ConsoleInput, VirtioConsole};
 use devices::virtio::fs::{SharedRegion, VirtioFs};
@@ -43,6 +45,8 @@ pub(super) struct Opened {
     pub helpers: Vec<Box<dyn std::any::Any + Send>>,
     /// Where the host reaches the guest's SSH server, when a NIC forwards it.
     pub ssh: Option<std::net::SocketAddr>,
+    /// The balloon's place in `devices` and the VMM's handle on it.
+    pub balloon: Option<(usize, Arc<BalloonState>)>,
 }
 
 /// Opens the config's devices: disk images, TAP interfaces, the entropy source, the
@@ -109,6 +113,16 @@ pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, Vm
             out.push(Box::new(dev));
         }
     }
+    let mut balloon = None;
+    if config.balloon {
+        let backing = match config.memory_is_shared() {
+            true => Backing::Shared,
+            false => Backing::Private,
+        };
+        let dev = VirtioBalloon::new(backing);
+        balloon = Some((out.len(), dev.state()));
+        out.push(Box::new(dev));
+    }
     if let Some(v) = &config.vsock {
         let dev = VirtioVsock::new(v)
             .map_err(|e| VmError::Device(format!("vsock socket {}: {e}", v.socket.display())))?;
@@ -141,6 +155,7 @@ pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, Vm
         io_limits,
         helpers,
         ssh,
+        balloon,
     })
 }
 

@@ -1,0 +1,261 @@
+//! Memory across VMs (issue 15): the balloon takes memory from a running kit Linux and
+//! gives it back, pages the guest frees go back to the host (free page reporting), and
+//! two identical guests offered to KSM share pages. All on the software CPU, the figures
+//! read from the monitor (`vessel info --json`) and the guest.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::home::Home;
+
+const IDLE: &str = "while :; do sleep 1; done";
+
+/// A running kit VM with `extra` options (memory, balloon, disks...), its agent up.
+fn kit_vm(home: &Home, name: &str, memory: &str, extra: &[&str]) -> Option<()> {
+    let kit = common::kit()?;
+    let (kernel, initrd) = (
+        kit.vmlinux.display().to_string(),
+        kit.initrd.display().to_string(),
+    );
+    let cmdline = kit::cmdline("", Some(IDLE));
+    let mut args = vec![
+        "create",
+        name,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        memory,
+        "--accel",
+        "emu",
+        "--net",
+        "none",
+    ];
+    args.extend(extra);
+    home.ok(&args);
+    home.ok(&["start", name]);
+    home.wait_log(name, 0, kit::AGENT_MARKER);
+    Some(())
+}
+
+fn sh(home: &Home, name: &str, script: &str) -> String {
+    let out = common::vessel()
+        .env("VESSEL_HOME", home.path())
+        .args(["exec", name, "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn memory(home: &Home, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&home.ok(&["info", name, "--json"])).unwrap();
+    v["live"]["memory"].clone()
+}
+
+fn rss_mib(home: &Home, name: &str) -> u64 {
+    memory(home, name)["rss_bytes"].as_u64().unwrap() >> 20
+}
+
+/// Waits up to `secs` for `check` on the VM's memory figures; returns the last ones.
+fn wait_memory(
+    home: &Home,
+    name: &str,
+    secs: u64,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let m = memory(home, name);
+        if check(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "{what}: {m}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// MemAvailable in the guest, MiB.
+fn available_mib(home: &Home, name: &str) -> u64 {
+    let out = sh(home, name, "grep MemAvailable /proc/meminfo");
+    out.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        >> 10
+}
+
+#[test]
+fn the_balloon_takes_memory_from_a_running_guest_and_gives_it_back() {
+    let home = Home::new();
+    // A disk the guest reads into its page cache: memory it has touched and can give up.
+    let disk = home.path().join("cache.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(400 << 20)
+        .unwrap();
+    let disk_spec = format!("path={},readonly=on", disk.display());
+    if kit_vm(&home, "b", "512M", &["--balloon", "--disk", &disk_spec]).is_none() {
+        return;
+    }
+    sh(&home, "b", "dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null");
+    let (rss_before, avail_before) = (rss_mib(&home, "b"), available_mib(&home, "b"));
+    assert!(
+        rss_before > 250,
+        "the page cache is in the monitor's memory: {rss_before} MiB"
+    );
+
+    home.ok(&["set", "b", "balloon=128M"]);
+    let m = wait_memory(&home, "b", 60, "the guest filled the balloon", |m| {
+        m["balloon"]["actual_bytes"].as_u64() == Some(128 << 20)
+    });
+    assert!(
+        m["balloon"]["inflated_bytes"].as_u64().unwrap() >= 128 << 20,
+        "{m}"
+    );
+    let (rss_in, avail_in) = (rss_mib(&home, "b"), available_mib(&home, "b"));
+    assert!(
+        avail_in + 100 <= avail_before,
+        "the guest's available memory: {avail_before} -> {avail_in} MiB"
+    );
+    assert!(
+        rss_in + 100 <= rss_before,
+        "the monitor's RSS: {rss_before} -> {rss_in} MiB"
+    );
+    // The guest's statistics came through the stats queue.
+    assert!(
+        m["balloon"]["guest_total_bytes"].as_u64().unwrap() > 400 << 20,
+        "{m}"
+    );
+
+    home.ok(&["set", "b", "balloon=0"]);
+    wait_memory(&home, "b", 60, "the guest emptied the balloon", |m| {
+        m["balloon"]["actual_bytes"].as_u64() == Some(0)
+    });
+    let avail_after = available_mib(&home, "b");
+    assert!(
+        avail_after >= avail_in + 100,
+        "given back: {avail_in} -> {avail_after} MiB"
+    );
+    // Nothing is kept in vm.toml: the balloon's size is the running VM's.
+    let toml = std::fs::read_to_string(home.vm_dir("b").join("vm.toml")).unwrap();
+    assert!(toml.contains("balloon = true"), "{toml}");
+    let (code, err) = home.refused(&["set", "b", "balloon=600M"]);
+    assert_eq!(code, Some(1), "{err}");
+    home.ok(&["stop", "b"]);
+    let (code, err) = home.refused(&["set", "b", "balloon=64M"]);
+    assert!(err.contains("running"), "{code:?} {err}");
+}
+
+#[test]
+fn pages_the_guest_frees_go_back_to_the_host() {
+    let home = Home::new();
+    if kit_vm(&home, "r", "512M", &["--balloon"]).is_none() {
+        return;
+    }
+    sh(
+        &home,
+        "r",
+        "dd if=/dev/zero of=/dev/shm/fill bs=1M count=200 2>/dev/null",
+    );
+    let full = rss_mib(&home, "r");
+    let reported = memory(&home, "r")["balloon"]["reported_bytes"]
+        .as_u64()
+        .unwrap();
+    sh(&home, "r", "rm /dev/shm/fill");
+    // The guest reports free 2 MiB blocks about two seconds after they are freed.
+    let m = wait_memory(&home, "r", 60, "the freed pages went back", |m| {
+        (m["rss_bytes"].as_u64().unwrap() >> 20) + 150 <= full
+    });
+    assert!(
+        m["balloon"]["reported_bytes"].as_u64().unwrap() >= reported + (150 << 20),
+        "{m}"
+    );
+    home.ok(&["stop", "r"]);
+}
+
+/// KSM's knobs, put back as they were when the test ends.
+struct Ksm {
+    run: String,
+    pages_to_scan: String,
+}
+
+impl Ksm {
+    const DIR: &str = "/sys/kernel/mm/ksm";
+
+    fn start() -> Option<Ksm> {
+        let read = |f: &str| std::fs::read_to_string(format!("{}/{f}", Self::DIR)).ok();
+        let saved = Ksm {
+            run: read("run")?,
+            pages_to_scan: read("pages_to_scan")?,
+        };
+        // A faster scan than the default's 100 pages every 20 ms, for the test's sake.
+        std::fs::write(format!("{}/pages_to_scan", Self::DIR), "5000").ok()?;
+        Some(saved)
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("{}/run", Self::DIR), &self.run);
+        let _ = std::fs::write(format!("{}/pages_to_scan", Self::DIR), &self.pages_to_scan);
+    }
+}
+
+#[test]
+fn two_identical_guests_share_pages_through_ksm() {
+    if !common::is_root() {
+        assert!(
+            std::env::var("VESSEL_REQUIRE_KVM").is_err(),
+            "VESSEL_REQUIRE_KVM=1 but KSM needs root"
+        );
+        eprintln!("skipped: turning KSM on needs root");
+        return;
+    }
+    let home = Home::new();
+    let Some(_ksm) = Ksm::start() else {
+        eprintln!("skipped: this host has no KSM");
+        return;
+    };
+    for name in ["k1", "k2"] {
+        if kit_vm(&home, name, "256M", &["--memory-merge"]).is_none() {
+            return;
+        }
+    }
+    home.ok(&["host", "ksm", "on"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&home.ok(&["host", "ksm", "status", "--json"])).unwrap();
+    assert_eq!(status["running"], true, "{status}");
+    for name in ["k1", "k2"] {
+        let m = wait_memory(&home, name, 120, "pages merged", |m| {
+            m["ksm_merging_pages"].as_u64().unwrap_or(0) > 1000
+        });
+        eprintln!("{name}: {} pages merged", m["ksm_merging_pages"]);
+    }
+    let info = home.ok(&["info", "k1"]);
+    assert!(info.contains("pages merged"), "{info}");
+    // Merging needs private memory: a VM with shared memory cannot ask for it.
+    let (code, err) = home.refused(&[
+        "create",
+        "k3",
+        "--memory-merge",
+        "--memory-backing",
+        "shared",
+        "--net",
+        "none",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("private"), "{err}");
+}

@@ -117,6 +117,21 @@ pub struct MemoryInfo {
     pub ksm_merging_pages: Option<u64>,
     #[serde(default)]
     pub balloon: Option<BalloonInfo>,
+    #[serde(default)]
+    pub compression: Option<CompressionInfo>,
+}
+
+/// The compression cache of a VM's cold pages.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CompressionInfo {
+    /// Pages held compressed now, and their compressed size.
+    pub pages: u64,
+    pub bytes: u64,
+    /// Pages brought back because something touched them (total).
+    pub faults: u64,
+    /// Pages compressed, and pages left alone because they did not compress (totals).
+    pub compressed: u64,
+    pub incompressible: u64,
 }
 
 /// The balloon: what the host asks for, what the guest gave, what went back to the host,

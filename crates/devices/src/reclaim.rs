@@ -4,6 +4,8 @@
 //! reads zeros if it touches the range again, and the range counts as written (the
 //! software CPU's decoded code there is dropped; a dirty log sees it).
 
+use std::sync::{Arc, OnceLock};
+
 use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::virtio::Segment;
@@ -25,6 +27,45 @@ impl Backing {
             Backing::Private => libc::MADV_DONTNEED,
             Backing::Shared => libc::MADV_REMOVE,
         }
+    }
+}
+
+/// What a range given up by the guest also drops elsewhere (the compression cache's
+/// copies of its pages): called with the guest-physical start and length.
+pub type ForgetHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// The reclaim path of one VM: its backing, and who else holds its pages.
+pub struct Reclaimer {
+    backing: Backing,
+    forget: OnceLock<ForgetHook>,
+}
+
+impl Reclaimer {
+    pub fn new(backing: Backing) -> Arc<Reclaimer> {
+        Arc::new(Reclaimer {
+            backing,
+            forget: OnceLock::new(),
+        })
+    }
+
+    /// Tells `hook` about every range given up from now on.
+    pub fn set_forget(&self, hook: ForgetHook) {
+        let _ = self.forget.set(hook);
+    }
+
+    /// Frees the whole pages of `[addr, addr + len)` (see [`discard`]) and drops what
+    /// else holds them.
+    pub fn discard<M: GuestMemory + ?Sized>(
+        &self,
+        ram: &GuestRam<'_, M>,
+        addr: GuestAddress,
+        len: u64,
+    ) -> bool {
+        let freed = discard(ram, self.backing, addr, len);
+        if freed && let Some(f) = self.forget.get() {
+            f(addr.0, len);
+        }
+        freed
     }
 }
 

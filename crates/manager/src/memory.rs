@@ -2,7 +2,7 @@
 //! monitor's resident memory, the pages KSM merged, the balloon and the guest's own
 //! statistics.
 
-use api::model::{BalloonInfo, MemoryInfo};
+use api::model::{BalloonInfo, CompressionInfo, MemoryInfo};
 use vmm::VmHandle;
 
 /// This monitor's memory figures (`handle`: the running boot, if any).
@@ -23,10 +23,24 @@ pub fn info(handle: Option<&VmHandle>) -> MemoryInfo {
             minor_faults: s.minor_faults,
         }
     });
+    let compression = handle
+        .and_then(|h| h.metrics().compression().cloned())
+        .map(|c| {
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            CompressionInfo {
+                pages: get(&c.pages),
+                bytes: get(&c.bytes),
+                faults: get(&c.faults),
+                compressed: get(&c.compressed),
+                incompressible: get(&c.incompressible),
+            }
+        });
     MemoryInfo {
         rss_bytes: status_kib("VmRSS:") * 1024,
         ksm_merging_pages: proc_number("/proc/self/ksm_merging_pages"),
         balloon,
+        compression,
     }
 }
 
@@ -61,6 +75,19 @@ pub fn prometheus(vm: &str, m: &MemoryInfo) -> String {
             "vessel_memory_ksm_merging_pages",
             "Pages of the VM merged by KSM.",
             p,
+        );
+    }
+    if let Some(c) = &m.compression {
+        gauge(
+            "vessel_compressed_pages",
+            "Guest pages held compressed.",
+            c.pages,
+        );
+        gauge("vessel_compressed_bytes", "Their compressed size.", c.bytes);
+        gauge(
+            "vessel_compressed_faults_total",
+            "Compressed pages brought back on touch.",
+            c.faults,
         );
     }
     if let Some(b) = &m.balloon {

@@ -71,6 +71,9 @@ pub struct VmSpec {
     /// Guest RAM offered to the host's page merging (KSM).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub memory_merge: bool,
+    /// A compression cache for cold guest pages: `on`, or the resident size to aim for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_compress: Option<String>,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,6 +138,7 @@ impl VmSpec {
             shared_memory: self.memory_backing.as_deref() == Some("shared"),
             balloon: self.balloon,
             memory_merge: self.memory_merge,
+            memory_compress: self.compress_config()?,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),
@@ -149,10 +153,12 @@ impl VmSpec {
         if let Some(b) = &self.memory_backing {
             vmm::parse_memory_backing(b)?;
         }
-        if self.memory_merge
-            && (!self.shares.is_empty() || self.memory_backing.as_deref() == Some("shared"))
-        {
+        let shared = !self.shares.is_empty() || self.memory_backing.as_deref() == Some("shared");
+        if self.memory_merge && shared {
             return Err(vmm::ConfigError::MergeShared.to_string());
+        }
+        if self.memory_compress.is_some() && shared {
+            return Err(vmm::ConfigError::CompressShared.to_string());
         }
         self.cpu
             .validate(crate::host::online_cpus())
@@ -168,6 +174,14 @@ impl VmSpec {
                 .map(Some)
                 .map_err(|e| format!("vsock: {e}")),
         }
+    }
+
+    /// The compression cache's settings, if the VM has one.
+    pub fn compress_config(&self) -> Result<Option<vmm::compress::CompressConfig>, String> {
+        self.memory_compress
+            .as_deref()
+            .map(vmm::compress::CompressConfig::parse)
+            .transpose()
     }
 
     /// The shares, parsed (each tag used once).
@@ -230,11 +244,17 @@ impl VmSpec {
             }
             "balloon" => self.balloon = value == "on",
             "memory_merge" => self.memory_merge = on_off("memory_merge", value)?,
+            "memory_compress" => {
+                self.memory_compress = match value {
+                    "off" | "" => None,
+                    v => Some(v.to_string()),
+                }
+            }
             k if k.starts_with("cpu_") => self.cpu.set(k, value).map_err(|e| e.to_string())?,
             k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_merge, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
@@ -362,6 +382,7 @@ impl VmSpec {
             },
             balloon: self.balloon,
             memory_merge: self.memory_merge,
+            memory_compress: self.compress_config().map_err(ManagerError::Other)?,
             hvc: None,
             kvm_fallback: true,
             cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
@@ -451,6 +472,7 @@ mod tests {
             memory_backing: None,
             balloon: false,
             memory_merge: false,
+            memory_compress: None,
             cpu_model: None,
             vmgenid: None,
             cpu: Default::default(),

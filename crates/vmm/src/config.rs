@@ -100,6 +100,8 @@ pub struct VmConfig {
     pub balloon: bool,
     /// Guest RAM marked for the host's page merging (KSM); needs private memory.
     pub memory_merge: bool,
+    /// A compression cache for the guest's cold pages; needs private memory.
+    pub memory_compress: Option<crate::compress::CompressConfig>,
     /// A virtio-console (the guest's hvc0) and where it goes.
     pub hvc: Option<Hvc>,
     /// Run instructions KVM cannot emulate in vessel's interpreter (on by default);
@@ -153,6 +155,10 @@ pub enum ConfigError {
         "--memory-merge needs private guest memory: a VM with shared folders (or --memory-backing shared) cannot have its pages merged"
     )]
     MergeShared,
+    #[error(
+        "--memory-compress needs private guest memory: a VM with shared folders (or --memory-backing shared) cannot have its pages compressed"
+    )]
+    CompressShared,
     #[error("--memory {0} MiB is below the 32 MiB minimum")]
     MemoryTooSmall(u64),
     #[error("--memory {asked_mib} MiB is more than this host's {host_mib} MiB of RAM")]
@@ -173,6 +179,9 @@ impl VmConfig {
         }
         if self.memory_merge && self.memory_is_shared() {
             return Err(ConfigError::MergeShared);
+        }
+        if self.memory_compress.is_some() && self.memory_is_shared() {
+            return Err(ConfigError::CompressShared);
         }
         if let Some(host) = host_memory_bytes()
             && self.memory > host
@@ -267,6 +276,7 @@ mod tests {
             shared_memory: false,
             balloon: false,
             memory_merge: false,
+            memory_compress: None,
             hvc: None,
             kvm_fallback: true,
             networks: PathBuf::new(),

@@ -2,6 +2,7 @@
 //! dispatcher (one loop per vCPU), ended by the guest or the user.
 
 pub mod builder;
+pub mod compress;
 pub mod config;
 pub mod console;
 pub mod control;

@@ -69,6 +69,8 @@ pub struct Metrics {
     ssh: Mutex<Option<std::net::SocketAddr>>,
     /// Each rate-limited queue's throttling: `disk0`, `net0-rx`, `net0-tx`.
     throttled: Mutex<Vec<(String, Arc<Throttling>)>>,
+    /// The compression cache's figures, when it runs.
+    compression: std::sync::OnceLock<Arc<crate::compress::CompressStats>>,
 }
 
 impl Metrics {
@@ -84,7 +86,16 @@ impl Metrics {
             nics: Mutex::default(),
             ssh: Mutex::default(),
             throttled: Mutex::default(),
+            compression: std::sync::OnceLock::new(),
         }
+    }
+
+    pub fn set_compression(&self, stats: Arc<crate::compress::CompressStats>) {
+        let _ = self.compression.set(stats);
+    }
+
+    pub fn compression(&self) -> Option<&Arc<crate::compress::CompressStats>> {
+        self.compression.get()
     }
 
     pub fn set_ssh(&self, at: Option<std::net::SocketAddr>) {

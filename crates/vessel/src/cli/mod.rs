@@ -158,6 +158,10 @@ pub struct VmArgs {
     /// Offer the guest's memory to the host's page merging (KSM: `vessel host ksm on`).
     #[arg(long)]
     memory_merge: bool,
+    /// Keep the guest's cold pages compressed (lz4), brought back on touch: `on` (the
+    /// default), or a resident size to stop at (e.g. 256M).
+    #[arg(long, value_name = "on|SIZE", num_args = 0..=1, default_missing_value = "on")]
+    memory_compress: Option<String>,
     /// Guest RAM backing: private (default) or shared (a memfd; implied by --share).
     #[arg(long, value_name = "KIND", value_parser = ["private", "shared"])]
     memory_backing: Option<String>,

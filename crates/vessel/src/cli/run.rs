@@ -127,6 +127,12 @@ fn run_vm(
         shared_memory: a.memory_backing.as_deref() == Some("shared"),
         balloon: a.balloon,
         memory_merge: a.memory_merge,
+        memory_compress: a
+            .memory_compress
+            .as_deref()
+            .map(vmm::compress::CompressConfig::parse)
+            .transpose()
+            .map_err(Failure::usage)?,
         hvc: a
             .hvc
             .as_deref()

@@ -185,6 +185,23 @@ pub fn build_from(
     {
         b.attach(i.clone());
     }
+    let mut helpers = virtio.helpers;
+    if let Some(c) = config.memory_compress {
+        if restore.is_some() {
+            tracing::warn!(
+                "memory compression is off for a VM continued from a snapshot (its memory is mapped from the file)"
+            );
+        } else {
+            let stats = Arc::new(crate::compress::CompressStats::default());
+            let compressor = crate::compress::Compressor::start(&mem, c, stats.clone())
+                .map_err(|e| VmError::Device(format!("memory compression: {e}")))?;
+            if let Some(r) = &virtio.reclaimer {
+                r.set_forget(compressor.forget_hook());
+            }
+            metrics.set_compression(stats);
+            helpers.push(Box::new(compressor));
+        }
+    }
     platform.stdio_hvc = stdio_hvc;
     let mut vcpus = (backend.vcpus)(&platform)?;
     let persist = Arc::new(crate::snapshot::Persist {
@@ -219,7 +236,7 @@ pub fn build_from(
         vm_fd: backend.vm_fd,
         mem,
         kvm_fallback: config.kvm_fallback,
-        helpers: virtio.helpers,
+        helpers,
         persist,
         io_limits,
         balloon: virtio.balloon.map(|(_, b)| b),

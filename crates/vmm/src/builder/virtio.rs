@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use cpu::GuestMemory;
 use devices::pci::{BarAllocator, PciDevice, PciRoot};
-use devices::reclaim::Backing;
+use devices::reclaim::{Backing, Reclaimer};
 use devices::virtio::balloon::{BalloonState, VirtioBalloon};
 use devices::virtio::block::{Throttling, VirtioBlock};
 use devices::virtio::console::{ConsoleInput, VirtioConsole};
@@ -47,6 +47,8 @@ pub(super) struct Opened {
     pub ssh: Option<std::net::SocketAddr>,
     /// The balloon's place in `devices` and the VMM's handle on it.
     pub balloon: Option<(usize, Arc<BalloonState>)>,
+    /// The reclaim path the balloon gives pages back through.
+    pub reclaimer: Option<Arc<Reclaimer>>,
 }
 
 /// Opens the config's devices: disk images, TAP interfaces, the entropy source, the
@@ -114,12 +116,15 @@ pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, Vm
         }
     }
     let mut balloon = None;
+    let mut reclaimer = None;
     if config.balloon {
         let backing = match config.memory_is_shared() {
             true => Backing::Shared,
             false => Backing::Private,
         };
-        let dev = VirtioBalloon::new(backing);
+        let r = Reclaimer::new(backing);
+        reclaimer = Some(r.clone());
+        let dev = VirtioBalloon::new(r);
         balloon = Some((out.len(), dev.state()));
         out.push(Box::new(dev));
     }
@@ -156,6 +161,7 @@ pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, Vm
         helpers,
         ssh,
         balloon,
+        reclaimer,
     })
 }
 

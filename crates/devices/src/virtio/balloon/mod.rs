@@ -26,7 +26,7 @@ use super::{
     VirtioInterrupt, features, finish, publish_and_rearm,
 };
 use crate::bus::lock;
-use crate::reclaim::{self, Backing, PAGE};
+use crate::reclaim::{PAGE, Reclaimer};
 pub use stats::GuestMemoryStats;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -86,16 +86,16 @@ impl BalloonState {
 
 pub struct VirtioBalloon {
     state: Arc<BalloonState>,
-    backing: Backing,
+    reclaim: Arc<Reclaimer>,
     worker: Option<Worker>,
 }
 
 impl VirtioBalloon {
-    /// A balloon over guest RAM backed as `backing`; `state` is the VMM's handle on it.
-    pub fn new(backing: Backing) -> Self {
+    /// A balloon giving pages back through `reclaim`.
+    pub fn new(reclaim: Arc<Reclaimer>) -> Self {
         VirtioBalloon {
             state: Arc::new(BalloonState::default()),
-            backing,
+            reclaim,
             worker: None,
         }
     }
@@ -166,7 +166,7 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioBalloon {
             mem: a.mem,
             interrupt: a.interrupt.clone(),
             state: self.state.clone(),
-            backing: self.backing,
+            reclaim: self.reclaim.clone(),
             chain: Chain::new(),
             heads: Vec::new(),
             held_stats: None,
@@ -203,7 +203,7 @@ struct BalloonQueues<M> {
     roles: Vec<Role>,
     interrupt: Arc<VirtioInterrupt>,
     state: Arc<BalloonState>,
-    backing: Backing,
+    reclaim: Arc<Reclaimer>,
     chain: Chain,
     heads: Vec<u16>,
     /// The stats buffer the driver last filled, held until fresh statistics are due.
@@ -235,7 +235,7 @@ impl<M: GuestMemory> BalloonQueues<M> {
                 let ram = GuestRam::new(&self.mem);
                 match role {
                     Role::Inflate => {
-                        let freed = inflate(&ram, self.backing, &self.chain, &mut self.buf);
+                        let freed = inflate(&ram, &self.reclaim, &self.chain, &mut self.buf);
                         self.state
                             .inflated_bytes
                             .fetch_add(freed, Ordering::Relaxed);
@@ -245,7 +245,7 @@ impl<M: GuestMemory> BalloonQueues<M> {
                     Role::Reporting => {
                         let mut freed = 0;
                         for seg in &self.chain.writable {
-                            if reclaim::discard(&ram, self.backing, seg.addr, u64::from(seg.len)) {
+                            if self.reclaim.discard(&ram, seg.addr, u64::from(seg.len)) {
                                 freed += u64::from(seg.len);
                             }
                         }
@@ -303,7 +303,7 @@ impl<M: GuestMemory> BalloonQueues<M> {
 /// outside guest RAM are skipped. Returns the bytes freed.
 fn inflate<M: GuestMemory>(
     ram: &GuestRam<'_, M>,
-    backing: Backing,
+    reclaim: &Reclaimer,
     chain: &Chain,
     buf: &mut Vec<u8>,
 ) -> u64 {
@@ -317,7 +317,7 @@ fn inflate<M: GuestMemory>(
     let mut run: Option<(u64, u64)> = None;
     let flush = |run: Option<(u64, u64)>, freed: &mut u64| {
         if let Some((first, count)) = run
-            && reclaim::discard(ram, backing, GuestAddress(first * PAGE), count * PAGE)
+            && reclaim.discard(ram, GuestAddress(first * PAGE), count * PAGE)
         {
             *freed += count * PAGE;
         }

@@ -141,37 +141,32 @@ fn main() {
         let _ = std::fs::write(format!("{KSM}/pages_to_scan"), "5000");
         let _ = std::fs::write(format!("{KSM}/run"), "1");
     }
+    let v = |name, balloon, inflate, merge, compress| Variant {
+        name,
+        balloon,
+        inflate,
+        merge,
+        compress,
+    };
     let variants = [
-        Variant {
-            name: "no technique",
-            balloon: false,
-            inflate: false,
-            merge: false,
-        },
-        Variant {
-            name: "free page reporting (balloon device, not inflated)",
-            balloon: true,
-            inflate: false,
-            merge: false,
-        },
-        Variant {
-            name: "balloon inflated to 256 MiB per guest (with reporting)",
-            balloon: true,
-            inflate: true,
-            merge: false,
-        },
-        Variant {
-            name: "KSM (--memory-merge)",
-            balloon: false,
-            inflate: false,
-            merge: true,
-        },
-        Variant {
-            name: "all together",
-            balloon: true,
-            inflate: true,
-            merge: true,
-        },
+        v("no technique", false, false, false, false),
+        v(
+            "free page reporting (balloon device, not inflated)",
+            true,
+            false,
+            false,
+            false,
+        ),
+        v(
+            "balloon inflated to 256 MiB per guest (with reporting)",
+            true,
+            true,
+            false,
+            false,
+        ),
+        v("KSM (--memory-merge)", false, false, true, false),
+        v("compression (--memory-compress)", false, false, false, true),
+        v("all together", true, true, true, true),
     ];
     let mut rows = Vec::new();
     for v in variants.iter().filter(|v| ksm || !v.merge) {

@@ -16,7 +16,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent::host::{self, ClientError, Command, ExitStatus, Stdio};
 use agent::protocol::{self, Frame, GuestFacts, MAX_FRAME, Message, ProtocolError, Stream};
@@ -42,8 +42,7 @@ pub fn agent_protocol_outcome(data: &[u8]) -> Result<(), String> {
     if let Ok(f) = protocol::decode(rest) {
         round_trip(&f);
     }
-    let frames = frames(rest);
-    for f in &frames.0 {
+    for f in &frames(rest) {
         round_trip(f);
     }
     client(mode, rest).map_err(|e| e.to_string())
@@ -63,13 +62,40 @@ fn round_trip(f: &Frame) {
         return;
     }
     let again = protocol::read_frame(&mut &bytes[..]).expect("an encoded frame reads back");
-    assert_eq!(&again, f, "a frame changed on its way through encoding");
+    assert!(same(&again, f), "{f:?} came back as {again:?}");
     let again = protocol::decode(&bytes[4..]).expect("an encoded frame decodes");
-    assert_eq!(&again, f, "a frame changed on its way through encoding");
+    assert!(same(&again, f), "{f:?} came back as {again:?}");
 }
 
-/// The frames a stream of `bytes` carries, and how it ends (None: its clean end).
-fn frames(bytes: &[u8]) -> (Vec<Frame>, Option<ProtocolError>) {
+/// Equal, but for the one float of the protocol (a guest's uptime): serde_json as vessel
+/// builds it (without its `float_roundtrip` feature) parses a number to within an ULP or
+/// two of the text rather than always to the nearest, so a value that went through
+/// encoding may come back that far off (2 ULPs at most over millions of random numbers).
+fn same(a: &Frame, b: &Frame) -> bool {
+    match (a, b) {
+        (Frame::Message(Message::Facts(x)), Frame::Message(Message::Facts(y))) => {
+            let y_as_x = GuestFacts {
+                uptime_seconds: x.uptime_seconds,
+                ..y.clone()
+            };
+            *x == y_as_x && ulps(x.uptime_seconds, y.uptime_seconds) <= 4
+        }
+        _ => a == b,
+    }
+}
+
+/// How many representable doubles apart two finite numbers are.
+fn ulps(a: f64, b: f64) -> u64 {
+    // The bits as a line from the most negative to the most positive number.
+    let line = |x: f64| {
+        let bits = x.to_bits() as i64;
+        if bits < 0 { i64::MIN - bits } else { bits }
+    };
+    (i128::from(line(a)) - i128::from(line(b))).unsigned_abs() as u64
+}
+
+/// The frames a stream of `bytes` carries, up to its end or its first bad frame.
+fn frames(bytes: &[u8]) -> Vec<Frame> {
     let mut r = bytes;
     let mut out = Vec::new();
     for _ in 0..MAX_FRAMES {
@@ -77,12 +103,12 @@ fn frames(bytes: &[u8]) -> (Vec<Frame>, Option<ProtocolError>) {
             Ok(f) => out.push(f),
             Err(ProtocolError::Closed) => {
                 assert!(r.is_empty(), "the end of a stream with bytes left");
-                return (out, None);
+                break;
             }
-            Err(e) => return (out, Some(e)),
+            Err(_) => break,
         }
     }
-    (out, None)
+    out
 }
 
 /// The client function byte 0 picks against an agent sending `bytes`.
@@ -99,9 +125,11 @@ fn client(mode: u8, bytes: &[u8]) -> Outcome {
         std::thread::spawn(move || play_agent(&listener, &answer, &bytes))
     };
     let handshake_ok = answer.starts_with(b"OK ") && answer.len() <= 33;
-    let (frames, _) = frames(bytes);
+    let frames = frames(bytes);
+    let threads = threads();
     let outcome = call(mode % 8, &path, &frames, handshake_ok);
     let connect_line = agent.join().expect("the agent thread");
+    wait_for_threads(&threads);
     let _ = std::fs::remove_file(&path);
     assert_eq!(connect_line, b"CONNECT 1024\n");
     match outcome {
@@ -112,6 +140,29 @@ fn client(mode: u8, bytes: &[u8]) -> Outcome {
         _ => assert!(handshake_ok, "{outcome:?} after the answer {answer:?}"),
     }
     outcome
+}
+
+/// The process's threads.
+fn threads() -> Vec<u64> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (a second at most) until the threads started since `before` are gone: `exec`
+/// leaves its stdin thread unjoined (a terminal's stdin may never end); with an empty
+/// stdin it has sent the end of stdin, and so is ending, by the time the agent sees the
+/// client hang up. Ended, it holds no memory the leak checker after the run would
+/// report, and no run leaves a thread behind.
+fn wait_for_threads(before: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while threads().iter().any(|t| !before.contains(t)) && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
 }
 
 /// The agent: takes the client's connection, reads its `CONNECT` line, answers, sends
@@ -319,7 +370,7 @@ pub fn agent_seeds() -> Vec<(&'static str, Vec<u8>)> {
     }));
     let done = encode_message(&Message::Done);
     vec![
-        ("facts", seed(0, &[facts.clone()])),
+        ("facts", seed(0, &[facts])),
         (
             "read-file",
             seed(
@@ -341,7 +392,7 @@ pub fn agent_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 &[
                     encode_data(Stream::Stdout, b"6.1.0-28-amd64\n"),
                     encode_data(Stream::Stderr, b"uname: warning\n"),
-                    exited.clone(),
+                    exited,
                 ],
             ),
         ),
@@ -370,7 +421,7 @@ pub fn agent_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 ],
             ),
         ),
-        ("write-file", seed(4, &[done.clone()])),
+        ("write-file", seed(4, std::slice::from_ref(&done))),
         (
             "error",
             seed(

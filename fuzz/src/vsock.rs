@@ -14,9 +14,11 @@
 //!   port with a listener from one of four guest ports; 3 as 1, on a connection of the
 //!   model's (`who`), so packets reach connections whose host port the muxer chose.
 //! - `ctl` bits 2-4, what a host program does first: nothing; write `amount * 32` bytes
-//!   on connection `who`; read up to `amount * 64 + 1`; shut down its writing; close;
+//!   on connection `who`; read up to `amount * 256 + 1`; shut down its writing; close;
 //!   connect to guest port `1024 + amount % 8`; the device is reset; a program says
 //!   something that is not a `CONNECT` line.
+//! - `ctl` bit 5 (shapes 1-3): the payload repeated to `amount * 256` bytes (64 KiB at
+//!   most), so that a small input can fill the guest's credit and the host's socket.
 //! - `rx`: the payload room of the guest's receive buffers while draining.
 //!
 //! Besides the header of every packet for the guest (addresses, type, length, the
@@ -186,21 +188,33 @@ pub fn vsock_packets_stats(data: &[u8]) -> VsockStats {
             .expect("44 bytes");
         rest = &rest[PREFIX + HEADER_LEN..];
         let mut h = Header::parse(raw);
-        assert_eq!(h.to_bytes(), *raw, "a header does not survive parse and back");
+        assert_eq!(
+            h.to_bytes(),
+            *raw,
+            "a header does not survive parse and back"
+        );
         let max_payload = max_payload(rx);
 
         run.host_action((ctl >> 2) & 7, who, amount);
         run.drain(max_payload);
 
         let len = rest.len().min(h.len as usize);
-        let payload = &rest[..len];
+        let mut payload = &rest[..len];
         rest = &rest[len..];
+        let repeated: Vec<u8>;
         if ctl & 3 != 0 {
+            if ctl & 0x20 != 0 && !payload.is_empty() {
+                let n = (usize::from(amount) * 256)
+                    .min(MAX_PAYLOAD as usize)
+                    .max(len);
+                repeated = payload.iter().copied().cycle().take(n).collect();
+                payload = &repeated;
+            }
             h.src_cid = GUEST_CID;
             h.dst_cid = HOST_CID;
             h.kind = TYPE_STREAM;
             h.op = 1 + h.op.wrapping_sub(1) % 7;
-            h.len = len as u32;
+            h.len = payload.len() as u32;
             match ctl & 3 {
                 3 if !run.conns.is_empty() => {
                     let keys: Vec<Key> = run.conns.keys().copied().collect();
@@ -214,8 +228,7 @@ pub fn vsock_packets_stats(data: &[u8]) -> VsockStats {
             }
         }
         run.stats.packets += 1;
-        if h
-            .check_from_guest((HEADER_LEN + payload.len()) as u64, GUEST_CID)
+        if h.check_from_guest((HEADER_LEN + payload.len()) as u64, GUEST_CID)
             .is_ok()
         {
             assert_eq!(h.len as usize, payload.len());
@@ -262,7 +275,10 @@ impl Run {
         if self.conns.is_empty() {
             return None;
         }
-        self.conns.keys().nth(usize::from(who) % self.conns.len()).copied()
+        self.conns
+            .keys()
+            .nth(usize::from(who) % self.conns.len())
+            .copied()
     }
 
     fn host_action(&mut self, action: u8, who: u8, amount: u8) {
@@ -285,7 +301,7 @@ impl Run {
                 let Some(key) = self.key_at(who) else { return };
                 let c = self.conns.get_mut(&key).expect("a key of the model");
                 let Some(s) = c.stream.as_mut() else { return };
-                let mut got = vec![0u8; usize::from(amount) * 64 + 1];
+                let mut got = vec![0u8; usize::from(amount) * 256 + 1];
                 let n = match s.read(&mut got) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -359,7 +375,6 @@ impl Run {
 
     /// A packet that passed the checks, into the muxer and the model.
     fn guest_packet(&mut self, h: &Header, payload: &[u8]) {
-        if std::env::var("VDBG").is_ok() { eprintln!("from guest {h:?}"); }
         let key = (h.dst_port, h.src_port);
         // As the muxer does: every packet on a connection carries the guest's credit.
         let state = self.conns.get_mut(&key).map(|c| {
@@ -433,13 +448,15 @@ impl Run {
     }
 
     fn packet_for_guest(&mut self, h: &Header, max_payload: usize) {
-        if std::env::var("VDBG").is_ok() { eprintln!("  to guest {h:?}"); }
         assert_eq!(h.src_cid, HOST_CID, "{h:?}");
         assert_eq!(h.dst_cid, GUEST_CID, "{h:?}");
         assert_eq!(h.kind, TYPE_STREAM, "{h:?}");
         assert_eq!(h.buf_alloc, BUF_ALLOC, "{h:?}");
         assert_eq!(h.len as usize, self.buf.len(), "{h:?}");
-        assert!(h.len as usize <= max_payload && h.len <= MAX_PAYLOAD, "{h:?}");
+        assert!(
+            h.len as usize <= max_payload && h.len <= MAX_PAYLOAD,
+            "{h:?}"
+        );
         assert!(
             matches!(
                 h.op,
@@ -583,7 +600,7 @@ impl Record {
     }
 
     pub fn host(mut self, action: u8, who: u8, amount: u8) -> Self {
-        self.ctl = (self.ctl & 3) | action << 2;
+        self.ctl = (self.ctl & !0x1c) | action << 2;
         self.who = who;
         self.amount = amount;
         self
@@ -596,6 +613,13 @@ impl Record {
 
     pub fn rx(mut self, rx: u8) -> Self {
         self.rx = rx;
+        self
+    }
+
+    /// The payload repeated to `amount * 256` bytes.
+    pub fn repeated(mut self, amount: u8) -> Self {
+        self.ctl |= 0x20;
+        self.amount = amount;
         self
     }
 }
@@ -633,8 +657,14 @@ pub fn vsock_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let banner = vec![
         Record::packet(GP + 1, 5001, op::REQUEST, 0, &[]),
         Record::packet(GP + 1, 5001, op::CREDIT_REQUEST, 0, &[]).host(write, 0, 1),
-        Record::packet(GP + 1, 5001, op::SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV, &[])
-            .host(shut, 0, 0),
+        Record::packet(
+            GP + 1,
+            5001,
+            op::SHUTDOWN,
+            SHUTDOWN_SEND | SHUTDOWN_RCV,
+            &[],
+        )
+        .host(shut, 0, 0),
     ];
     // A host program (vessel exec) connects to the agent's port; the guest accepts,
     // both talk (the guest's receive buffers 1 byte, then 512), the host closes.
@@ -648,7 +678,7 @@ pub fn vsock_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Record::packet(1024, 0, op::RW, 0, b"\x05\x00\x00\x00\x01\x01\x01hi")
             .host(write, 0, 8)
             .shape(3)
-            .rx(1),
+            .rx(16),
         Record::packet(1024, 0, op::CREDIT_UPDATE, 0, &[])
             .host(read, 0, 1)
             .shape(3)
@@ -664,8 +694,29 @@ pub fn vsock_seeds() -> Vec<(&'static str, Vec<u8>)> {
         Record::packet(GP, 5000, op::RW, 0, b"ping").host(6, 0, 0),
         Record::packet(GP, 6000, op::REQUEST, 0, &[]).host(7, 0, 3),
     ];
+    // A guest sending in bulk (64 KiB packets) to a host program that reads some, then
+    // stops reading: the host's socket fills, the muxer holds the rest, tells the guest
+    // what went through, and resets the connection once the guest is past its credit.
+    let chunk = |r: Record| r.shape(2).repeated(255);
+    let bulk = vec![
+        Record::packet(GP + 3, 5000, op::REQUEST, 0, &[]).shape(2),
+        chunk(Record::packet(GP + 3, 5000, op::RW, 0, b"0123456789abcdef")),
+        chunk(Record::packet(GP + 3, 5000, op::RW, 0, b"fedcba9876543210")).host(read, 0, 255),
+        chunk(Record::packet(GP + 3, 5000, op::RW, 0, b"0123456789abcdef")).host(read, 0, 255),
+    ];
+    let mut bulk = bulk;
+    for _ in 0..10 {
+        bulk.push(chunk(Record::packet(
+            GP + 3,
+            5000,
+            op::RW,
+            0,
+            b"0123456789abcdef",
+        )));
+    }
     vec![
         ("guest-to-host", encode(&guest_to_host)),
+        ("bulk", encode(&bulk)),
         ("banner", encode(&banner)),
         ("host-to-guest", encode(&host_to_guest)),
         ("reset", encode(&reset)),

@@ -247,12 +247,13 @@ mod tests {
             return;
         };
         let (guest, staging) = (anon(1), anon(1));
-        uffd.register(staging as u64, PAGE as u64).unwrap();
-        uffd.register(guest as u64, PAGE as u64).unwrap();
-        // SAFETY: both are one page mapped above.
+        // Written before it is registered: no thread here serves faults.
+        // SAFETY: one page mapped above.
         unsafe {
             std::ptr::write_bytes(guest, 0x5a, PAGE);
         }
+        uffd.register(staging as u64, PAGE as u64).unwrap();
+        uffd.register(guest as u64, PAGE as u64).unwrap();
         uffd.move_pages(staging as u64, guest as u64, PAGE as u64)
             .unwrap();
         // SAFETY: the staging page now holds the moved page.

@@ -394,13 +394,11 @@ impl Muxer {
             self.queue_control(key, op::RST, 0);
             return;
         }
-        let path = format!("{}_{}", self.path.display(), key.local);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                self.queue_control(key, op::RST, 0);
-                return;
-            }
+        let path = PathBuf::from(format!("{}_{}", self.path.display(), key.local));
+        // Never waits: a listener whose queue is full refuses, as one not there does.
+        let Ok(stream) = connect_nonblocking(&path) else {
+            self.queue_control(key, op::RST, 0);
+            return;
         };
         let token = self.take_token();
         self.tokens.insert(token, key);
@@ -663,6 +661,48 @@ impl Drop for Muxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// A non-blocking connection to the Unix socket at `path`; an error (EAGAIN) rather than
+/// a wait when its listener's queue is full.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a new socket; its descriptor is owned by the UnixStream below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned to us, owned by nobody else.
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a sockaddr_un that lives across the call, `len` within it.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Whether both directions of a socket are closed (the host program went away, as

@@ -381,7 +381,7 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
-/// `vessel stop` presses the ACPI power button; the kit's Linux (acpid) powers off.
+/// `vessel stop --button` presses the ACPI power button; the kit's Linux (acpid) powers off.
 #[test]
 fn stop_powers_a_linux_guest_off_through_acpi() {
     if common::kit().is_none() {
@@ -397,7 +397,7 @@ fn stop_powers_a_linux_guest_off_through_acpi() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let t = Instant::now();
-    let out = home.ok(&["stop", "linux", "--timeout", "60"]);
+    let out = home.ok(&["stop", "linux", "--button", "--timeout", "60"]);
     assert!(out.contains("linux powered off"), "{out}");
     let log = home.log("linux");
     assert!(log.contains("VESSEL-KIT: power button"), "{log}");

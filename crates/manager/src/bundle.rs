@@ -219,6 +219,7 @@ mod tests {
             memory_backing: None,
             balloon: false,
             memory_merge: false,
+            memory_min: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

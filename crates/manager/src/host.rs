@@ -42,6 +42,23 @@ pub struct Allocation {
     pub memory: u64,
     /// Host CPUs guaranteed (`cpu_reservation`): never overcommitted.
     pub reservation: f64,
+    /// Memory guaranteed (`memory_min`, none by default): never overcommitted. What
+    /// lies above it may be taken back under memory pressure.
+    #[serde(default)]
+    pub memory_min: u64,
+}
+
+impl Allocation {
+    /// What the VM `name` of `spec` holds while it runs.
+    pub fn of(name: &str, spec: &crate::VmSpec) -> Allocation {
+        Allocation {
+            name: name.into(),
+            cpus: u32::from(spec.cpus),
+            memory: spec.memory_bytes(),
+            reservation: spec.cpu.reservation.unwrap_or(0.0),
+            memory_min: spec.memory_min_bytes(),
+        }
+    }
 }
 
 /// The host's online CPUs. Not `available_parallelism`: inside a VM's monitor that
@@ -145,6 +162,15 @@ impl Host {
                 self.memory_overcommit
             ));
         }
+        let guaranteed: u64 = held.iter().map(|a| a.memory_min).sum();
+        if want.memory_min + guaranteed > self.memory {
+            missing.push(format!(
+                "it guarantees {} of memory but only {} of the host's {} are not guaranteed to other VMs",
+                human(want.memory_min as f64),
+                human(self.memory.saturating_sub(guaranteed) as f64),
+                human(self.memory as f64)
+            ));
+        }
         let reserved: f64 = held.iter().map(|a| a.reservation).sum();
         let unreserved = f64::from(self.cpus) - reserved;
         if want.reservation > unreserved + 1e-9 {
@@ -169,12 +195,7 @@ pub fn allocations(home: &Home) -> Result<Vec<Allocation>, ManagerError> {
     for (bundle, spec) in Bundle::list(home)? {
         let Ok(spec) = spec else { continue };
         if matches!(bundle.status().state, VmState::Running | VmState::Paused) {
-            held.push(Allocation {
-                name: bundle.name,
-                cpus: u32::from(spec.cpus),
-                memory: spec.memory_bytes(),
-                reservation: spec.cpu.reservation.unwrap_or(0.0),
-            });
+            held.push(Allocation::of(&bundle.name, &spec));
         }
     }
     Ok(held)
@@ -213,6 +234,7 @@ mod tests {
             cpus,
             memory: gib * GIB,
             reservation: 0.0,
+            memory_min: 0,
         }
     }
 
@@ -234,6 +256,22 @@ mod tests {
             err.contains("needs 1 vCPUs but only 0 of 4 are free"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn memory_guarantees_are_never_overcommitted() {
+        let h = Host {
+            memory_overcommit: 2.0,
+            ..host()
+        };
+        let guaranteed = |name, gib, min_gib| Allocation {
+            memory_min: min_gib * GIB,
+            ..vm(name, 1, gib)
+        };
+        let held = vec![guaranteed("a", 8, 6)];
+        h.admit(&held, &guaranteed("b", 4, 2)).unwrap();
+        let err = h.admit(&held, &guaranteed("b", 4, 3)).unwrap_err();
+        assert!(err.contains("guarantees 3"), "{err}");
     }
 
     #[test]
@@ -287,6 +325,7 @@ mod tests {
         };
         let reserving = |name: &str, r: f64| Allocation {
             reservation: r,
+            memory_min: 0,
             ..vm(name, 1, 1)
         };
         let held = vec![reserving("a", 2.5), reserving("b", 1.0)];

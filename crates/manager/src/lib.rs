@@ -6,6 +6,7 @@
 pub mod bundle;
 pub mod clone;
 mod error;
+pub mod governor;
 pub mod guest_agent;
 pub mod home;
 pub mod host;

@@ -76,12 +76,7 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
     let spec = bundle.spec()?;
     let host = Host::load(home)?;
     let held = host::allocations(home)?;
-    let want = Allocation {
-        name: name.into(),
-        cpus: u32::from(spec.cpus),
-        memory: spec.memory_bytes(),
-        reservation: spec.cpu.reservation.unwrap_or(0.0),
-    };
+    let want = Allocation::of(name, &spec);
     host.admit(&held, &want)
         .map_err(|missing| ManagerError::Admission {
             name: name.into(),
@@ -644,6 +639,22 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     if restored {
         // The guest's clock stopped when it was saved.
         monitor.agent.sync_time_soon(Duration::from_secs(60));
+    }
+    if spec.balloon {
+        let m = monitor.clone();
+        let (memory, min) = (spec.memory_bytes(), spec.memory_min_bytes());
+        std::thread::Builder::new()
+            .name("memory-governor".into())
+            .spawn(move || {
+                crate::governor::run(
+                    &m.name,
+                    memory,
+                    min,
+                    || lock(&m.handle).as_ref().and_then(|h| h.balloon().cloned()),
+                    || !m.kill_requested.load(Ordering::SeqCst),
+                )
+            })
+            .map_err(|e| ManagerError::Other(e.to_string()))?;
     }
     let control = bind(&bundle.control_socket())?;
     let console = bind(&bundle.console_socket())?;

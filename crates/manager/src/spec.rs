@@ -71,6 +71,10 @@ pub struct VmSpec {
     /// Guest RAM offered to the host's page merging (KSM).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub memory_merge: bool,
+    /// Memory guaranteed to the VM (default: none); what lies above may be taken back
+    /// (balloon) under host memory pressure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_min: Option<String>,
     /// A compression cache for cold guest pages: `on`, or the resident size to aim for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_compress: Option<String>,
@@ -149,6 +153,16 @@ impl VmSpec {
             vmm::parse_vmgenid(v)?;
         }
         self.vsock_config(Path::new(VSOCK_SOCKET))?;
+        if let Some(m) = &self.memory_min {
+            let min = vmm::parse_size(m).map_err(|e| format!("memory_min: {e}"))?;
+            if min > memory {
+                return Err(format!(
+                    "memory_min {} MiB is more than the VM's {} MiB",
+                    min >> 20,
+                    memory >> 20
+                ));
+            }
+        }
         self.share_configs()?;
         if let Some(b) = &self.memory_backing {
             vmm::parse_memory_backing(b)?;
@@ -189,6 +203,16 @@ impl VmSpec {
         parse_shares(&self.shares)
     }
 
+    /// The memory guaranteed to the VM: `memory_min`, else none (as ESXi's default
+    /// reservation).
+    pub fn memory_min_bytes(&self) -> u64 {
+        self.memory_min
+            .as_deref()
+            .and_then(|m| vmm::parse_size(m).ok())
+            .unwrap_or(0)
+            .min(self.memory_bytes())
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         vmm::parse_size(&self.memory).unwrap_or(0)
     }
@@ -225,6 +249,7 @@ impl VmSpec {
                     .map_err(|_| format!("cpus: not a number: {value:?}"))?
             }
             "memory" => self.memory = value.to_string(),
+            "memory_min" => self.memory_min = (!value.is_empty()).then(|| value.to_string()),
             "kernel" => self.kernel = value.to_string(),
             "initrd" => self.initrd = (!value.is_empty()).then(|| value.to_string()),
             "cmdline" => self.cmdline = (!value.is_empty()).then(|| value.to_string()),
@@ -254,7 +279,7 @@ impl VmSpec {
             k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_min, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
@@ -472,6 +497,7 @@ mod tests {
             memory_backing: None,
             balloon: false,
             memory_merge: false,
+            memory_min: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

@@ -324,3 +324,177 @@ fn cold_pages_are_compressed_and_come_back_bit_identical() {
     );
     home.ok(&["stop", "z"]);
 }
+
+/// The memory cgroup's limit in the overcommit test, MiB.
+const LIMIT: u64 = 300;
+
+/// A cgroup v1 memory group of the test's own with a limit; its processes are killed and
+/// it is removed at the end.
+struct MemoryGroup(std::path::PathBuf);
+
+impl MemoryGroup {
+    fn new(name: &str, limit: u64) -> Option<MemoryGroup> {
+        let dir = std::path::Path::new("/sys/fs/cgroup/memory")
+            .join(format!("vessel-test-{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        let g = MemoryGroup(dir);
+        std::fs::write(g.0.join("memory.limit_in_bytes"), limit.to_string()).ok()?;
+        Some(g)
+    }
+
+    fn peak_mib(&self) -> u64 {
+        std::fs::read_to_string(self.0.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            >> 20
+    }
+
+    fn ooms(&self) -> u64 {
+        std::fs::read_to_string(self.0.join("memory.oom_control"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryGroup {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: kill(2) of a process this test put in its group.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Kit guests of 512 MiB in a memory cgroup whose limit is smaller than their memory
+/// (300 MiB for one guest) fill their page caches with 384 MiB each, one after the
+/// other: which of them are still running and answering?
+fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
+    let home = Home::new();
+    let group = MemoryGroup::new(if techniques { "with" } else { "without" }, LIMIT << 20)?;
+    let disk = home.path().join("cache.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(400 << 20)
+        .unwrap();
+    let disk_spec = format!("path={},readonly=on", disk.display());
+    let mut extra = vec!["--disk", &disk_spec];
+    if techniques {
+        extra.extend(["--balloon", "--memory-min", "128M"]);
+    }
+    let names = ["o0"];
+    let kit = common::kit()?;
+    let cmdline = kit::cmdline("", Some(IDLE));
+    for name in names {
+        let mut args = vec![
+            "create",
+            name,
+            "--kernel",
+            kit.vmlinux.to_str().unwrap(),
+            "--initrd",
+            kit.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "512M",
+            "--accel",
+            "emu",
+            "--net",
+            "none",
+        ];
+        args.extend(&extra);
+        home.ok(&args);
+        // Started from inside the group: every page the monitor ever touches is charged
+        // to it.
+        let started = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {} start {name}",
+                group.0.display(),
+                env!("CARGO_BIN_EXE_vessel")
+            ))
+            .env("VESSEL_HOME", home.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(started.status.success(), "{started:?}");
+        home.wait_log(name, 0, kit::AGENT_MARKER);
+    }
+    for name in names {
+        // 16 MiB a second, the disk kept open (its cache goes when it is closed): the
+        // guest's page cache grows, and the host's memory with it.
+        let _ = common::vessel()
+            .env("VESSEL_HOME", home.path())
+            .args(["exec", name, "--", "sh", "-c"])
+            .arg(
+                "(i=0; while [ $i -lt 24 ]; do dd bs=1M count=16 2>/dev/null; sleep 1; \
+                 i=$((i+1)); done) < /dev/vda > /dev/null",
+            )
+            .stdin(Stdio::null())
+            .output();
+    }
+    let alive = names
+        .iter()
+        .map(|name| {
+            common::vessel()
+                .env("VESSEL_HOME", home.path())
+                .args(["exec", name, "--timeout", "5", "--", "true"])
+                .stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    let logs: String = names
+        .iter()
+        .map(|n| std::fs::read_to_string(home.vm_dir(n).join("monitor.log")).unwrap_or_default())
+        .collect();
+    eprintln!(
+        "{}: peak {} MiB of {LIMIT}, {} OOM kills, alive {alive:?}\n{logs}",
+        if techniques { "with" } else { "without" },
+        group.peak_mib(),
+        group.ooms()
+    );
+    if techniques {
+        assert!(
+            logs.contains("memory pressure"),
+            "no governor decision (peak {} MiB): {logs}",
+            group.peak_mib()
+        );
+    }
+    Some((alive, group.ooms()))
+}
+
+#[test]
+fn overcommitted_guests_survive_a_memory_limit_with_the_balloon_and_die_without() {
+    if !common::is_root() || !std::path::Path::new("/sys/fs/cgroup/memory").is_dir() {
+        assert!(
+            std::env::var("VESSEL_REQUIRE_KVM").is_err(),
+            "VESSEL_REQUIRE_KVM=1 but there is no cgroup v1 memory controller to use"
+        );
+        eprintln!("skipped: needs root and the cgroup v1 memory controller");
+        return;
+    }
+    let Some((with, ooms_with)) = overcommitted(true) else {
+        return;
+    };
+    assert!(
+        with.iter().all(|&a| a),
+        "with the balloon and the governor: {with:?} ({ooms_with} OOM kills)"
+    );
+    assert_eq!(ooms_with, 0);
+    let (without, ooms) = overcommitted(false).expect("the same host");
+    assert!(
+        without.contains(&false) && ooms > 0,
+        "without them the limit's OOM killer ends one: {without:?}, {ooms} OOM kills"
+    );
+}

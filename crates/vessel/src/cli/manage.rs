@@ -177,6 +177,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         memory_backing: a.memory_backing.clone(),
         balloon: a.balloon,
         memory_merge: a.memory_merge,
+        memory_min: a.memory_min.clone(),
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -250,6 +251,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         memory_backing: a.memory_backing.clone(),
         balloon: a.balloon,
         memory_merge: a.memory_merge,
+        memory_min: a.memory_min.clone(),
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -798,6 +800,7 @@ pub fn host(args: HostArgs) -> CliResult {
         cpus,
         memory,
         reservation,
+        ..
     } in held
     {
         let reserves = match reservation {

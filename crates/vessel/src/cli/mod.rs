@@ -155,6 +155,11 @@ pub struct VmArgs {
     /// freed pages go back to the host as it frees them (free page reporting).
     #[arg(long)]
     balloon: bool,
+    /// Memory guaranteed to the VM (default: none): admission never promises more than
+    /// the host's memory in all, and under memory pressure the balloon may take back
+    /// what lies above it (with --balloon).
+    #[arg(long, value_name = "SIZE")]
+    memory_min: Option<String>,
     /// Offer the guest's memory to the host's page merging (KSM: `vessel host ksm on`).
     #[arg(long)]
     memory_merge: bool,

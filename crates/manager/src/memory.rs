@@ -37,19 +37,20 @@ pub fn info(handle: Option<&VmHandle>) -> MemoryInfo {
             }
         });
     MemoryInfo {
-        rss_bytes: status_kib("VmRSS:") * 1024,
+        rss_bytes: rss_kib() * 1024,
         ksm_merging_pages: proc_number("/proc/self/ksm_merging_pages"),
         balloon,
         compression,
     }
 }
 
-fn status_kib(key: &str) -> u64 {
+/// This process's resident memory (VmRSS), KiB.
+pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with(key))
+                .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)

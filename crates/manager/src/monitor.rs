@@ -277,7 +277,7 @@ impl Monitor {
             kernel: self.spec.kernel.clone(),
             cmdline: self.spec.cmdline.clone().unwrap_or_default(),
             vcpu_seconds,
-            monitor_rss_kib: rss_kib(),
+            monitor_rss_kib: crate::memory::rss_kib(),
             nics,
             ssh: ssh.map(|a| a.to_string()),
             throttled,
@@ -522,17 +522,6 @@ fn snapshot_error(e: &vmm::snapshot::SnapshotError) -> Response {
         vmm::snapshot::SnapshotError::Unsaveable(_) => Response::error(409, e.to_string()),
         _ => Response::error(500, e.to_string()),
     }
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ManagerError> {

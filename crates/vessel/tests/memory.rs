@@ -12,32 +12,10 @@ use common::home::Home;
 
 const IDLE: &str = "while :; do sleep 1; done";
 
-/// A running kit VM with `extra` options (memory, balloon, disks...), its agent up.
+/// A running kit VM with `extra` options (balloon, disks...), its agent up.
 fn kit_vm(home: &Home, name: &str, memory: &str, extra: &[&str]) -> Option<()> {
     let kit = common::kit()?;
-    let (kernel, initrd) = (
-        kit.vmlinux.display().to_string(),
-        kit.initrd.display().to_string(),
-    );
-    let cmdline = kit::cmdline("", Some(IDLE));
-    let mut args = vec![
-        "create",
-        name,
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--cmdline",
-        &cmdline,
-        "--memory",
-        memory,
-        "--accel",
-        "emu",
-        "--net",
-        "none",
-    ];
-    args.extend(extra);
-    home.ok(&args);
+    home.create_kit_vm_of(name, &kit, memory, IDLE, extra);
     home.ok(&["start", name]);
     home.wait_log(name, 0, kit::AGENT_MARKER);
     Some(())
@@ -394,26 +372,8 @@ fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
     }
     let names = ["o0"];
     let kit = common::kit()?;
-    let cmdline = kit::cmdline("", Some(IDLE));
     for name in names {
-        let mut args = vec![
-            "create",
-            name,
-            "--kernel",
-            kit.vmlinux.to_str().unwrap(),
-            "--initrd",
-            kit.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-            "--memory",
-            "512M",
-            "--accel",
-            "emu",
-            "--net",
-            "none",
-        ];
-        args.extend(&extra);
-        home.ok(&args);
+        home.create_kit_vm_of(name, &kit, "512M", IDLE, &extra);
         // Started from inside the group: every page the monitor ever touches is charged
         // to it.
         let started = std::process::Command::new("sh")

@@ -38,9 +38,9 @@ impl Group {
     fn kill(&self) {
         let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         if !*finished {
-            // SAFETY: kill(2) takes plain integers; the group is the child's own (it was
-            // made its leader at spawn) and the child is not yet reaped or its group
-            // still has members, so the id names no other process.
+            // The group is the child's own (made its leader at spawn) and the child is not
+            // yet reaped or its group still has members: the id names no other process.
+            // SAFETY: kill(2) of that group, with plain integers.
             unsafe { libc::kill(-self.pid, libc::SIGKILL) };
         }
     }

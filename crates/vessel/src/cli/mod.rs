@@ -5,6 +5,7 @@
 mod console;
 mod disks;
 mod guest;
+mod host;
 mod images;
 mod manage;
 mod net;
@@ -77,7 +78,7 @@ enum Command {
     Rm(manage::NameArg),
     /// Show the host's CPUs and memory and what running VMs hold, or drive its page
     /// merging: `vessel host ksm on|off|status`.
-    Host(manage::HostArgs),
+    Host(host::HostArgs),
     /// Guest images: bootable root disks built from Debian's packages.
     #[command(subcommand)]
     Image(images::ImageCommand),
@@ -437,7 +438,7 @@ pub fn main() -> ExitCode {
         Command::Clone(args) => snapshot::clone(args),
         Command::Set(args) => manage::set(args),
         Command::Rm(args) => manage::remove(args),
-        Command::Host(args) => manage::host(args),
+        Command::Host(args) => host::host(args),
         Command::Image(cmd) => images::main(cmd),
         Command::Disk(cmd) => disks::main(cmd),
         Command::Net(cmd) => net::main(cmd),

@@ -40,6 +40,18 @@ impl Home {
     /// `vessel create NAME` of the kit's Linux on the software CPU (256 MiB, no NIC)
     /// running `script`, with `extra` arguments.
     pub fn create_kit_vm(&self, name: &str, kit: &kit::Kit, script: &str, extra: &[&str]) {
+        self.create_kit_vm_of(name, kit, "256M", script, extra);
+    }
+
+    /// [`Self::create_kit_vm`] with `memory`.
+    pub fn create_kit_vm_of(
+        &self,
+        name: &str,
+        kit: &kit::Kit,
+        memory: &str,
+        script: &str,
+        extra: &[&str],
+    ) {
         let (kernel, initrd) = (
             kit.vmlinux.display().to_string(),
             kit.initrd.display().to_string(),
@@ -55,7 +67,7 @@ impl Home {
             "--cmdline",
             &cmdline,
             "--memory",
-            "256M",
+            memory,
             "--accel",
             "emu",
             "--net",

@@ -178,12 +178,8 @@ impl Compressor {
         })
     }
 
-    /// The guest gave up `[gpa, gpa + len)`: its compressed pages are dropped.
-    pub fn forget(&self, gpa: u64, len: u64) {
-        forget(&self.shared, gpa, len);
-    }
-
-    /// A hook for the reclaim path (balloon, free page reporting).
+    /// A hook for the reclaim path (balloon, free page reporting): a range the guest gave
+    /// up has its compressed pages dropped.
     pub fn forget_hook(&self) -> Arc<dyn Fn(u64, u64) + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move |gpa, len| forget(&shared, gpa, len))

@@ -96,10 +96,6 @@ impl Virtiofsd {
         Ok(d)
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -132,6 +132,9 @@ pub struct CompressionInfo {
     /// Pages compressed, and pages left alone because they did not compress (totals).
     pub compressed: u64,
     pub incompressible: u64,
+    /// Whether the cache takes pages now (with `auto`, only once the governor engages it).
+    #[serde(default)]
+    pub engaged: bool,
 }
 
 /// The balloon: what the host asks for, what the guest gave, what went back to the host,

@@ -220,6 +220,7 @@ mod tests {
             balloon: false,
             memory_merge: false,
             memory_min: None,
+            memory_shares: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

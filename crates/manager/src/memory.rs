@@ -34,6 +34,7 @@ pub fn info(handle: Option<&VmHandle>) -> MemoryInfo {
                 faults: get(&c.faults),
                 compressed: get(&c.compressed),
                 incompressible: get(&c.incompressible),
+                engaged: c.engaged.load(std::sync::atomic::Ordering::Relaxed),
             }
         });
     MemoryInfo {
@@ -89,6 +90,11 @@ pub fn prometheus(vm: &str, m: &MemoryInfo) -> String {
             "vessel_compressed_faults_total",
             "Compressed pages brought back on touch.",
             c.faults,
+        );
+        gauge(
+            "vessel_compression_engaged",
+            "1 while the compression cache takes pages.",
+            u64::from(c.engaged),
         );
     }
     if let Some(b) = &m.balloon {

@@ -629,17 +629,15 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         // The guest's clock stopped when it was saved.
         monitor.agent.sync_time_soon(Duration::from_secs(60));
     }
-    if spec.balloon {
+    if let Some(governor) = spec.governor() {
         let m = monitor.clone();
-        let (memory, min) = (spec.memory_bytes(), spec.memory_min_bytes());
         std::thread::Builder::new()
             .name("memory-governor".into())
             .spawn(move || {
                 crate::governor::run(
                     &m.name,
-                    memory,
-                    min,
-                    || lock(&m.handle).as_ref().and_then(|h| h.balloon().cloned()),
+                    governor,
+                    || lock(&m.handle).clone(),
                     || !m.kill_requested.load(Ordering::SeqCst),
                 )
             })

@@ -75,7 +75,12 @@ pub struct VmSpec {
     /// (balloon) under host memory pressure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_min: Option<String>,
-    /// A compression cache for cold guest pages: `on`, or the resident size to aim for.
+    /// Weight against other VMs when the governor takes memory back (default 1024):
+    /// a VM with twice the shares gives half as fast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_shares: Option<u64>,
+    /// A compression cache for cold guest pages: `on`, `auto` (engaged by the governor
+    /// after the balloon), or the resident size to aim for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_compress: Option<String>,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
@@ -163,6 +168,9 @@ impl VmSpec {
                 ));
             }
         }
+        if let Some(s) = self.memory_shares {
+            check_memory_shares(s)?;
+        }
         self.share_configs()?;
         if let Some(b) = &self.memory_backing {
             vmm::parse_memory_backing(b)?;
@@ -201,6 +209,28 @@ impl VmSpec {
     /// The shares, parsed (each tag used once).
     pub fn share_configs(&self) -> Result<Vec<ShareConfig>, String> {
         parse_shares(&self.shares)
+    }
+
+    /// The governor: what it may act on and how much this VM weighs; None when the VM
+    /// has neither a balloon nor a governed compression cache.
+    pub fn governor(&self) -> Option<crate::governor::Governor> {
+        let levers = crate::governor::Levers {
+            balloon: self.balloon,
+            compression: self
+                .compress_config()
+                .ok()
+                .flatten()
+                .is_some_and(|c| c.governed),
+        };
+        (levers.balloon || levers.compression).then(|| {
+            crate::governor::Governor::new(
+                self.memory_bytes(),
+                self.memory_min_bytes(),
+                self.memory_shares
+                    .unwrap_or(crate::governor::DEFAULT_SHARES),
+                levers,
+            )
+        })
     }
 
     /// The memory guaranteed to the VM: `memory_min`, else none (as ESXi's default
@@ -250,6 +280,12 @@ impl VmSpec {
             }
             "memory" => self.memory = value.to_string(),
             "memory_min" => self.memory_min = (!value.is_empty()).then(|| value.to_string()),
+            "memory_shares" => {
+                self.memory_shares = match value {
+                    "" => None,
+                    v => Some(parse_memory_shares(v)?),
+                }
+            }
             "kernel" => self.kernel = value.to_string(),
             "initrd" => self.initrd = (!value.is_empty()).then(|| value.to_string()),
             "cmdline" => self.cmdline = (!value.is_empty()).then(|| value.to_string()),
@@ -279,7 +315,7 @@ impl VmSpec {
             k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_min, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_min, memory_shares, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
@@ -425,6 +461,26 @@ impl VmSpec {
     }
 }
 
+/// `memory_shares=N`: a whole number from 2 to 262144, as cpu_shares.
+pub fn parse_memory_shares(v: &str) -> Result<u64, String> {
+    let n = v
+        .parse::<u64>()
+        .map_err(|_| format!("memory_shares={v}: not a whole number"))?;
+    check_memory_shares(n)?;
+    Ok(n)
+}
+
+fn check_memory_shares(n: u64) -> Result<(), String> {
+    if (2..=262_144).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "memory_shares={n}: must be 2 to 262144 (default {})",
+            crate::governor::DEFAULT_SHARES
+        ))
+    }
+}
+
 /// `balloon=SIZE`: how much memory a running VM's balloon is to hold (None for any other
 /// setting, `balloon=on|off` included).
 pub fn balloon_size(key: &str, value: &str) -> Option<Result<u64, String>> {
@@ -498,6 +554,7 @@ mod tests {
             balloon: false,
             memory_merge: false,
             memory_min: None,
+            memory_shares: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

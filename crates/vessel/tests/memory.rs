@@ -258,13 +258,17 @@ fn cold_pages_are_compressed_and_come_back_bit_identical() {
         panic!("{what}: the monitor's RSS never settled");
     };
     let before = settled("idle");
-    // 256 MiB of compressible data (text repeated), then idle.
+    // 256 MiB of compressible data, every page different (its number, then text), so a
+    // page brought back in the wrong place changes the checksum; then idle.
     let sum = sh(
         &home,
         "z",
-        "yes 'a line of text that compresses well' | head -c 268435456 > /dev/shm/data; \
-         md5sum /dev/shm/data",
+        "awk 'BEGIN { t = sprintf(\"%4088s\", \"\"); gsub(/ /, \"x\", t); \
+         for (p = 0; p < 65536; p++) printf \"%08d%s\", p, t }' > /dev/shm/data; \
+         md5sum /dev/shm/data; ls -l /dev/shm/data",
     );
+    let (sum, size) = sum.split_once('\n').unwrap();
+    assert!(size.contains(" 268435456 "), "{size}");
     let after = settled("after the fill");
     let m = memory(&home, "z");
     let c = &m["compression"];
@@ -280,7 +284,7 @@ fn cold_pages_are_compressed_and_come_back_bit_identical() {
     // Read back through faults: bit-identical.
     let faults = c["faults"].as_u64().unwrap();
     let again = sh(&home, "z", "md5sum /dev/shm/data");
-    assert_eq!(again, sum);
+    assert_eq!(again.trim_end(), sum);
     let m = memory(&home, "z");
     assert!(
         m["compression"]["faults"].as_u64().unwrap() > faults + 10_000,
@@ -303,8 +307,9 @@ fn cold_pages_are_compressed_and_come_back_bit_identical() {
     home.ok(&["stop", "z"]);
 }
 
-/// The memory cgroup's limit in the overcommit test, MiB.
-const LIMIT: u64 = 300;
+/// The memory cgroup's limit in the overcommit test, MiB: less than the two guests'
+/// 1 GiB, more than two idle ones hold.
+const LIMIT: u64 = 450;
 
 /// A cgroup v1 memory group of the test's own with a limit; its processes are killed and
 /// it is removed at the end.
@@ -354,10 +359,27 @@ impl Drop for MemoryGroup {
     }
 }
 
-/// Kit guests of 512 MiB in a memory cgroup whose limit is smaller than their memory
-/// (300 MiB for one guest) fill their page caches with 384 MiB each, one after the
-/// other: which of them are still running and answering?
-fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
+/// What one run of the overcommit test saw: per guest, whether it still answers and
+/// its monitor's log; the cgroup's OOM kills.
+struct Overcommit {
+    alive: Vec<bool>,
+    logs: Vec<String>,
+    ooms: u64,
+}
+
+/// The balloon targets a governor set under pressure, in order (MiB), from its log.
+fn inflations(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("memory pressure"))
+        .filter_map(|l| l.split_once("-> ")?.1.strip_suffix(" MiB")?.parse().ok())
+        .collect()
+}
+
+/// Two kit guests of 512 MiB in a memory cgroup whose limit is smaller than their
+/// memory fill their page caches with 384 MiB each, one after the other: which of them
+/// are still running and answering? With the techniques, the first to fill has a quarter
+/// of the second's memory shares.
+fn overcommitted(techniques: bool) -> Option<Overcommit> {
     let home = Home::new();
     let group = MemoryGroup::new(if techniques { "with" } else { "without" }, LIMIT << 20)?;
     let disk = home.path().join("cache.img");
@@ -366,13 +388,20 @@ fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
         .set_len(400 << 20)
         .unwrap();
     let disk_spec = format!("path={},readonly=on", disk.display());
-    let mut extra = vec!["--disk", &disk_spec];
-    if techniques {
-        extra.extend(["--balloon", "--memory-min", "128M"]);
-    }
-    let names = ["o0"];
+    let guests = [("o0", "512"), ("o1", "2048")];
     let kit = common::kit()?;
-    for name in names {
+    for (name, shares) in guests {
+        let mut extra = vec!["--disk", &disk_spec];
+        if techniques {
+            extra.extend([
+                "--balloon",
+                "--memory-min",
+                "128M",
+                "--memory-compress=auto",
+                "--memory-shares",
+                shares,
+            ]);
+        }
         home.create_kit_vm_of(name, &kit, "512M", IDLE, &extra);
         // Started from inside the group: every page the monitor ever touches is charged
         // to it.
@@ -390,7 +419,7 @@ fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
         assert!(started.status.success(), "{started:?}");
         home.wait_log(name, 0, kit::AGENT_MARKER);
     }
-    for name in names {
+    for (name, _) in guests {
         // 16 MiB a second, the disk kept open (its cache goes when it is closed): the
         // guest's page cache grows, and the host's memory with it.
         let _ = common::vessel()
@@ -403,9 +432,9 @@ fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
             .stdin(Stdio::null())
             .output();
     }
-    let alive = names
+    let alive = guests
         .iter()
-        .map(|name| {
+        .map(|(name, _)| {
             common::vessel()
                 .env("VESSEL_HOME", home.path())
                 .args(["exec", name, "--timeout", "5", "--", "true"])
@@ -414,24 +443,24 @@ fn overcommitted(techniques: bool) -> Option<(Vec<bool>, u64)> {
                 .is_ok_and(|o| o.status.success())
         })
         .collect();
-    let logs: String = names
+    let logs: Vec<String> = guests
         .iter()
-        .map(|n| std::fs::read_to_string(home.vm_dir(n).join("monitor.log")).unwrap_or_default())
+        .map(|(n, _)| {
+            std::fs::read_to_string(home.vm_dir(n).join("monitor.log")).unwrap_or_default()
+        })
         .collect();
     eprintln!(
-        "{}: peak {} MiB of {LIMIT}, {} OOM kills, alive {alive:?}\n{logs}",
+        "{}: peak {} MiB of {LIMIT}, {} OOM kills, alive {alive:?}\n{}",
         if techniques { "with" } else { "without" },
         group.peak_mib(),
-        group.ooms()
+        group.ooms(),
+        logs.concat()
     );
-    if techniques {
-        assert!(
-            logs.contains("memory pressure"),
-            "no governor decision (peak {} MiB): {logs}",
-            group.peak_mib()
-        );
-    }
-    Some((alive, group.ooms()))
+    Some(Overcommit {
+        alive,
+        logs,
+        ooms: group.ooms(),
+    })
 }
 
 #[test]
@@ -444,17 +473,55 @@ fn overcommitted_guests_survive_a_memory_limit_with_the_balloon_and_die_without(
         eprintln!("skipped: needs root and the cgroup v1 memory controller");
         return;
     }
-    let Some((with, ooms_with)) = overcommitted(true) else {
+    let Some(with) = overcommitted(true) else {
         return;
     };
     assert!(
-        with.iter().all(|&a| a),
-        "with the balloon and the governor: {with:?} ({ooms_with} OOM kills)"
+        with.alive.iter().all(|&a| a),
+        "with the balloon and the governor: {:?} ({} OOM kills)",
+        with.alive,
+        with.ooms
     );
-    assert_eq!(ooms_with, 0);
-    let (without, ooms) = overcommitted(false).expect("the same host");
+    assert_eq!(with.ooms, 0);
+    // Both governors saw the same pressure; the guest with a quarter of the shares gave
+    // faster: each of its first steps (96 or 192 MiB, up to 384) took more than the
+    // other's (24 or 48).
+    let (low, high) = (inflations(&with.logs[0]), inflations(&with.logs[1]));
+    assert!(!low.is_empty() && !high.is_empty(), "{:?}", with.logs);
     assert!(
-        without.contains(&false) && ooms > 0,
-        "without them the limit's OOM killer ends one: {without:?}, {ooms} OOM kills"
+        low.iter().zip(&high).take(7).all(|(l, h)| l > h),
+        "balloon steps with 512 shares {low:?} MiB, with 2048 {high:?}"
     );
+    let without = overcommitted(false).expect("the same host");
+    assert!(
+        without.alive.contains(&false) && without.ooms > 0,
+        "without them the limit's OOM killer ends one: {:?}, {} OOM kills",
+        without.alive,
+        without.ooms
+    );
+}
+
+#[test]
+fn bad_memory_settings_are_refused_with_one_line() {
+    let home = Home::new();
+    for (args, says) in [
+        (
+            &["--memory-shares", "1"][..],
+            "--memory-shares 1: must be 2 to 262144",
+        ),
+        (&["--memory-shares", "many"], "not a whole number"),
+        (&["--memory-compress=sometimes"], "on, auto, or a size"),
+        (&["--memory-min", "2G"], "more than the VM's 512 MiB"),
+    ] {
+        let mut all = vec!["create", "bad", "--net", "none"];
+        all.extend(args);
+        let (code, err) = home.refused(&all);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    home.ok(&["create", "good", "--net", "none", "--memory-shares", "300"]);
+    let (_, err) = home.refused(&["set", "good", "memory_shares=0"]);
+    assert!(err.contains("must be 2 to 262144"), "{err}");
+    let toml = std::fs::read_to_string(home.vm_dir("good").join("vm.toml")).unwrap();
+    assert!(toml.contains("memory_shares = 300"), "unchanged: {toml}");
 }

@@ -64,7 +64,7 @@ fn main() {
 
     let stats = Arc::new(CompressStats::default());
     let t = Instant::now();
-    let compressor = match Compressor::start(&mem, CompressConfig { target: None }, stats.clone()) {
+    let compressor = match Compressor::start(&mem, CompressConfig::default(), stats.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipped: no userfaultfd here ({e})");

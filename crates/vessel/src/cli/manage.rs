@@ -156,6 +156,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         balloon: a.balloon,
         memory_merge: a.memory_merge,
         memory_min: a.memory_min.clone(),
+        memory_shares: a.memory_shares()?,
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -230,6 +231,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         balloon: a.balloon,
         memory_merge: a.memory_merge,
         memory_min: a.memory_min.clone(),
+        memory_shares: a.memory_shares()?,
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -520,6 +522,15 @@ pub fn info(args: InfoArgs) -> CliResult {
                     mib(b.guest_free_bytes.unwrap_or(0))
                 );
             }
+        }
+        if let Some(c) = &l.memory.compression {
+            println!(
+                "compress  {} pages in {} KiB ({}), {} brought back",
+                c.pages,
+                c.bytes >> 10,
+                if c.engaged { "engaged" } else { "standby" },
+                c.faults
+            );
         }
         if let Some(p) = l.memory.ksm_merging_pages.filter(|&p| p > 0) {
             println!("ksm       {p} pages merged");

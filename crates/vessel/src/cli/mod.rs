@@ -161,12 +161,17 @@ pub struct VmArgs {
     /// what lies above it (with --balloon).
     #[arg(long, value_name = "SIZE")]
     memory_min: Option<String>,
+    /// Weight against other VMs when memory is taken back under pressure (2-262144;
+    /// default 1024): a VM with twice the shares gives half as fast.
+    #[arg(long, value_name = "N")]
+    memory_shares: Option<String>,
     /// Offer the guest's memory to the host's page merging (KSM: `vessel host ksm on`).
     #[arg(long)]
     memory_merge: bool,
     /// Keep the guest's cold pages compressed (lz4), brought back on touch: `on` (the
-    /// default), or a resident size to stop at (e.g. 256M).
-    #[arg(long, value_name = "on|SIZE", num_args = 0..=1, default_missing_value = "on")]
+    /// default), `auto` (only when the memory governor asks, after the balloon), or a
+    /// resident size to stop at (e.g. 256M).
+    #[arg(long, value_name = "on|auto|SIZE", num_args = 0..=1, default_missing_value = "on")]
     memory_compress: Option<String>,
     /// Guest RAM backing: private (default) or shared (a memfd; implied by --share).
     #[arg(long, value_name = "KIND", value_parser = ["private", "shared"])]
@@ -196,6 +201,19 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
+    fn memory_shares(&self) -> Result<Option<u64>, Failure> {
+        self.memory_shares
+            .as_deref()
+            .map(manager::spec::parse_memory_shares)
+            .transpose()
+            .map_err(|e| {
+                Failure::usage(format!(
+                    "--{}",
+                    e.replacen('_', "-", 1).replacen('=', " ", 1)
+                ))
+            })
+    }
+
     /// `vessel run`'s vsock device: only when asked for, its socket by default in the
     /// runtime directory, named after this process.
     fn run_vsock(&self) -> Result<Option<devices::virtio::vsock::VsockConfig>, Failure> {

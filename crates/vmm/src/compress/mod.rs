@@ -44,20 +44,32 @@ const MAX_STRIKES: u8 = 12;
 /// A page that did not compress is left alone this long (in strikes).
 const INCOMPRESSIBLE_STRIKES: u8 = 9;
 
-/// `--memory-compress[=on|TARGET_SIZE]`: compress cold pages, or only while the monitor's
+/// `--memory-compress[=on|auto|TARGET_SIZE]`: compress cold pages always, only when the
+/// memory governor engages the cache (after the balloon), or only while the monitor's
 /// resident memory is above TARGET_SIZE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompressConfig {
     pub target: Option<u64>,
+    /// The cache starts disengaged; the governor engages it.
+    pub governed: bool,
 }
 
 impl CompressConfig {
     pub fn parse(spec: &str) -> Result<Self, String> {
         match spec {
-            "" | "on" => Ok(CompressConfig { target: None }),
+            "" | "on" => Ok(CompressConfig::default()),
+            "auto" => Ok(CompressConfig {
+                governed: true,
+                ..Default::default()
+            }),
             s => devices::virtio::options::parse_size(s, 20)
-                .map(|t| CompressConfig { target: Some(t) })
-                .ok_or_else(|| format!("--memory-compress {s:?}: on, or a size such as 256M")),
+                .map(|t| CompressConfig {
+                    target: Some(t),
+                    governed: false,
+                })
+                .ok_or_else(|| {
+                    format!("--memory-compress {s:?}: on, auto, or a size such as 256M")
+                }),
         }
     }
 }
@@ -72,6 +84,9 @@ pub struct CompressStats {
     /// Pages compressed in all, and pages that would not compress.
     pub compressed: AtomicU64,
     pub incompressible: AtomicU64,
+    /// Whether the scanner takes pages now: always, unless the governor drives the
+    /// cache (`auto`), which engages it once the balloon has given what it can.
+    pub engaged: AtomicBool,
 }
 
 struct Region {
@@ -126,6 +141,7 @@ impl Compressor {
         config: CompressConfig,
         stats: Arc<CompressStats>,
     ) -> std::io::Result<Compressor> {
+        stats.engaged.store(!config.governed, Ordering::Relaxed);
         let uffd = Uffd::new()?;
         set_nonblocking(uffd.raw_fd())?;
         let mut regions = Vec::new();
@@ -319,6 +335,9 @@ fn scan(s: &Shared) {
     while !s.stop.load(Ordering::SeqCst) {
         std::thread::sleep(INTERVAL);
         let epoch = s.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        if !s.stats.engaged.load(Ordering::Relaxed) {
+            continue;
+        }
         if let Some(target) = s.target
             && rss_bytes() <= target
         {

@@ -221,6 +221,7 @@ mod tests {
             memory_merge: false,
             memory_min: None,
             memory_shares: None,
+            seccomp: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

@@ -5,6 +5,7 @@
 
 pub mod bundle;
 pub mod clone;
+pub mod confine;
 mod error;
 pub mod governor;
 pub mod guest_agent;

@@ -596,6 +596,9 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     } else {
         None
     };
+    // Confined from here: every boot reuses this configuration (the kit, if it had to
+    // be built again, was built above).
+    crate::confine::confine(spec.seccomp_mode().map_err(ManagerError::Other)?, &config)?;
     let mut vm = Some(
         vmm::builder::build_from(
             &config,
@@ -668,7 +671,6 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         let this = match vm.take() {
             Some(vm) => vm,
             None => {
-                let config = spec.to_vm_config(&bundle.dir)?;
                 match vmm::builder::build(
                     &config,
                     Console::Output(Box::new(HubWriter(hub.clone()))),
@@ -702,6 +704,7 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     // Answer the request that ended the VM (a kill) before going away.
     in_flight.drain(Duration::from_secs(2));
     // Before the status says stopped: a start that follows makes the cgroup anew.
+    sandbox::launcher::stop();
     resources::leave(home, name);
     if monitor.suspended.load(Ordering::SeqCst) {
         monitor.write_status(VmState::Suspended, Some("suspended".into()));

@@ -83,6 +83,9 @@ pub struct VmSpec {
     /// after the balloon), or the resident size to aim for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_compress: Option<String>,
+    /// The monitor's seccomp filters: `on` (the default), `log` or `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<String>,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,6 +174,7 @@ impl VmSpec {
         if let Some(s) = self.memory_shares {
             check_memory_shares(s)?;
         }
+        self.seccomp_mode()?;
         self.share_configs()?;
         if let Some(b) = &self.memory_backing {
             vmm::parse_memory_backing(b)?;
@@ -209,6 +213,11 @@ impl VmSpec {
     /// The shares, parsed (each tag used once).
     pub fn share_configs(&self) -> Result<Vec<ShareConfig>, String> {
         parse_shares(&self.shares)
+    }
+
+    /// The mode the monitor confines its threads in.
+    pub fn seccomp_mode(&self) -> Result<sandbox::Mode, String> {
+        self.seccomp.as_deref().unwrap_or("on").parse()
     }
 
     /// The governor: what it may act on and how much this VM weighs; None when the VM
@@ -280,6 +289,10 @@ impl VmSpec {
             }
             "memory" => self.memory = value.to_string(),
             "memory_min" => self.memory_min = (!value.is_empty()).then(|| value.to_string()),
+            "seccomp" => {
+                value.parse::<sandbox::Mode>()?;
+                self.seccomp = (value != "on").then(|| value.to_string());
+            }
             "memory_shares" => {
                 self.memory_shares = match value {
                     "" => None,
@@ -315,7 +328,7 @@ impl VmSpec {
             k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, balloon, memory_min, memory_shares, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, seccomp, balloon, memory_min, memory_shares, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
@@ -555,6 +568,7 @@ mod tests {
             memory_merge: false,
             memory_min: None,
             memory_shares: None,
+            seccomp: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

@@ -5,16 +5,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use devices::virtio::net::{PortForward, Protocol, StreamBackend};
+use sandbox::launcher::{Helper, HelperCommand};
 
 use crate::error::NetError;
 
@@ -74,7 +73,7 @@ struct Inner {
     passt: PathBuf,
     args: Vec<String>,
     backend: Arc<StreamBackend>,
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<Helper>>,
     stopping: AtomicBool,
 }
 
@@ -113,7 +112,7 @@ impl Drop for Passt {
     fn drop(&mut self) {
         self.inner.stopping.store(true, Ordering::Release);
         if let Some(c) = lock(&self.inner.child).as_mut() {
-            let _ = c.kill();
+            c.kill();
         }
     }
 }
@@ -138,25 +137,15 @@ impl Inner {
     fn supervise(&self) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let status = {
-                let mut guard = lock(&self.child);
-                match guard.as_mut() {
-                    Some(c) => match c.try_wait() {
-                        Ok(Some(s)) => Some(s),
-                        Ok(None) => None,
-                        Err(_) => Some(std::process::ExitStatus::default()),
-                    },
-                    None => Some(std::process::ExitStatus::default()),
-                }
-            };
+            let exited = lock(&self.child).as_mut().is_none_or(Helper::exited);
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let Some(status) = status else {
+            if !exited {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
-            };
-            tracing::warn!("passt exited ({status}); the NIC's link is down, starting it again");
+            }
+            tracing::warn!("passt exited; the NIC's link is down, starting it again");
             match self.spawn() {
                 Ok(()) => {
                     tracing::info!("passt is back; the NIC's link is up");
@@ -174,53 +163,32 @@ impl Inner {
 }
 
 /// Starts `passt ARGS` (whose `-F` must name [`PASST_FD`]) on one end of a new socket
-/// pair; returns the child and vessel's end. passt's stderr goes to the log, less what
+/// pair; returns the helper and vessel's end. passt's stderr goes to the log, less what
 /// it says at every start as root.
-pub(crate) fn spawn(passt: &Path, args: &[String]) -> Result<(Child, UnixStream), NetError> {
+pub(crate) fn spawn(passt: &Path, args: &[String]) -> Result<(Helper, UnixStream), NetError> {
     let (ours, theirs) = UnixStream::pair().map_err(NetError::io("socket pair for passt"))?;
-    let theirs: OwnedFd = theirs.into();
-    let fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(passt);
+    let (err_reader, err_writer) = std::io::pipe().map_err(NetError::io("a pipe for passt"))?;
+    let mut cmd = HelperCommand::new(passt);
     cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // dup2 moves passt's end to the fd number it is told (the copy is not
-    // close-on-exec), or fcntl clears close-on-exec when it is already there.
-    // SAFETY: only async-signal-safe calls (dup2, fcntl) run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if fd == PASST_FD {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, PASST_FD)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
+        .fd(PASST_FD, OwnedFd::from(theirs))
+        .fd(2, OwnedFd::from(err_writer));
+    let child = sandbox::launcher::spawn(cmd).map_err(NetError::io("starting passt"))?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(err_reader).lines().map_while(Result::ok) {
+            // What passt says at every start as root, and its complaints that there is no
+            // syslog to tell.
+            if !line.starts_with("Don't run as root") && !line.starts_with("Failed to send") {
+                tracing::warn!("passt: {line}");
             }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(NetError::io("starting passt"))?;
-    drop(theirs);
-    if let Some(err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                // What passt says at every start as root, and its complaints that there
-                // is no syslog to tell.
-                if !line.starts_with("Don't run as root") && !line.starts_with("Failed to send") {
-                    tracing::warn!("passt: {line}");
-                }
-            }
-        });
-    }
+        }
+    });
     Ok((child, ours))
 }
 
 impl Passt {
     /// The process ID of the current passt.
     pub fn pid(&self) -> Option<u32> {
-        lock(&self.inner.child).as_ref().map(Child::id)
+        lock(&self.inner.child).as_ref().map(Helper::id)
     }
 }
 

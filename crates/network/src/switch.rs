@@ -20,7 +20,6 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -50,7 +49,7 @@ struct Port {
 /// One VM's passt on a NAT network: a port of its own, never flooded to.
 struct Uplink {
     port: PortId,
-    child: Child,
+    child: sandbox::launcher::Helper,
 }
 
 struct State {
@@ -80,8 +79,7 @@ impl State {
         if let Some(mut up) = self.uplinks.remove(&id) {
             self.ports.remove(&up.port);
             self.owners.remove(&up.port);
-            let _ = up.child.kill();
-            std::thread::spawn(move || up.child.wait());
+            std::thread::spawn(move || up.child.kill());
         }
     }
 }
@@ -239,8 +237,7 @@ fn start_uplink(vm: PortId, state: &Arc<Mutex<State>>, counters: &Arc<Counters>)
         if s.owners.remove(&port).is_some() {
             s.ports.remove(&port);
             if let Some(mut up) = s.uplinks.remove(&vm) {
-                let _ = up.child.kill();
-                std::thread::spawn(move || up.child.wait());
+                std::thread::spawn(move || up.child.kill());
             }
             tracing::warn!("port {vm}: its NAT uplink stopped");
         }
@@ -399,21 +396,14 @@ pub fn connect(networks: &Path, name: &str, exe: &Path) -> Result<UnixStream, Ne
         .open(dir.join("switch.log"))
         .map_err(NetError::io("switch.log"))?;
     let log2 = log.try_clone().map_err(NetError::io("switch.log"))?;
-    let mut cmd = Command::new(exe);
+    // In a session of its own: the switch outlives the monitor that started it.
+    let mut cmd = sandbox::launcher::HelperCommand::new(exe);
     cmd.arg("__switch")
         .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
-    // SAFETY: setsid between fork and exec is async-signal-safe: the switch outlives
-    // the monitor that started it, in a session of its own.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(NetError::io("starting the switch"))?;
+        .fd(1, log.into())
+        .fd(2, log2.into())
+        .new_session();
+    let mut child = sandbox::launcher::spawn(cmd).map_err(NetError::io("starting the switch"))?;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
         if let Ok(s) = UnixStream::connect(&sock) {
@@ -421,18 +411,18 @@ pub fn connect(networks: &Path, name: &str, exe: &Path) -> Result<UnixStream, Ne
             std::thread::spawn(move || child.wait());
             return Ok(s);
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if child.exited() {
             return Err(NetError::Switch {
                 name: name.to_string(),
                 reason: format!(
-                    "the switch exited ({status}); see {}",
+                    "the switch exited; see {}",
                     dir.join("switch.log").display()
                 ),
             });
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = child.kill();
+    child.kill();
     Err(NetError::Switch {
         name: name.to_string(),
         reason: "the switch did not start".into(),

@@ -12,7 +12,6 @@
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Child;
 
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +68,10 @@ pub fn for_gateway(frame: &[u8], gateway: Ipv4Addr) -> bool {
 
 /// passt for one VM of a NAT network: IPv4 only, no DHCP of its own (the switch's
 /// answers), the gateway's address and MAC, DNS forwarded from the gateway.
-pub fn start(gateway: Ipv4Addr, guest: Option<Ipv4Addr>) -> Result<(Child, UnixStream), NetError> {
+pub fn start(
+    gateway: Ipv4Addr,
+    guest: Option<Ipv4Addr>,
+) -> Result<(sandbox::launcher::Helper, UnixStream), NetError> {
     let passt = find_passt()?;
     let mac = SERVER_MAC
         .iter()

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+pub mod hostile;
 pub mod qemu_img;
 pub mod report;
 pub mod snippets;

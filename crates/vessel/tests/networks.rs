@@ -453,17 +453,19 @@ fn carrier_changes(out: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The passt serving vessel process `pid`: its child, or its launcher's.
 fn passt_child_of(pid: u32) -> Option<u32> {
-    let out = Command::new("pgrep")
-        .args(["-P", &pid.to_string(), "^passt"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .lines()
-        .next()?
-        .parse()
-        .ok()
+    let children = |parent: u32, pattern: &str| -> Vec<u32> {
+        let out = Command::new("pgrep")
+            .args(["-P", &parent.to_string(), pattern])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    };
+    std::iter::once(pid)
+        .chain(children(pid, ""))
+        .find_map(|p| children(p, "^passt").first().copied())
 }
 
 #[test]

@@ -104,19 +104,32 @@ fn virtiofsd_dying_fails_the_guest_file_operations_not_the_vm() {
     }
     let (code, out, _) = sh(&home, "d", "cat /mnt/share/a.txt");
     assert_eq!((code, out.as_str()), (0, "a\n"));
-    // The VM's own virtiofsd: the monitor's child serving this directory.
+    // The VM's own virtiofsd: a child of the monitor's launcher (or of the monitor).
+    let children = |pid: i32| -> Vec<i32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
     let monitor = home.pid("d");
-    let children = std::fs::read_to_string(format!("/proc/{monitor}/task/{monitor}/children"))
-        .unwrap_or_default();
-    let virtiofsd: Vec<i32> = children
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
+    let descendants: Vec<i32> = children(monitor)
+        .into_iter()
+        .flat_map(|c| std::iter::once(c).chain(children(c)))
+        .collect();
+    let virtiofsd: Vec<i32> = descendants
+        .iter()
+        .copied()
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm"))
                 .is_ok_and(|c| c.trim() == "virtiofsd")
         })
         .collect();
-    assert_eq!(virtiofsd.len(), 1, "children of the monitor: {children}");
+    assert_eq!(
+        virtiofsd.len(),
+        1,
+        "the monitor's descendants: {descendants:?}"
+    );
     // SAFETY: kill(2) of the virtiofsd this test's VM started.
     unsafe { libc::kill(virtiofsd[0], libc::SIGKILL) };
     let log_path = home.vm_dir("d").join("monitor.log");

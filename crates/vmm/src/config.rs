@@ -92,7 +92,8 @@ pub struct VmConfig {
     pub vsock: Option<devices::virtio::vsock::VsockConfig>,
     /// Host directories shared with the guest (virtio-fs, each served by a virtiofsd).
     pub shares: Vec<devices::virtio::fs::ShareConfig>,
-    /// Where the virtiofsd sockets go (`virtiofs-<tag>.sock`).
+    /// Where the virtiofsd sockets go (`virtiofs-<pid>-<tag>.sock`: two `vessel run`s
+    /// sharing a runtime directory never meet).
     pub runtime_dir: PathBuf,
     /// Guest RAM in a shared memfd rather than private memory (forced by `shares`).
     pub shared_memory: bool,

@@ -265,10 +265,10 @@ impl Vm {
             let raw = RawTerminal::enter();
             let handle = self.handle();
             let events = self.events_tx.clone();
-            std::thread::Builder::new()
-                .name("console".into())
-                .spawn(move || console::forward_stdin(handle, events))
-                .map_err(VmError::Thread)?;
+            sandbox::thread::spawn(sandbox::ThreadClass::Console, "console", move || {
+                console::forward_stdin(handle, events)
+            })
+            .map_err(VmError::Thread)?;
             raw
         } else {
             None
@@ -278,10 +278,11 @@ impl Vm {
         for mut vcpu in self.vcpus {
             let d = dispatcher.clone();
             let flag = vcpu.kick_flag();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.index()))
-                .spawn(move || d.run_vcpu(vcpu.as_mut()))
-                .map_err(VmError::Thread)?;
+            let name = format!("vcpu{}", vcpu.index());
+            let handle = sandbox::thread::spawn(sandbox::ThreadClass::Vcpu, &name, move || {
+                d.run_vcpu(vcpu.as_mut())
+            })
+            .map_err(VmError::Thread)?;
             self.control.add_vcpu(flag, handle.as_pthread_t());
             self.metrics.add_vcpu_thread(handle.as_pthread_t());
             threads.push(handle);

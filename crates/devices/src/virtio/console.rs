@@ -87,6 +87,30 @@ impl VirtioConsole {
     pub fn input(&self) -> ConsoleInput {
         self.input.clone()
     }
+
+    /// What the worker thread runs on the receive and transmit queues (the fuzz
+    /// harnesses run it in their own thread).
+    pub fn queues<M: GuestMemory>(
+        &self,
+        mem: M,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> ConsoleQueues<M> {
+        ConsoleQueues {
+            mem,
+            rx_used: UsedRing::new(&rx),
+            tx_used: UsedRing::new(&tx),
+            heads: Vec::new(),
+            rx,
+            tx,
+            interrupt,
+            output: self.output.clone(),
+            input: self.input.clone(),
+            chain: Chain::new(),
+            buf: Vec::new(),
+        }
+    }
 }
 
 impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioConsole {
@@ -119,22 +143,16 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioConsole {
         let Ok([rx, tx]) = <[Queue; 2]>::try_from(a.queues) else {
             return Err(ActivateError::Queues(n));
         };
-        let handler = ConsoleQueues {
-            mem: a.mem,
-            rx_used: UsedRing::new(&rx),
-            tx_used: UsedRing::new(&tx),
-            heads: Vec::new(),
-            rx,
-            tx,
-            interrupt: a.interrupt.clone(),
-            output: self.output.clone(),
-            input: self.input.clone(),
-            chain: Chain::new(),
-            buf: Vec::new(),
-        };
+        let handler = self.queues(a.mem, rx, tx, a.interrupt.clone());
         self.worker = Some(
-            Worker::spawn("virtio-console", handler, a.queue_events, a.interrupt)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-console",
+                sandbox::ThreadClass::Console,
+                handler,
+                a.queue_events,
+                a.interrupt,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }
@@ -146,7 +164,7 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioConsole {
     }
 }
 
-struct ConsoleQueues<M> {
+pub struct ConsoleQueues<M> {
     mem: M,
     rx: Queue,
     tx: Queue,

@@ -52,8 +52,14 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioRng {
         };
         let handler = RngQueue::new(a.mem, queue, a.interrupt.clone());
         self.worker = Some(
-            Worker::spawn("virtio-rng", handler, a.queue_events, a.interrupt)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-rng",
+                sandbox::ThreadClass::Rng,
+                handler,
+                a.queue_events,
+                a.interrupt,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }

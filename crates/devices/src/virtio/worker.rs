@@ -37,8 +37,10 @@ const KILL_TOKEN: u64 = u64::MAX;
 const FD_TOKEN_BASE: u64 = 1 << 32;
 
 impl Worker {
+    /// Starts worker `name` confined to `class` (see the sandbox crate).
     pub fn spawn<H: QueueHandler>(
         name: &str,
+        class: sandbox::ThreadClass,
         mut handler: H,
         queue_events: Vec<EventFd>,
         interrupt: Arc<VirtioInterrupt>,
@@ -65,18 +67,16 @@ impl Worker {
                 EpollEvent::new(*events, FD_TOKEN_BASE + i as u64),
             )?;
         }
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let mut run = Run {
-                    epoll,
-                    queue_events,
-                    extra,
-                    interrupt,
-                    broken: false,
-                };
-                run.run(&mut handler);
-            })?;
+        let thread = sandbox::thread::spawn(class, name, move || {
+            let mut run = Run {
+                epoll,
+                queue_events,
+                extra,
+                interrupt,
+                broken: false,
+            };
+            run.run(&mut handler);
+        })?;
         Ok(Worker {
             kill,
             thread: Some(thread),

@@ -157,6 +157,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         memory_merge: a.memory_merge,
         memory_min: a.memory_min.clone(),
         memory_shares: a.memory_shares()?,
+        seccomp: a.seccomp.clone().filter(|m| m != "on"),
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -232,6 +233,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         memory_merge: a.memory_merge,
         memory_min: a.memory_min.clone(),
         memory_shares: a.memory_shares()?,
+        seccomp: a.seccomp.clone().filter(|m| m != "on"),
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -414,11 +416,21 @@ pub fn stop(args: StopArgs) -> CliResult {
 
 pub fn info(args: InfoArgs) -> CliResult {
     let (home, bundle) = open(&args.name)?;
-    let status = bundle.status();
+    let mut status = bundle.status();
     let spec = bundle.spec()?;
     let live: Option<VmInfo> = match status.state {
         VmState::Running | VmState::Paused => {
-            Some(client(&bundle, "ask")?.get(&format!("/v1/vms/{}", bundle.name))?)
+            let asked = client(&bundle, "ask")
+                .and_then(|c| Ok(c.get(&format!("/v1/vms/{}", bundle.name))?));
+            match asked {
+                Ok(info) => Some(info),
+                // The monitor went away while we asked: say what it left.
+                Err(_) if !matches!(bundle.status().state, VmState::Running | VmState::Paused) => {
+                    status = bundle.status();
+                    None
+                }
+                Err(e) => return Err(e),
+            }
         }
         _ => None,
     };

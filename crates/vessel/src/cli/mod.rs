@@ -94,6 +94,9 @@ enum Command {
     /// The monitor process behind a started VM (used by `vessel start`).
     #[command(name = "__monitor", hide = true)]
     Monitor(manage::NameArg),
+    /// A monitor's launcher: starts the helper programs it names for the monitor.
+    #[command(name = "__launcher", hide = true)]
+    Launcher { programs: Vec<std::path::PathBuf> },
 }
 
 /// The VM options shared by `run` and `create`.
@@ -176,6 +179,11 @@ pub struct VmArgs {
     /// Guest RAM backing: private (default) or shared (a memfd; implied by --share).
     #[arg(long, value_name = "KIND", value_parser = ["private", "shared"])]
     memory_backing: Option<String>,
+    /// The monitor's seccomp filters: on (the default: a thread that makes a system call
+    /// outside its list stops the monitor, with a line naming both), log (the kernel
+    /// logs it and lets it through: to find what a list misses) or off.
+    #[arg(long, value_name = "MODE", value_parser = ["on", "log", "off"])]
+    seccomp: Option<String>,
     /// The CPU KVM shows the guest: host (everything it can give) or portable (only
     /// what the software CPU gives too: a VM that can move between backends).
     #[arg(long, value_name = "MODEL", value_parser = ["host", "portable"])]
@@ -464,6 +472,9 @@ pub fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(Failure::usage),
         Command::Monitor(args) => manage::monitor(args),
+        Command::Launcher { programs } => sandbox::launcher::serve(programs)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| Failure::usage(format!("launcher: {e}"))),
     };
     match result {
         Ok(code) => code,

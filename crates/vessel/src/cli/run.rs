@@ -145,6 +145,13 @@ fn run_vm(
             .map_err(Failure::usage)?,
         vmgenid: vmm::new_vmgenid(),
     };
+    let seccomp = a
+        .seccomp
+        .as_deref()
+        .unwrap_or("on")
+        .parse()
+        .map_err(Failure::usage)?;
+    manager::confine::confine(seccomp, &config)?;
     // Said once the VM is built, so that a bad argument is still the only line.
     let (outcome, metrics) = vmm::run(&config, || {
         if let Some(why) = &why {
@@ -225,6 +232,14 @@ fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
         state,
         memory: dir.join(vmm::snapshot::file::MEMORY),
     };
+    let seccomp = args
+        .vm
+        .seccomp
+        .as_deref()
+        .unwrap_or("on")
+        .parse()
+        .map_err(Failure::usage)?;
+    manager::confine::confine(seccomp, &config)?;
     let mut vm = vmm::builder::build_from(&config, vmm::Console::Stdio, Some(&restore))
         .map_err(Failure::usage)?;
     vm.detach_teardown();

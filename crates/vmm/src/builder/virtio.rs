@@ -107,9 +107,11 @@ pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, Vm
     if !config.shares.is_empty() {
         let regions = shared_regions(mem);
         for share in &config.shares {
-            let socket = config
-                .runtime_dir
-                .join(format!("virtiofs-{}.sock", share.tag));
+            let socket = config.runtime_dir.join(format!(
+                "virtiofs-{}-{}.sock",
+                std::process::id(),
+                share.tag
+            ));
             let dev = VirtioFs::new(share, &socket, regions.clone())
                 .map_err(|e| VmError::Device(format!("share {}: {e}", share.tag)))?;
             out.push(Box::new(dev));
@@ -221,35 +223,33 @@ fn serve_socket(
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)
         .map_err(|e| VmError::Device(format!("virtio console socket {}: {e}", path.display())))?;
-    std::thread::Builder::new()
-        .name("hvc-socket".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { return };
-                let Ok(mut reader) = stream.try_clone() else {
-                    continue;
-                };
-                *devices::bus::lock(&client) = Some(stream);
-                let input = input.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 {
-                            return;
-                        }
-                        let mut pending = &buf[..n];
-                        while !pending.is_empty() {
-                            let taken = input.push(pending);
-                            pending = &pending[taken..];
-                            if taken == 0 {
-                                std::thread::sleep(std::time::Duration::from_millis(2));
-                            }
+    sandbox::thread::spawn(sandbox::ThreadClass::Console, "hvc-socket", move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let Ok(mut reader) = stream.try_clone() else {
+                continue;
+            };
+            *devices::bus::lock(&client) = Some(stream);
+            let input = input.clone();
+            let _ = sandbox::thread::spawn(sandbox::ThreadClass::Console, "hvc-in", move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = reader.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    let mut pending = &buf[..n];
+                    while !pending.is_empty() {
+                        let taken = input.push(pending);
+                        pending = &pending[taken..];
+                        if taken == 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(2));
                         }
                     }
-                });
-            }
-        })
-        .map_err(|e| VmError::Device(format!("virtio console: {e}")))?;
+                }
+            });
+        }
+    })
+    .map_err(|e| VmError::Device(format!("virtio console: {e}")))?;
     Ok(())
 }
 

@@ -176,15 +176,18 @@ impl Compressor {
         let wake = EventFd::new(EFD_NONBLOCK)?;
         let faults = {
             let (s, w) = (shared.clone(), wake.try_clone()?);
-            std::thread::Builder::new()
-                .name("mem-faults".into())
-                .spawn(move || serve_faults(&s, &w))?
+            sandbox::thread::spawn(sandbox::ThreadClass::Memory, "mem-faults", move || {
+                serve_faults(&s, &w)
+            })?
         };
         let scanner = {
             let s = shared.clone();
-            std::thread::Builder::new()
-                .name("mem-compress".into())
-                .spawn(move || scan(&s))?
+            // Opened here: the scanner's class opens no files.
+            let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+            let statm = std::fs::File::open("/proc/self/statm")?;
+            sandbox::thread::spawn(sandbox::ThreadClass::Memory, "mem-compress", move || {
+                scan(&s, &pagemap, &statm)
+            })?
         };
         Ok(Compressor {
             shared,
@@ -324,14 +327,10 @@ fn bring_back(s: &Shared, host: u64, page: &mut [u8]) {
 }
 
 /// The scanner: every INTERVAL, takes cold pages out and compresses them.
-fn scan(s: &Shared) {
+fn scan(s: &Shared, file: &std::fs::File, statm: &std::fs::File) {
     let mut scratch = Vec::new();
     let mut pagemap = vec![0u64; 0];
     let mut candidates: Vec<(u64, usize)> = Vec::new();
-    let Ok(file) = std::fs::File::open("/proc/self/pagemap") else {
-        tracing::error!("memory compression: cannot read /proc/self/pagemap");
-        return;
-    };
     while !s.stop.load(Ordering::SeqCst) {
         std::thread::sleep(INTERVAL);
         let epoch = s.epoch.fetch_add(1, Ordering::Relaxed) + 1;
@@ -339,7 +338,7 @@ fn scan(s: &Shared) {
             continue;
         }
         if let Some(target) = s.target
-            && rss_bytes() <= target
+            && rss_bytes(statm) <= target
         {
             continue;
         }
@@ -347,7 +346,7 @@ fn scan(s: &Shared) {
         for r in &s.regions {
             let pages = r.len as usize / PAGE;
             pagemap.resize(pages, 0);
-            if !read_pagemap(&file, r.host, &mut pagemap) {
+            if !read_pagemap(file, r.host, &mut pagemap) {
                 continue;
             }
             for (i, &e) in pagemap.iter().enumerate() {
@@ -425,8 +424,12 @@ fn read_pagemap(file: &std::fs::File, host: u64, out: &mut [u64]) -> bool {
     file.read_exact_at(bytes, offset).is_ok()
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
+/// The process's resident memory, from `/proc/self/statm` opened once (`statm`).
+fn rss_bytes(statm: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 128];
+    let n = statm.read_at(&mut buf, 0).unwrap_or(0);
+    std::str::from_utf8(&buf[..n])
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * PAGE as u64)

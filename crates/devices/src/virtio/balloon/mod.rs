@@ -103,6 +103,47 @@ impl VirtioBalloon {
     pub fn state(&self) -> Arc<BalloonState> {
         self.state.clone()
     }
+
+    /// What the worker thread runs on the four queues for a driver that accepted
+    /// `features` (the fuzz harnesses run it in their own thread).
+    pub fn queues<M: GuestMemory>(
+        &self,
+        mem: M,
+        features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<BalloonQueues<M>, ActivateError> {
+        let n = queues.len();
+        if n != 4 {
+            return Err(ActivateError::Queues(n));
+        }
+        let stats = features & F_STATS_VQ != 0;
+        let reporting = features & F_REPORTING != 0;
+        // Queues are numbered in order among those the driver uses.
+        let roles = [
+            Some(Role::Inflate),
+            Some(Role::Deflate),
+            stats.then_some(Role::Stats),
+            reporting.then_some(Role::Reporting),
+        ];
+        let mut roles = roles.into_iter().flatten().collect::<Vec<_>>();
+        roles.resize(4, Role::Unused);
+        let timer = TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?;
+        Ok(BalloonQueues {
+            used: queues.iter().map(UsedRing::new).collect(),
+            queues,
+            roles,
+            mem,
+            interrupt,
+            state: self.state.clone(),
+            reclaim: self.reclaim.clone(),
+            chain: Chain::new(),
+            heads: Vec::new(),
+            held_stats: None,
+            timer,
+            buf: Vec::new(),
+        })
+    }
 }
 
 impl BalloonState {
@@ -143,39 +184,16 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioBalloon {
     }
 
     fn activate(&mut self, a: Activation<M>) -> Result<(), ActivateError> {
-        let n = a.queues.len();
-        if n != 4 {
-            return Err(ActivateError::Queues(n));
-        }
-        let stats = a.features & F_STATS_VQ != 0;
-        let reporting = a.features & F_REPORTING != 0;
-        // Queues are numbered in order among those the driver uses.
-        let roles = [
-            Some(Role::Inflate),
-            Some(Role::Deflate),
-            stats.then_some(Role::Stats),
-            reporting.then_some(Role::Reporting),
-        ];
-        let mut roles = roles.into_iter().flatten().collect::<Vec<_>>();
-        roles.resize(4, Role::Unused);
-        let timer = TimerFd::new().map_err(|e| ActivateError::Worker(e.into()))?;
-        let handler = BalloonQueues {
-            used: a.queues.iter().map(UsedRing::new).collect(),
-            queues: a.queues,
-            roles,
-            mem: a.mem,
-            interrupt: a.interrupt.clone(),
-            state: self.state.clone(),
-            reclaim: self.reclaim.clone(),
-            chain: Chain::new(),
-            heads: Vec::new(),
-            held_stats: None,
-            timer,
-            buf: Vec::new(),
-        };
+        let handler = self.queues(a.mem, a.features, a.queues, a.interrupt.clone())?;
         self.worker = Some(
-            Worker::spawn("virtio-balloon", handler, a.queue_events, a.interrupt)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-balloon",
+                sandbox::ThreadClass::Balloon,
+                handler,
+                a.queue_events,
+                a.interrupt,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }
@@ -196,7 +214,7 @@ enum Role {
     Unused,
 }
 
-struct BalloonQueues<M> {
+pub struct BalloonQueues<M> {
     mem: M,
     queues: Vec<Queue>,
     used: Vec<UsedRing>,

@@ -139,8 +139,14 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioBlock {
                 .limit(l.clone(), self.throttling.clone())
                 .map_err(ActivateError::Worker)?;
         }
-        let worker = Worker::spawn("virtio-blk", handler, queue_events, interrupt)
-            .map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(
+            "virtio-blk",
+            sandbox::ThreadClass::Block,
+            handler,
+            queue_events,
+            interrupt,
+        )
+        .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }

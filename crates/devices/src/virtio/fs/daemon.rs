@@ -4,7 +4,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
+use sandbox::launcher::{Helper, HelperCommand};
 use std::time::{Duration, Instant};
 
 use super::ShareConfig;
@@ -33,7 +34,7 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
 
 /// A running virtiofsd; dropping it ends the process and removes its socket.
 pub struct Virtiofsd {
-    child: Child,
+    child: Helper,
     socket: PathBuf,
 }
 
@@ -60,18 +61,20 @@ impl Virtiofsd {
         } else {
             "none"
         };
-        let mut cmd = Command::new(&binary);
+        let mut cmd = HelperCommand::new(&binary);
         cmd.arg("--shared-dir")
             .arg(&share.dir)
             .arg("--socket-path")
             .arg(socket)
-            .args(["--sandbox", sandbox, "--cache", "auto"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .args(["--sandbox", sandbox, "--cache", "auto"]);
+        // Its complaints go where vessel's do (the monitor's log).
+        if let Ok(err) = std::os::fd::AsFd::as_fd(&io::stderr()).try_clone_to_owned() {
+            cmd.fd(2, err);
+        }
         if share.readonly {
             cmd.arg("--readonly");
         }
-        let child = cmd.spawn().map_err(|e| {
+        let child = sandbox::launcher::spawn(cmd).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display()))
         })?;
         let mut d = Virtiofsd {
@@ -80,10 +83,8 @@ impl Virtiofsd {
         };
         let deadline = Instant::now() + START_TIMEOUT;
         while !socket.exists() {
-            if let Some(status) = d.child.try_wait()? {
-                return Err(io::Error::other(format!(
-                    "virtiofsd exited at start ({status})"
-                )));
+            if d.child.exited() {
+                return Err(io::Error::other("virtiofsd exited at start"));
             }
             if Instant::now() > deadline {
                 return Err(io::Error::new(
@@ -100,22 +101,20 @@ impl Virtiofsd {
         self.child.id()
     }
 
+    /// Ends the process now (its watchers see it gone).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
     /// A descriptor that becomes readable when the process ends (a pidfd).
     pub fn watch(&self) -> io::Result<std::os::fd::OwnedFd> {
-        // SAFETY: pidfd_open(2) of our own child, no flags; it returns a new descriptor.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.child.id(), 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the descriptor pidfd_open just returned, owned by nobody else.
-        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+        self.child.pidfd().try_clone_to_owned()
     }
 }
 
 impl Drop for Virtiofsd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
         let _ = std::fs::remove_file(&self.socket);
     }
 }

@@ -15,6 +15,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vhost::vhost_user::Frontend;
+
+/// How long virtiofsd has to answer one vhost-user request.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
@@ -83,7 +86,14 @@ impl VirtioFs {
             return Err(FsError::PrivateMemory);
         }
         let daemon = Virtiofsd::start(share, socket).map_err(FsError::Daemon)?;
-        let frontend = Frontend::connect(socket, QUEUES as u64)?;
+        // A virtiofsd that stops answering (a guest can make it spin) must not hang the
+        // vCPU that resets the device: every reply has a deadline.
+        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(FsError::Daemon)?;
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
+            .map_err(FsError::Daemon)?;
+        let frontend = Frontend::from_stream(stream, QUEUES as u64);
         frontend.set_owner()?;
         let backend_features = frontend.get_features()?;
         let calls = (0..QUEUES)
@@ -220,8 +230,14 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
         };
         // No queue events here: virtiofsd reads those.
         self.worker = Some(
-            Worker::spawn("virtio-fs", forwarder, Vec::new(), a.interrupt)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-fs",
+                sandbox::ThreadClass::Fs,
+                forwarder,
+                Vec::new(),
+                a.interrupt,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }
@@ -230,10 +246,16 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        // GET_VRING_BASE stops a ring.
+        // GET_VRING_BASE stops a ring. A virtiofsd that does not answer in time is
+        // ended: the share fails (EIO), the VM goes on.
         for i in std::mem::take(&mut self.started) {
             if let Err(e) = self.frontend.get_vring_base(i) {
-                tracing::warn!("virtio-fs {}: stopping queue {i}: {e}", self.tag);
+                tracing::warn!(
+                    "virtio-fs {}: stopping queue {i}: {e}; ending virtiofsd",
+                    self.tag
+                );
+                self.daemon.kill();
+                break;
             }
         }
     }
@@ -275,7 +297,13 @@ impl<M: GuestMemoryShared> Completions<M> {
             self.tag
         );
         let handler = failed::FailedQueues::new(t.mem, t.queues, self.interrupt.clone());
-        match Worker::spawn("virtio-fs-failed", handler, t.kicks, self.interrupt.clone()) {
+        match Worker::spawn(
+            "virtio-fs-failed",
+            sandbox::ThreadClass::Fs,
+            handler,
+            t.kicks,
+            self.interrupt.clone(),
+        ) {
             Ok(w) => self.failed = Some(w),
             Err(e) => tracing::error!("virtio-fs {}: {e}", self.tag),
         }

@@ -221,8 +221,14 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
             }
         }
         self.worker = Some(
-            Worker::spawn("virtio-net", handler, a.queue_events, a.interrupt)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-net",
+                sandbox::ThreadClass::Net,
+                handler,
+                a.queue_events,
+                a.interrupt,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }

@@ -87,9 +87,9 @@ impl StreamBackend {
         stream.set_nonblocking(true)?;
         let (tx, frames) = sync_channel::<Vec<u8>>(TX_QUEUE);
         let (link, notify) = (self.link.clone(), self.notify.clone());
-        std::thread::Builder::new()
-            .name("net-stream-tx".into())
-            .spawn(move || write_frames(writer, frames, &link, &notify))?;
+        sandbox::thread::spawn(sandbox::ThreadClass::Net, "net-stream-tx", move || {
+            write_frames(writer, frames, &link, &notify)
+        })?;
         let mut rx = lock(&self.rx);
         if let Some(old) = rx.stream.take() {
             let _ = self.epoll.ctl(

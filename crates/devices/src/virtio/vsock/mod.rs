@@ -100,8 +100,14 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioVsock {
             buf: Vec::new(),
         };
         self.worker = Some(
-            Worker::spawn("virtio-vsock", handler, a.queue_events, a.interrupt)
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "virtio-vsock",
+                sandbox::ThreadClass::Vsock,
+                handler,
+                a.queue_events,
+                a.interrupt,
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }

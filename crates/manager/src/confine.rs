@@ -17,7 +17,9 @@ pub fn confine(mode: sandbox::Mode, config: &vmm::VmConfig) -> Result<(), Manage
             .nets
             .iter()
             .any(|n| matches!(n.attach, Attachment::User { .. } | Attachment::Network(_)));
-    let programs: Vec<_> = if helpers && mode != sandbox::Mode::Off {
+    // A KVM VM's launcher also keeps the VM for its teardown after vessel exits.
+    let launcher = helpers || config.accel == vmm::Accel::Kvm;
+    let programs: Vec<_> = if launcher && mode != sandbox::Mode::Off {
         [Some(exe.clone())]
             .into_iter()
             .chain([

@@ -94,8 +94,10 @@ fn startup(backends: &[&str]) -> String {
         s += &format!("| {accel} | {on:.1} | {off:.1} | **{:.3}** |\n", on / off);
     }
     println!("{s}");
-    s + "\nWith seccomp on, a KVM VM's teardown also happens in the process (a confined \
-         process may not fork the child that otherwise closes the VM after vessel exits).\n\n"
+    s + "\nWith seccomp on, every thread compiles and installs its filters as it starts, \
+         and a KVM VM also starts a launcher (a confined process may not fork the child \
+         that otherwise closes the VM after vessel exits; the launcher keeps the VM and \
+         closes it when it dies with vessel).\n\n"
 }
 
 /// µs per `out` between the two boot-timer marks.

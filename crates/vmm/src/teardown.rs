@@ -1,4 +1,5 @@
-//! Leaving KVM's VM teardown to a child process. Destroying a VM with an in-kernel
+//! Leaving KVM's VM teardown to another process (a forked child, or a confined
+//! process's launcher). Destroying a VM with an in-kernel
 //! irqchip costs the kernel 8-24 ms (measured here); a process that exits when its VM
 //! ends need not wait for that. A forked child keeps only the VM descriptor, waits for
 //! vessel to exit, then closes it. Guest RAM is MADV_DONTFORK, so the fork copies no
@@ -10,8 +11,14 @@ use std::os::fd::RawFd;
 /// this process has exited. Call right before the process exits; on failure the
 /// teardown simply happens in this process.
 pub fn defer_vm_teardown(vm_fd: RawFd) {
-    // A confined process may not fork: it pays for the teardown itself.
+    // A confined process may not fork: its launcher keeps a copy of the descriptor
+    // instead, and drops it when it dies with this process.
     if sandbox::seccomp::mode() != sandbox::Mode::Off {
+        // SAFETY: `vm_fd` is the VM's open descriptor; the borrow ends before it closes.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd) };
+        if let Ok(copy) = fd.try_clone_to_owned() {
+            sandbox::launcher::hold(&copy);
+        }
         return;
     }
     let mut pipe = [0 as libc::c_int; 2];

@@ -197,6 +197,15 @@ pub fn stop() {
     }
 }
 
+/// Hands `fd` to this process's launcher, which keeps it until this process has ended
+/// (false: there is no launcher).
+pub fn hold(fd: &OwnedFd) -> bool {
+    LAUNCHER.get().is_some_and(|l| {
+        let socket = l.socket.lock().unwrap_or_else(|p| p.into_inner());
+        wire::hold(&socket, fd).is_ok()
+    })
+}
+
 /// Starts `cmd` through the launcher if this process has one, else itself.
 pub fn spawn(cmd: HelperCommand) -> io::Result<Helper> {
     match LAUNCHER.get() {

@@ -1,6 +1,6 @@
 //! The launcher's side: `vessel __launcher PROGRAM...` starts what the monitor asks,
-//! if it is one of the programs it was given, until the monitor's end of the socket
-//! closes.
+//! if it is one of the programs it was given, and keeps what descriptors it is handed,
+//! until the monitor stops it or dies (its parent-death signal).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -17,7 +17,14 @@ pub fn serve(programs: Vec<PathBuf>) -> io::Result<()> {
     // Helpers are reaped by the kernel: the monitor learns of their end by pidfd.
     // SAFETY: setting SIGCHLD's disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    // Descriptors handed over to keep (a KVM VM, whose teardown then happens when the
+    // launcher dies with the monitor, not in the monitor's exit).
+    let mut held = Vec::new();
     while let Some((message, fds)) = wire::receive(&socket)? {
+        if message == [wire::HOLD] {
+            held.extend(fds);
+            continue;
+        }
         match start(&programs, &message, fds) {
             Ok((pid, pidfd)) => wire::started(&socket, pid, &pidfd)?,
             Err(e) => wire::failed(&socket, &e)?,

@@ -1,5 +1,6 @@
 //! The launcher's messages, one datagram each way. A request: flags (u8: 1 = a new
-//! session), the descriptors' target numbers (u32 count, then i32 each; the descriptors
+//! session, 2 = only hold the descriptors until this process ends), the descriptors'
+//! target numbers (u32 count, then i32 each; the descriptors
 //! themselves ride as SCM_RIGHTS, in order), the program and its arguments (u32 count,
 //! then u32 length and bytes each). An answer: 0 and the pid (u32) with the pidfd as
 //! SCM_RIGHTS, or an errno (i32, not 0) and a message.
@@ -18,6 +19,9 @@ use super::HelperCommand;
 /// The most descriptors one request carries, and the largest message.
 pub const MAX_FDS: usize = 16;
 pub const MAX_MESSAGE: usize = 64 << 10;
+
+/// The flag of a request that only hands over descriptors to keep.
+pub const HOLD: u8 = 2;
 
 pub fn encode(cmd: &HelperCommand) -> Vec<u8> {
     let mut m = vec![u8::from(cmd.new_session)];
@@ -76,6 +80,14 @@ pub fn decode(m: &[u8], mut fds: Vec<OwnedFd>) -> Result<HelperCommand, String> 
         new_session,
         die_with_parent: true,
     })
+}
+
+/// Hands `fd` to the launcher to keep until this process has ended.
+pub fn hold(socket: &UnixDatagram, fd: &OwnedFd) -> io::Result<()> {
+    socket
+        .send_with_fds(&[&[HOLD][..]], &[fd.as_raw_fd()])
+        .map(|_| ())
+        .map_err(io::Error::from)
 }
 
 /// Sends `cmd` to the launcher and reads its answer.

@@ -173,8 +173,8 @@ pub fn enter(class: ThreadClass) -> Result<(), SeccompError> {
         Mode::Log => SeccompAction::Log,
     };
     report::set_thread(class);
-    for filter in filters(class, action)? {
-        seccompiler::apply_filter(&filter).map_err(|e| SeccompError::Install {
+    for filter in compiled(class, action)?.iter() {
+        seccompiler::apply_filter(filter).map_err(|e| SeccompError::Install {
             class: class.name(),
             reason: e.to_string(),
         })?;
@@ -185,6 +185,24 @@ pub fn enter(class: ThreadClass) -> Result<(), SeccompError> {
         unsafe { libc::syscall(libc::SYS_syslog, 10, 0, 0) };
     }
     Ok(())
+}
+
+/// `class`'s filters, compiled once per process (every vCPU and worker of a class
+/// installs the same ones).
+fn compiled(
+    class: ThreadClass,
+    action: SeccompAction,
+) -> Result<std::sync::Arc<Vec<BpfProgram>>, SeccompError> {
+    type Cache = std::sync::Mutex<BTreeMap<ThreadClass, std::sync::Arc<Vec<BpfProgram>>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = cache.get(&class) {
+        return Ok(f.clone());
+    }
+    let f = std::sync::Arc::new(filters(class, action)?);
+    cache.insert(class, f.clone());
+    Ok(f)
 }
 
 /// The filters of `class`: its allow-list (anything else gets `mismatch`), clone3

@@ -9,19 +9,130 @@
 //! 0x2000, buffers and indirect tables wherever the descriptors say.
 //!
 //! Also: a DHCP frame from a guest, the packets a guest sends its vsock device
-//! (`vsock.rs`), what a guest agent sends the host (`agent.rs`), and what whoever hands
-//! vessel a file controls: a snapshot's state file, a qcow2 disk image (`qcow2.rs`) and
-//! a VM's vm.toml (`vm_toml.rs`).
+//! (`vsock.rs`), what a guest agent sends the host (`agent.rs`), the virtio network,
+//! entropy, console and balloon queues (`virtio_*.rs` on `driver.rs`), the PCI
+//! transport (`virtio_pci.rs`), the legacy ports (`legacy.rs`), the interrupt
+//! controllers (`irqchip.rs`), what a control API client sends (`control_api.rs`), and
+//! what whoever hands vessel a file controls: a snapshot's state file, a qcow2 disk
+//! image (`qcow2.rs`), a VM's vm.toml (`vm_toml.rs`), the host's host.toml
+//! (`host_toml.rs`) and a kernel and initrd (`kernel.rs`). [`TARGETS`] lists them all;
+//! docs/fuzzing.md says how to run them.
 
 mod agent;
+pub mod control_api;
+pub mod driver;
+pub mod host_toml;
+pub mod irqchip;
+pub mod kernel;
+pub mod legacy;
+pub mod mutate;
+pub mod ops;
 mod qcow2;
 mod sandbox;
+pub mod trace;
+pub mod virtio_balloon;
+pub mod virtio_console;
+pub mod virtio_net;
+pub mod virtio_pci;
+pub mod virtio_rng;
 mod vm_toml;
 pub mod vsock;
 pub use agent::{agent_protocol, agent_protocol_outcome, agent_seeds};
+pub use control_api::control_api;
+pub use host_toml::host_toml;
+pub use irqchip::irqchip;
+pub use kernel::kernel_loader;
+pub use legacy::legacy_ports;
 pub use qcow2::{qcow2_image, qcow2_opens};
+pub use virtio_balloon::virtio_balloon;
+pub use virtio_console::virtio_console;
+pub use virtio_net::virtio_net;
+pub use virtio_pci::virtio_pci;
+pub use virtio_rng::virtio_rng;
 pub use vm_toml::vm_toml;
 pub use vsock::{vsock_packets, vsock_packets_stats, vsock_seeds};
+
+/// A fuzz target: its name (the cargo-fuzz binary and corpus directory) and harness.
+pub struct Target {
+    pub name: &'static str,
+    pub run: fn(&[u8]),
+}
+
+/// Every target, as the stable smoke runner and the consistency test see them.
+pub const TARGETS: [Target; 18] = [
+    Target {
+        name: "queue",
+        run: queue,
+    },
+    Target {
+        name: "block_request",
+        run: block_request,
+    },
+    Target {
+        name: "dhcp",
+        run: dhcp,
+    },
+    Target {
+        name: "qcow2_image",
+        run: qcow2_image,
+    },
+    Target {
+        name: "state_file",
+        run: state_file,
+    },
+    Target {
+        name: "vm_toml",
+        run: vm_toml,
+    },
+    Target {
+        name: "vsock_packets",
+        run: vsock_packets,
+    },
+    Target {
+        name: "agent_protocol",
+        run: agent_protocol,
+    },
+    Target {
+        name: "virtio_net",
+        run: virtio_net,
+    },
+    Target {
+        name: "virtio_rng",
+        run: virtio_rng,
+    },
+    Target {
+        name: "virtio_console",
+        run: virtio_console,
+    },
+    Target {
+        name: "virtio_balloon",
+        run: virtio_balloon,
+    },
+    Target {
+        name: "virtio_pci",
+        run: virtio_pci,
+    },
+    Target {
+        name: "legacy_ports",
+        run: legacy_ports,
+    },
+    Target {
+        name: "irqchip",
+        run: irqchip,
+    },
+    Target {
+        name: "kernel_loader",
+        run: kernel_loader,
+    },
+    Target {
+        name: "host_toml",
+        run: host_toml,
+    },
+    Target {
+        name: "control_api",
+        run: control_api,
+    },
+];
 
 use devices::virtio::block::request::{self, Request, RequestKind};
 use devices::virtio::chain::{Chain, Cursor, UsedRing, pop, pop_all};

@@ -9,5 +9,5 @@ pub mod model;
 mod server;
 
 pub use client::{Client, ClientError};
-pub use http::{Method, Request, Response};
+pub use http::{MAX_BODY, Method, ReadError, Request, Response, read_request};
 pub use server::{Handler, InFlight, serve};

@@ -165,6 +165,30 @@ fn detection_rejects_what_is_not_a_kernel() {
     }
 }
 
+/// linux-loader checks only an ELF's entry point: vessel refuses a segment below
+/// 1 MiB (over the command line and start_info) and one shorter in memory than in the
+/// file (the initrd goes above the in-memory end, over the rest).
+#[test]
+fn elf_segments_that_collide_are_refused() {
+    let mem = memory(64 * MIB);
+    let load = |bytes: &[u8]| {
+        let (_t, p) = testguest::temp_path(bytes);
+        boot::load(&mem, &spec(&p, None)).map(|_| ())
+    };
+    let load_segment = 64; // the first program header: PT_LOAD
+    let mut low = testguest::pvh_elf(&[0xf4]);
+    let paddr = load_segment + 24;
+    low[paddr..paddr + 8].copy_from_slice(&layout::CMDLINE_START.to_le_bytes());
+    let err = load(&low).unwrap_err();
+    assert!(matches!(err, BootError::KernelLoad { .. }), "{err}");
+    assert!(err.to_string().contains("below 0x100000"), "{err}");
+    let mut short = testguest::pvh_elf(&[0xf4, 0xf4]);
+    let memsz = load_segment + 40;
+    short[memsz..memsz + 8].copy_from_slice(&1u64.to_le_bytes());
+    let err = load(&short).unwrap_err();
+    assert!(err.to_string().contains("in memory"), "{err}");
+}
+
 #[test]
 fn initrd_that_does_not_fit_is_refused() {
     let (_k, kernel) = testguest::temp_path(&testguest::bzimage(&[0xf4]));

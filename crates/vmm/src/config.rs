@@ -233,7 +233,8 @@ pub fn vmgenid_hex(id: &[u8; 16]) -> String {
 
 pub fn parse_vmgenid(s: &str) -> Result<[u8; 16], String> {
     let bad = || format!("vmgenid {s:?} is not 32 hex digits");
-    if s.len() != 32 {
+    // Byte slicing below needs ASCII, and from_str_radix would take a sign.
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut id = [0u8; 16];

@@ -2,6 +2,7 @@
 //! 32-bit protected mode, paging off, with hvm_start_info in EBX.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -17,6 +18,7 @@ use crate::entry::*;
 use crate::layout;
 
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const PT_LOAD: u32 = 1;
 
 pub(super) fn load<M: GuestMemoryBackend>(
     mem: &M,
@@ -26,6 +28,10 @@ pub(super) fn load<M: GuestMemoryBackend>(
     let mut file = File::open(spec.kernel).map_err(|source| BootError::ReadKernel {
         path: spec.kernel.into(),
         source,
+    })?;
+    check_segments(&mut file).map_err(|reason| BootError::KernelLoad {
+        path: spec.kernel.into(),
+        reason,
     })?;
     let loaded = Elf::load(
         mem,
@@ -95,6 +101,57 @@ pub(super) fn load<M: GuestMemoryBackend>(
         entry: protected_mode_entry(entry.0),
         initrd,
     })
+}
+
+/// What linux-loader does not check (only the entry point): every segment it loads
+/// lies at or above 1 MiB, clear of the boot structures below, and is no larger in the
+/// file than in memory (the initrd goes above the in-memory end). The program headers
+/// are read as linux-loader reads them, 56 bytes apart; an unreadable one is left to
+/// it to report.
+fn check_segments(file: &mut File) -> Result<(), String> {
+    let mut read_at = |at: u64, buf: &mut [u8]| {
+        file.seek(SeekFrom::Start(at))
+            .and_then(|_| file.read_exact(buf))
+            .is_ok()
+    };
+    let mut ehdr = [0u8; 64];
+    if !read_at(0, &mut ehdr) {
+        return Ok(());
+    }
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
+    let (phoff, phnum) = (
+        u64_at(&ehdr, 0x20),
+        u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]),
+    );
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; 56];
+        let Some(at) = phoff.checked_add(56 * i) else {
+            return Ok(());
+        };
+        if !read_at(at, &mut ph) {
+            return Ok(());
+        }
+        let (kind, paddr) = (
+            u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]),
+            u64_at(&ph, 24),
+        );
+        let (filesz, memsz) = (u64_at(&ph, 32), u64_at(&ph, 40));
+        if kind != PT_LOAD || filesz == 0 {
+            continue;
+        }
+        if paddr < layout::HIMEM_START {
+            return Err(format!(
+                "a segment loads at {paddr:#x}, below {:#x}, over the boot structures",
+                layout::HIMEM_START
+            ));
+        }
+        if memsz < filesz {
+            return Err(format!(
+                "the segment at {paddr:#x} has {filesz:#x} bytes in the file but {memsz:#x} in memory"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// 32-bit flat protected mode, paging off, start_info in EBX (the PVH contract).

@@ -8,7 +8,7 @@
 //! Modes 0-5 count; IRQ0 follows modes 0, 2, 3 and 4 (1 and 5 need a gate edge, which
 //! channel 0 never sees). BCD counting is not supported (binary is used, and logged).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
@@ -491,16 +491,21 @@ impl BusDevice for PitPort61 {
 }
 
 /// The PIT as a platform timer the vCPU loops poll (`IrqChip::set_platform_timers`):
-/// its deadline is read without the PIT's lock.
+/// its deadline is read without the PIT's lock. It does not keep the PIT alive (its
+/// port windows do): the chip holds its timers and the PIT's IRQ0 line holds the chip,
+/// so a strong reference here would be a cycle, and every VM would leak both.
 pub struct PitTimer {
-    pit: Arc<Mutex<Pit>>,
+    pit: Weak<Mutex<Pit>>,
     deadline: Arc<Deadline>,
 }
 
 impl PitTimer {
     pub fn new(pit: Arc<Mutex<Pit>>) -> Arc<Self> {
         let deadline = lock(&pit).deadline.clone();
-        Arc::new(PitTimer { pit, deadline })
+        Arc::new(PitTimer {
+            pit: Arc::downgrade(&pit),
+            deadline,
+        })
     }
 }
 
@@ -510,7 +515,9 @@ impl PlatformTimer for PitTimer {
     }
 
     fn poll(&self, now_ns: u64) {
-        lock(&self.pit).poll(now_ns);
+        if let Some(pit) = self.pit.upgrade() {
+            lock(&pit).poll(now_ns);
+        }
     }
 }
 
@@ -717,5 +724,22 @@ mod tests {
         port61.write(0, &[1]);
         port61.read(0, &mut d);
         assert_eq!(d[0] & 1, 1);
+    }
+
+    /// Wired as the software CPU's builder wires them (IRQ0 holds the chip, the chip
+    /// its timers), chip and PIT go when their owners do; the fuzzer's leak check
+    /// found them kept alive by each other.
+    #[test]
+    fn chip_and_pit_are_freed_with_their_owners() {
+        use crate::irqchip::IrqChip;
+        let clock = GuestClock::manual();
+        let chip = IrqChip::new(2, clock.clone());
+        let pit = Arc::new(Mutex::new(Pit::new(chip.isa_irq_line(0), clock)));
+        chip.set_platform_timers(vec![PitTimer::new(pit.clone())])
+            .unwrap();
+        let (c, p) = (Arc::downgrade(&chip), Arc::downgrade(&pit));
+        drop((chip, pit));
+        assert!(c.upgrade().is_none(), "the chip outlived its owners");
+        assert!(p.upgrade().is_none(), "the PIT outlived its owners");
     }
 }

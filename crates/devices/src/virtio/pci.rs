@@ -307,9 +307,11 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         }
     }
 
-    /// Starts the worker again after `quiesce`.
+    /// Starts the worker again after `quiesce`, unless the device needs a reset (it
+    /// stopped, or never started): only the driver's reset brings it back.
     pub fn resume(&mut self) {
-        if self.interrupt.device_status() & status::DRIVER_OK != 0 {
+        let s = self.interrupt.device_status();
+        if s & status::DRIVER_OK != 0 && s & status::DEVICE_NEEDS_RESET == 0 {
             self.activate();
         }
     }
@@ -596,6 +598,19 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
 
 impl<M: GuestMemoryShared> VirtioPciDevice<M> {
     fn activate(&mut self) {
+        // Whoever asks (DRIVER_OK, a resume, a restore), a device starts only on
+        // features it accepted: FEATURES_OK set, nothing it did not offer, VERSION_1.
+        let negotiated = self.driver_features;
+        if self.interrupt.device_status() & status::FEATURES_OK == 0
+            || negotiated & !self.device_features != 0
+            || negotiated & features::VERSION_1 == 0
+        {
+            self.interrupt.set_needs_reset(&format!(
+                "not started on features {negotiated:#x} it did not accept (offered {:#x})",
+                self.device_features
+            ));
+            return;
+        }
         let name = self.device_type.name();
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());

@@ -1,0 +1,184 @@
+//! Kernel loading as `vessel run --kernel K --initrd I` does it: format detection,
+//! the bzImage boot protocol (setup header, 64-bit entry, zero page, e820) and the ELF
+//! PVH loader (program headers, the PVH note, start_info), the command line and the
+//! initrd placed below the top of low RAM. The kernel and initrd are memfds reached
+//! through /proc/self/fd, so nothing is written to the file system.
+//!
+//! Checked on every load that succeeds: the format is the one the file's magic says;
+//! everything landed intact (the command line and its NUL, the initrd where the loader
+//! says, page-aligned, inside low RAM and above the kernel, the bzImage's
+//! protected-mode code at 1 MiB, every ELF segment at its physical address), so no
+//! boot structure overwrote another; the entry state is the protocol's.
+//!
+//! Input: flags (bit 0 an initrd, bits 1-2 guest RAM of 2, 8, 32 or 64 MiB), command
+//! line length (u8) and bytes, initrd length (u16) and bytes, then the kernel.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+
+use arch::boot::{self, BootSpec, KernelFormat};
+use arch::layout;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::ops::Ops;
+
+const MIB: u64 = 1 << 20;
+
+/// A file in memory, and the path that opens it.
+struct MemFile {
+    file: File,
+    path: PathBuf,
+}
+
+fn memfd(bytes: &[u8]) -> MemFile {
+    // SAFETY: a NUL-terminated name and valid flags; the descriptor is owned below.
+    let fd = unsafe { libc::memfd_create(c"vessel-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(bytes).expect("writing a memfd");
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    MemFile { file, path }
+}
+
+fn memory(size: u64) -> GuestMemoryMmap {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .iter()
+        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).expect("guest memory")
+}
+
+fn holds(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> bool {
+    let mut back = vec![0u8; bytes.len()];
+    mem.read_slice(&mut back, GuestAddress(addr)).is_ok() && back == bytes
+}
+
+fn le(b: &[u8], at: usize, n: usize) -> Option<u64> {
+    let mut v = [0u8; 8];
+    v[..n].copy_from_slice(b.get(at..at + n)?);
+    Some(u64::from_le_bytes(v))
+}
+
+/// The PT_LOAD segments with file content: (file offset, physical address, size).
+fn elf_segments(k: &[u8]) -> Vec<(usize, u64, usize)> {
+    let (Some(phoff), Some(phnum)) = (le(k, 0x20, 8), le(k, 0x38, 2)) else {
+        return Vec::new();
+    };
+    (0..phnum as usize)
+        .filter_map(|i| {
+            let at = (phoff as usize).checked_add(56 * i)?;
+            let kind = le(k, at, 4)?;
+            let (offset, paddr, filesz) =
+                (le(k, at + 8, 8)?, le(k, at + 24, 8)?, le(k, at + 32, 8)?);
+            (kind == 1 && filesz > 0).then_some((offset as usize, paddr, filesz as usize))
+        })
+        .collect()
+}
+
+pub fn kernel_loader(data: &[u8]) {
+    kernel_loads(data);
+}
+
+/// Runs an input; whether the kernel loaded (for the corpus test).
+pub fn kernel_loads(data: &[u8]) -> bool {
+    let mut ops = Ops::new(data);
+    let flags = ops.u8();
+    let ram = [2, 8, 32, 64][usize::from(flags >> 1 & 3)] * MIB;
+    let n = usize::from(ops.u8());
+    let cmdline = String::from_utf8_lossy(ops.bytes(n)).into_owned();
+    let m = usize::from(ops.u16());
+    let initrd_bytes = ops.bytes(m).to_vec();
+    let kernel_bytes = ops.bytes(usize::MAX);
+    let kernel = memfd(kernel_bytes);
+    let initrd = (flags & 1 != 0).then(|| memfd(&initrd_bytes));
+    let mem = memory(ram);
+    let spec = BootSpec {
+        kernel: &kernel.path,
+        initrd: initrd.as_ref().map(|i| i.path.as_path()),
+        cmdline: &cmdline,
+        ram_size: ram,
+        rsdp: Some(layout::ACPI_START),
+    };
+    let Ok(loaded) = boot::load(&mem, &spec) else {
+        return false;
+    };
+    let elf = kernel_bytes.starts_with(b"\x7fELF");
+    let expected = if elf {
+        KernelFormat::PvhElf
+    } else {
+        KernelFormat::BzImage
+    };
+    assert_eq!(loaded.format, expected, "the format the magic says");
+    let mut line = cmdline.into_bytes();
+    line.push(0);
+    assert!(
+        holds(&mem, layout::CMDLINE_START, &line),
+        "the command line was overwritten"
+    );
+    let low_end = layout::ram_ranges(ram)[0].end();
+    let mut kernel_end = layout::HIMEM_START;
+    match loaded.format {
+        KernelFormat::BzImage => {
+            let setup_sects = match kernel_bytes.get(0x1f1) {
+                Some(0) | None => 4,
+                Some(&s) => usize::from(s),
+            };
+            let code = kernel_bytes
+                .get((setup_sects + 1) * 512..)
+                .unwrap_or_default();
+            assert!(
+                holds(&mem, layout::HIMEM_START, code),
+                "the kernel was overwritten"
+            );
+            let init_size = le(kernel_bytes, 0x260, 4).unwrap_or(0);
+            kernel_end =
+                (layout::HIMEM_START + init_size).max(layout::HIMEM_START + code.len() as u64);
+            assert_eq!(loaded.entry.rip, layout::HIMEM_START + 0x200);
+            assert_eq!(loaded.entry.rsi, layout::ZERO_PAGE_START);
+        }
+        KernelFormat::PvhElf => {
+            for (offset, paddr, size) in elf_segments(kernel_bytes) {
+                let Some(content) = kernel_bytes.get(offset..offset.saturating_add(size)) else {
+                    continue;
+                };
+                assert!(
+                    holds(&mem, paddr, content),
+                    "the segment at {paddr:#x}+{size:#x} was overwritten"
+                );
+                kernel_end = kernel_end.max(paddr + size as u64);
+            }
+            assert_eq!(loaded.entry.rbx, layout::PVH_INFO_START);
+        }
+    }
+    match (loaded.initrd, initrd) {
+        (None, None) => {}
+        (Some((addr, size)), Some(_)) => {
+            assert_eq!(size, initrd_bytes.len() as u64);
+            assert_eq!(addr % 4096, 0, "initrd not page-aligned");
+            assert!(
+                addr >= kernel_end && addr + size <= low_end,
+                "initrd at {addr:#x}"
+            );
+            assert!(
+                holds(&mem, addr, &initrd_bytes),
+                "the initrd was overwritten"
+            );
+        }
+        (placed, given) => panic!("initrd {placed:?} for {:?}", given.map(|g| g.path)),
+    }
+    drop(kernel.file);
+    true
+}
+
+/// An input for [`kernel_loader`].
+pub fn kernel_input(flags: u8, cmdline: &str, initrd: &[u8], kernel: &[u8]) -> Vec<u8> {
+    let mut v = vec![flags, cmdline.len() as u8];
+    v.extend_from_slice(cmdline.as_bytes());
+    v.extend_from_slice(&(initrd.len() as u16).to_le_bytes());
+    v.extend_from_slice(initrd);
+    v.extend_from_slice(kernel);
+    v
+}

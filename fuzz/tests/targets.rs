@@ -1,0 +1,309 @@
+//! The device, loader, host and control API harnesses on a stable compiler: every file
+//! of their corpora, then seeded mutations of them. Also: the generated seeds are the
+//! ones checked in (`VESSEL_FUZZ_WRITE_SEEDS=1` writes them; `VESSEL_FUZZ_TRACE=FILE`
+//! adds seeds from a recorded boot, see docs/fuzzing.md), the seeds reach what they
+//! are for, and every target has its binary, wrapper, corpus and row in the docs.
+
+use std::path::{Path, PathBuf};
+
+use vessel_fuzz::mutate::{Rng, mutate};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = root().join("corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+/// Named inputs.
+type Seeds = Vec<(String, Vec<u8>)>;
+
+/// Seeds the harnesses make, by target.
+fn generated() -> Vec<(&'static str, Seeds)> {
+    let own = |v: Vec<(&str, Vec<u8>)>| {
+        v.into_iter()
+            .map(|(n, b)| (n.to_string(), b))
+            .collect::<Vec<_>>()
+    };
+    let discover = std::fs::read(root().join("corpus/dhcp/discover")).unwrap();
+    let code64 = [0xf4u8, 0xeb, 0xfd]; // hlt; jmp $-1
+    let bzimage = testguest::bzimage(&code64);
+    let pvh = testguest::pvh_elf(&[0xf4]);
+    let initrd: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+    let kernel = vessel_fuzz::kernel::kernel_input;
+    vec![
+        (
+            "virtio_rng",
+            own(vessel_fuzz::virtio_rng::virtio_rng_seeds()),
+        ),
+        (
+            "virtio_console",
+            own(vessel_fuzz::virtio_console::virtio_console_seeds()),
+        ),
+        (
+            "virtio_balloon",
+            own(vessel_fuzz::virtio_balloon::virtio_balloon_seeds()),
+        ),
+        (
+            "virtio_net",
+            own(vessel_fuzz::virtio_net::virtio_net_seeds(&discover)),
+        ),
+        ("virtio_pci", vessel_fuzz::virtio_pci::virtio_pci_seeds()),
+        ("control_api", vessel_fuzz::control_api::control_api_seeds()),
+        ("host_toml", own(vessel_fuzz::host_toml::host_toml_seeds())),
+        (
+            "kernel_loader",
+            own(vec![
+                (
+                    "testguest-bzimage",
+                    kernel(4, "console=ttyS0 reboot=k panic=1", &[], &bzimage),
+                ),
+                (
+                    "testguest-bzimage-initrd",
+                    kernel(5, "console=ttyS0", &initrd, &bzimage),
+                ),
+                ("testguest-pvh", kernel(4, "console=ttyS0", &[], &pvh)),
+                ("testguest-pvh-initrd", kernel(3, "", &initrd, &pvh)),
+            ]),
+        ),
+    ]
+}
+
+/// `VESSEL_FUZZ_WRITE_SEEDS=1` writes the generated seeds; with `VESSEL_FUZZ_TRACE`
+/// naming recorded traces (colon-separated), their seeds too.
+#[test]
+fn write_seeds_when_asked() {
+    if std::env::var("VESSEL_FUZZ_WRITE_SEEDS").as_deref() != Ok("1") {
+        return;
+    }
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        let dir = root().join("corpus").join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    };
+    for (target, seeds) in generated() {
+        for (name, bytes) in seeds {
+            write(target, &name, &bytes);
+        }
+    }
+    let Ok(traces) = std::env::var("VESSEL_FUZZ_TRACE") else {
+        return;
+    };
+    for (t, path) in traces.split(':').enumerate() {
+        let text = std::fs::read_to_string(path).unwrap();
+        let accesses = vessel_fuzz::trace::parse(&text);
+        for (target, seeds) in [
+            ("legacy_ports", vessel_fuzz::trace::legacy_seeds(&accesses)),
+            ("virtio_pci", vessel_fuzz::trace::pci_seeds(&accesses)),
+            ("irqchip", vessel_fuzz::trace::irqchip_seeds(&accesses)),
+        ] {
+            for (i, bytes) in seeds.iter().enumerate() {
+                write(target, &format!("boot-{t}-{i}"), bytes);
+            }
+        }
+    }
+}
+
+#[test]
+fn generated_seeds_are_checked_in() {
+    for (target, seeds) in generated() {
+        let files = corpus(target);
+        for (name, bytes) in seeds {
+            let file = files.iter().find(|(n, _)| *n == name).unwrap_or_else(|| {
+                panic!("{target}/{name} missing (VESSEL_FUZZ_WRITE_SEEDS=1 cargo test writes it)")
+            });
+            assert!(
+                file.1 == bytes,
+                "{target}/{name} is not the seed the harness makes"
+            );
+        }
+    }
+}
+
+/// The bus-access targets have seeds from a real boot.
+#[test]
+fn recorded_boot_seeds_are_checked_in() {
+    for target in ["legacy_ports", "virtio_pci", "irqchip"] {
+        let boot = corpus(target)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("boot-"))
+            .count();
+        assert!(boot > 0, "{target}: no seeds from a recorded boot");
+    }
+}
+
+#[test]
+fn seeds_reach_what_they_are_for() {
+    for (name, bytes) in vessel_fuzz::virtio_pci::virtio_pci_seeds() {
+        let n = vessel_fuzz::virtio_pci::virtio_pci_activations(&bytes);
+        let expected = match name.as_str() {
+            // Refused features: never started, not even by the snapshot.
+            "regression-refused-features-resumed" => 0,
+            // Started at DRIVER_OK; the features changed since then stop it.
+            "regression-features-changed-while-running" => 1,
+            // At DRIVER_OK, when the snapshot at the end resumes it, in its copy.
+            _ => 3,
+        };
+        assert_eq!(n, expected, "{name}: activations");
+    }
+    for (name, bytes) in corpus("kernel_loader") {
+        if name.starts_with("testguest") {
+            assert!(vessel_fuzz::kernel::kernel_loads(&bytes), "{name} loads");
+        }
+    }
+    // The control API seeds are requests answered without a refusal.
+    for (name, bytes) in vessel_fuzz::control_api::control_api_seeds() {
+        let statuses = vessel_fuzz::control_api::control_api_statuses(&bytes);
+        assert!(!statuses.is_empty(), "{name}: no request read");
+        assert!(
+            statuses.iter().all(|s| (200..300).contains(s)),
+            "{name}: {statuses:?}"
+        );
+    }
+}
+
+/// Each target over its corpus, then `count` mutations of it.
+fn run(target: &str, seed: u64, count: usize) {
+    let harness = vessel_fuzz::TARGETS
+        .iter()
+        .find(|t| t.name == target)
+        .unwrap()
+        .run;
+    let inputs: Vec<Vec<u8>> = corpus(target).into_iter().map(|(_, b)| b).collect();
+    assert!(!inputs.is_empty(), "{target}: empty corpus");
+    for input in &inputs {
+        harness(input);
+    }
+    let mut r = Rng(seed);
+    for i in 0..count {
+        let input = mutate(&mut r, &inputs, i);
+        let run = std::panic::catch_unwind(|| harness(&input));
+        if let Err(panic) = run {
+            let dir = root().join("artifacts").join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = dir.join(format!("test-crash-{:08x}", crc32fast::hash(&input)));
+            std::fs::write(&file, &input).unwrap();
+            eprintln!("{target}: mutation {i} saved as {}", file.display());
+            std::panic::resume_unwind(panic);
+        }
+    }
+    eprintln!("{target}: {} inputs", inputs.len() + count);
+}
+
+/// `VESSEL_FUZZ_REPLAY=TARGET:FILE` runs one input (a crash from a fuzzer or a smoke
+/// run) through its harness on a stable compiler.
+#[test]
+fn replay_when_asked() {
+    let Ok(replay) = std::env::var("VESSEL_FUZZ_REPLAY") else {
+        return;
+    };
+    let (target, file) = replay.split_once(':').expect("TARGET:FILE");
+    let harness = vessel_fuzz::TARGETS
+        .iter()
+        .find(|t| t.name == target)
+        .unwrap_or_else(|| panic!("no target {target}"))
+        .run;
+    harness(&std::fs::read(file).unwrap());
+}
+
+#[test]
+fn virtio_net_corpus_and_mutations() {
+    run("virtio_net", 0x4e37_0001, 3000);
+}
+
+#[test]
+fn virtio_rng_corpus_and_mutations() {
+    run("virtio_rng", 0x7279_0001, 3000);
+}
+
+#[test]
+fn virtio_console_corpus_and_mutations() {
+    run("virtio_console", 0xc0de_0001, 3000);
+}
+
+#[test]
+fn virtio_balloon_corpus_and_mutations() {
+    run("virtio_balloon", 0xba11_0001, 3000);
+}
+
+#[test]
+fn virtio_pci_corpus_and_mutations() {
+    run("virtio_pci", 0x9c10_0001, 3000);
+}
+
+#[test]
+fn legacy_ports_corpus_and_mutations() {
+    run("legacy_ports", 0x1e9a_0001, 3000);
+}
+
+#[test]
+fn irqchip_corpus_and_mutations() {
+    run("irqchip", 0x1a91_0001, 3000);
+}
+
+#[test]
+fn kernel_loader_corpus_and_mutations() {
+    run("kernel_loader", 0xb007_0001, 2000);
+}
+
+#[test]
+fn host_toml_corpus_and_mutations() {
+    run("host_toml", 0x4057_0001, 3000);
+}
+
+#[test]
+fn control_api_corpus_and_mutations() {
+    run("control_api", 0xa91c_0001, 3000);
+}
+
+/// Every target is a cargo-fuzz binary with its wrapper, a corpus, a stable test and a
+/// row in docs/fuzzing.md; nothing is listed that is not a target.
+#[test]
+fn every_target_is_wired_up() {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let bins: Vec<&str> = manifest
+        .split("[[bin]]")
+        .skip(1)
+        .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("name = ")))
+        .map(|n| n.trim_matches('"'))
+        .collect();
+    let names: Vec<&str> = vessel_fuzz::TARGETS.iter().map(|t| t.name).collect();
+    let (mut sorted_bins, mut sorted_names) = (bins.clone(), names.clone());
+    sorted_bins.sort_unstable();
+    sorted_names.sort_unstable();
+    assert_eq!(sorted_bins, sorted_names, "[[bin]]s and TARGETS");
+    let docs = std::fs::read_to_string(root().join("../docs/fuzzing.md")).unwrap();
+    let tests = std::fs::read_to_string(root().join("tests/corpus.rs")).unwrap()
+        + &std::fs::read_to_string(root().join("tests/targets.rs")).unwrap();
+    for name in names {
+        let wrapper = std::fs::read_to_string(root().join(format!("fuzz_targets/{name}.rs")))
+            .unwrap_or_else(|e| panic!("fuzz_targets/{name}.rs: {e}"));
+        assert!(
+            wrapper.contains(&format!("vessel_fuzz::{name}(data)")),
+            "{name}'s wrapper"
+        );
+        assert!(!corpus(name).is_empty(), "{name}: empty corpus");
+        assert!(
+            docs.contains(&format!("| `{name}` |")),
+            "{name}: no row in docs/fuzzing.md"
+        );
+        assert!(
+            tests.contains(&format!("fn {name}_corpus_and")),
+            "{name}: no stable test"
+        );
+    }
+}

@@ -43,3 +43,12 @@ pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
     let i = ((samples.len() - 1) as f64 * p / 100.0).round() as usize;
     samples[i]
 }
+
+/// Milliseconds logged by vessel's boot timer (`boot-timer: X ms`), in order.
+pub fn boot_marks(stderr: &str) -> Vec<f64> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split("boot-timer: ").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect()
+}

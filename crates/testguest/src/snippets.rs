@@ -325,3 +325,19 @@ pub fn virtio_rng_driver(a: &mut CodeAssembler, data: u64, idt: u64, vector: u8)
     a.call(hex).unwrap();
     print(a, "\n");
 }
+
+/// Marks the boot timer, makes `outs` port-I/O exits to an unassigned port (0x80),
+/// marks it again and resets: the two marks time the exits.
+pub fn timed_out_loop(a: &mut CodeAssembler, outs: u32) {
+    let mut lp = a.create_label();
+    a.mov(dx, 0x440u32).unwrap();
+    a.out(dx, al).unwrap();
+    a.mov(ecx, outs).unwrap();
+    a.set_label(&mut lp).unwrap();
+    a.out(0x80u32, al).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(lp).unwrap();
+    a.mov(dx, 0x440u32).unwrap();
+    a.out(dx, al).unwrap();
+    i8042_reset(a);
+}

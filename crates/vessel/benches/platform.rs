@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testguest::code_asm::*;
-use testguest::report::{median, percentile, update_section};
-use testguest::snippets::{halt_forever, i8042_reset, print};
+use testguest::report::{boot_marks, median, percentile, update_section};
+use testguest::snippets::{halt_forever, i8042_reset, print, timed_out_loop};
 
 const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 const OUTS: u32 = 100_000;
@@ -38,15 +38,6 @@ fn main() {
             .unwrap_or(0)
     );
     update_section("foundation", &body).expect("write BENCHMARKS.md");
-}
-
-/// Milliseconds logged by vessel's boot timer, in order.
-fn boot_marks(stderr: &str) -> Vec<f64> {
-    stderr
-        .lines()
-        .filter_map(|l| l.split("boot-timer: ").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect()
 }
 
 fn startup() -> String {
@@ -109,22 +100,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The guest loop: mark, OUTS x `out 0x80, al`, mark, reset.
-fn out_loop(a: &mut CodeAssembler) {
-    let mut lp = a.create_label();
-    a.mov(dx, 0x440u32).unwrap();
-    a.out(dx, al).unwrap();
-    a.mov(ecx, OUTS).unwrap();
-    a.set_label(&mut lp).unwrap();
-    a.out(0x80u32, al).unwrap();
-    a.dec(ecx).unwrap();
-    a.jnz(lp).unwrap();
-    a.mov(dx, 0x440u32).unwrap();
-    a.out(dx, al).unwrap();
-    i8042_reset(a);
-}
-
 fn port_io() -> String {
-    let (_k, kernel) = testguest::bzimage_file(out_loop);
+    let (_k, kernel) = testguest::bzimage_file(|a| timed_out_loop(a, OUTS));
     let mut vessel_us = Vec::new();
     let mut bare_us = Vec::new();
     for _ in 0..5 {

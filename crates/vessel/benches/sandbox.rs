@@ -10,9 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use sandbox::ThreadClass;
-use testguest::code_asm::*;
-use testguest::report::{median, update_section};
-use testguest::snippets::{i8042_reset, print};
+use testguest::report::{boot_marks, median, update_section};
+use testguest::snippets::{i8042_reset, print, timed_out_loop};
 
 const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 const RUNS: usize = 11;
@@ -102,28 +101,12 @@ fn startup(backends: &[&str]) -> String {
 
 /// µs per `out` between the two boot-timer marks.
 fn per_exit(stderr: &str) -> f64 {
-    let marks: Vec<f64> = stderr
-        .lines()
-        .filter_map(|l| l.split("boot-timer: ").nth(1))
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect();
+    let marks = boot_marks(stderr);
     (marks[1] - marks[0]) * 1000.0 / f64::from(OUTS)
 }
 
 fn exits(backends: &[&str]) -> String {
-    let (_k, kernel) = testguest::bzimage_file(|a| {
-        let mut lp = a.create_label();
-        a.mov(dx, 0x440u32).unwrap();
-        a.out(dx, al).unwrap();
-        a.mov(ecx, OUTS).unwrap();
-        a.set_label(&mut lp).unwrap();
-        a.out(0x80u32, al).unwrap();
-        a.dec(ecx).unwrap();
-        a.jnz(lp).unwrap();
-        a.mov(dx, 0x440u32).unwrap();
-        a.out(dx, al).unwrap();
-        i8042_reset(a);
-    });
+    let (_k, kernel) = testguest::bzimage_file(|a| timed_out_loop(a, OUTS));
     let mut s = format!(
         "### Port-I/O exit round trip ({OUTS} `out` instructions to an unassigned port, \
          median of {RUNS}, on and off alternating)\n\n\

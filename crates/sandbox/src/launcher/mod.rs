@@ -248,9 +248,9 @@ fn command(cmd: &HelperCommand) -> Command {
     let moves: Vec<(RawFd, RawFd)> = cmd.fds.iter().map(|(t, f)| (*t, f.as_raw_fd())).collect();
     let new_session = cmd.new_session;
     let die_with_parent = cmd.die_with_parent && !cmd.new_session;
-    // SAFETY: only async-signal-safe calls (fcntl, dup2, setsid, prctl, signal) between fork and
-    // exec.
     // Every source first moves above every target, so no move overwrites a source.
+    // SAFETY: only async-signal-safe calls (fcntl, dup2, setsid, prctl, signal) run
+    // between fork and exec.
     unsafe {
         c.pre_exec(move || {
             let mut high = [0; 16];

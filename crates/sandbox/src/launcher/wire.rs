@@ -147,10 +147,13 @@ pub fn receive(socket: &UnixDatagram) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd
     // SAFETY: the iovec covers `buf`, which outlives the call; received descriptors are
     // written to `raw` and owned by us from here.
     let (n, nfds) = unsafe { socket.recv_with_fds(&mut iov, &mut raw) }.map_err(io::Error::from)?;
-    // SAFETY: each of the first `nfds` entries is a descriptor the kernel just gave us.
     let fds = raw[..nfds]
         .iter()
-        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .map(|&fd| {
+            // SAFETY: each of the first `nfds` entries is a descriptor the kernel just
+            // gave us.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
         .collect();
     if n == 0 && nfds == 0 {
         return Ok(None);

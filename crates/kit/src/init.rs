@@ -216,8 +216,17 @@ done
 # The ACPI power button reaches user space as KEY_POWER on an evdev device (button.ko,
 # evdev.ko); acpid runs /etc/acpi/PWRF/00000080 for it, which powers off.
 if [ -e /dev/input/event0 ]; then
-    acpid -c /etc/acpi -a /etc/acpid.conf -l /dev/console -p /run/acpid.pid ||
+    if acpid -c /etc/acpi -a /etc/acpid.conf -l /dev/console -p /run/acpid.pid; then
+        # acpid forks, opens the event devices, then writes its pid file: until then a
+        # press is lost, so the markers below wait for it (at most 5 s).
+        n=0
+        while [ ! -e /run/acpid.pid ] && [ "$n" -lt 50 ]; do
+            sleep 0.1
+            n=$((n + 1))
+        done
+    else
         echo "VESSEL-KIT: acpid did not start; the power button will do nothing"
+    fi
 else
     echo "VESSEL-KIT: no input devices; the power button will do nothing"
 fi
@@ -390,6 +399,11 @@ mod tests {
         assert!(
             switch < script.find("acpid -c").unwrap(),
             "acpid after the switch"
+        );
+        let listening = script.find("[ ! -e /run/acpid.pid ]").unwrap();
+        assert!(
+            listening < script.find(&format!("echo \"{AGENT_MARKER}\"")).unwrap(),
+            "the agent's marker only once acpid listens"
         );
         assert_valid_shell(&script);
     }

@@ -38,10 +38,18 @@ impl Hierarchy {
             let Some((left, right)) = line.split_once(" - ") else {
                 continue;
             };
-            let Some(mount) = left.split(' ').nth(4) else {
+            let mut fields = left.split(' ');
+            let (Some(root), Some(mount)) = (fields.nth(3), fields.next()) else {
                 continue;
             };
             let mount = PathBuf::from(unescape(mount));
+            // A mount of part of a hierarchy (a jail binds in its own cgroup): where the
+            // hierarchy's root would be, so a process's cgroup path joins onto it.
+            let depth = Path::new(&unescape(root))
+                .components()
+                .count()
+                .saturating_sub(1);
+            let at_root = |m: &Path| m.ancestors().nth(depth).unwrap_or(m).to_path_buf();
             let mut r = right.split(' ');
             let (Some(fstype), Some(_source), Some(options)) = (r.next(), r.next(), r.next())
             else {
@@ -49,15 +57,17 @@ impl Hierarchy {
             };
             match fstype {
                 "cgroup2" if controllers(&mount).split_whitespace().any(|c| c == "cpu") => {
-                    return Ok(Hierarchy::V2 { root: mount });
+                    return Ok(Hierarchy::V2 {
+                        root: at_root(&mount),
+                    });
                 }
                 "cgroup" => {
                     let has = |c: &str| options.split(',').any(|o| o == c);
                     if has("cpu") && cpu.is_none() {
-                        cpu = Some(mount.clone());
+                        cpu = Some(at_root(&mount));
                     }
                     if has("cpuacct") && cpuacct.is_none() {
-                        cpuacct = Some(mount);
+                        cpuacct = Some(at_root(&mount));
                     }
                 }
                 _ => {}
@@ -128,17 +138,21 @@ mod tests {
     }
 
     #[test]
-    fn v1_comounted() {
-        let text = "31 30 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
-        let h = Hierarchy::from_mountinfo(text, |_| String::new()).unwrap();
+    fn v1_comounted_whole_or_a_bound_part() {
         let dir = PathBuf::from("/sys/fs/cgroup/cpu,cpuacct");
-        assert_eq!(
-            h,
-            Hierarchy::V1 {
+        for text in [
+            "31 30 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n",
+            // What a jail sees: its own cgroup bound in at the same place; the
+            // hierarchy's root is where the whole would be.
+            "40 39 0:27 /vessel/a.1 /sys/fs/cgroup/cpu,cpuacct/vessel/a.1 ro - cgroup cgroup rw,cpu,cpuacct\n",
+        ] {
+            let h = Hierarchy::from_mountinfo(text, |_| String::new()).unwrap();
+            let want = Hierarchy::V1 {
                 cpu: dir.clone(),
-                cpuacct: Some(dir),
-            }
-        );
+                cpuacct: Some(dir.clone()),
+            };
+            assert_eq!(h, want, "{text}");
+        }
     }
 
     #[test]

@@ -222,6 +222,7 @@ mod tests {
             memory_min: None,
             memory_shares: None,
             seccomp: None,
+            sandbox: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

@@ -95,7 +95,8 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
     cmd.arg("__monitor")
         .arg(name)
         .env("VESSEL_HOME", home.root())
-        .stdin(Stdio::null())
+        // One byte once it is in its cgroup: a jailed monitor forks only then.
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(log);
     let policy = spec.cpu.clone();
@@ -118,6 +119,9 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
         let _ = child.kill();
         let _ = child.wait();
         return Err(e);
+    }
+    if let Some(mut admitted) = child.stdin.take() {
+        let _ = admitted.write_all(b"1");
     }
     if let resources::Placement::Without(why) = &placement {
         let _ = writeln!(
@@ -222,6 +226,10 @@ struct Monitor {
     boots: AtomicU64,
     started: Instant,
     started_unix: u64,
+    /// This process as the host sees it (in a jail it is PID 1 of its own namespace).
+    pid: u32,
+    /// In a jail: the host's files (admission, cgroups, other VMs) are out of reach.
+    jailed: bool,
     pid_start: Option<u64>,
     /// The host asked for a reboot: boot again whatever the restart policy.
     reboot_requested: AtomicBool,
@@ -238,7 +246,7 @@ impl Monitor {
         let alive = matches!(state, VmState::Running | VmState::Paused);
         let s = Status {
             state,
-            pid: alive.then(std::process::id),
+            pid: alive.then_some(self.pid),
             pid_start: if alive { self.pid_start } else { None },
             started_unix: Some(self.started_unix),
             boots: self.boots.load(Ordering::Relaxed),
@@ -268,7 +276,7 @@ impl Monitor {
         VmInfo {
             name: self.name.clone(),
             state: self.state_name().into(),
-            pid: std::process::id(),
+            pid: self.pid,
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             boots: self.boots.load(Ordering::Relaxed),
             cpus: self.spec.cpus,
@@ -384,8 +392,21 @@ impl Monitor {
                 return Response::error(400, e);
             }
         }
-        let pid = std::process::id();
-        if let Err(e) = resources::set_live(&self.home, &self.name, pid, &spec.cpu) {
+        let cpu = req.settings.iter().any(|kv| {
+            kv.split_once('=')
+                .is_some_and(|(k, _)| resources::LIVE_KEYS.contains(&k))
+        });
+        if cpu && self.jailed {
+            // Admission and cgroups belong to the host: a jailed monitor reaches neither.
+            return Response::error(
+                409,
+                format!(
+                    "the CPU policy of {} (jailed) changes through `vessel set`, not its monitor",
+                    self.name
+                ),
+            );
+        }
+        if cpu && let Err(e) = resources::set_live(&self.home, &self.name, self.pid, &spec.cpu) {
             return Response::error(409, e.to_string());
         }
         for device in resources::devices_named(&req.settings) {
@@ -567,10 +588,30 @@ fn forward_input(mut client: UnixStream, monitor: &Monitor) {
     }
 }
 
+/// For a jailed monitor: once `vessel start` has put this process in its cgroup, forks
+/// the monitor into a PID namespace of its own (as its PID 1) and returns there. This
+/// process stays outside the jail to wait for it, then takes down what the jail could
+/// not (its cgroup) and exits as it did.
+fn supervise_jail(home: &Home, name: &str) -> Result<(), ManagerError> {
+    let mut admitted = [0u8; 1];
+    let _ = std::io::stdin().read(&mut admitted);
+    let outside =
+        sandbox::jail::fork_into_pid_namespace().map_err(|e| ManagerError::Other(e.to_string()))?;
+    if let Some(code) = outside {
+        resources::leave(home, name);
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
 /// The monitor process's main: runs `name` until it stops. Returns the exit code.
 pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let bundle = Bundle::open(home, name)?;
     let spec = bundle.spec()?;
+    let jailed = spec.sandbox_on().map_err(ManagerError::Other)?;
+    if jailed {
+        supervise_jail(home, name)?;
+    }
     let log_path = bundle.serial_log();
     let log = OpenOptions::new()
         .create(true)
@@ -596,9 +637,26 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     } else {
         None
     };
+    // Who we are on the host, known before a jail's /proc hides it.
+    let pid = sandbox::jail::host_pid();
+    let pid_start = status::process_start_time(pid);
+    let jail = if jailed {
+        Some(crate::confine::prepare_jail(
+            &config,
+            Some(&bundle.dir),
+            &home.root().join("jail"),
+            spec.governor().is_some(),
+        )?)
+    } else {
+        None
+    };
     // Confined from here: every boot reuses this configuration (the kit, if it had to
     // be built again, was built above).
-    crate::confine::confine(spec.seccomp_mode().map_err(ManagerError::Other)?, &config)?;
+    crate::confine::confine(
+        spec.seccomp_mode().map_err(ManagerError::Other)?,
+        &config,
+        jail.as_ref(),
+    )?;
     let mut vm = Some(
         vmm::builder::build_from(
             &config,
@@ -622,7 +680,9 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         boots: AtomicU64::new(0),
         started: Instant::now(),
         started_unix: status::now_unix(),
-        pid_start: status::process_start_time(std::process::id()),
+        pid,
+        jailed,
+        pid_start,
         reboot_requested: AtomicBool::new(false),
         kill_requested: AtomicBool::new(false),
         suspended: AtomicBool::new(false),
@@ -699,6 +759,7 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
             other => break other.to_string(),
         }
     };
+    vmm::builder::release_taps();
     let _ = std::fs::remove_file(bundle.control_socket());
     let _ = std::fs::remove_file(bundle.console_socket());
     // Answer the request that ended the VM (a kill) before going away.

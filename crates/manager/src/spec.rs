@@ -86,6 +86,10 @@ pub struct VmSpec {
     /// The monitor's seccomp filters: `on` (the default), `log` or `off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<String>,
+    /// The monitor's jail (see the sandbox crate): `on` or `off`; by default on when
+    /// root starts the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
     /// The CPU KVM shows the guest: host (default) or portable (what both backends
     /// give, for a VM that moves between them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -175,6 +179,7 @@ impl VmSpec {
             check_memory_shares(s)?;
         }
         self.seccomp_mode()?;
+        self.sandbox_on()?;
         self.share_configs()?;
         if let Some(b) = &self.memory_backing {
             vmm::parse_memory_backing(b)?;
@@ -213,6 +218,11 @@ impl VmSpec {
     /// The shares, parsed (each tag used once).
     pub fn share_configs(&self) -> Result<Vec<ShareConfig>, String> {
         parse_shares(&self.shares)
+    }
+
+    /// Whether the monitor runs in a jail: as set, else when root starts it.
+    pub fn sandbox_on(&self) -> Result<bool, String> {
+        parse_sandbox(self.sandbox.as_deref())
     }
 
     /// The mode the monitor confines its threads in.
@@ -293,6 +303,10 @@ impl VmSpec {
                 value.parse::<sandbox::Mode>()?;
                 self.seccomp = (value != "on").then(|| value.to_string());
             }
+            "sandbox" => {
+                parse_sandbox(Some(value))?;
+                self.sandbox = (!value.is_empty()).then(|| value.to_string());
+            }
             "memory_shares" => {
                 self.memory_shares = match value {
                     "" => None,
@@ -328,7 +342,7 @@ impl VmSpec {
             k if k.contains('.') => self.set_device_option(k, value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, seccomp, balloon, memory_min, memory_shares, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
+                    "unknown setting {key:?} (cpus, memory, kernel, initrd, cmdline, accel, cpu_model, restart, seccomp, sandbox, balloon, memory_min, memory_shares, memory_merge, memory_compress, cpu_shares, cpu_limit, cpu_reservation, cpu_affinity, diskN.bw|iops..., netN.rx_bw|tx_bw...)"
                 ));
             }
         }
@@ -474,6 +488,16 @@ impl VmSpec {
     }
 }
 
+/// `sandbox=on|off`; unset: on when root starts the VM.
+pub fn parse_sandbox(v: Option<&str>) -> Result<bool, String> {
+    match v {
+        None => Ok(crate::confine::is_root()),
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(format!("sandbox: {other:?} is not on or off")),
+    }
+}
+
 /// `memory_shares=N`: a whole number from 2 to 262144, as cpu_shares.
 pub fn parse_memory_shares(v: &str) -> Result<u64, String> {
     let n = v
@@ -569,6 +593,7 @@ mod tests {
             memory_min: None,
             memory_shares: None,
             seccomp: None,
+            sandbox: None,
             memory_compress: None,
             cpu_model: None,
             vmgenid: None,

@@ -22,11 +22,17 @@ pub(crate) const PASST_FD: i32 = 3;
 
 /// passt from PATH.
 pub fn find_passt() -> Result<PathBuf, NetError> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|d| d.join("passt"))
-        .find(|p| p.is_file())
+    // Found once: a jailed monitor no longer sees the host's programs.
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .chain([PathBuf::from("/usr/bin")])
+                .map(|d| d.join("passt"))
+                .find(|p| p.is_file())
+        })
+        .clone()
         .ok_or(NetError::NoPasst)
 }
 

@@ -139,6 +139,12 @@ pub fn run(dir: &Path) -> Result<(), NetError> {
     let sock = dir.join(SOCKET);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(NetError::io(sock.display().to_string()))?;
+    // The socket belongs to whoever owns the network's folder: a jailed monitor's user
+    // when root starts jailed VMs on it (connecting needs write access to the socket).
+    if let Ok(meta) = std::fs::metadata(dir) {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::os::unix::fs::chown(&sock, Some(meta.uid()), Some(meta.gid()));
+    }
     let leases_path = dir.join(LEASES);
     let dhcp = std::fs::read(&leases_path)
         .ok()

@@ -1,8 +1,9 @@
 //! The monitor's confinement (issue 17), written to BENCHMARKS.md ("seccomp"):
 //! - the system calls each thread class may make, beside Firecracker's;
-//! - what the filters cost: a tiny guest's start-up (process start to exit) and a
+//! - what the sandbox costs: a tiny guest's start-up (process start to exit) and a
 //!   port-I/O exit round trip (every exit on KVM is a KVM_RUN system call the filter
-//!   sees), with `--seccomp on` against `--seccomp off` in the same run, alternating.
+//!   sees), with nothing, seccomp, and seccomp with the jail (`vessel run --sandbox`),
+//!   in the same run, in turn.
 //!
 //! Run with `cargo bench -p vessel --bench sandbox`.
 
@@ -18,7 +19,7 @@ const RUNS: usize = 11;
 const OUTS: u32 = 100_000;
 
 fn main() {
-    let mut body = String::from("## Seccomp: the monitor's system calls, and their cost\n\n");
+    let mut body = String::from("## The sandbox: the monitor's system calls, and their cost\n\n");
     body += &counts();
     let backends: Vec<&str> = if std::fs::File::open("/dev/kvm").is_ok() {
         vec!["kvm", "emu"]
@@ -60,11 +61,18 @@ fn counts() -> String {
     )
 }
 
-fn run(accel: &str, kernel: &str, seccomp: &str) -> (f64, String) {
+/// The confinements compared: their names and `vessel run` options.
+const MODES: [(&str, &[&str]); 3] = [
+    ("none", &["--seccomp", "off"]),
+    ("seccomp", &["--seccomp", "on"]),
+    ("seccomp + jail", &["--seccomp", "on", "--sandbox"]),
+];
+
+fn run(accel: &str, kernel: &str, mode: &[&str]) -> (f64, String) {
     let start = Instant::now();
     let out = Command::new(VESSEL)
         .args(["run", "--accel", accel, "--net", "none", "--kernel", kernel])
-        .args(["--seccomp", seccomp])
+        .args(mode)
         .stdin(Stdio::null())
         .output()
         .expect("spawn vessel");
@@ -80,23 +88,54 @@ fn startup(backends: &[&str]) -> String {
     });
     let mut s = format!(
         "### Start-up: process start to exit, a guest that prints a line and resets \
-         (median of {RUNS}, on and off alternating)\n\n\
-         | backend | seccomp on (ms) | off (ms) | on / off |\n| --- | --- | --- | --- |\n"
+         (median of {RUNS}, the modes in turn)\n\n{}",
+        header("ms")
     );
     for accel in backends {
-        let (mut on, mut off) = (Vec::new(), Vec::new());
-        for _ in 0..RUNS {
-            on.push(run(accel, &kernel, "on").0);
-            off.push(run(accel, &kernel, "off").0);
-        }
-        let (on, off) = (median(&mut on), median(&mut off));
-        s += &format!("| {accel} | {on:.1} | {off:.1} | **{:.3}** |\n", on / off);
+        let figures = compare(|mode| run(accel, &kernel, mode).0);
+        s += &row(accel, &figures, 1);
     }
     println!("{s}");
     s + "\nWith seccomp on, every thread compiles and installs its filters as it starts, \
          and a KVM VM also starts a launcher (a confined process may not fork the child \
          that otherwise closes the VM after vessel exits; the launcher keeps the VM and \
-         closes it when it dies with vessel).\n\n"
+         closes it when it dies with vessel). The jail adds a fork into a PID namespace \
+         (the first process waits outside), the mount namespace with its tmpfs root, \
+         bind mounts, device nodes and /proc, pivot_root, the dropped identity and \
+         Landlock.\n\n"
+}
+
+/// A table's header for figures in `unit`.
+fn header(unit: &str) -> String {
+    let names: Vec<&str> = MODES.iter().map(|m| m.0).collect();
+    format!(
+        "| backend | {} ({unit}) | {} / none | {} / none |\n| --- | --- | --- | --- | --- | --- |\n",
+        names.join(&format!(" ({unit}) | ")),
+        names[1],
+        names[2]
+    )
+}
+
+/// The median of `measure` per mode, the modes taken in turn RUNS times.
+fn compare(mut measure: impl FnMut(&[&str]) -> f64) -> [f64; 3] {
+    let mut all: [Vec<f64>; 3] = Default::default();
+    for _ in 0..RUNS {
+        for (i, (_, mode)) in MODES.iter().enumerate() {
+            all[i].push(measure(mode));
+        }
+    }
+    all.map(|mut v| median(&mut v))
+}
+
+fn row(accel: &str, f: &[f64; 3], digits: usize) -> String {
+    format!(
+        "| {accel} | {:.digits$} | {:.digits$} | {:.digits$} | **{:.3}** | **{:.3}** |\n",
+        f[0],
+        f[1],
+        f[2],
+        f[1] / f[0],
+        f[2] / f[0]
+    )
 }
 
 /// µs per `out` between the two boot-timer marks.
@@ -109,17 +148,12 @@ fn exits(backends: &[&str]) -> String {
     let (_k, kernel) = testguest::bzimage_file(|a| timed_out_loop(a, OUTS));
     let mut s = format!(
         "### Port-I/O exit round trip ({OUTS} `out` instructions to an unassigned port, \
-         median of {RUNS}, on and off alternating)\n\n\
-         | backend | seccomp on (µs per exit) | off | on / off |\n| --- | --- | --- | --- |\n"
+         median of {RUNS}, the modes in turn)\n\n{}",
+        header("µs per exit")
     );
     for accel in backends {
-        let (mut on, mut off) = (Vec::new(), Vec::new());
-        for _ in 0..RUNS {
-            on.push(per_exit(&run(accel, &kernel, "on").1));
-            off.push(per_exit(&run(accel, &kernel, "off").1));
-        }
-        let (on, off) = (median(&mut on), median(&mut off));
-        s += &format!("| {accel} | {on:.3} | {off:.3} | **{:.3}** |\n", on / off);
+        let figures = compare(|mode| per_exit(&run(accel, &kernel, mode).1));
+        s += &row(accel, &figures, 3);
     }
     println!("{s}");
     s + "\nOn KVM every exit is a KVM_RUN system call through the vCPU's filter; on the \

@@ -160,11 +160,20 @@ fn shares_split_one_cpu_70_30_a_cap_holds_and_shares_change_live() {
         &kernel,
         &["--cpu-shares", "700", "--cpu-affinity", "0"],
     );
+    // The API's CPU settings reach the cgroups from a monitor without the jail only
+    // (a jailed one, as "web", leaves them to `vessel set`).
     create(
         &home,
         "backup",
         &kernel,
-        &["--cpu-shares", "300", "--cpu-affinity", "0"],
+        &[
+            "--cpu-shares",
+            "300",
+            "--cpu-affinity",
+            "0",
+            "--sandbox",
+            "off",
+        ],
     );
     home.ok(&["start", "web"]);
     home.ok(&["start", "backup"]);
@@ -199,7 +208,16 @@ fn shares_split_one_cpu_70_30_a_cap_holds_and_shares_change_live() {
         "the VMs' cgroups: {left:?}"
     );
 
-    // A cap of half a CPU, alone on its CPU.
+    // A cap of half a CPU, alone on its CPU: through `vessel set`, the jailed web's
+    // monitor refusing it through its API.
+    let answer = post(
+        &home,
+        "web",
+        "settings",
+        r#"{"settings": ["cpu_limit=0.5"]}"#,
+    );
+    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    assert!(answer.contains("changes through `vessel set`"), "{answer}");
     home.ok(&["set", "web", "cpu_limit=0.5"]);
     std::thread::sleep(Duration::from_millis(500));
     let used = cpu_over(&home, &["web"], Duration::from_secs(3))[0];

@@ -424,8 +424,9 @@ fn a_bridged_vm_reaches_the_bridge() {
     common::sh(&format!(
         "ip link add {br} type bridge && ip addr add 10.98.0.1/24 dev {br} && ip link set {br} up"
     ));
+    // Jailed: root makes the TAP on the bridge for the jail's user, which lets it go.
     let mut cmd = common::vessel();
-    cmd.args(["run", "--accel", "emu", "--memory", "256M"])
+    cmd.args(["run", "--sandbox", "--accel", "emu", "--memory", "256M"])
         .arg("--kernel")
         .arg(&kit.vmlinux)
         .arg("--initrd")
@@ -440,9 +441,15 @@ fn a_bridged_vm_reaches_the_bridge() {
             ),
         ]);
     let r = common::run_with_deadline(cmd, DEADLINE);
+    let left = Command::new("ip")
+        .args(["-o", "link", "show", "master", br])
+        .output()
+        .unwrap();
     let _ = Command::new("ip").args(["link", "del", br]).status();
     assert_eq!(r.code, Some(0), "{}", r.dump());
     assert!(r.stdout.contains("0% packet loss"), "{}", r.dump());
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(left.trim().is_empty(), "TAPs left on the bridge: {left}");
 }
 
 /// The guest's count of carrier changes on eth0, as its loop prints them.

@@ -7,6 +7,7 @@
 //! ignores SIGCHLD, so the kernel reaps them); the monitor watches them through their
 //! pidfds. A process with no launcher (the CLI, a switch, tests) starts helpers itself.
 
+mod policy;
 mod serve;
 mod wire;
 
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
+pub use policy::Policy;
 pub use serve::serve;
 
 /// The descriptor the launcher finds its socket on.
@@ -119,18 +121,30 @@ impl Helper {
             let _ = c.wait();
             return;
         }
-        // SAFETY: pidfd_send_signal(2) on our pidfd, no siginfo, no flags.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        // The launcher that started it ends it: a jailed monitor (another user, no
+        // capabilities) may not signal it.
+        let asked = LAUNCHER.get().is_some_and(|l| {
+            let socket = l.socket.lock().unwrap_or_else(|p| p.into_inner());
+            wire::kill(&socket, self.pid).is_ok()
+        });
+        if !asked {
+            send_kill(&self.pidfd);
+        }
         self.wait();
     }
+}
+
+fn send_kill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) on a pidfd we own, no siginfo, no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
 }
 
 fn poll_readable(fd: RawFd, timeout_ms: i32) -> bool {
@@ -151,9 +165,9 @@ struct Launcher {
 
 static LAUNCHER: OnceLock<Launcher> = OnceLock::new();
 
-/// Starts this process's launcher: `exe __launcher PROGRAM...`, allowed to start only
-/// those programs. Call before confining the process (it forks and execs).
-pub fn start(exe: &Path, programs: &[PathBuf]) -> io::Result<()> {
+/// Starts this process's launcher: `exe __launcher POLICY...`, allowed to start only
+/// what `policy` allows. Call before confining the process (it forks and execs).
+pub fn start(exe: &Path, policy: &Policy) -> io::Result<()> {
     if LAUNCHER.get().is_some() {
         return Ok(());
     }
@@ -162,7 +176,7 @@ pub fn start(exe: &Path, programs: &[PathBuf]) -> io::Result<()> {
     let fd = theirs.as_raw_fd();
     // Its standard streams are ours (it writes nothing unless something is wrong).
     let mut cmd = Command::new(exe);
-    cmd.arg("__launcher").args(programs);
+    cmd.arg("__launcher").args(policy.to_args());
     // SAFETY: only async-signal-safe calls (dup2, fcntl, prctl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {

@@ -1,5 +1,6 @@
 //! The launcher's messages, one datagram each way. A request: flags (u8: 1 = a new
-//! session, 2 = only hold the descriptors until this process ends), the descriptors'
+//! session, 2 = only hold the descriptors until this process ends, 3 = end the helper
+//! whose pid (u32) follows), the descriptors'
 //! target numbers (u32 count, then i32 each; the descriptors
 //! themselves ride as SCM_RIGHTS, in order), the program and its arguments (u32 count,
 //! then u32 length and bytes each). An answer: 0 and the pid (u32) with the pidfd as
@@ -22,6 +23,9 @@ pub const MAX_MESSAGE: usize = 64 << 10;
 
 /// The flag of a request that only hands over descriptors to keep.
 pub const HOLD: u8 = 2;
+/// The flag of a request to end a helper (its pid follows, u32): a jailed monitor may
+/// not signal what its launcher started.
+pub const KILL: u8 = 3;
 
 pub fn encode(cmd: &HelperCommand) -> Vec<u8> {
     let mut m = vec![u8::from(cmd.new_session)];
@@ -88,6 +92,21 @@ pub fn hold(socket: &UnixDatagram, fd: &OwnedFd) -> io::Result<()> {
         .send_with_fds(&[&[HOLD][..]], &[fd.as_raw_fd()])
         .map(|_| ())
         .map_err(io::Error::from)
+}
+
+/// Asks the launcher to end the helper it started as `pid` (no answer).
+pub fn kill(socket: &UnixDatagram, pid: u32) -> io::Result<()> {
+    let mut m = vec![KILL];
+    m.extend_from_slice(&pid.to_le_bytes());
+    socket.send(&m).map(|_| ())
+}
+
+/// The pid in a kill request.
+pub fn kill_pid(message: &[u8]) -> Option<u32> {
+    match message {
+        [KILL, pid @ ..] => Some(u32::from_le_bytes(pid.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 /// Sends `cmd` to the launcher and reads its answer.

@@ -158,6 +158,7 @@ pub fn create(args: CreateArgs) -> CliResult {
         memory_min: a.memory_min.clone(),
         memory_shares: a.memory_shares()?,
         seccomp: a.seccomp.clone().filter(|m| m != "on"),
+        sandbox: a.sandbox.clone(),
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -234,6 +235,7 @@ fn create_from_image(args: CreateArgs) -> CliResult {
         memory_min: a.memory_min.clone(),
         memory_shares: a.memory_shares()?,
         seccomp: a.seccomp.clone().filter(|m| m != "on"),
+        sandbox: a.sandbox.clone(),
         memory_compress: a.memory_compress.clone(),
         cpu_model: a.cpu_model.clone(),
         vmgenid: Some(vmm::vmgenid_hex(&vmm::new_vmgenid())),
@@ -653,7 +655,7 @@ pub fn logs(args: LogsArgs) -> CliResult {
 }
 
 pub fn set(args: SetArgs) -> CliResult {
-    let (_, bundle) = open(&args.name)?;
+    let (home, bundle) = open(&args.name)?;
     if bundle.suspended_dir().exists() {
         return Err(Failure::refused(format!(
             "VM {} is suspended: its saved state holds the old settings; start it and stop it first",
@@ -697,14 +699,40 @@ pub fn set(args: SetArgs) -> CliResult {
         spec.set(k, &v).map_err(Failure::usage)?;
     }
     if live {
-        // The monitor applies them (CPU through the host layer, I/O limits in its
-        // devices) and writes vm.toml: checked here first, so a refusal reads the same
-        // whether the VM runs or not.
-        let req = api::model::SettingsRequest {
-            settings: args.settings.clone(),
-        };
-        client(&bundle, "change the settings of")?
-            .post::<_, api::model::StateBody>(&format!("/v1/vms/{}/settings", bundle.name), &req)?;
+        // Checked here first, so a refusal reads the same whether the VM runs or not.
+        // The CPU policy is the host's to apply (admission, cgroups: out of a jailed
+        // monitor's reach); the monitor applies the rest in its devices. Each writes
+        // what it applied to vm.toml (the monitor reads it afresh).
+        for device in manager::resources::devices_named(&args.settings) {
+            if spec.device_limits(device).is_none() {
+                return Err(Failure::usage(format!("the VM has no {device}")));
+            }
+        }
+        let (cpu, rest): (Vec<String>, Vec<String>) =
+            args.settings.iter().cloned().partition(|kv| {
+                kv.split_once('=')
+                    .is_some_and(|(k, _)| manager::resources::LIVE_KEYS.contains(&k))
+            });
+        if !cpu.is_empty() {
+            let pid = status
+                .pid
+                .ok_or_else(|| Failure::refused("the monitor is gone"))?;
+            manager::resources::set_live(&home, &bundle.name, pid, &spec.cpu)?;
+            let mut saved = bundle.spec()?;
+            for kv in &cpu {
+                if let Some((k, v)) = kv.split_once('=') {
+                    saved.set(k, v).map_err(Failure::usage)?;
+                }
+            }
+            bundle.save_spec(&saved)?;
+        }
+        if !rest.is_empty() {
+            let req = api::model::SettingsRequest { settings: rest };
+            client(&bundle, "change the settings of")?.post::<_, api::model::StateBody>(
+                &format!("/v1/vms/{}/settings", bundle.name),
+                &req,
+            )?;
+        }
     } else {
         bundle.save_spec(&spec)?;
     }

@@ -94,9 +94,10 @@ enum Command {
     /// The monitor process behind a started VM (used by `vessel start`).
     #[command(name = "__monitor", hide = true)]
     Monitor(manage::NameArg),
-    /// A monitor's launcher: starts the helper programs it names for the monitor.
+    /// A monitor's launcher: starts, for the monitor, the helper programs its policy
+    /// names with the arguments the policy allows (`KEY=PATH` each).
     #[command(name = "__launcher", hide = true)]
-    Launcher { programs: Vec<std::path::PathBuf> },
+    Launcher { policy: Vec<std::ffi::OsString> },
 }
 
 /// The VM options shared by `run` and `create`.
@@ -184,6 +185,13 @@ pub struct VmArgs {
     /// logs it and lets it through: to find what a list misses) or off.
     #[arg(long, value_name = "MODE", value_parser = ["on", "log", "off"])]
     seccomp: Option<String>,
+    /// The monitor's jail: a PID and mount namespace holding only this VM's files and
+    /// devices, as an unprivileged user with no capabilities (through a user namespace
+    /// when not root). `vessel start`: on by default when root starts it; `vessel run`:
+    /// off unless given (`--sandbox` alone is on).
+    #[arg(long, value_name = "on|off", num_args = 0..=1, default_missing_value = "on",
+          value_parser = ["on", "off"])]
+    sandbox: Option<String>,
     /// The CPU KVM shows the guest: host (everything it can give) or portable (only
     /// what the software CPU gives too: a VM that can move between backends).
     #[arg(long, value_name = "MODEL", value_parser = ["host", "portable"])]
@@ -228,7 +236,7 @@ impl VmArgs {
         let Some(spec) = self.vsock.as_deref().filter(|s| *s != "off") else {
             return Ok(None);
         };
-        let socket = run::runtime_dir().join(format!("vessel-{}.vsock", std::process::id()));
+        let socket = run::runtime_dir().join(format!("vessel-{}.vsock", sandbox::jail::host_pid()));
         devices::virtio::vsock::VsockConfig::parse(spec, &socket)
             .map(Some)
             .map_err(|e| Failure::usage(format!("--vsock {e}")))
@@ -472,7 +480,9 @@ pub fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(Failure::usage),
         Command::Monitor(args) => manage::monitor(args),
-        Command::Launcher { programs } => sandbox::launcher::serve(programs)
+        Command::Launcher { policy } => sandbox::launcher::Policy::from_args(&policy)
+            .map_err(std::io::Error::other)
+            .and_then(sandbox::launcher::serve)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| Failure::usage(format!("launcher: {e}"))),
     };

@@ -37,6 +37,16 @@ pub struct KitArgs {
 }
 
 pub fn run(args: RunArgs) -> CliResult {
+    let dir = std::env::temp_dir().join(format!("vessel-run-{}", std::process::id()));
+    if args.vm.sandbox.as_deref() == Some("on") {
+        // The VM runs as PID 1 of a namespace of its own; this process waits outside
+        // it, then removes what a jailed VM could not (its folder is a mount there).
+        let outside = sandbox::jail::fork_into_pid_namespace().map_err(Failure::usage)?;
+        if let Some(code) = outside {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+    }
     if let Some(dir) = &args.restore {
         return run_restored(&args, dir);
     }
@@ -45,7 +55,6 @@ pub fn run(args: RunArgs) -> CliResult {
     };
     // A throw-away VM: its own copy of the image in a temporary folder, gone at exit.
     let image = super::images::open(&name)?;
-    let dir = std::env::temp_dir().join(format!("vessel-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Failure::usage(format!("{}: {e}", dir.display())))?;
     let result = (|| {
         let home = manager::Home::from_env()?;
@@ -145,20 +154,16 @@ fn run_vm(
             .map_err(Failure::usage)?,
         vmgenid: vmm::new_vmgenid(),
     };
-    let seccomp = a
-        .seccomp
-        .as_deref()
-        .unwrap_or("on")
-        .parse()
-        .map_err(Failure::usage)?;
-    manager::confine::confine(seccomp, &config)?;
+    confine(a, &config, from_image.map(|(dir, _)| dir))?;
     // Said once the VM is built, so that a bad argument is still the only line.
-    let (outcome, metrics) = vmm::run(&config, || {
+    let run = vmm::run(&config, || {
         if let Some(why) = &why {
             eprintln!("vessel: {why}");
         }
     })
-    .map_err(Failure::usage)?;
+    .map_err(Failure::usage);
+    vmm::builder::release_taps();
+    let (outcome, metrics) = run?;
     eprintln!("vessel: {outcome}");
     if args.stats {
         for line in metrics.summary().lines() {
@@ -205,6 +210,35 @@ pub fn kit(args: KitArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Confines `vessel run` as its options say: seccomp on unless told, the jail (with
+/// `dir`, the VM's own files, if it has any) only when asked.
+fn confine(
+    a: &VmArgs,
+    config: &vmm::VmConfig,
+    dir: Option<&std::path::Path>,
+) -> Result<(), Failure> {
+    let seccomp = a
+        .seccomp
+        .as_deref()
+        .unwrap_or("on")
+        .parse()
+        .map_err(Failure::usage)?;
+    let jail = match a.sandbox.as_deref() {
+        Some("on") => {
+            let mount_point = manager::Home::from_env()?.root().join("jail");
+            Some(manager::confine::prepare_jail(
+                config,
+                dir,
+                &mount_point,
+                false,
+            )?)
+        }
+        _ => None,
+    };
+    manager::confine::confine(seccomp, config, jail.as_ref())?;
+    Ok(())
+}
+
 /// Where `vessel run` puts its sockets: `$XDG_RUNTIME_DIR`, else the temporary directory.
 pub fn runtime_dir() -> std::path::PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
@@ -232,14 +266,7 @@ fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
         state,
         memory: dir.join(vmm::snapshot::file::MEMORY),
     };
-    let seccomp = args
-        .vm
-        .seccomp
-        .as_deref()
-        .unwrap_or("on")
-        .parse()
-        .map_err(Failure::usage)?;
-    manager::confine::confine(seccomp, &config)?;
+    confine(&args.vm, &config, Some(dir))?;
     let mut vm = vmm::builder::build_from(&config, vmm::Console::Stdio, Some(&restore))
         .map_err(Failure::usage)?;
     vm.detach_teardown();

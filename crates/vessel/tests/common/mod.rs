@@ -195,7 +195,7 @@ pub fn virtiofsd_available() -> bool {
     false
 }
 
-fn required() -> bool {
+pub fn required() -> bool {
     std::env::var("VESSEL_REQUIRE_KVM").is_ok_and(|v| v == "1")
 }
 

@@ -4,6 +4,7 @@
 mod emu;
 mod kvm;
 mod nic;
+pub use nic::{prepare_taps, release_taps};
 mod virtio;
 
 use std::sync::mpsc::{self, Sender};

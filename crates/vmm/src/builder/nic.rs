@@ -41,14 +41,56 @@ fn dev_err(e: impl std::fmt::Display) -> VmError {
 fn default_mac(net: &NetConfig, index: usize) -> [u8; 6] {
     let seed = match &net.attach {
         Attachment::Tap(name) => name.clone(),
-        _ => format!("{}-{:?}", std::process::id(), std::time::SystemTime::now()),
+        _ => format!(
+            "{}-{:?}",
+            sandbox::jail::host_pid(),
+            std::time::SystemTime::now()
+        ),
     };
     generated_mac(seed.as_bytes(), index as u32)
 }
 
 /// The TAP name vessel makes for NIC `index` on a bridge (IFNAMSIZ allows 15).
 fn bridge_tap_name(index: usize) -> String {
-    format!("vsl{}n{index}", std::process::id() % 1_000_000)
+    format!("vsl{}n{index}", sandbox::jail::host_pid() % 1_000_000)
+}
+
+/// The TAP interfaces [`prepare_taps`] made for this process.
+fn prepared() -> std::sync::MutexGuard<'static, Vec<String>> {
+    static PREPARED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    PREPARED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes, before a jail (as root), the TAP interfaces that `nets` need and that the
+/// jail's user `owner` could not make itself: persistent and owned by it, a bridge's
+/// also attached to its bridge and up. Every boot then opens them as they are; a TAP
+/// that already exists is left as it is. [`release_taps`] undoes this at the end.
+pub fn prepare_taps(nets: &[NetConfig], owner: u32) -> Result<(), VmError> {
+    for (index, net) in nets.iter().enumerate() {
+        let (name, bridge) = match &net.attach {
+            Attachment::Tap(name) => (name.clone(), None),
+            Attachment::Bridge(br) => (bridge_tap_name(index), Some(br)),
+            _ => continue,
+        };
+        if Path::new("/sys/class/net").join(&name).exists() {
+            continue;
+        }
+        Tap::make_persistent(&name, owner).map_err(|e| dev_err(format!("TAP {name}: {e}")))?;
+        prepared().push(name.clone());
+        if let Some(br) = bridge {
+            network::bridge::attach(br, &name).map_err(dev_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lets go of the TAP interfaces [`prepare_taps`] made: each goes with its last user.
+pub fn release_taps() {
+    for name in prepared().drain(..) {
+        if let Err(e) = Tap::release(&name) {
+            tracing::warn!("TAP {name} stays: {e}");
+        }
+    }
 }
 
 pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic, VmError> {
@@ -63,7 +105,13 @@ pub(super) fn open(net: &NetConfig, index: usize, networks: &Path) -> Result<Nic
             (format!("tap {name}"), Arc::new(tap))
         }
         Attachment::Bridge(br) => {
-            let tap = network::bridge::attach(br, &bridge_tap_name(index)).map_err(dev_err)?;
+            let name = bridge_tap_name(index);
+            // Made before the jail (see prepare_taps): open it as it is.
+            let tap = if prepared().contains(&name) {
+                Tap::open(&name).map_err(|e| dev_err(format!("TAP {name}: {e}")))?
+            } else {
+                network::bridge::attach(br, &name).map_err(dev_err)?
+            };
             (format!("bridge {br} ({})", tap.name()), Arc::new(tap))
         }
         Attachment::User { forwards, dns, ssh } => {
@@ -134,7 +182,7 @@ struct NetworkLink {
 
 impl NetworkLink {
     fn join(networks: &Path, name: &str, backend: Arc<StreamBackend>) -> Result<Self, VmError> {
-        let exe = std::env::current_exe().map_err(dev_err)?;
+        let exe = sandbox::own_exe().map_err(dev_err)?;
         let conn = network::switch::connect(networks, name, &exe).map_err(dev_err)?;
         backend.connect(conn).map_err(dev_err)?;
         let stop = Arc::new(AtomicBool::new(false));

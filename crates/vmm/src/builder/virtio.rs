@@ -109,7 +109,7 @@ pub(super) fn devices(config: &VmConfig, mem: &GuestMemory) -> Result<Opened, Vm
         for share in &config.shares {
             let socket = config.runtime_dir.join(format!(
                 "virtiofs-{}-{}.sock",
-                std::process::id(),
+                sandbox::jail::host_pid(),
                 share.tag
             ));
             let dev = VirtioFs::new(share, &socket, regions.clone())

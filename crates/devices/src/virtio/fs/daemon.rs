@@ -11,11 +11,20 @@ use std::time::{Duration, Instant};
 use super::ShareConfig;
 
 /// How long virtiofsd gets to open its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new virtiofsd is watched for an early exit.
+const START_GRACE: Duration = Duration::from_millis(50);
+/// The descriptor virtiofsd finds its listening socket on (`--fd`).
+const LISTENER_FD: i32 = 3;
 
 /// `$VESSEL_VIRTIOFSD`, else `virtiofsd` in PATH, in the places distributions put it, or
 /// where `cargo install` does.
 pub fn find_virtiofsd() -> Option<PathBuf> {
+    // Found once: a jailed monitor no longer sees the host's programs.
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND.get_or_init(search_virtiofsd).clone()
+}
+
+fn search_virtiofsd() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("VESSEL_VIRTIOFSD").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
@@ -39,7 +48,8 @@ pub struct Virtiofsd {
 }
 
 impl Virtiofsd {
-    /// Starts virtiofsd serving `share` on `socket` and waits for the socket.
+    /// Starts virtiofsd serving `share` on `socket`, which this process makes and
+    /// hands over listening (so it is ours: a jailed monitor may connect to it).
     pub fn start(share: &ShareConfig, socket: &Path) -> io::Result<Virtiofsd> {
         let binary = find_virtiofsd().ok_or_else(|| {
             io::Error::new(
@@ -47,16 +57,13 @@ impl Virtiofsd {
                 "virtiofsd not found: cargo install virtiofsd (it needs libseccomp-dev and libcap-ng-dev), or set VESSEL_VIRTIOFSD",
             )
         })?;
-        if !share.dir.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} is not a directory", share.dir.display()),
-            ));
-        }
+        // (A jailed monitor does not see the folder: its launcher's policy and
+        // `manager::confine` check it.)
         let _ = std::fs::remove_file(socket);
-        // Root can give it its own namespaces; a user runs it without a sandbox.
-        // SAFETY: geteuid has no preconditions.
-        let sandbox = if unsafe { libc::geteuid() } == 0 {
+        let listener = std::os::unix::net::UnixListener::bind(socket)?;
+        // Root can give it its own namespaces (its launcher is root even when the
+        // monitor is jailed); a user runs it without a sandbox.
+        let sandbox = if sandbox::jail::is_root() {
             "namespace"
         } else {
             "none"
@@ -64,9 +71,9 @@ impl Virtiofsd {
         let mut cmd = HelperCommand::new(&binary);
         cmd.arg("--shared-dir")
             .arg(&share.dir)
-            .arg("--socket-path")
-            .arg(socket)
-            .args(["--sandbox", sandbox, "--cache", "auto"]);
+            .args(["--fd", &LISTENER_FD.to_string()])
+            .args(["--sandbox", sandbox, "--cache", "auto"])
+            .fd(LISTENER_FD, listener.into());
         // Its complaints go where vessel's do (the monitor's log).
         if let Ok(err) = std::os::fd::AsFd::as_fd(&io::stderr()).try_clone_to_owned() {
             cmd.fd(2, err);
@@ -81,16 +88,11 @@ impl Virtiofsd {
             child,
             socket: socket.to_path_buf(),
         };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
+        // It fails at once on a bad folder or option: give it that moment.
+        let deadline = Instant::now() + START_GRACE;
+        while Instant::now() < deadline {
             if d.child.exited() {
                 return Err(io::Error::other("virtiofsd exited at start"));
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "virtiofsd did not open its socket",
-                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }

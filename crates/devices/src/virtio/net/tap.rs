@@ -11,6 +11,8 @@ use super::{HEADER_LEN, NetBackend, feature_bits};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
@@ -66,6 +68,29 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes TAP `name` (if it does not exist) last after vessel lets go of it, owned
+    /// by `owner`, who may then open it without CAP_NET_ADMIN (what a jailed monitor
+    /// is given). Needs CAP_NET_ADMIN.
+    pub fn make_persistent(name: &str, owner: u32) -> io::Result<()> {
+        let tap = Tap::open(name)?;
+        tap.set(TUNSETPERSIST, 1)?;
+        tap.set(TUNSETOWNER, libc::c_ulong::from(owner))
+    }
+
+    /// Undoes [`Tap::make_persistent`] for TAP `name`: it goes when its last opener
+    /// lets go. Its owner may do this.
+    pub fn release(name: &str) -> io::Result<()> {
+        Tap::open(name)?.set(TUNSETPERSIST, 0)
+    }
+
+    fn set(&self, request: libc::c_ulong, value: libc::c_ulong) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST and TUNSETOWNER take their argument by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), request, value) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

@@ -120,7 +120,7 @@ impl AcpiPm {
         if sleep_type == u16::from(SLEEP_TYPE_S5) {
             (self.requests)(GuestRequest::PowerOff);
         } else {
-            tracing::warn!("guest asked for unsupported sleep type {sleep_type}");
+            crate::guest_warn!("guest asked for unsupported sleep type {sleep_type}");
         }
     }
 }

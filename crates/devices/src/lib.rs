@@ -4,6 +4,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod guest_warn;
 pub mod interrupt;
 pub mod irqchip;
 pub mod legacy;

@@ -161,6 +161,18 @@ pub fn acpi_power_off(a: &mut CodeAssembler) {
     halt_forever(a);
 }
 
+/// Writes `value` to 16-bit port `port` `times` times.
+pub fn repeat_out16(a: &mut CodeAssembler, port: u16, value: u16, times: u32) {
+    let mut lp = a.create_label();
+    a.mov(ecx, times).unwrap();
+    a.set_label(&mut lp).unwrap();
+    a.mov(dx, u32::from(port)).unwrap();
+    a.mov(ax, u32::from(value)).unwrap();
+    a.out(dx, ax).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(lp).unwrap();
+}
+
 pub fn halt_forever(a: &mut CodeAssembler) {
     let mut l = a.create_label();
     a.set_label(&mut l).unwrap();

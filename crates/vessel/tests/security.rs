@@ -99,3 +99,33 @@ fn a_bad_mode_is_refused_in_one_line() {
     let (_, err) = home.refused(&["set", "y", "seccomp=strict"]);
     assert!(err.contains("on, log or off"), "{err}");
 }
+
+/// A guest that repeats what makes a device complain (here: asking ACPI for sleep
+/// state S1, 10,000 times) gets the complaint logged a bounded number of times, with
+/// a count of what was left out, not 10,000 lines.
+#[test]
+fn a_guest_repeating_a_complaint_cannot_flood_the_log() {
+    let (_k, kernel) = testguest::bzimage_file(|a| {
+        // PM1a_CNT: SLP_TYP 1, SLP_EN.
+        testguest::snippets::repeat_out16(a, 0x604, (1 << 10) | (1 << 13), 10_000);
+        testguest::snippets::print(a, "asked 10000 times\n");
+        testguest::snippets::i8042_reset(a);
+    });
+    let r = common::boot(
+        std::path::Path::new(&kernel),
+        &["--accel", "emu"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert!(r.stdout.contains("asked 10000 times"), "{}", r.dump());
+    let said = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("unsupported sleep type 1"))
+        .count();
+    assert!(
+        (1..=devices::guest_warn::BURST as usize + 1).contains(&said),
+        "{said} lines:\n{}",
+        r.dump()
+    );
+}

@@ -652,7 +652,7 @@ impl LapicState {
                     return Err(LapicError::UnsupportedApicBase(value));
                 }
                 if value & !0xfff != arch::layout::LAPIC_START {
-                    tracing::warn!("lapic {}: relocation to {value:#x} ignored", self.id);
+                    crate::guest_warn!("lapic {}: relocation to {value:#x} ignored", self.id);
                 }
                 let enable = value & APIC_BASE_ENABLE;
                 if enable != self.apic_base & APIC_BASE_ENABLE {

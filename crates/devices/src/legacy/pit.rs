@@ -170,7 +170,7 @@ impl Channel {
         };
         self.bcd = value & 1 != 0;
         if self.bcd {
-            tracing::warn!("8254: BCD counting not supported, counting in binary");
+            crate::guest_warn!("8254: BCD counting not supported, counting in binary");
         }
         self.loaded = false;
         self.run_start = None;

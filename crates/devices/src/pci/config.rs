@@ -307,7 +307,7 @@ impl ConfigSpace {
             } & mask;
             if value != assigned && value != mask {
                 self.relocated |= 1 << reg;
-                tracing::warn!(
+                crate::guest_warn!(
                     "PCI: the guest moved BAR{} (assigned {:#x}, register now {value:#x}); \
                      relocation is not supported, the BAR stays at its assigned address",
                     bar.index,

@@ -180,7 +180,7 @@ impl MsixTable {
 
     fn send(&self, entry: MsixEntry) {
         if let Err(e) = self.sink.send(entry.address, entry.data) {
-            tracing::warn!(
+            crate::guest_warn!(
                 "MSI-X: message {:#x} to {:#x} not delivered: {e}",
                 entry.data,
                 entry.address

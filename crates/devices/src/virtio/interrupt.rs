@@ -89,7 +89,7 @@ impl VirtioInterrupt {
 
     /// Puts the device into DEVICE_NEEDS_RESET and tells the driver.
     pub fn set_needs_reset(&self, reason: &str) {
-        tracing::warn!("{}: device needs reset: {reason}", self.name);
+        crate::guest_warn!("{}: device needs reset: {reason}", self.name);
         self.status
             .fetch_or(status::DEVICE_NEEDS_RESET, Ordering::AcqRel);
         self.signal_config();

@@ -503,7 +503,7 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         if value & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & features::VERSION_1 == 0 {
-                tracing::warn!(
+                crate::guest_warn!(
                     "{}: driver features {:#x} refused (offered {:#x}; VERSION_1 is required)",
                     self.device_type.name(),
                     self.driver_features,
@@ -533,7 +533,7 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         if let Some(evt) = self.queue_events.get(queue)
             && let Err(e) = evt.write(1)
         {
-            tracing::warn!(
+            crate::guest_warn!(
                 "{}: queue {queue} notification lost: {e}",
                 self.device_type.name()
             );

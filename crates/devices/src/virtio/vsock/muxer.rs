@@ -334,7 +334,7 @@ impl Muxer {
             return;
         };
         if self.conns.len() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: {MAX_CONNECTIONS} connections open; refusing another");
+            crate::guest_warn!("vsock: {MAX_CONNECTIONS} connections open; refusing another");
             return;
         }
         let key = Key {

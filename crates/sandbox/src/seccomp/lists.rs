@@ -112,7 +112,10 @@ const VSOCK: &[Sysno] = &[
 ];
 
 /// virtio-fs: the vhost-user socket to virtiofsd.
-const FS: &[Sysno] = &[sendmsg, recvmsg, sendto, recvfrom, eventfd2, ioctl];
+// The watchdog that ends a silent virtiofsd's connection: shutdown.
+const FS: &[Sysno] = &[
+    sendmsg, recvmsg, sendto, recvfrom, eventfd2, ioctl, shutdown,
+];
 
 /// A console's input or output (the serial port's socket clients, the virtio console).
 const CONSOLE: &[Sysno] = &[

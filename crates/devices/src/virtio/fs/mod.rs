@@ -8,6 +8,7 @@
 mod config;
 pub mod daemon;
 mod failed;
+mod watchdog;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -30,6 +31,7 @@ use super::{
 };
 pub use config::{DEFAULT_TAG, MAX_TAG, ShareConfig};
 pub use daemon::{Virtiofsd, find_virtiofsd};
+use watchdog::Watchdog;
 
 /// The high-priority queue and one request queue.
 const QUEUES: usize = 2;
@@ -63,6 +65,8 @@ pub enum FsError {
 pub struct VirtioFs {
     tag: String,
     frontend: Frontend,
+    /// A deadline on each exchange with virtiofsd.
+    watchdog: Watchdog,
     /// Kept as long as the device; dropped last (after the connection).
     daemon: Virtiofsd,
     backend_features: u64,
@@ -87,12 +91,14 @@ impl VirtioFs {
         }
         let daemon = Virtiofsd::start(share, socket).map_err(FsError::Daemon)?;
         // A virtiofsd that stops answering (a guest can make it spin) must not hang the
-        // vCPU that resets the device: every reply has a deadline.
+        // vCPU that resets the device: every exchange after this has a deadline.
         let stream = std::os::unix::net::UnixStream::connect(socket).map_err(FsError::Daemon)?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
-            .map_err(FsError::Daemon)?;
+        let watchdog = Watchdog::new(
+            stream.try_clone().map_err(FsError::Daemon)?,
+            REPLY_TIMEOUT,
+            &share.tag,
+        )
+        .map_err(FsError::Daemon)?;
         let frontend = Frontend::from_stream(stream, QUEUES as u64);
         frontend.set_owner()?;
         let backend_features = frontend.get_features()?;
@@ -113,6 +119,7 @@ impl VirtioFs {
         Ok(VirtioFs {
             tag: share.tag.clone(),
             frontend,
+            watchdog,
             daemon,
             backend_features,
             regions,
@@ -204,12 +211,14 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
         let tag = self.tag.clone();
         let backend = |e: String| ActivateError::Backend(format!("virtio-fs {tag}: {e}"));
         let features = a.features & !F_PROTOCOL_FEATURES;
-        self.frontend
+        self.watchdog.arm();
+        let started = self
+            .frontend
             .set_features(features)
-            .map_err(|e| backend(e.to_string()))?;
-        if let Err(e) = self.start_queues(&a.queues, &a.queue_events) {
-            return Err(backend(e));
-        }
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.start_queues(&a.queues, &a.queue_events));
+        self.watchdog.disarm();
+        started.map_err(backend)?;
         let clone_all = |fds: &[EventFd]| {
             fds.iter()
                 .map(EventFd::try_clone)
@@ -249,7 +258,10 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
         // GET_VRING_BASE stops a ring. A virtiofsd that does not answer in time is
         // ended: the share fails (EIO), the VM goes on.
         for i in std::mem::take(&mut self.started) {
-            if let Err(e) = self.frontend.get_vring_base(i) {
+            self.watchdog.arm();
+            let stopped = self.frontend.get_vring_base(i);
+            self.watchdog.disarm();
+            if let Err(e) = stopped {
                 tracing::warn!(
                     "virtio-fs {}: stopping queue {i}: {e}; ending virtiofsd",
                     self.tag

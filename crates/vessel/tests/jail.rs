@@ -179,6 +179,61 @@ fn a_users_monitor_runs_jailed_through_a_user_namespace() {
     nobody(&["kill", "theirs"]);
 }
 
+/// A jailed VM's TAP NIC: root makes the interface (persistent, owned by the jail's
+/// user) before the jail, the monitor opens it without any capability, the guest
+/// reaches the host through it, and it goes when the VM stops.
+#[test]
+fn a_jailed_vm_gets_its_tap_made_for_it_and_it_goes_at_the_end() {
+    if !common::is_root() {
+        eprintln!("skipped: TAP interfaces need root");
+        return;
+    }
+    let Some(kit) = common::kit() else { return };
+    let home = Home::new();
+    let tap = "vtjail0";
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", tap])
+        .status();
+    let script = "ip link set eth0 up; ip addr add 10.77.0.2/24 dev eth0; \
+                  while ! ping -c 1 -W 1 10.77.0.1 >/dev/null; do sleep 1; done; \
+                  echo reached-the-host; while :; do sleep 1; done";
+    let cmdline = kit::cmdline("vessel.dhcp=off", Some(script));
+    let (kernel, initrd) = (kit.vmlinux.to_str().unwrap(), kit.initrd.to_str().unwrap());
+    home.ok(&[
+        "create",
+        "t",
+        "--kernel",
+        kernel,
+        "--initrd",
+        initrd,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "256M",
+        "--accel",
+        "emu",
+        "--net",
+        &format!("tap={tap}"),
+    ]);
+    home.ok(&["start", "t"]);
+    let sys = Path::new("/sys/class/net").join(tap);
+    let owner = std::fs::read_to_string(sys.join("owner")).unwrap_or_default();
+    assert_eq!(owner.trim(), sandbox::jail::DEFAULT_ID.to_string());
+    common::sh(&format!(
+        "ip addr add 10.77.0.1/24 dev {tap} && ip link set {tap} up"
+    ));
+    home.wait_log("t", 0, "reached-the-host");
+    home.ok(&["kill", "t"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sys.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{tap} stays after the VM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn vessel_run_sandbox_boots_the_guest_in_a_jail() {
     if !common::is_root() {

@@ -405,3 +405,36 @@ fn stop_powers_a_linux_guest_off_through_acpi() {
     assert_eq!(home.status("linux")["last_exit"], "guest powered off");
     eprintln!("powered off {:?} after the button", t.elapsed());
 }
+
+/// A monitor that cannot answer (stopped here with SIGSTOP, as one whose threads are
+/// stuck) is still ended by `vessel kill`: asked first, then killed outright, and its
+/// status says so.
+#[test]
+fn kill_ends_a_monitor_that_cannot_answer() {
+    let home = Home::new();
+    let (_k, kernel) = counter();
+    home.ok(&["create", "stuck", "--kernel", &kernel, "--memory", "64M"]);
+    home.ok(&["start", "stuck"]);
+    home.wait_count("stuck", 1);
+    let pid = home.pid("stuck");
+    // SAFETY: stopping the monitor process this test started.
+    assert_eq!(unsafe { libc_kill(pid, 19) }, 0);
+    home.ok(&["kill", "stuck"]);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
+            // A zombie until its parent (the jail's first process) reaps it.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+        }
+    );
+    let status = home.status("stuck");
+    assert_eq!(status["state"], "stopped", "{status}");
+    assert!(
+        status["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("killed")),
+        "{status}"
+    );
+    home.ok(&["start", "stuck"]);
+    home.ok(&["kill", "stuck"]);
+}

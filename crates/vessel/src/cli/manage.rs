@@ -366,16 +366,59 @@ fn post_action(bundle: &Bundle, action: Action) -> Result<StateBody, Failure> {
 
 pub fn action(args: NameArg, action: Action) -> CliResult {
     let (_, bundle) = open(&args.name)?;
+    if action == Action::Kill {
+        kill(&bundle)?;
+        println!("{} is stopped", bundle.name);
+        return Ok(ExitCode::SUCCESS);
+    }
     let state = post_action(&bundle, action)?;
     match action {
-        Action::Kill => {
-            wait_stopped(&bundle, Duration::from_secs(30))?;
-            println!("{} is stopped", bundle.name);
-        }
         Action::Reboot => println!("{} is rebooting", bundle.name),
         _ => println!("{} is {}", bundle.name, state.state),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ends a running VM's monitor: asked through its API first; a monitor that cannot
+/// answer or does not end within 30 s (its main thread stuck) is killed outright.
+fn kill(bundle: &Bundle) -> Result<(), Failure> {
+    // A kill is answered at once by a monitor that can answer at all.
+    let asked = client(bundle, "kill").and_then(|c| {
+        Ok(c.with_timeout(Duration::from_secs(5))
+            .post::<_, StateBody>(
+                &format!("/v1/vms/{}/actions", bundle.name),
+                &ActionRequest::new(Action::Kill),
+            )?)
+    });
+    let live = matches!(bundle.status().state, VmState::Running | VmState::Paused);
+    match asked {
+        Err(e) if !live => Err(e),
+        Ok(_) if wait_stopped(bundle, Duration::from_secs(30))? => Ok(()),
+        _ => kill_outright(bundle),
+    }
+}
+
+/// SIGKILL to the monitor the status names (if that process still runs); the status
+/// then says the VM was killed.
+fn kill_outright(bundle: &Bundle) -> Result<(), Failure> {
+    let mut status = bundle.status();
+    if let (Some(pid), Some(start)) = (status.pid, status.pid_start) {
+        let same = || manager::status::process_start_time(pid) == Some(start);
+        if same() {
+            // SAFETY: kill(2) on the monitor's pid, checked above to be that process.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while same() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    status.state = VmState::Stopped;
+    status.pid = None;
+    status.pid_start = None;
+    status.last_exit = Some("killed: the monitor did not end when asked".into());
+    status.write(&bundle.status_path())?;
+    Ok(())
 }
 
 /// Waits until the monitor has gone (status stopped or crashed).
@@ -407,8 +450,7 @@ pub fn stop(args: StopArgs) -> CliResult {
             bundle.name, args.timeout
         )));
     }
-    post_action(&bundle, Action::Kill)?;
-    wait_stopped(&bundle, Duration::from_secs(30))?;
+    kill(&bundle)?;
     println!(
         "{} did not power off within {}s: killed",
         bundle.name, args.timeout

@@ -82,7 +82,7 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
             name: name.into(),
             missing,
         })?;
-    let placement = resources::prepare(home, &host, name, &spec.cpu)?;
+    let mut placement = resources::prepare(home, &host, name, &spec.cpu)?;
 
     let log_path = bundle.monitor_log();
     let log = OpenOptions::new()
@@ -115,10 +115,25 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
         ManagerError::Other(format!("cannot start the monitor {}: {e}", exe.display()))
     })?;
     // The whole process moves, whichever threads it has made by now.
-    if let Err(e) = placement.admit(name, child.id()) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e);
+    // The VM's last monitor may still be removing its cgroup as we take it (a jailed
+    // one's first process does, once the monitor has ended): made again, it is ours.
+    let mut tries = 0;
+    while let Err(e) = placement.admit(name, child.id()) {
+        tries += 1;
+        let again = if tries < 5 {
+            std::thread::sleep(Duration::from_millis(20));
+            resources::prepare(home, &host, name, &spec.cpu)
+        } else {
+            Err(e)
+        };
+        match again {
+            Ok(p) => placement = p,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
     }
     if let Some(mut admitted) = child.stdin.take() {
         let _ = admitted.write_all(b"1");

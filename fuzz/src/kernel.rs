@@ -27,12 +27,12 @@ use crate::ops::Ops;
 const MIB: u64 = 1 << 20;
 
 /// A file in memory, and the path that opens it.
-struct MemFile {
-    file: File,
-    path: PathBuf,
+pub(crate) struct MemFile {
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
 }
 
-fn memfd(bytes: &[u8]) -> MemFile {
+pub(crate) fn memfd(bytes: &[u8]) -> MemFile {
     // SAFETY: a NUL-terminated name and valid flags; the descriptor is owned below.
     let fd = unsafe { libc::memfd_create(c"vessel-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());

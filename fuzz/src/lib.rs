@@ -10,17 +10,22 @@
 //!
 //! Also: a DHCP frame from a guest, the packets a guest sends its vsock device
 //! (`vsock.rs`), what a guest agent sends the host (`agent.rs`), the virtio network,
-//! entropy, console and balloon queues (`virtio_*.rs` on `driver.rs`), the PCI
-//! transport (`virtio_pci.rs`), the legacy ports (`legacy.rs`), the interrupt
-//! controllers (`irqchip.rs`), what a control API client sends (`control_api.rs`), and
-//! what whoever hands vessel a file controls: a snapshot's state file, a qcow2 disk
-//! image (`qcow2.rs`), a VM's vm.toml (`vm_toml.rs`), the host's host.toml
-//! (`host_toml.rs`) and a kernel and initrd (`kernel.rs`). [`TARGETS`] lists them all;
-//! docs/fuzzing.md says how to run them.
+//! entropy, console and balloon queues (`virtio_*.rs` on `driver.rs`), the block
+//! device's requests against a disk (`block_queue.rs`), the vsock device's queues
+//! (`vsock_device.rs`), the PCI transport (`virtio_pci.rs`), the legacy ports
+//! (`legacy.rs`), the interrupt controllers (`irqchip.rs`), the software CPU
+//! (`x86_decode.rs`), what a control API client sends (`control_api.rs`), what a
+//! network peer (`frame_stream.rs`) and virtiofsd (`virtio_fs.rs`) send, and what
+//! whoever hands vessel a file controls: a snapshot's state file and a snapshot being
+//! restored (`snapshot_memory.rs`), a qcow2 disk image (`qcow2.rs`), a VM's vm.toml
+//! (`vm_toml.rs`), the host's host.toml (`host_toml.rs`) and a kernel and initrd
+//! (`kernel.rs`). [`TARGETS`] lists them all; docs/fuzzing.md says how to run them.
 
 mod agent;
+pub mod block_queue;
 pub mod control_api;
 pub mod driver;
+pub mod frame_stream;
 pub mod host_toml;
 pub mod irqchip;
 pub mod kernel;
@@ -29,28 +34,38 @@ pub mod mutate;
 pub mod ops;
 mod qcow2;
 mod sandbox;
+pub mod snapshot_memory;
 pub mod trace;
 pub mod virtio_balloon;
 pub mod virtio_console;
+pub mod virtio_fs;
 pub mod virtio_net;
 pub mod virtio_pci;
 pub mod virtio_rng;
 mod vm_toml;
 pub mod vsock;
+pub mod vsock_device;
+pub mod x86_decode;
 pub use agent::{agent_protocol, agent_protocol_outcome, agent_seeds};
+pub use block_queue::block_queue;
 pub use control_api::control_api;
+pub use frame_stream::frame_stream;
 pub use host_toml::host_toml;
 pub use irqchip::irqchip;
 pub use kernel::kernel_loader;
 pub use legacy::legacy_ports;
 pub use qcow2::{qcow2_image, qcow2_opens};
+pub use snapshot_memory::snapshot_memory;
 pub use virtio_balloon::virtio_balloon;
 pub use virtio_console::virtio_console;
+pub use virtio_fs::virtio_fs;
 pub use virtio_net::virtio_net;
 pub use virtio_pci::virtio_pci;
 pub use virtio_rng::virtio_rng;
 pub use vm_toml::vm_toml;
 pub use vsock::{vsock_packets, vsock_packets_stats, vsock_seeds};
+pub use vsock_device::vsock_device;
+pub use x86_decode::x86_decode;
 
 /// A fuzz target: its name (the cargo-fuzz binary and corpus directory) and harness.
 pub struct Target {
@@ -59,7 +74,7 @@ pub struct Target {
 }
 
 /// Every target, as the stable smoke runner and the consistency test see them.
-pub const TARGETS: [Target; 18] = [
+pub const TARGETS: [Target; 24] = [
     Target {
         name: "queue",
         run: queue,
@@ -131,6 +146,30 @@ pub const TARGETS: [Target; 18] = [
     Target {
         name: "control_api",
         run: control_api,
+    },
+    Target {
+        name: "block_queue",
+        run: block_queue,
+    },
+    Target {
+        name: "vsock_device",
+        run: vsock_device,
+    },
+    Target {
+        name: "frame_stream",
+        run: frame_stream,
+    },
+    Target {
+        name: "snapshot_memory",
+        run: snapshot_memory,
+    },
+    Target {
+        name: "virtio_fs",
+        run: virtio_fs,
+    },
+    Target {
+        name: "x86_decode",
+        run: x86_decode,
     },
 ];
 

@@ -1,6 +1,6 @@
-//! The socket harnesses leave nothing behind: every descriptor a run opens is closed
-//! and every socket file it binds is removed by the time it returns (a test binary of
-//! its own, so no other test opens files meanwhile).
+//! The socket, file and thread harnesses leave nothing behind: every descriptor a run
+//! opens is closed and every socket file it binds is removed by the time it returns (a
+//! test binary of its own, so no other test opens files meanwhile).
 
 use std::path::PathBuf;
 
@@ -15,20 +15,57 @@ fn socket_files() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// A harness and the inputs to run it on.
+type Runs = Vec<(fn(&[u8]), Vec<Vec<u8>>)>;
+
 #[test]
 fn runs_leave_no_descriptors_or_socket_files() {
-    let vsock = vessel_fuzz::vsock_seeds();
-    let agent = vessel_fuzz::agent_seeds();
-    // The first runs set up the sandbox directory (and its descriptor-free state).
-    vessel_fuzz::vsock_packets(&vsock[0].1);
-    vessel_fuzz::agent_protocol(&agent[0].1);
+    let discover = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/dhcp/discover"))
+        .expect("the DHCP seed");
+    let named = |v: Vec<(&'static str, Vec<u8>)>| v.into_iter().map(|(_, b)| b).collect();
+    let runs: Runs = vec![
+        (
+            vessel_fuzz::vsock_packets,
+            named(vessel_fuzz::vsock_seeds()),
+        ),
+        (
+            vessel_fuzz::agent_protocol,
+            named(vessel_fuzz::agent_seeds()),
+        ),
+        (
+            vessel_fuzz::vsock_device,
+            named(vessel_fuzz::vsock_device::vsock_device_seeds()),
+        ),
+        (
+            vessel_fuzz::block_queue,
+            named(vessel_fuzz::block_queue::block_queue_seeds()),
+        ),
+        (
+            vessel_fuzz::frame_stream,
+            named(vessel_fuzz::frame_stream::frame_stream_seeds(&discover)),
+        ),
+        (
+            vessel_fuzz::virtio_fs,
+            vessel_fuzz::virtio_fs::virtio_fs_seeds()
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect(),
+        ),
+        (
+            vessel_fuzz::snapshot_memory,
+            named(vessel_fuzz::snapshot_memory::snapshot_memory_seeds()),
+        ),
+    ];
+    // The first runs set up the sandbox directories (and their descriptor-free state).
+    for (run, seeds) in &runs {
+        run(&seeds[0]);
+    }
     let before = fds();
     for _ in 0..10 {
-        for (_, s) in &vsock {
-            vessel_fuzz::vsock_packets(s);
-        }
-        for (_, s) in &agent {
-            vessel_fuzz::agent_protocol(s);
+        for (run, seeds) in &runs {
+            for s in seeds {
+                run(s);
+            }
         }
     }
     assert_eq!(fds(), before, "descriptors left open");

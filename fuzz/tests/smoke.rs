@@ -108,4 +108,10 @@ smoke_tests!(
     kernel_loader,
     host_toml,
     control_api,
+    block_queue,
+    vsock_device,
+    frame_stream,
+    snapshot_memory,
+    virtio_fs,
+    x86_decode,
 );

@@ -66,6 +66,27 @@ fn generated() -> Vec<(&'static str, Seeds)> {
         ("control_api", vessel_fuzz::control_api::control_api_seeds()),
         ("host_toml", own(vessel_fuzz::host_toml::host_toml_seeds())),
         (
+            "block_queue",
+            own(vessel_fuzz::block_queue::block_queue_seeds()),
+        ),
+        (
+            "vsock_device",
+            own(vessel_fuzz::vsock_device::vsock_device_seeds()),
+        ),
+        (
+            "frame_stream",
+            own(vessel_fuzz::frame_stream::frame_stream_seeds(&discover)),
+        ),
+        (
+            "snapshot_memory",
+            own(vessel_fuzz::snapshot_memory::snapshot_memory_seeds()),
+        ),
+        ("virtio_fs", vessel_fuzz::virtio_fs::virtio_fs_seeds()),
+        (
+            "x86_decode",
+            own(vessel_fuzz::x86_decode::x86_decode_seeds()),
+        ),
+        (
             "kernel_loader",
             own(vec![
                 (
@@ -164,6 +185,103 @@ fn seeds_reach_what_they_are_for() {
         if name.starts_with("testguest") {
             assert!(vessel_fuzz::kernel::kernel_loads(&bytes), "{name} loads");
         }
+    }
+    // The block seeds complete requests on every kind of disk, read back what they
+    // wrote and are refused what they must be.
+    for (name, bytes) in vessel_fuzz::block_queue::block_queue_seeds() {
+        let s = vessel_fuzz::block_queue::block_queue_stats(&bytes);
+        assert_eq!((s.aliased, s.refused), (0, 0), "{name}: {s:?}");
+        match name {
+            "refused" => assert_eq!((s.ok, s.ioerr, s.unsupp), (2, 7, 3), "{name}: {s:?}"),
+            "qcow2-magic-on-probed-raw" => assert_eq!((s.ok, s.ioerr), (0, 1), "{name}: {s:?}"),
+            // The write refused; the discard not offered.
+            n if n.starts_with("readonly") => {
+                assert_eq!((s.ok, s.ioerr, s.unsupp), (3, 1, 1), "{name}: {s:?}")
+            }
+            _ => assert!(
+                s.ioerr == 0 && s.unsupp == 0 && s.read_checked > 0,
+                "{name}: {s:?}"
+            ),
+        }
+    }
+    // The vsock seeds move data both ways through the queues, and the event goes out.
+    for (name, bytes) in vessel_fuzz::vsock_device::vsock_device_seeds() {
+        let s = vessel_fuzz::vsock_device::vsock_device_stats(&bytes);
+        let ok = match name {
+            "linux-guest-connects" => {
+                s.accepted == 1 && s.events == 1 && s.bytes_to_host >= 18 && s.bytes_to_guest >= 256
+            }
+            "linux-host-connects" => {
+                s.host_initiated == 1 && s.bytes_to_host >= 23 && s.bytes_to_guest >= 1280
+            }
+            // The reset the seed asks for, none forced by the harness.
+            _ => s.accepted == 1 && s.packets_to_guest >= 2 && s.resets == 1,
+        };
+        assert!(
+            ok && (name == "device-reset" || s.resets == 0),
+            "{name}: {s:?}"
+        );
+    }
+    // The frame stream seeds carry frames both ways, and drop the connections they
+    // break.
+    let discover = std::fs::read(root().join("corpus/dhcp/discover")).unwrap();
+    for (name, bytes) in vessel_fuzz::frame_stream::frame_stream_seeds(&discover) {
+        let s = vessel_fuzz::frame_stream::frame_stream_stats(&bytes);
+        let ok = match name {
+            // Every frame each way, the largest one included.
+            "passt-traffic" => (s.received, s.sent, s.peer_read) == (4, 2, 4 + 42 + 4 + 1500),
+            "passt-restarted-socket-full" => s.reconnects == 2 && s.received == 2 && s.sent == 17,
+            _ => s.dropped_connections == 3 && s.received == 2,
+        };
+        assert!(ok, "{name}: {s:?}");
+    }
+    // The snapshot seeds: the whole ones restore, the others are refused where they
+    // should be.
+    for (name, bytes) in vessel_fuzz::snapshot_memory::snapshot_memory_seeds() {
+        let s = vessel_fuzz::snapshot_memory::snapshot_memory_stats(&bytes);
+        let (read, restored) = match name {
+            n if n.starts_with("memory-") => (false, false),
+            n if n.starts_with("vm-with") || n.starts_with("regression-") => (true, false),
+            _ => (true, true),
+        };
+        assert_eq!((s.read, s.restored), (read, restored), "{name}: {s:?}");
+    }
+    // The virtio-fs seeds: the device is made on a reply it can take, and activated
+    // (twice for the Linux seed) unless a ring is outside RAM or virtiofsd is gone.
+    for (name, bytes) in vessel_fuzz::virtio_fs::virtio_fs_seeds() {
+        let s = vessel_fuzz::virtio_fs::virtio_fs_stats(&bytes);
+        let (made, activated, refused) = match name.as_str() {
+            "linux-probe-and-reset" => (true, 2, 0),
+            "ring-outside-ram" => (true, 0, 1),
+            "features-reply-small-size" | "features-reply-twice" => (true, 1, 0),
+            n if n.starts_with("features-reply-") => (false, 0, 0),
+            // The connection closed with the first reset: the second activation fails.
+            "vring-base-reply-half-header"
+            | "vring-base-reply-header-only"
+            | "vring-base-reply-none-connection-closed"
+            | "vring-base-reply-garbage" => (true, 1, 1),
+            _ => (true, 2, 0),
+        };
+        assert_eq!(
+            (s.made, s.activated, s.refused),
+            (made, activated, refused),
+            "{name}: {s:?}"
+        );
+    }
+    // The x86 seeds run their code (the refused one stops at once).
+    for (name, bytes) in vessel_fuzz::x86_decode::x86_decode_seeds() {
+        let n = vessel_fuzz::x86_decode::x86_decode_steps(&bytes);
+        let want = match name {
+            "linux-64-function" => 14,
+            "system-and-strings-64" => 11,
+            "sse-and-x87-64" => 9,
+            // The division by zero faults.
+            "protected-32" => 6,
+            "real-mode-firmware" => 16,
+            "across-a-page" => 2,
+            _ => 0,
+        };
+        assert_eq!(n, want, "{name}: instructions completed");
     }
     // The control API seeds are requests answered without a refusal.
     for (name, bytes) in vessel_fuzz::control_api::control_api_seeds() {
@@ -268,6 +386,36 @@ fn host_toml_corpus_and_mutations() {
 #[test]
 fn control_api_corpus_and_mutations() {
     run("control_api", 0xa91c_0001, 3000);
+}
+
+#[test]
+fn block_queue_corpus_and_mutations() {
+    run("block_queue", 0xb10c_0001, 3000);
+}
+
+#[test]
+fn vsock_device_corpus_and_mutations() {
+    run("vsock_device", 0x750c_0001, 3000);
+}
+
+#[test]
+fn frame_stream_corpus_and_mutations() {
+    run("frame_stream", 0xf4a3_0001, 3000);
+}
+
+#[test]
+fn snapshot_memory_corpus_and_mutations() {
+    run("snapshot_memory", 0x5a95_0001, 2000);
+}
+
+#[test]
+fn virtio_fs_corpus_and_mutations() {
+    run("virtio_fs", 0xf5f5_0001, 3000);
+}
+
+#[test]
+fn x86_decode_corpus_and_mutations() {
+    run("x86_decode", 0x86de_0001, 5000);
 }
 
 /// Every target is a cargo-fuzz binary with its wrapper, a corpus, a stable test and a

@@ -112,6 +112,15 @@ pub fn build_from(
     restore: Option<&Restore>,
 ) -> Result<Vm, VmError> {
     config.validate()?;
+    // What a snapshot held is restored whole or not at all: every vCPU it saved.
+    if let Some(r) = restore
+        && (r.state.cpus != config.cpus || r.state.vcpus.len() != usize::from(config.cpus))
+    {
+        return Err(VmError::Device(format!(
+            "the snapshot has {} vCPUs, this VM {}",
+            r.state.cpus, config.cpus
+        )));
+    }
     let (mem, code) = match restore {
         None => guest_memory(config.memory, config.memory_is_shared())?,
         Some(r) => restored_memory(config, r)?,
@@ -444,5 +453,72 @@ impl Platform {
             },
             interrupts,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot restored into a VM with another vCPU count is refused. Before, the
+    /// software CPU restored a state of 2 vCPUs (and 1 local APIC) into a VM of 1,
+    /// dropping the second vCPU's state; on KVM nothing compared the counts at all.
+    #[test]
+    fn a_snapshot_of_another_vcpu_count_is_refused() {
+        // The kit guest captured on the software CPU, as the fuzz corpus has it, given a
+        // second vCPU and 32 MiB of memory.
+        let bytes = include_bytes!("../../../../fuzz/corpus/state_file/emu-kit");
+        let mut state =
+            crate::snapshot::file::decode_state(std::path::Path::new("state"), bytes).unwrap();
+        let mut second = state.vcpus[0].clone();
+        second.index = 1;
+        state.vcpus.push(second);
+        state.cpus = 2;
+        state.memory_bytes = 32 << 20;
+        state.memory = vec![crate::snapshot::MemoryRange {
+            guest: 0,
+            len: 32 << 20,
+            file_offset: 0,
+        }];
+        let memory =
+            std::env::temp_dir().join(format!("vessel-test-memory-{}", std::process::id()));
+        std::fs::File::create(&memory)
+            .and_then(|f| f.set_len(32 << 20))
+            .unwrap();
+        let config = VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 32 << 20,
+            accel: Accel::Emu,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            networks: std::path::PathBuf::new(),
+            cpu_model: crate::config::CpuModel::Host,
+            vmgenid: [0; 16],
+            rng: false,
+            vsock: None,
+            shares: Vec::new(),
+            runtime_dir: std::path::PathBuf::new(),
+            shared_memory: false,
+            balloon: false,
+            memory_merge: false,
+            memory_compress: None,
+            hvc: None,
+            kvm_fallback: true,
+        };
+        let restore = Restore {
+            state,
+            memory: memory.clone(),
+        };
+        let refused = build_from(
+            &config,
+            Console::Output(Box::new(std::io::sink())),
+            Some(&restore),
+        );
+        let _ = std::fs::remove_file(&memory);
+        let e = refused.err().expect("2 vCPUs restored into 1").to_string();
+        assert!(e.contains("the snapshot has 2 vCPUs, this VM 1"), "{e}");
     }
 }

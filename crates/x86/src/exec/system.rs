@@ -244,6 +244,10 @@ fn mov_to_cr(m: &mut Machine, i: &Insn) -> R {
             if v >> 32 != 0 || (v & ctl::CR0_PG != 0 && v & ctl::CR0_PE == 0) {
                 return Err(gp());
             }
+            // IA-32e mode is left from compatibility mode: 64-bit code cannot clear PG.
+            if v & ctl::CR0_PG == 0 && m.cpu.mode() == CpuMode::Long64 {
+                return Err(gp());
+            }
             // ET is hardwired.
             v |= 1 << 4;
             let c = &mut *m.cpu;

@@ -24,6 +24,26 @@ fn cpuid_goes_through_the_platform() {
     assert_eq!(vm.cpu.rip, CODE + 2);
 }
 
+/// 64-bit code cannot clear CR0.PG (IA-32e mode is left from compatibility mode):
+/// #GP(0), nothing changed. The interpreter once took it, turning paging and
+/// protection off under 64-bit code (found by the `x86_decode` fuzz target).
+#[test]
+fn clearing_paging_in_64_bit_mode_faults() {
+    let mut vm = Vm::long(0);
+    vm.code(|a| a.mov(cr0, rax));
+    for value in [0x10, x86::ctl::CR0_PE | 0x10] {
+        vm.cpu.gpr[0] = value;
+        let before = vm.cpu.clone();
+        assert_eq!(
+            vm.exception(),
+            Exception::GeneralProtection(0),
+            "cr0 <- {value:#x}"
+        );
+        assert_eq!(vm.cpu, before);
+        assert_eq!(vm.cpu.mode(), x86::CpuMode::Long64);
+    }
+}
+
 #[test]
 fn rdtsc_and_rdtscp() {
     let mut vm = Vm::long(3);

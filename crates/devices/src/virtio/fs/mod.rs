@@ -67,8 +67,9 @@ pub struct VirtioFs {
     frontend: Frontend,
     /// A deadline on each exchange with virtiofsd.
     watchdog: Watchdog,
-    /// Kept as long as the device; dropped last (after the connection).
-    daemon: Virtiofsd,
+    /// Kept as long as the device; dropped last (after the connection). None when
+    /// something else plays virtiofsd ([`VirtioFs::connected`]).
+    daemon: Option<Virtiofsd>,
     backend_features: u64,
     regions: Vec<SharedRegion>,
     calls: Vec<EventFd>,
@@ -90,9 +91,24 @@ impl VirtioFs {
             return Err(FsError::PrivateMemory);
         }
         let daemon = Virtiofsd::start(share, socket).map_err(FsError::Daemon)?;
+        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(FsError::Daemon)?;
+        Self::connected(share, stream, regions, Some(daemon))
+    }
+
+    /// The device over a connection to a vhost-user backend: the virtiofsd `new`
+    /// started, or (`daemon` None) whatever plays it, with no process to watch or end
+    /// (the fuzz harness: a thread on a socket pair).
+    pub fn connected(
+        share: &ShareConfig,
+        stream: std::os::unix::net::UnixStream,
+        regions: Vec<SharedRegion>,
+        daemon: Option<Virtiofsd>,
+    ) -> Result<Self, FsError> {
+        if regions.is_empty() || regions.iter().any(|r| r.fd < 0) {
+            return Err(FsError::PrivateMemory);
+        }
         // A virtiofsd that stops answering (a guest can make it spin) must not hang the
         // vCPU that resets the device: every exchange after this has a deadline.
-        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(FsError::Daemon)?;
         let watchdog = Watchdog::new(
             stream.try_clone().map_err(FsError::Daemon)?,
             REPLY_TIMEOUT,
@@ -112,7 +128,7 @@ impl VirtioFs {
         tracing::info!(
             "virtio-fs {}: virtiofsd (pid {}) serves {}{}",
             share.tag,
-            daemon.pid(),
+            daemon.as_ref().map_or(0, Virtiofsd::pid),
             share.dir.display(),
             if share.readonly { ", read-only" } else { "" }
         );
@@ -132,10 +148,7 @@ impl VirtioFs {
 
     /// A guest-physical range's address in this process (the rings the driver set up).
     fn host_addr(&self, guest: u64, len: u64) -> Option<u64> {
-        self.regions.iter().find_map(|r| {
-            let off = guest.checked_sub(r.guest_addr)?;
-            (off.checked_add(len)? <= r.size).then_some(r.host_addr + off)
-        })
+        host_addr(&self.regions, guest, len)
     }
 
     fn start_queues(&mut self, queues: &[Queue], kicks: &[EventFd]) -> Result<(), String> {
@@ -190,6 +203,16 @@ impl VirtioFs {
     }
 }
 
+/// Where guest range [guest, guest + len) is in this process, if one region holds all
+/// of it. (The address is computed only then: a ring the driver put far above RAM
+/// must not overflow it.)
+fn host_addr(regions: &[SharedRegion], guest: u64, len: u64) -> Option<u64> {
+    regions.iter().find_map(|r| {
+        let off = guest.checked_sub(r.guest_addr)?;
+        (off.checked_add(len)? <= r.size).then(|| r.host_addr + off)
+    })
+}
+
 impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
     fn device_type(&self) -> DeviceType {
         DeviceType::Fs
@@ -229,7 +252,12 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
             calls: clone_all(&self.calls)?,
             interrupt: a.interrupt.clone(),
             tag: self.tag.clone(),
-            daemon: self.daemon.watch().map_err(ActivateError::Worker)?,
+            daemon: self
+                .daemon
+                .as_ref()
+                .map(Virtiofsd::watch)
+                .transpose()
+                .map_err(ActivateError::Worker)?,
             takeover: Some(Takeover {
                 mem: a.mem,
                 queues: a.queues,
@@ -266,7 +294,9 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
                     "virtio-fs {}: stopping queue {i}: {e}; ending virtiofsd",
                     self.tag
                 );
-                self.daemon.kill();
+                if let Some(d) = &mut self.daemon {
+                    d.kill();
+                }
                 break;
             }
         }
@@ -286,8 +316,8 @@ struct Completions<M> {
     calls: Vec<EventFd>,
     interrupt: Arc<VirtioInterrupt>,
     tag: String,
-    /// Readable when virtiofsd has exited (a pidfd).
-    daemon: std::os::fd::OwnedFd,
+    /// Readable when virtiofsd has exited (a pidfd); None without a process.
+    daemon: Option<std::os::fd::OwnedFd>,
     /// What taking the queues back needs.
     takeover: Option<Takeover<M>>,
     failed: Option<Worker>,
@@ -332,7 +362,7 @@ impl<M: GuestMemoryShared> QueueHandler for Completions<M> {
         self.calls
             .iter()
             .map(|c| (c.as_raw_fd(), EventSet::IN))
-            .chain([(self.daemon.as_raw_fd(), EventSet::IN)])
+            .chain(self.daemon.iter().map(|d| (d.as_raw_fd(), EventSet::IN)))
             .collect()
     }
 
@@ -344,6 +374,44 @@ impl<M: GuestMemoryShared> QueueHandler for Completions<M> {
                 Ok(())
             }
             None => self.daemon_died(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rings at the top of the address space are not guest RAM, and computing where
+    /// they would be does not overflow (the fuzzer's `virtio_fs` found a driver's
+    /// available ring at 2^64 - 2 panicking a debug build).
+    #[test]
+    fn a_ring_far_above_ram_is_not_guest_ram() {
+        let regions = [
+            SharedRegion {
+                guest_addr: 0,
+                size: 0x4000,
+                host_addr: 0x7f00_0000_0000,
+                fd: 3,
+                offset: 0,
+            },
+            SharedRegion {
+                guest_addr: 0x1_0000,
+                size: 0x1000,
+                host_addr: 0x7f00_0001_0000,
+                fd: 3,
+                offset: 0x4000,
+            },
+        ];
+        assert_eq!(host_addr(&regions, 0x1000, 0x100), Some(0x7f00_0000_1000));
+        assert_eq!(host_addr(&regions, 0x1_0800, 0x800), Some(0x7f00_0001_0800));
+        for (guest, len) in [
+            (u64::MAX - 1, 6),
+            (1 << 63, 16),
+            (0x3f00, 0x200),
+            (0x8000, 16),
+        ] {
+            assert_eq!(host_addr(&regions, guest, len), None, "{guest:#x}+{len:#x}");
         }
     }
 }

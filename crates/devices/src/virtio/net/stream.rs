@@ -22,6 +22,8 @@ use super::{HEADER_LEN, MAX_FRAME, NetBackend};
 
 /// The longest Ethernet frame (without the virtio header) either side may send.
 pub const MAX_ETHERNET: usize = MAX_FRAME - HEADER_LEN;
+/// The shortest: an Ethernet header (the switch drops a connection that sends less).
+pub const MIN_ETHERNET: usize = 14;
 /// Frames waiting to be written to a slow peer; past this, frames are dropped.
 const TX_QUEUE: usize = 512;
 
@@ -41,6 +43,9 @@ pub struct StreamBackend {
     rx: Mutex<Rx>,
     tx: Mutex<Option<SyncSender<Vec<u8>>>>,
     link: Arc<AtomicBool>,
+    /// The current connection's number: a writer thread takes the link down only for
+    /// its own connection, not for one that replaced it.
+    connection: Arc<Mutex<u64>>,
     notify: Arc<Mutex<Option<LinkNotifier>>>,
     /// The guest negotiated GUEST_CSUM: frames are marked DATA_VALID.
     data_valid: AtomicBool,
@@ -61,6 +66,7 @@ impl StreamBackend {
             }),
             tx: Mutex::new(None),
             link: Arc::new(AtomicBool::new(false)),
+            connection: Arc::default(),
             notify: Arc::default(),
             data_valid: AtomicBool::new(false),
         })
@@ -87,8 +93,14 @@ impl StreamBackend {
         stream.set_nonblocking(true)?;
         let (tx, frames) = sync_channel::<Vec<u8>>(TX_QUEUE);
         let (link, notify) = (self.link.clone(), self.notify.clone());
+        let current = self.connection.clone();
+        let number = {
+            let mut n = lock(&self.connection);
+            *n += 1;
+            *n
+        };
         sandbox::thread::spawn(sandbox::ThreadClass::Net, "net-stream-tx", move || {
-            write_frames(writer, frames, &link, &notify)
+            write_frames(writer, frames, &link, &notify, (&current, number))
         })?;
         let mut rx = lock(&self.rx);
         if let Some(old) = rx.stream.take() {
@@ -138,13 +150,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The writer thread of one connection: frames from the queue to the socket, until
-/// either side goes away.
+/// The writer thread of one connection (`current`: the number of the backend's
+/// current connection; `number`: this one's): frames from the queue to the socket,
+/// until either side goes away.
 fn write_frames(
     mut stream: UnixStream,
     frames: std::sync::mpsc::Receiver<Vec<u8>>,
     link: &AtomicBool,
     notify: &Mutex<Option<LinkNotifier>>,
+    (current, number): (&Mutex<u64>, u64),
 ) {
     let mut batch = VecDeque::new();
     while let Ok(first) = frames.recv() {
@@ -155,7 +169,11 @@ fn write_frames(
         let buf: Vec<u8> = batch.drain(..).flatten().collect();
         if let Err(e) = write_waiting(&mut stream, &buf) {
             tracing::warn!("virtio-net: the network peer stopped taking frames: {e}");
-            set_link(link, notify, false);
+            // A connection handed over since is not this one's to take down.
+            let current = lock(current);
+            if *current == number {
+                set_link(link, notify, false);
+            }
             return;
         }
     }
@@ -251,7 +269,12 @@ impl NetBackend for StreamBackend {
     }
 
     fn send(&self, frame: &[u8]) -> io::Result<usize> {
-        let Some(eth) = frame.get(HEADER_LEN..).filter(|e| !e.is_empty()) else {
+        // A frame the peer would take for a broken stream (the switch disconnects the
+        // port) is dropped here, as an empty one is.
+        let Some(eth) = frame
+            .get(HEADER_LEN..)
+            .filter(|e| (MIN_ETHERNET..=MAX_ETHERNET).contains(&e.len()))
+        else {
             return Ok(frame.len());
         };
         let mut buf = Vec::with_capacity(4 + eth.len());
@@ -319,5 +342,52 @@ mod tests {
             assert_eq!(u32::from_be_bytes(f[4..8].try_into().unwrap()), i as u32);
         }
         assert!(backend.link_up());
+    }
+
+    /// A guest's frame shorter than an Ethernet header never reaches the peer (the
+    /// switch would drop the VM's port for it); the frames around it do.
+    #[test]
+    fn runt_frames_are_not_sent() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let backend = StreamBackend::new().unwrap();
+        backend.connect(ours).unwrap();
+        for len in [MIN_ETHERNET, 1, MIN_ETHERNET - 1, 0, 60] {
+            let frame = vec![len as u8; HEADER_LEN + len];
+            assert_eq!(backend.send(&frame).unwrap(), frame.len());
+        }
+        let mut got = vec![0u8; 4 + MIN_ETHERNET + 4 + 60];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(got[..4], (MIN_ETHERNET as u32).to_be_bytes());
+        assert_eq!(got[4 + MIN_ETHERNET..][..4], 60u32.to_be_bytes());
+        theirs.set_nonblocking(true).unwrap();
+        assert!(
+            theirs.read(&mut [0u8; 1]).is_err(),
+            "more than the two frames"
+        );
+    }
+
+    /// A peer replaced while the old connection's writer still had frames for it (the
+    /// old passt died with its socket full, a new one was connected): the old writer's
+    /// failure leaves the new connection's link up.
+    #[test]
+    fn an_old_connections_writer_leaves_the_new_link_alone() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let backend = StreamBackend::new().unwrap();
+        backend.connect(ours).unwrap();
+        let frame = vec![0u8; HEADER_LEN + 60000];
+        for _ in 0..16 {
+            backend.send(&frame).unwrap();
+        }
+        // The writer fills the socket and waits for the peer to read.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (ours, mut new_peer) = UnixStream::pair().unwrap();
+        backend.connect(ours).unwrap();
+        drop(theirs);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(backend.link_up(), "the old writer took the new link down");
+        backend.send(&frame[..HEADER_LEN + 60]).unwrap();
+        let mut got = [0u8; 64];
+        new_peer.read_exact(&mut got).unwrap();
+        assert_eq!(u32::from_be_bytes(got[..4].try_into().unwrap()), 60);
     }
 }

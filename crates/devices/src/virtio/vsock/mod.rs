@@ -54,6 +54,31 @@ impl VirtioVsock {
         })
     }
 
+    /// What the worker thread runs on the receive, transmit and event queues (the fuzz
+    /// harnesses run it in their own thread).
+    pub fn queues<M: GuestMemory>(
+        &self,
+        mem: M,
+        [rx, tx, event]: [Queue; 3],
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> VsockQueues<M> {
+        VsockQueues {
+            mem,
+            rx_used: UsedRing::new(&rx),
+            tx_used: UsedRing::new(&tx),
+            event_used: UsedRing::new(&event),
+            rx,
+            tx,
+            event,
+            interrupt,
+            muxer: self.muxer.clone(),
+            reset_owed: self.reset_owed.clone(),
+            chain: Chain::new(),
+            heads: Vec::new(),
+            buf: Vec::new(),
+        }
+    }
+
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
@@ -84,21 +109,7 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioVsock {
         let Ok([rx, tx, event]) = <[Queue; 3]>::try_from(a.queues) else {
             return Err(ActivateError::Queues(n));
         };
-        let handler = VsockQueues {
-            mem: a.mem,
-            rx_used: UsedRing::new(&rx),
-            tx_used: UsedRing::new(&tx),
-            event_used: UsedRing::new(&event),
-            rx,
-            tx,
-            event,
-            interrupt: a.interrupt.clone(),
-            muxer: self.muxer.clone(),
-            reset_owed: self.reset_owed.clone(),
-            chain: Chain::new(),
-            heads: Vec::new(),
-            buf: Vec::new(),
-        };
+        let handler = self.queues(a.mem, [rx, tx, event], a.interrupt.clone());
         self.worker = Some(
             Worker::spawn(
                 "virtio-vsock",
@@ -122,7 +133,7 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioVsock {
     }
 }
 
-struct VsockQueues<M> {
+pub struct VsockQueues<M> {
     mem: M,
     rx: Queue,
     tx: Queue,

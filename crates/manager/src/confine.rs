@@ -76,12 +76,6 @@ fn policy(config: &vmm::VmConfig, exe: &Path) -> sandbox::launcher::Policy {
     }
 }
 
-/// Whether this process is root on the host (a jail then runs as its own user), not
-/// root in a user namespace of its own.
-pub fn is_root() -> bool {
-    sandbox::jail::is_root()
-}
-
 /// The jail for a VM configured as `config` whose folder, if any, is `dir` (read-write:
 /// its logs, sockets, status, snapshots and disks), rooted at `mount_point`: its kernel
 /// and initrd read-only, its disks (their backing images read-only), the sockets it
@@ -162,7 +156,7 @@ pub fn prepare_jail(
     }
     jail.device("/dev/kvm");
     std::fs::create_dir_all(mount_point).map_err(ManagerError::io(mount_point))?;
-    if is_root() {
+    if sandbox::jail::is_root() {
         give_to_jail(&jail, &folders)?;
         vmm::builder::prepare_taps(&config.nets, jail.id)
             .map_err(|e| ManagerError::Other(e.to_string()))?;

@@ -779,9 +779,12 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let _ = std::fs::remove_file(bundle.console_socket());
     // Answer the request that ended the VM (a kill) before going away.
     in_flight.drain(Duration::from_secs(2));
-    // Before the status says stopped: a start that follows makes the cgroup anew.
+    // Before the status says stopped: a start that follows makes the cgroup anew (a
+    // jailed monitor's cgroup is left by its first process, outside the jail).
     sandbox::launcher::stop();
-    resources::leave(home, name);
+    if !jailed {
+        resources::leave(home, name);
+    }
     if monitor.suspended.load(Ordering::SeqCst) {
         monitor.write_status(VmState::Suspended, Some("suspended".into()));
     } else {

@@ -491,7 +491,7 @@ impl VmSpec {
 /// `sandbox=on|off`; unset: on when root starts the VM.
 pub fn parse_sandbox(v: Option<&str>) -> Result<bool, String> {
     match v {
-        None => Ok(crate::confine::is_root()),
+        None => Ok(sandbox::jail::is_root()),
         Some("on") => Ok(true),
         Some("off") => Ok(false),
         Some(other) => Err(format!("sandbox: {other:?} is not on or off")),

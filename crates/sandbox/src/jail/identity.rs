@@ -52,7 +52,7 @@ pub(super) fn outer_uid() -> u32 {
 /// root that is all; for another user, a user namespace comes first, mapping the user
 /// to root inside it (the only id it holds), so the child may make its jail. A user
 /// namespace needs a single-threaded caller.
-pub fn pid_namespace_for_children() -> Result<(), JailError> {
+fn pid_namespace_for_children() -> Result<(), JailError> {
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if uid == 0 {

@@ -1,5 +1,5 @@
 //! The jail a monitor runs in (Firecracker's jailer is the model): a PID namespace of
-//! its own, entered by whoever starts it ([`pid_namespace_for_children`]); then, in the
+//! its own, which it forks into ([`fork_into_pid_namespace`]); then, in the
 //! monitor ([`Jail::enter`]), a mount namespace whose root is an empty tmpfs holding
 //! only the paths its VM needs (bind-mounted at the same places, read-only unless the
 //! VM writes them), the device nodes it uses and a /proc of its own PID namespace;
@@ -14,7 +14,7 @@ mod mounts;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use identity::{fork_into_pid_namespace, host_pid, is_root, pid_namespace_for_children};
+pub use identity::{fork_into_pid_namespace, host_pid, is_root};
 
 /// The uid and gid a jail started by root runs as, unless host.toml says otherwise.
 pub const DEFAULT_ID: u32 = 64_280;

@@ -353,11 +353,23 @@ fn client(bundle: &Bundle, doing: &str) -> Result<api::Client, Failure> {
 }
 
 fn post_action(bundle: &Bundle, action: Action) -> Result<StateBody, Failure> {
+    post_action_within(bundle, action, None)
+}
+
+/// [`post_action`] with a deadline for the answer, if given.
+fn post_action_within(
+    bundle: &Bundle,
+    action: Action,
+    deadline: Option<Duration>,
+) -> Result<StateBody, Failure> {
     let verb = serde_json::to_value(action)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    let c = client(bundle, &verb)?;
+    let mut c = client(bundle, &verb)?;
+    if let Some(d) = deadline {
+        c = c.with_timeout(d);
+    }
     Ok(c.post(
         &format!("/v1/vms/{}/actions", bundle.name),
         &ActionRequest::new(action),
@@ -383,13 +395,7 @@ pub fn action(args: NameArg, action: Action) -> CliResult {
 /// answer or does not end within 30 s (its main thread stuck) is killed outright.
 fn kill(bundle: &Bundle) -> Result<(), Failure> {
     // A kill is answered at once by a monitor that can answer at all.
-    let asked = client(bundle, "kill").and_then(|c| {
-        Ok(c.with_timeout(Duration::from_secs(5))
-            .post::<_, StateBody>(
-                &format!("/v1/vms/{}/actions", bundle.name),
-                &ActionRequest::new(Action::Kill),
-            )?)
-    });
+    let asked = post_action_within(bundle, Action::Kill, Some(Duration::from_secs(5)));
     let live = matches!(bundle.status().state, VmState::Running | VmState::Paused);
     match asked {
         Err(e) if !live => Err(e),

@@ -69,6 +69,39 @@ pub struct SnapshotBody {
     pub memory_bytes: u64,
 }
 
+/// POST /v1/vms/{name}/migrate: move the running VM to a `vessel receive`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub to: String,
+    /// The longest the guest may stand still (default 300 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// At most this many bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    /// LZ4-compress the pages.
+    #[serde(default)]
+    pub compress: bool,
+    /// Never slow the guest down to converge.
+    #[serde(default)]
+    pub no_auto_converge: bool,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrateBody {
+    pub to: String,
+    pub rounds: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub seconds: f64,
+    pub downtime_ms: f64,
+    pub throttle_percent: u8,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StateBody {
     pub state: String,

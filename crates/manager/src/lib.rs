@@ -13,6 +13,7 @@ pub mod home;
 pub mod host;
 pub mod ksm;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod resources;
 pub mod snapshots;

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use api::model::{Action, ActionRequest, SettingsRequest, StateBody, VmInfo};
+use api::model::{
+    Action, ActionRequest, MigrateBody, MigrateRequest, SettingsRequest, StateBody, VmInfo,
+};
 use api::{Method, Request, Response};
 use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
 
@@ -252,6 +254,11 @@ struct Monitor {
     kill_requested: AtomicBool,
     /// The VM was saved to `suspended/`: it ends as suspended.
     suspended: AtomicBool,
+    /// A migration is under way (one at a time); `migration_cancel` ends it.
+    migrating: AtomicBool,
+    migration_cancel: AtomicBool,
+    /// Where the VM went: it ends as migrated.
+    migrated_to: Mutex<Option<String>>,
     status_lock: Mutex<()>,
 }
 
@@ -448,6 +455,60 @@ impl Monitor {
         }
     }
 
+    /// Moves the VM to a `vessel receive` at `req.to`; on success the VM ends here.
+    fn migrate(&self, req: &MigrateRequest) -> Response {
+        let to = match crate::migration::Endpoint::parse(&req.to) {
+            Ok(t) => t,
+            Err(e) => return Response::error(400, e),
+        };
+        let Some(handle) = lock(&self.handle).clone() else {
+            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
+        };
+        if self.migrating.swap(true, Ordering::SeqCst) {
+            return Response::error(409, format!("{} is migrating already", self.name));
+        }
+        self.migration_cancel.store(false, Ordering::SeqCst);
+        let opts = vmm::migration::SendOptions {
+            downtime: Duration::from_millis(req.downtime_ms.unwrap_or(300)),
+            max_bandwidth: req.max_bandwidth,
+            compress: req.compress,
+            auto_converge: !req.no_auto_converge,
+            ..Default::default()
+        };
+        let config = crate::migration::travelling_spec(&self.spec, &self.bundle.dir).to_toml();
+        let result = to.connect().map_err(|e| (502, e)).and_then(|link| {
+            handle
+                .migrate(&link, &self.name, config, &opts, &self.migration_cancel)
+                .map_err(|e| (409, e.to_string()))
+        });
+        let response = match result {
+            Ok(r) => {
+                *lock(&self.migrated_to) = Some(to.to_string());
+                self.kill_requested.store(true, Ordering::SeqCst);
+                handle.kill();
+                Response::json(
+                    200,
+                    &MigrateBody {
+                        to: to.to_string(),
+                        rounds: r.rounds,
+                        bytes_sent: r.bytes_sent,
+                        pages_sent: r.pages_sent,
+                        zero_pages: r.zero_pages,
+                        seconds: r.seconds,
+                        downtime_ms: r.downtime_ms,
+                        throttle_percent: r.throttle_percent,
+                    },
+                )
+            }
+            Err((code, e)) => {
+                tracing::warn!("migration to {to} failed: {e}");
+                Response::error(code, format!("migration of {} to {to} failed: {e}", self.name))
+            }
+        };
+        self.migrating.store(false, Ordering::SeqCst);
+        response
+    }
+
     fn act(&self, req: &ActionRequest) -> Response {
         let action = req.action;
         match action {
@@ -532,6 +593,17 @@ impl Monitor {
                     Ok(req) => self.change_settings(&req),
                     Err(e) => Response::error(400, format!("invalid settings request: {e}")),
                 }
+            }
+            (Method::Post, "migrate") => match serde_json::from_slice::<MigrateRequest>(&r.body) {
+                Ok(req) => self.migrate(&req),
+                Err(e) => Response::error(400, format!("invalid migrate request: {e}")),
+            },
+            (Method::Post, "migrate/cancel") => {
+                if !self.migrating.load(Ordering::SeqCst) {
+                    return Response::error(409, format!("{} is not migrating", self.name));
+                }
+                self.migration_cancel.store(true, Ordering::SeqCst);
+                Response::json(200, &StateBody { state: self.state_name().into() })
             }
             (Method::Get, "metrics") => {
                 let mut text = lock(&self.handle)
@@ -701,6 +773,9 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         reboot_requested: AtomicBool::new(false),
         kill_requested: AtomicBool::new(false),
         suspended: AtomicBool::new(false),
+        migrating: AtomicBool::new(false),
+        migration_cancel: AtomicBool::new(false),
+        migrated_to: Mutex::new(None),
         status_lock: Mutex::new(()),
     });
     if restored {
@@ -785,7 +860,9 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     if !jailed {
         resources::leave(home, name);
     }
-    if monitor.suspended.load(Ordering::SeqCst) {
+    if let Some(to) = lock(&monitor.migrated_to).take() {
+        monitor.write_status(VmState::Stopped, Some(format!("migrated to {to}")));
+    } else if monitor.suspended.load(Ordering::SeqCst) {
         monitor.write_status(VmState::Suspended, Some("suspended".into()));
     } else {
         monitor.write_status(VmState::Stopped, Some(last_exit));

@@ -208,6 +208,58 @@ pub fn counter(a: &mut CodeAssembler, delay: u32) {
     a.jmp(lp).unwrap();
 }
 
+/// A [`counter`] that also writes every page of `[base, base + size)` on each count:
+/// sweep N first checks that each page still holds N - 1 (what sweep N - 1 wrote), then
+/// writes N, then spins `delay` times (setting how fast it dirties memory). A page that
+/// lost a write (a migration that missed a dirty page) stops the guest with `lost page
+/// <address>`. The range must be identity mapped RAM.
+pub fn dirtier(a: &mut CodeAssembler, base: u64, size: u64, delay: u32) {
+    let mut hex = a.create_label();
+    let mut hex64 = a.create_label();
+    let mut main = a.create_label();
+    let mut lp = a.create_label();
+    let mut sweep = a.create_label();
+    let mut fresh = a.create_label();
+    let mut lost = a.create_label();
+    let mut spin = a.create_label();
+    a.jmp(main).unwrap();
+    hex32_routine(a, &mut hex);
+    hex64_routine(a, &mut hex64);
+    a.set_label(&mut main).unwrap();
+    a.mov(dword_ptr(COUNT_AT), 0u32).unwrap();
+    a.set_label(&mut lp).unwrap();
+    print(a, "count ");
+    a.mov(eax, dword_ptr(COUNT_AT)).unwrap();
+    a.call(hex).unwrap();
+    print(a, "\n");
+    a.mov(eax, dword_ptr(COUNT_AT)).unwrap();
+    a.lea(ebx, dword_ptr(rax - 1)).unwrap();
+    a.mov(rdi, base).unwrap();
+    a.mov(rsi, base + size).unwrap();
+    a.set_label(&mut sweep).unwrap();
+    a.test(eax, eax).unwrap();
+    a.jz(fresh).unwrap();
+    a.cmp(dword_ptr(rdi), ebx).unwrap();
+    a.jne(lost).unwrap();
+    a.set_label(&mut fresh).unwrap();
+    a.mov(dword_ptr(rdi), eax).unwrap();
+    a.mov(ecx, delay.max(1)).unwrap();
+    a.set_label(&mut spin).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(spin).unwrap();
+    a.add(rdi, 4096).unwrap();
+    a.cmp(rdi, rsi).unwrap();
+    a.jb(sweep).unwrap();
+    a.inc(dword_ptr(COUNT_AT)).unwrap();
+    a.jmp(lp).unwrap();
+    a.set_label(&mut lost).unwrap();
+    print(a, "lost page ");
+    a.mov(rax, rdi).unwrap();
+    a.call(hex64).unwrap();
+    print(a, "\n");
+    halt_forever(a);
+}
+
 /// The last complete `count N` line a counter guest printed in `log` (the line being
 /// written may be cut short).
 pub fn last_count(log: &str) -> Option<u32> {

@@ -11,6 +11,7 @@ mod error;
 mod fallback;
 pub mod io_limits;
 pub mod metrics;
+pub mod migration;
 pub mod snapshot;
 mod teardown;
 pub mod vm;

@@ -159,6 +159,27 @@ impl VmHandle {
     ) -> Result<crate::snapshot::capture::Captured, crate::snapshot::SnapshotError> {
         self.persist.capture(&self.control, dest, fill)
     }
+
+    /// Migrates the VM over `stream` to a `vessel receive` (see [`crate::migration`]).
+    /// On success the guest is stopped here (the caller ends the VM) and runs there.
+    pub fn migrate(
+        &self,
+        stream: &std::fs::File,
+        name: &str,
+        config: String,
+        opts: &crate::migration::SendOptions,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<crate::migration::SendReport, crate::migration::MigrationError> {
+        crate::migration::send::send(
+            &self.persist,
+            &self.control,
+            stream,
+            name,
+            config,
+            opts,
+            cancel,
+        )
+    }
 }
 
 pub struct Vm {

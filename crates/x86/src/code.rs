@@ -20,7 +20,7 @@
 //!   entries when they see a new epoch (checked once per block).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 
 use vm_memory::bitmap::{Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
@@ -47,6 +47,13 @@ pub struct CodeMap {
     /// Bumped after every write to a page holding code (a generation moved), so that an
     /// interpreter can tell in one load whether any decoded block may have gone stale.
     writes: AtomicU64,
+    /// Dirty logging (for a migration): one bit per page, set by every write to it
+    /// while `logging` is on, whoever makes it.
+    dirty: Box<[AtomicU64]>,
+    logging: AtomicBool,
+    /// Bumped (with the epoch) when every interpreter must empty its TLB: a dirty log
+    /// round began, and a write through a cached host handle would go unseen.
+    flushes: AtomicU64,
 }
 
 impl std::fmt::Debug for CodeMap {
@@ -91,6 +98,9 @@ impl CodeMap {
             states: zeroed_states(total),
             epoch: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            dirty: (0..total.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            logging: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
         }
     }
 
@@ -136,6 +146,7 @@ impl CodeMap {
         let Some(i) = self.index(gpa) else {
             return false;
         };
+        self.log_write(i);
         let s = &self.states[i];
         // Order the guest store before the check (x86 may pass a load ahead of a store).
         fence(Ordering::SeqCst);
@@ -161,6 +172,7 @@ impl CodeMap {
         let last = (gpa + len as u64 - 1) >> 12;
         for page in first..=last {
             if let Some(i) = self.index(page << 12) {
+                self.log_write(i);
                 let s = &self.states[i];
                 if s.load(Ordering::Relaxed) & CODE != 0
                     && s.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |v| {
@@ -185,6 +197,58 @@ impl CodeMap {
     #[inline(always)]
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// How many times every interpreter was asked to empty its TLB.
+    pub(crate) fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn log_write(&self, idx: usize) {
+        if self.logging.load(Ordering::Relaxed) {
+            self.dirty[idx / 64].fetch_or(1 << (idx % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Starts (or stops) dirty logging, with every page clean. Interpreters empty their
+    /// TLBs at their next block, so writes through host handles they cached before are
+    /// seen again: the caller has every vCPU parked while it calls this, or takes the
+    /// writes of the block each one is in as unlogged.
+    pub fn set_dirty_logging(&self, on: bool) {
+        for w in self.dirty.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        self.logging.store(on, Ordering::SeqCst);
+        self.flush_interpreters();
+    }
+
+    /// The guest-physical pages written since logging started or since the last call,
+    /// each once; the log starts clean again. As with [`Self::set_dirty_logging`], the
+    /// vCPUs are parked during the call (their TLBs are emptied before they go on).
+    pub fn take_dirty(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (j, word) in self.dirty.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::Relaxed);
+            while bits != 0 {
+                let idx = j * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(r) = self
+                    .ranges
+                    .iter()
+                    .find(|r| idx >= r.base && idx - r.base < r.pages as usize)
+                {
+                    out.push((r.first_page + (idx - r.base) as u64) << 12);
+                }
+            }
+        }
+        self.flush_interpreters();
+        out
+    }
+
+    fn flush_interpreters(&self) {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -107,6 +107,7 @@ pub struct Interpreter {
     code: Option<Arc<CodeMap>>,
     /// The map's epoch the TLB's fast write entries were made under.
     code_epoch: u64,
+    code_flushes: u64,
     /// Kept between calls so that writing code does not allocate.
     smc: Vec<u64>,
     /// Where the last trap (int n, int3, into) that ended a run returned to, and its
@@ -135,6 +136,7 @@ impl Interpreter {
             coherence,
             code: None,
             code_epoch: 0,
+            code_flushes: 0,
             smc: Vec::with_capacity(8),
             trap: None,
             kept: None,
@@ -280,10 +282,12 @@ impl Interpreter {
         let mut m = Machine::new(cpu, &mut self.tlb, platform, self.code.as_deref());
         m.layout = layout;
         m.code_epoch = self.code_epoch;
+        m.code_flushes = self.code_flushes;
         m.smc = std::mem::take(&mut self.smc);
         let r = f(&mut m, &mut self.cache);
         m.sync();
         self.code_epoch = m.code_epoch;
+        self.code_flushes = m.code_flushes;
         self.smc = std::mem::take(&mut m.smc);
         self.smc.clear();
         let layout = m.layout;

@@ -48,6 +48,8 @@ pub(crate) struct Machine<'a> {
     pub code: Option<&'a CodeMap>,
     /// The code map's epoch the TLB's fast write entries are valid for.
     pub code_epoch: u64,
+    /// The code map's count of TLB flushes this TLB has done.
+    pub code_flushes: u64,
     /// TLB context: 1 at CPL 3, else 0.
     pub tlb_set: usize,
     /// Mode the code decodes in, derived from CR0/EFER/CS.
@@ -87,6 +89,7 @@ impl<'a> Machine<'a> {
             bus,
             code,
             code_epoch: 0,
+            code_flushes: 0,
             tlb_set: 0,
             mode: CpuMode::Real,
             mode_tag: 0,
@@ -290,7 +293,14 @@ impl<'a> Machine<'a> {
             let e = map.epoch();
             if e != self.code_epoch {
                 self.code_epoch = e;
-                self.tlb.drop_fast_writes();
+                let f = map.flushes();
+                if f != self.code_flushes {
+                    // A dirty log round began: every cached host handle goes.
+                    self.code_flushes = f;
+                    self.tlb.flush();
+                } else {
+                    self.tlb.drop_fast_writes();
+                }
             }
         }
     }

@@ -12,7 +12,7 @@ mod vm;
 pub use irq::{KvmEdgeIrq, KvmLevelIrq, register_notify};
 pub use msi::{KvmMsi, MAX_MSI_ROUTES};
 pub use vcpu::{KvmVcpu, KvmVcpuExtra};
-pub use vm::{Kvm, KvmVm};
+pub use vm::{Kvm, KvmDirtyLog, KvmVm};
 
 use thiserror::Error;
 

@@ -44,6 +44,15 @@ impl Kvm {
         Ok(Kvm { kvm })
     }
 
+    /// The CPUID leaves KVM supports on this host.
+    pub fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>, KvmError> {
+        let c = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(entries(&c))
+    }
+
     /// The most vCPUs one VM may have.
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
@@ -80,16 +89,95 @@ impl Kvm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let slots = mem
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, r)| {
+                let host = r
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .ok()?;
+                Some(kvm_userspace_memory_region {
+                    slot: slot as u32,
+                    guest_phys_addr: r.start_addr().raw_value(),
+                    memory_size: r.len(),
+                    userspace_addr: host as u64,
+                    flags: 0,
+                })
+            })
+            .collect();
         Ok(KvmVm {
             fd: Arc::new(fd),
             supported_cpuid,
+            slots,
         })
     }
+}
+
+fn entries(c: &CpuId) -> Vec<CpuidEntry> {
+    c.as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
 }
 
 pub struct KvmVm {
     fd: Arc<VmFd>,
     supported_cpuid: CpuId,
+    slots: Vec<kvm_userspace_memory_region>,
+}
+
+/// KVM's log of the pages its vCPUs wrote, slot by slot (for a migration).
+pub struct KvmDirtyLog {
+    fd: Arc<VmFd>,
+    slots: Vec<kvm_userspace_memory_region>,
+}
+
+impl KvmDirtyLog {
+    /// Turns logging on or off on every memory slot (on: every page starts clean).
+    pub fn set(&self, on: bool) -> Result<(), KvmError> {
+        for slot in &self.slots {
+            let mut region = *slot;
+            region.flags = if on {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            };
+            // SAFETY: the same mapping the slot was made with, still owned by the VM's
+            // guest memory, which outlives the VM.
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// The guest-physical pages KVM's vCPUs wrote since the last call (or since
+    /// logging began); KVM starts each slot's log clean again.
+    pub fn take(&self) -> Result<Vec<u64>, KvmError> {
+        let mut out = Vec::new();
+        for slot in &self.slots {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot.slot, slot.memory_size as usize)
+                .map_err(ioctl("KVM_GET_DIRTY_LOG"))?;
+            for (j, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let page = (j * 64) as u64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    out.push(slot.guest_phys_addr + (page << 12));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl KvmVm {
@@ -97,21 +185,17 @@ impl KvmVm {
         &self.fd
     }
 
+    /// The VM's dirty page log (off until [`KvmDirtyLog::set`] turns it on).
+    pub fn dirty_log(&self) -> KvmDirtyLog {
+        KvmDirtyLog {
+            fd: self.fd.clone(),
+            slots: self.slots.clone(),
+        }
+    }
+
     /// The host's supported CPUID leaves, as plain entries.
     pub fn supported_cpuid(&self) -> Vec<CpuidEntry> {
-        self.supported_cpuid
-            .as_slice()
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect()
+        entries(&self.supported_cpuid)
     }
 
     /// Creates vCPU `index` of `count` with its CPUID (`cpuid`, with this vCPU's

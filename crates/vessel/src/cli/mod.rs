@@ -8,6 +8,7 @@ mod guest;
 mod host;
 mod images;
 mod manage;
+mod migrate;
 mod net;
 mod run;
 mod snapshot;
@@ -62,6 +63,10 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Copy a VM (or one of its snapshots) into a new VM with new MAC addresses.
     Clone(snapshot::CloneArgs),
+    /// Move a running VM to a `vessel receive` (another host or home) while it runs.
+    Migrate(migrate::MigrateArgs),
+    /// Take in a VM that a `vessel migrate` sends, and run it here.
+    Receive(migrate::ReceiveArgs),
     /// Run a command in a VM through its guest agent: `vessel exec NAME -- CMD...`
     /// (stdin, stdout and stderr streamed; its exit code is vessel's).
     Exec(guest::ExecArgs),
@@ -470,6 +475,8 @@ pub fn main() -> ExitCode {
         Command::Suspend(args) => snapshot::suspend(args.name()),
         Command::Snapshot(args) => snapshot::main(args),
         Command::Clone(args) => snapshot::clone(args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Receive(args) => migrate::receive(args),
         Command::Set(args) => manage::set(args),
         Command::Rm(args) => manage::remove(args),
         Command::Host(args) => host::host(args),

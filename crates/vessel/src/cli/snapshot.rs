@@ -52,7 +52,7 @@ pub struct CloneArgs {
     linked: bool,
 }
 
-fn open(name: &str) -> Result<(Home, Bundle), Failure> {
+pub(super) fn open(name: &str) -> Result<(Home, Bundle), Failure> {
     let home = Home::from_env()?;
     let bundle = Bundle::open(&home, name)?;
     Ok((home, bundle))

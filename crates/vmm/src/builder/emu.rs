@@ -75,6 +75,7 @@ pub(crate) fn backend(
         kind: SnapshotBackend::Emu,
         cpuid: cpu::emu::cpuid(0, cpus),
         irq,
+        dirty_log: None,
     })
 }
 

@@ -35,7 +35,7 @@ pub(crate) fn backend(
     let com1_irq: Arc<dyn IrqLine> = Arc::new(KvmEdgeIrq::new(vm.fd(), ports::COM1_IRQ)?);
     let sci: Arc<dyn IrqLine> = Arc::new(KvmLevelIrq::new(vm.fd().clone(), ports::ACPI_SCI_IRQ));
     let cpus = config.cpus as u8;
-    let cpuid = guest_cpuid(&vm, config.cpu_model, cpus);
+    let cpuid = guest_cpuid(vm.supported_cpuid(), config.cpu_model, cpus);
     let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(usize::from(cpus));
     for index in 0..cpus {
         let mut vcpu = vm
@@ -50,6 +50,7 @@ pub(crate) fn backend(
     let mut cpuid = cpuid;
     arch::cpuid::set_topology(&mut cpuid, 0, cpus);
     let irq = Box::new(KvmIrq(vm.fd().clone()));
+    let dirty_log = vm.dirty_log();
     Ok(Backend {
         com1_irq,
         sci,
@@ -62,14 +63,28 @@ pub(crate) fn backend(
         kind: SnapshotBackend::Kvm,
         cpuid,
         irq,
+        dirty_log: Some(dirty_log),
     })
+}
+
+/// The CPUID a KVM VM of `config` would show its guest.
+pub(crate) fn cpuid_offered(config: &VmConfig) -> Result<Vec<arch::cpuid::CpuidEntry>, VmError> {
+    let kvm = Kvm::open()?;
+    let cpus = config.cpus as u8;
+    let mut cpuid = guest_cpuid(kvm.supported_cpuid()?, config.cpu_model, cpus);
+    arch::cpuid::set_topology(&mut cpuid, 0, cpus);
+    Ok(cpuid)
 }
 
 /// The CPUID KVM's vCPUs get: what KVM supports and, where KVM has no hardware behind
 /// it and vessel's interpreter runs what its emulator cannot, what the interpreter
 /// implements; `portable` keeps only what the software CPU gives too.
-fn guest_cpuid(vm: &cpu::kvm::KvmVm, model: CpuModel, cpus: u8) -> Vec<arch::cpuid::CpuidEntry> {
-    let mut cpuid = vm.supported_cpuid();
+fn guest_cpuid(
+    supported: Vec<arch::cpuid::CpuidEntry>,
+    model: CpuModel,
+    cpus: u8,
+) -> Vec<arch::cpuid::CpuidEntry> {
+    let mut cpuid = supported;
     let software = cpu::emu::cpuid(0, cpus);
     if !cpu::kvm::host_has_hardware_virtualization() {
         arch::cpuid::add_features(&mut cpuid, &software);

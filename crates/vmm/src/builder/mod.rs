@@ -100,6 +100,15 @@ pub struct Restore {
     pub memory: std::path::PathBuf,
 }
 
+/// The CPUID a VM of `config` would show its guest (what a migration or restore
+/// checks a guest's features against).
+pub fn cpuid_offered(config: &VmConfig) -> Result<Vec<arch::cpuid::CpuidEntry>, VmError> {
+    match config.accel {
+        Accel::Kvm => kvm::cpuid_offered(config),
+        Accel::Emu => Ok(cpu::emu::cpuid(0, config.cpus as u8)),
+    }
+}
+
 /// Builds a ready-to-run VM.
 pub fn build(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
     build_from(config, console, None)
@@ -225,6 +234,10 @@ pub fn build_from(
         pm: platform.pm.clone(),
         virtio: platform.virtio.clone(),
         irq: std::mem::replace(&mut backend.irq, Box::new(NoIrqPersist)),
+        dirty: crate::migration::dirty::DirtyLog {
+            code: code.clone(),
+            kvm: backend.dirty_log.take(),
+        },
     });
     if let Some(s) = &state {
         for (vcpu, saved) in vcpus.iter_mut().zip(&s.vcpus) {
@@ -361,6 +374,8 @@ pub(crate) struct Backend {
     pub cpuid: Vec<arch::cpuid::CpuidEntry>,
     /// Saves and loads the backend's interrupt controllers and timers.
     pub irq: Box<dyn crate::snapshot::capture::IrqPersist>,
+    /// KVM's log of the pages its vCPUs write.
+    pub dirty_log: Option<cpu::kvm::KvmDirtyLog>,
 }
 
 /// The device model and the two buses it sits on.

@@ -37,6 +37,7 @@ pub struct Persist {
     pub(crate) pm: Arc<Mutex<AcpiPm>>,
     pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice<GuestMemory>>>>,
     pub(crate) irq: Box<dyn IrqPersist>,
+    pub(crate) dirty: crate::migration::dirty::DirtyLog,
 }
 
 /// What a capture did, for the caller's report.
@@ -56,9 +57,7 @@ impl Persist {
         fill: Fill,
     ) -> Result<Captured, SnapshotError> {
         let started = std::time::Instant::now();
-        for d in &self.virtio {
-            lock(d).saveable().map_err(SnapshotError::Unsaveable)?;
-        }
+        self.saveable()?;
         let was_running = control.state() == RunState::Running;
         if was_running {
             control
@@ -81,41 +80,63 @@ impl Persist {
         dest: &Path,
         fill: Fill,
     ) -> Result<VmSnapshot, SnapshotError> {
-        let err = SnapshotError::Capture;
         // Device workers stop once their requests in flight are done; they start again
         // when the capture is over, whatever its outcome.
+        self.quiesce_devices();
+        let result = self
+            .save_paused(control)
+            .and_then(|state| super::file::write_snapshot(dest, state, &self.mem, fill));
+        self.resume_devices();
+        result
+    }
+
+    /// Stops every device worker once its requests in flight are done: nothing but the
+    /// vCPUs writes guest memory until [`Self::resume_devices`].
+    pub(crate) fn quiesce_devices(&self) {
         for d in &self.virtio {
             lock(d).quiesce();
         }
-        let result = (|| {
-            let vcpus = control.capture(usize::from(self.cpus)).map_err(err)?;
-            let irq = self.irq.save().map_err(err)?;
-            let devices = DeviceStates {
-                serial: lock(&self.serial).save(),
-                cmos: lock(&self.cmos).save(),
-                pm: lock(&self.pm).save(),
-                virtio: self.virtio.iter().map(|d| lock(d).save()).collect(),
-            };
-            let state = VmSnapshot {
-                format: FORMAT,
-                vessel_version: env!("CARGO_PKG_VERSION").to_string(),
-                backend: self.backend,
-                cpus: self.cpus,
-                memory_bytes: self.memory_bytes,
-                cpuid: self.cpuid.clone(),
-                saved_unix_ns: super::now_unix_ns(),
-                guest_ns: self.irq.guest_ns(),
-                vcpus,
-                irq,
-                devices,
-                memory: Vec::new(),
-            };
-            super::file::write_snapshot(dest, state, &self.mem, fill)
-        })();
+    }
+
+    pub(crate) fn resume_devices(&self) {
         for d in &self.virtio {
             lock(d).resume();
         }
-        result
+    }
+
+    /// Whether every device can be saved (one that lives in another process cannot).
+    pub(crate) fn saveable(&self) -> Result<(), SnapshotError> {
+        for d in &self.virtio {
+            lock(d).saveable().map_err(SnapshotError::Unsaveable)?;
+        }
+        Ok(())
+    }
+
+    /// The VM's state but its memory (the VM paused, its devices quiesced).
+    pub(crate) fn save_paused(&self, control: &VmControl) -> Result<VmSnapshot, SnapshotError> {
+        let err = SnapshotError::Capture;
+        let vcpus = control.capture(usize::from(self.cpus)).map_err(err)?;
+        let irq = self.irq.save().map_err(err)?;
+        let devices = DeviceStates {
+            serial: lock(&self.serial).save(),
+            cmos: lock(&self.cmos).save(),
+            pm: lock(&self.pm).save(),
+            virtio: self.virtio.iter().map(|d| lock(d).save()).collect(),
+        };
+        Ok(VmSnapshot {
+            format: FORMAT,
+            vessel_version: env!("CARGO_PKG_VERSION").to_string(),
+            backend: self.backend,
+            cpus: self.cpus,
+            memory_bytes: self.memory_bytes,
+            cpuid: self.cpuid.clone(),
+            saved_unix_ns: super::now_unix_ns(),
+            guest_ns: self.irq.guest_ns(),
+            vcpus,
+            irq,
+            devices,
+            memory: Vec::new(),
+        })
     }
 
     /// Loads the devices and interrupt state of `s` (the vCPUs are loaded by the

@@ -1,0 +1,421 @@
+//! The source's side: pre-copy. Every page goes once while the guest runs, then the
+//! pages it wrote meanwhile, round after round, until what is left would cross the link
+//! within the downtime limit; then the guest stops, the rest and the state go, and the
+//! destination says whether it runs. A guest that writes faster than the link carries
+//! is slowed down in steps (auto-converge). Until the destination runs, any failure
+//! leaves the source running as before.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::MigrationError;
+use super::wire::{self, Encoding, Frame, Hello, MAX_RUN, PAGE};
+use crate::control::{RunState, VmControl};
+use crate::snapshot::{MemoryRange, Persist};
+
+/// How a migration is made.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    /// The longest the guest may stand still at the end (QEMU's and Cloud Hypervisor's
+    /// default: 300 ms).
+    pub downtime: Duration,
+    /// At most this many bytes per second on the link (None: as fast as it goes).
+    pub max_bandwidth: Option<u64>,
+    /// Pages LZ4-compressed.
+    pub compress: bool,
+    /// Slow the guest down when it dirties memory faster than the link carries it.
+    pub auto_converge: bool,
+    /// After this many rounds the guest stops whatever is left.
+    pub max_rounds: u32,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            downtime: Duration::from_millis(300),
+            max_bandwidth: None,
+            compress: false,
+            auto_converge: true,
+            max_rounds: 30,
+        }
+    }
+}
+
+/// What a migration did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SendReport {
+    pub rounds: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub seconds: f64,
+    /// From the guest's stop here to the destination saying it runs.
+    pub downtime_ms: f64,
+    /// The highest throttle auto-converge reached (percent of each 10 ms the guest is
+    /// stopped).
+    pub throttle_percent: u8,
+}
+
+/// Counts what goes out and keeps to a bandwidth limit.
+struct Paced<W: Write> {
+    inner: W,
+    sent: u64,
+    limit: Option<u64>,
+    since: Instant,
+}
+
+impl<W: Write> Write for Paced<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sent += n as u64;
+        if let Some(limit) = self.limit.filter(|l| *l > 0) {
+            let due = Duration::from_secs_f64(self.sent as f64 / limit as f64);
+            let elapsed = self.since.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Stops the guest for part of every 10 ms while auto-converge asks it to.
+struct Throttle {
+    percent: AtomicU8,
+    stop: AtomicBool,
+    /// Held while the guest is stopped by the throttle or by the sender.
+    gate: Mutex<()>,
+}
+
+impl Throttle {
+    fn run(&self, control: &VmControl) {
+        const PERIOD_US: u64 = 10_000;
+        while !self.stop.load(Ordering::Acquire) {
+            let p = u64::from(self.percent.load(Ordering::Acquire));
+            if p == 0 {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            {
+                let _g = lock(&self.gate);
+                if control.state() == RunState::Running && control.pause().is_ok() {
+                    std::thread::sleep(Duration::from_micros(PERIOD_US * p / 100));
+                    let _ = control.resume();
+                }
+            }
+            std::thread::sleep(Duration::from_micros(PERIOD_US * (100 - p) / 100));
+        }
+    }
+}
+
+/// The guest stopped for `f` (unless it was stopped already), the throttle held off.
+fn with_paused<T>(control: &VmControl, throttle: &Throttle, f: impl FnOnce() -> T) -> T {
+    let _g = lock(&throttle.gate);
+    let paused_here = control.state() == RunState::Running && control.pause().is_ok();
+    let out = f();
+    if paused_here {
+        let _ = control.resume();
+    }
+    out
+}
+
+/// The memory map as a memory file lays it out.
+pub(crate) fn memory_map<M: GuestMemoryBackend>(mem: &M) -> Vec<MemoryRange> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let m = MemoryRange {
+                guest: r.start_addr().0,
+                len: r.len(),
+                file_offset: offset,
+            };
+            offset += r.len();
+            m
+        })
+        .collect()
+}
+
+struct Sender<'a> {
+    persist: &'a Persist,
+    out: BufWriter<Paced<&'a File>>,
+    stream: &'a File,
+    opts: &'a SendOptions,
+    cancel: &'a AtomicBool,
+    report: SendReport,
+    buf: Vec<u8>,
+}
+
+impl Sender<'_> {
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Sends the pages at `gpas` (sorted), in runs of consecutive pages of one kind;
+    /// pages of zeros go as zero runs, or not at all when `skip_zero` (the
+    /// destination's memory starts as zeros).
+    fn send_pages(&mut self, gpas: &[u64], skip_zero: bool) -> Result<(), MigrationError> {
+        let mem = &self.persist.mem;
+        let mut page = vec![0u8; PAGE];
+        let mut k = 0;
+        while k < gpas.len() {
+            self.check_cancel()?;
+            // A run: consecutive pages, all zero or all not.
+            let start = gpas[k];
+            self.buf.clear();
+            let mut zero_run = None;
+            let mut count = 0u32;
+            while k < gpas.len()
+                && gpas[k] == start + u64::from(count) * PAGE as u64
+                && (count as usize) < MAX_RUN
+            {
+                if mem.read_slice(&mut page, GuestAddress(gpas[k])).is_err() {
+                    page.fill(0);
+                }
+                let zero = page.iter().all(|b| *b == 0);
+                match zero_run {
+                    None => zero_run = Some(zero),
+                    Some(z) if z != zero => break,
+                    Some(_) => {}
+                }
+                if !zero {
+                    self.buf.extend_from_slice(&page);
+                }
+                count += 1;
+                k += 1;
+            }
+            if zero_run == Some(true) {
+                self.report.zero_pages += u64::from(count);
+                if skip_zero {
+                    continue;
+                }
+                wire::send_pages(&mut self.out, start, count, Encoding::Zero, &[])?;
+            } else if self.opts.compress {
+                let packed = lz4_flex::block::compress(&self.buf);
+                wire::send_pages(&mut self.out, start, count, Encoding::Lz4, &packed)?;
+            } else {
+                wire::send_pages(&mut self.out, start, count, Encoding::Raw, &self.buf)?;
+            }
+            self.report.pages_sent += u64::from(count);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        self.out
+            .flush()
+            .map_err(|e| MigrationError::Link(format!("sending: {e}")))
+    }
+
+    fn reply(&mut self) -> Result<Frame, MigrationError> {
+        let mut r = self.stream;
+        wire::read(&mut r)
+    }
+}
+
+/// Every page of guest RAM, in order.
+fn all_pages(map: &[MemoryRange]) -> Vec<u64> {
+    map.iter()
+        .flat_map(|r| (0..r.len / PAGE as u64).map(move |k| r.guest + k * PAGE as u64))
+        .collect()
+}
+
+/// Migrates the VM over `stream` (a socket connected to a `vessel receive`). On success the
+/// guest is stopped here and runs there; on any failure before the destination took
+/// over, the guest runs here as before. `name` and `config` are the VM's name and
+/// configuration for the destination; `cancel` ends the migration at the next run of pages.
+pub fn send(
+    persist: &Persist,
+    control: &VmControl,
+    stream: &File,
+    name: &str,
+    config: String,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+) -> Result<SendReport, MigrationError> {
+    let started = Instant::now();
+    persist.saveable().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let map = memory_map(&persist.mem);
+    let hello = Hello {
+        name: name.to_string(),
+        config,
+        vessel_version: env!("CARGO_PKG_VERSION").to_string(),
+        backend: persist.backend,
+        cpus: persist.cpus,
+        memory_bytes: persist.memory_bytes,
+        cpuid: persist.cpuid.clone(),
+        memory: map.clone(),
+    };
+    let mut s = Sender {
+        persist,
+        out: BufWriter::with_capacity(
+            1 << 20,
+            Paced {
+                inner: stream,
+                sent: 0,
+                limit: opts.max_bandwidth,
+                since: Instant::now(),
+            },
+        ),
+        stream,
+        opts,
+        cancel,
+        report: SendReport::default(),
+        buf: Vec::with_capacity(MAX_RUN * PAGE),
+    };
+    wire::write_greeting(&mut s.out)?;
+    wire::send(&mut s.out, &Frame::Hello(Box::new(hello)))?;
+    s.flush()?;
+    match s.reply()? {
+        Frame::Accept => {}
+        Frame::Refuse(why) => return Err(MigrationError::Refused(why)),
+        other => return Err(unexpected(&other)),
+    }
+    let throttle = Arc::new(Throttle {
+        percent: AtomicU8::new(0),
+        stop: AtomicBool::new(false),
+        gate: Mutex::new(()),
+    });
+    with_paused(control, &throttle, || persist.dirty.set(true)).map_err(MigrationError::Vm)?;
+    let result = std::thread::scope(|scope| {
+        if opts.auto_converge {
+            let t = throttle.clone();
+            scope.spawn(move || t.run(control));
+        }
+        let r = precopy_and_stop(&mut s, control, &throttle, &map);
+        throttle.stop.store(true, Ordering::Release);
+        r
+    });
+    let _ = persist.dirty.set(false);
+    let stopped = match result {
+        Ok(stopped) => stopped,
+        Err(e) => {
+            // Tell the destination (if it still listens) that nothing will come.
+            let _ = wire::send(&mut s.out, &Frame::Failed(e.to_string()));
+            let _ = s.out.flush();
+            return Err(e);
+        }
+    };
+    // The guest is stopped and its devices quiesced; everything has been sent.
+    let outcome = s.reply();
+    match outcome {
+        Ok(Frame::Running) => {
+            s.report.downtime_ms = stopped.elapsed().as_secs_f64() * 1e3;
+            s.report.seconds = started.elapsed().as_secs_f64();
+            s.report.bytes_sent = s.out.get_ref().sent;
+            s.report.throttle_percent = throttle.percent.load(Ordering::Acquire);
+            Ok(s.report)
+        }
+        Ok(Frame::Failed(why)) => {
+            go_on(persist, control);
+            Err(MigrationError::Destination(why))
+        }
+        Ok(other) => {
+            go_on(persist, control);
+            Err(unexpected(&other))
+        }
+        // Everything went, and no answer came: the destination may be running it.
+        Err(e) => Err(MigrationError::Uncertain(e.to_string())),
+    }
+}
+
+/// The guest runs here again after a stop for the last round.
+fn go_on(persist: &Persist, control: &VmControl) {
+    persist.resume_devices();
+    if control.state() == RunState::Paused {
+        let _ = control.resume();
+    }
+}
+
+fn unexpected(f: &Frame) -> MigrationError {
+    let what = match f {
+        Frame::Failed(why) => return MigrationError::Destination(why.clone()),
+        Frame::Refuse(why) => return MigrationError::Refused(why.clone()),
+        Frame::Hello(_) => "a greeting",
+        Frame::Accept => "an acceptance",
+        Frame::Pages(_) => "pages",
+        Frame::State(_) => "a state",
+        Frame::Done => "an end",
+        Frame::Running => "a start",
+    };
+    MigrationError::Stream(format!("the other side sent {what} out of turn"))
+}
+
+/// The rounds, then the stop and the last round; returns when the guest stopped.
+fn precopy_and_stop(
+    s: &mut Sender<'_>,
+    control: &VmControl,
+    throttle: &Throttle,
+    map: &[MemoryRange],
+) -> Result<Instant, MigrationError> {
+    let persist = s.persist;
+    let link_started = Instant::now();
+    s.send_pages(&all_pages(map), true)?;
+    s.flush()?;
+    s.report.rounds = 1;
+    let mut last_round_pages = u64::MAX;
+    loop {
+        s.check_cancel()?;
+        let dirty = with_paused(control, throttle, || persist.dirty.take()).map_err(MigrationError::Vm)?;
+        let bytes = (dirty.len() * PAGE) as f64;
+        let rate = s.out.get_ref().sent as f64 / link_started.elapsed().as_secs_f64().max(1e-6);
+        let would_take = Duration::from_secs_f64(bytes / rate.max(1.0));
+        if would_take <= s.opts.downtime || s.report.rounds >= s.opts.max_rounds {
+            // Close enough: these pages go with the last round.
+            let stopped = Instant::now();
+            let _g = lock(&throttle.gate);
+            if control.state() == RunState::Running {
+                control
+                    .pause()
+                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
+            }
+            persist.quiesce_devices();
+            let last = (|| {
+                let state = persist
+                    .save_paused(control)
+                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
+                let mut pages = persist.dirty.take().map_err(MigrationError::Vm)?;
+                pages.extend_from_slice(&dirty);
+                pages.sort_unstable();
+                pages.dedup();
+                s.send_pages(&pages, false)?;
+                let mut state = state;
+                state.memory = map.to_vec();
+                let bytes = crate::snapshot::file::encode_state(&state)
+                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
+                wire::send(&mut s.out, &Frame::State(bytes))?;
+                wire::send(&mut s.out, &Frame::Done)?;
+                s.flush()
+            })();
+            if let Err(e) = last {
+                go_on(persist, control);
+                return Err(e);
+            }
+            s.report.rounds += 1;
+            return Ok(stopped);
+        }
+        // Not converging: the guest wrote about as much as went out last round.
+        let pages = dirty.len() as u64;
+        if s.opts.auto_converge && s.report.rounds >= 2 && pages * 2 > last_round_pages {
+            let p = throttle.percent.load(Ordering::Acquire);
+            let next = if p == 0 { 20 } else { (p + 10).min(99) };
+            throttle.percent.store(next, Ordering::Release);
+            tracing::info!("migration: the guest dirties memory too fast; throttled to {next}%");
+        }
+        last_round_pages = pages;
+        s.send_pages(&dirty, false)?;
+        s.flush()?;
+        s.report.rounds += 1;
+    }
+}

@@ -163,6 +163,29 @@ impl Image {
         }
     }
 
+    /// Lets another process take the image over (a migration on shared storage):
+    /// everything is flushed and the top file's lock released. `false` takes the lock
+    /// back (refused when the other process holds it).
+    pub fn hand_over(&self, give: bool) -> io::Result<()> {
+        let file = match &self.backend {
+            Backend::Raw(r) => r.file(),
+            Backend::Qcow2(q) => q.file(),
+        };
+        let op = match (give, self.readonly) {
+            (true, _) => {
+                self.flush()?;
+                libc::LOCK_UN
+            }
+            (false, false) => libc::LOCK_EX | libc::LOCK_NB,
+            (false, true) => libc::LOCK_SH | libc::LOCK_NB,
+        };
+        // SAFETY: flock on a descriptor the image owns; no memory is involved.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), op) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Gives a range's space back to the host (a hint: it may do nothing). The range
     /// reads back as zeroes where space was given back.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -28,7 +28,10 @@ pub enum Endpoint {
 impl Endpoint {
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Some(addr) = s.strip_prefix("tcp:") {
-            if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
                 return Err(format!("'{s}': expected tcp:HOST:PORT"));
             }
             return Ok(Endpoint::Tcp(addr.to_string()));
@@ -70,7 +73,10 @@ impl Endpoint {
             Endpoint::Unix(p) => {
                 let l = UnixListener::bind(p)
                     .map_err(|e| format!("cannot listen on {}: {e}", p.display()))?;
-                Ok((Listener::Unix(l, p.clone()), format!("unix:{}", p.display())))
+                Ok((
+                    Listener::Unix(l, p.clone()),
+                    format!("unix:{}", p.display()),
+                ))
             }
         }
     }
@@ -266,7 +272,10 @@ pub fn receive(
     };
     let started_vm = crate::monitor::start(home, &name, exe);
     let outcome = started_vm.as_ref().map(|_| ()).map_err(|e| e.to_string());
-    let told = receive::finish(&mut link, outcome.as_ref().map(|_| ()).map_err(String::as_str));
+    let told = receive::finish(
+        &mut link,
+        outcome.as_ref().map(|_| ()).map_err(String::as_str),
+    );
     if let Err(e) = started_vm {
         let _ = bundle.remove();
         return Err(e);

@@ -502,7 +502,10 @@ impl Monitor {
             }
             Err((code, e)) => {
                 tracing::warn!("migration to {to} failed: {e}");
-                Response::error(code, format!("migration of {} to {to} failed: {e}", self.name))
+                Response::error(
+                    code,
+                    format!("migration of {} to {to} failed: {e}", self.name),
+                )
             }
         };
         self.migrating.store(false, Ordering::SeqCst);
@@ -603,7 +606,12 @@ impl Monitor {
                     return Response::error(409, format!("{} is not migrating", self.name));
                 }
                 self.migration_cancel.store(true, Ordering::SeqCst);
-                Response::json(200, &StateBody { state: self.state_name().into() })
+                Response::json(
+                    200,
+                    &StateBody {
+                        state: self.state_name().into(),
+                    },
+                )
             }
             (Method::Get, "metrics") => {
                 let mut text = lock(&self.handle)

@@ -93,9 +93,7 @@ impl Kvm {
             .iter()
             .enumerate()
             .filter_map(|(slot, r)| {
-                let host = r
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .ok()?;
+                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
                 Some(kvm_userspace_memory_region {
                     slot: slot as u32,
                     guest_phys_addr: r.start_addr().raw_value(),

@@ -195,6 +195,15 @@ pub trait VirtioDevice<M>: Send {
     fn saveable(&self) -> Result<(), String> {
         Ok(())
     }
+    /// Lets another process take over what the device's backend holds exclusively (a
+    /// disk's lock, at a migration's end), once the device is paused; `false` takes it
+    /// back.
+    fn hand_over(&mut self, _give: bool) -> Result<(), String> {
+        Ok(())
+    }
+    /// Tells the network the device is here now (a NIC, after a restore or a
+    /// migration: switches learn where its MAC address went).
+    fn announce(&mut self) {}
 }
 
 /// Copies from a configuration image; bytes beyond it read zero.

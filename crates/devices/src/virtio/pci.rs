@@ -316,6 +316,16 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         }
     }
 
+    /// See [`VirtioDevice::hand_over`] (the function quiesced).
+    pub fn hand_over(&mut self, give: bool) -> Result<(), String> {
+        self.device.hand_over(give)
+    }
+
+    /// See [`VirtioDevice::announce`].
+    pub fn announce(&mut self) {
+        self.device.announce();
+    }
+
     /// Whether a snapshot can hold this function.
     pub fn saveable(&self) -> Result<(), String> {
         self.device.saveable()

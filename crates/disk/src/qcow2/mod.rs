@@ -69,6 +69,10 @@ pub struct Qcow2Image {
 }
 
 impl Qcow2Image {
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Opens `file` (already locked) and its whole backing chain.
     pub fn open(path: &Path, file: File, writable: bool) -> Result<Self, DiskError> {
         let (header, _) = read_header(path, &file)?;

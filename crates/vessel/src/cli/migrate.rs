@@ -59,8 +59,7 @@ pub fn migrate(args: MigrateArgs) -> CliResult {
     Endpoint::parse(&to).map_err(Failure::usage)?;
     let max_bandwidth = match &args.max_bandwidth {
         Some(r) => Some(
-            vmm::parse_size(r)
-                .map_err(|e| Failure::usage(format!("--max-bandwidth {r}: {e}")))?,
+            vmm::parse_size(r).map_err(|e| Failure::usage(format!("--max-bandwidth {r}: {e}")))?,
         ),
         None => None,
     };

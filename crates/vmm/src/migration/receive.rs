@@ -61,9 +61,8 @@ pub fn into_folder(
     hello: &Hello,
     dir: &Path,
 ) -> Result<Received, MigrationError> {
-    let io = |what: &'static str| {
-        move |e: std::io::Error| MigrationError::Local(format!("{what}: {e}"))
-    };
+    let io =
+        |what: &'static str| move |e: std::io::Error| MigrationError::Local(format!("{what}: {e}"));
     let memory = File::create(dir.join(MEMORY)).map_err(io("the memory file"))?;
     memory
         .set_len(hello.memory_bytes)

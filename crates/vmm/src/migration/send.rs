@@ -245,7 +245,9 @@ pub fn send(
     cancel: &AtomicBool,
 ) -> Result<SendReport, MigrationError> {
     let started = Instant::now();
-    persist.saveable().map_err(|e| MigrationError::Vm(e.to_string()))?;
+    persist
+        .saveable()
+        .map_err(|e| MigrationError::Vm(e.to_string()))?;
     let map = memory_map(&persist.mem);
     let hello = Hello {
         name: name.to_string(),
@@ -318,11 +320,11 @@ pub fn send(
             Ok(s.report)
         }
         Ok(Frame::Failed(why)) => {
-            go_on(persist, control);
+            go_on(persist, control, true)?;
             Err(MigrationError::Destination(why))
         }
         Ok(other) => {
-            go_on(persist, control);
+            go_on(persist, control, true)?;
             Err(unexpected(&other))
         }
         // Everything went, and no answer came: the destination may be running it.
@@ -330,12 +332,20 @@ pub fn send(
     }
 }
 
-/// The guest runs here again after a stop for the last round.
-fn go_on(persist: &Persist, control: &VmControl) {
+/// The guest runs here again after a stop for the last round (`handed` says whether
+/// the disks' locks had been given away). A disk taken by another process meanwhile
+/// keeps the guest stopped: it must not run in two places.
+fn go_on(persist: &Persist, control: &VmControl, handed: bool) -> Result<(), MigrationError> {
+    if handed {
+        persist.hand_over_devices(false).map_err(|e| {
+            MigrationError::Uncertain(format!("{e}; another process holds the disk"))
+        })?;
+    }
     persist.resume_devices();
     if control.state() == RunState::Paused {
         let _ = control.resume();
     }
+    Ok(())
 }
 
 fn unexpected(f: &Frame) -> MigrationError {
@@ -350,6 +360,37 @@ fn unexpected(f: &Frame) -> MigrationError {
         Frame::Running => "a start",
     };
     MigrationError::Stream(format!("the other side sent {what} out of turn"))
+}
+
+/// With the guest stopped and its devices quiesced: the pages still dirty (`dirty`,
+/// taken just before the stop, and what the log holds now), the disks' locks, the
+/// state, the end. `handed` says whether the disks' locks went.
+fn last_round(
+    s: &mut Sender<'_>,
+    control: &VmControl,
+    map: &[MemoryRange],
+    dirty: &[u64],
+    handed: &mut bool,
+) -> Result<(), MigrationError> {
+    let persist = s.persist;
+    let mut state = persist
+        .save_paused(control)
+        .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let mut pages = persist.dirty.take().map_err(MigrationError::Vm)?;
+    pages.extend_from_slice(dirty);
+    pages.sort_unstable();
+    pages.dedup();
+    s.send_pages(&pages, false)?;
+    persist
+        .hand_over_devices(true)
+        .map_err(MigrationError::Vm)?;
+    *handed = true;
+    state.memory = map.to_vec();
+    let bytes = crate::snapshot::file::encode_state(&state)
+        .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    wire::send(&mut s.out, &Frame::State(bytes))?;
+    wire::send(&mut s.out, &Frame::Done)?;
+    s.flush()
 }
 
 /// The rounds, then the stop and the last round; returns when the guest stopped.
@@ -367,7 +408,8 @@ fn precopy_and_stop(
     let mut last_round_pages = u64::MAX;
     loop {
         s.check_cancel()?;
-        let dirty = with_paused(control, throttle, || persist.dirty.take()).map_err(MigrationError::Vm)?;
+        let dirty =
+            with_paused(control, throttle, || persist.dirty.take()).map_err(MigrationError::Vm)?;
         let bytes = (dirty.len() * PAGE) as f64;
         let rate = s.out.get_ref().sent as f64 / link_started.elapsed().as_secs_f64().max(1e-6);
         let would_take = Duration::from_secs_f64(bytes / rate.max(1.0));
@@ -381,25 +423,10 @@ fn precopy_and_stop(
                     .map_err(|e| MigrationError::Vm(e.to_string()))?;
             }
             persist.quiesce_devices();
-            let last = (|| {
-                let state = persist
-                    .save_paused(control)
-                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
-                let mut pages = persist.dirty.take().map_err(MigrationError::Vm)?;
-                pages.extend_from_slice(&dirty);
-                pages.sort_unstable();
-                pages.dedup();
-                s.send_pages(&pages, false)?;
-                let mut state = state;
-                state.memory = map.to_vec();
-                let bytes = crate::snapshot::file::encode_state(&state)
-                    .map_err(|e| MigrationError::Vm(e.to_string()))?;
-                wire::send(&mut s.out, &Frame::State(bytes))?;
-                wire::send(&mut s.out, &Frame::Done)?;
-                s.flush()
-            })();
+            let mut handed = false;
+            let last = last_round(s, control, map, &dirty, &mut handed);
             if let Err(e) = last {
-                go_on(persist, control);
+                go_on(persist, control, handed)?;
                 return Err(e);
             }
             s.report.rounds += 1;

@@ -98,6 +98,20 @@ impl Persist {
         }
     }
 
+    /// Hands what the devices hold exclusively (disks' locks) to another process, or
+    /// takes it back (`give` false); all or nothing.
+    pub(crate) fn hand_over_devices(&self, give: bool) -> Result<(), String> {
+        for (k, d) in self.virtio.iter().enumerate() {
+            if let Err(e) = lock(d).hand_over(give) {
+                for done in &self.virtio[..k] {
+                    let _ = lock(done).hand_over(!give);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn resume_devices(&self) {
         for d in &self.virtio {
             lock(d).resume();
@@ -157,6 +171,10 @@ impl Persist {
         lock(&self.pm).restore(&s.devices.pm);
         for (d, saved) in self.virtio.iter().zip(&s.devices.virtio) {
             lock(d).restore(saved).map_err(err)?;
+        }
+        // The VM may be somewhere else on the network now (a migration, a copy).
+        for d in &self.virtio {
+            lock(d).announce();
         }
         Ok(())
     }

@@ -156,6 +156,21 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioBlock {
             w.stop();
         }
     }
+
+    fn hand_over(&mut self, give: bool) -> Result<(), String> {
+        let image = self.disk.image();
+        image.hand_over(give).map_err(|e| {
+            format!(
+                "{}: {} its lock: {e}",
+                image.path().display(),
+                if give {
+                    "cannot release"
+                } else {
+                    "cannot take back"
+                }
+            )
+        })
+    }
 }
 
 /// The request queue: what the worker thread runs, and what the benchmark drives.

@@ -233,6 +233,17 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
         Ok(())
     }
 
+    fn announce(&mut self) {
+        // As QEMU does after a migration: reverse ARP requests from the guest's MAC,
+        // which every switch on the way learns from (the guest's IP is not known here).
+        let frame = rarp_announcement(self.mac);
+        for _ in 0..3 {
+            if let Err(e) = self.backend.send(&frame) {
+                tracing::debug!("virtio-net: announcing {:02x?}: {e}", self.mac);
+            }
+        }
+    }
+
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
@@ -241,6 +252,22 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
             tracing::debug!("virtio-net: clearing offloads: {e}");
         }
     }
+}
+
+/// A broadcast RARP request (RFC 903) from `mac`, behind a zero virtio-net header,
+/// padded to Ethernet's 60-byte minimum.
+fn rarp_announcement(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HEADER_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x80, 0x35]); // RARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, request reverse
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(HEADER_LEN + 60, 0);
+    f
 }
 
 /// What became of one received frame.
@@ -600,5 +627,24 @@ impl<M: GuestMemoryShared> QueueHandler for NetQueues<M> {
             t.timer_expired();
         }
         self.run_queue(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announcement_is_a_broadcast_rarp_from_the_guests_mac() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = rarp_announcement(mac);
+        let eth = &f[HEADER_LEN..];
+        assert_eq!(eth.len(), 60);
+        assert_eq!(&eth[..6], &[0xff; 6]);
+        assert_eq!(&eth[6..12], &mac);
+        assert_eq!(&eth[12..14], &[0x80, 0x35]);
+        assert_eq!(&eth[20..22], &[0, 3], "opcode: request reverse");
+        assert_eq!(&eth[22..28], &mac);
+        assert_eq!(&eth[32..38], &mac);
     }
 }

@@ -16,7 +16,8 @@
 //! (`legacy.rs`), the interrupt controllers (`irqchip.rs`), the software CPU
 //! (`x86_decode.rs`), what a control API client sends (`control_api.rs`), what a
 //! network peer (`frame_stream.rs`) and virtiofsd (`virtio_fs.rs`) send, and what
-//! whoever hands vessel a file controls: a snapshot's state file and a snapshot being
+//! whoever hands vessel a file or a stream controls: a migration stream
+//! (`migration_stream.rs`), a snapshot's state file and a snapshot being
 //! restored (`snapshot_memory.rs`), a qcow2 disk image (`qcow2.rs`), a VM's vm.toml
 //! (`vm_toml.rs`), the host's host.toml (`host_toml.rs`) and a kernel and initrd
 //! (`kernel.rs`). [`TARGETS`] lists them all; docs/fuzzing.md says how to run them.
@@ -30,6 +31,7 @@ pub mod host_toml;
 pub mod irqchip;
 pub mod kernel;
 pub mod legacy;
+pub mod migration_stream;
 pub mod mutate;
 pub mod ops;
 mod qcow2;
@@ -54,6 +56,7 @@ pub use host_toml::host_toml;
 pub use irqchip::irqchip;
 pub use kernel::kernel_loader;
 pub use legacy::legacy_ports;
+pub use migration_stream::migration_stream;
 pub use qcow2::{qcow2_image, qcow2_opens};
 pub use snapshot_memory::snapshot_memory;
 pub use virtio_balloon::virtio_balloon;
@@ -74,7 +77,7 @@ pub struct Target {
 }
 
 /// Every target, as the stable smoke runner and the consistency test see them.
-pub const TARGETS: [Target; 24] = [
+pub const TARGETS: [Target; 25] = [
     Target {
         name: "queue",
         run: queue,
@@ -170,6 +173,10 @@ pub const TARGETS: [Target; 24] = [
     Target {
         name: "x86_decode",
         run: x86_decode,
+    },
+    Target {
+        name: "migration_stream",
+        run: migration_stream,
     },
 ];
 

@@ -419,3 +419,40 @@ fn vm_toml_corpus_and_mutations() {
     }
     eprintln!("vm_toml: {n} inputs");
 }
+
+#[test]
+fn migration_stream_corpus_and_mutations() {
+    let seeds: Vec<Vec<u8>> = corpus("migration_stream")
+        .into_iter()
+        .filter(|s| s.get(1..15) == Some(b"VESSEL-MIGRATE"))
+        .collect();
+    assert!(!seeds.is_empty());
+    // A recorded stream is a whole, valid migration.
+    for s in &seeds {
+        let mut r = &s[1..];
+        let hello = vmm::migration::receive::hello(&mut r).expect("a recorded greeting");
+        let dir = std::env::temp_dir().join(format!("vessel-fuzz-seed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let got = vmm::migration::receive::into_folder(&mut r, &hello, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        got.expect("a recorded stream is received whole");
+    }
+    let mut r = Rng(0x316_7a7e);
+    for s in &seeds {
+        for _ in 0..300 {
+            let mut v = s.clone();
+            for _ in 0..1 + r.next() % 8 {
+                let at = 1 + (r.next() as usize) % (v.len() - 1);
+                v[at] = r.next() as u8;
+            }
+            if r.next().is_multiple_of(4) {
+                v.truncate(1 + (r.next() as usize) % v.len());
+            }
+            vessel_fuzz::migration_stream(&v);
+            // The same bytes after a valid greeting.
+            v[0] = 1;
+            vessel_fuzz::migration_stream(&v);
+        }
+    }
+}

@@ -114,4 +114,5 @@ smoke_tests!(
     snapshot_memory,
     virtio_fs,
     x86_decode,
+    migration_stream,
 );

@@ -471,3 +471,50 @@ fn the_kits_linux_moves_to_another_host_with_its_disk_and_a_tcp_connection() {
     assert!(!log[mark..].contains("GAP at"), "{}", &log[mark..]);
     dst.ok(&["kill", "lin"]);
 }
+
+/// Not a check: records a real migration stream (a counting guest of 32 MiB, source to
+/// destination, through a relay) as the `migration_stream` fuzz target's seed. Run with
+/// `cargo test --release -p vessel --test migration -- --ignored record`.
+#[test]
+#[ignore]
+fn record_a_real_stream_for_the_fuzz_corpus() {
+    let (src, dst) = (Home::new(), Home::new());
+    let (_k, kernel) = testguest::bzimage_file(|a| counter(a, 20_000));
+    create(&src, "g", &kernel, "32M", "emu");
+    src.ok(&["start", "g"]);
+    src.wait_count("g", 5);
+    let rx = Receiver::start(&dst, &[]);
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = format!("tcp:{}", relay.local_addr().unwrap());
+    let to = rx.addr.strip_prefix("tcp:").unwrap().to_string();
+    let recorder = std::thread::spawn(move || {
+        let (mut from_src, _) = relay.accept().unwrap();
+        let mut to_dst = std::net::TcpStream::connect(to).unwrap();
+        let (mut back_src, mut back_dst) =
+            (from_src.try_clone().unwrap(), to_dst.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_dst, &mut back_src));
+        let mut seen = vec![0u8];
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = std::io::Read::read(&mut from_src, &mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if to_dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        seen
+    });
+    src.ok(&["migrate", "g", "--to", &relay_addr, "--compress"]);
+    let (ok, out) = rx.finish();
+    assert!(ok, "{out}");
+    dst.ok(&["kill", "g"]);
+    let seen = recorder.join().unwrap();
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/migration_stream");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("counter-32m-lz4"), &seen).unwrap();
+    eprintln!("recorded {} bytes", seen.len());
+}

@@ -382,6 +382,7 @@ pub fn snapshot_memory_stats(data: &[u8]) -> SnapshotStats {
     let restore = Restore {
         state,
         memory: memory_path.clone(),
+        postcopy: None,
     };
     match vmm::builder::build_from(
         &config,

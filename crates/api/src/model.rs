@@ -87,6 +87,9 @@ pub struct MigrateRequest {
     /// Never slow the guest down to converge.
     #[serde(default)]
     pub no_auto_converge: bool,
+    /// Post-copy after this many rounds that did not converge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after: Option<u32>,
 }
 
 /// What a migration did.
@@ -100,6 +103,12 @@ pub struct MigrateBody {
     pub seconds: f64,
     pub downtime_ms: f64,
     pub throttle_percent: u8,
+    /// Pages sent after the destination took over (post-copy), and how many of them it
+    /// asked for first.
+    #[serde(default)]
+    pub postcopy_pages: u64,
+    #[serde(default)]
+    pub postcopy_requests: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -177,6 +177,8 @@ pub fn travelling_spec(spec: &VmSpec, dir: &Path) -> VmSpec {
 #[derive(Debug)]
 pub struct Received {
     pub name: String,
+    /// The VM runs here while the rest of its memory arrives.
+    pub postcopy: bool,
     pub bytes: u64,
     pub seconds: f64,
     pub accel: String,
@@ -270,12 +272,17 @@ pub fn receive(
             return Err(e);
         }
     };
-    let started_vm = crate::monitor::start(home, &name, exe);
+    let postcopy = got.as_ref().is_some_and(|g| g.postcopy);
+    // With post-copy the monitor goes on over the link, and says itself that it runs.
+    let started_vm = crate::monitor::start_with_link(home, &name, exe, postcopy.then_some(&link));
     let outcome = started_vm.as_ref().map(|_| ()).map_err(|e| e.to_string());
-    let told = receive::finish(
-        &mut link,
-        outcome.as_ref().map(|_| ()).map_err(String::as_str),
-    );
+    let told = match (&outcome, postcopy) {
+        (Ok(()), true) => Ok(()),
+        _ => receive::finish(
+            &mut link,
+            outcome.as_ref().map(|_| ()).map_err(String::as_str),
+        ),
+    };
     if let Err(e) = started_vm {
         let _ = bundle.remove();
         return Err(e);
@@ -286,6 +293,7 @@ pub fn receive(
     }
     Ok(Received {
         name,
+        postcopy,
         bytes: got.map_or(0, |g| g.bytes),
         seconds: started.elapsed().as_secs_f64(),
         accel: spec.accel.clone(),

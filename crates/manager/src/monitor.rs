@@ -62,9 +62,37 @@ impl FileLock {
     }
 }
 
+/// The descriptor number a migration's link is handed down on.
+const LINK_FD: i32 = 3;
+const LINK_ENV: &str = "VESSEL_MIGRATION_FD";
+
+/// The migration link `vessel receive` handed this monitor, if it did.
+fn inherited_link() -> Option<std::fs::File> {
+    let fd: i32 = std::env::var(LINK_ENV).ok()?.parse().ok()?;
+    if fd != LINK_FD {
+        return None;
+    }
+    // SAFETY: the descriptor the parent placed at LINK_FD for this process, owned by
+    // nobody else here (the variable is read once: the File takes it).
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: removing a variable before other threads read the environment.
+    unsafe { std::env::remove_var(LINK_ENV) };
+    Some(f)
+}
+
 /// Starts `name` in a detached monitor process (`exe __monitor NAME`) after admission
 /// control, and waits until its control API answers.
 pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError> {
+    start_with_link(home, name, exe, None)
+}
+
+/// [`start`], handing the monitor a migration's link (post-copy goes on over it).
+pub fn start_with_link(
+    home: &Home,
+    name: &str,
+    exe: &Path,
+    link: Option<&std::fs::File>,
+) -> Result<Status, ManagerError> {
     let _admission = FileLock::acquire(&home.admission_lock())?;
     let bundle = Bundle::open(home, name)?;
     let state = bundle.status().state;
@@ -102,14 +130,25 @@ pub fn start(home: &Home, name: &str, exe: &Path) -> Result<Status, ManagerError
         .stdout(Stdio::null())
         .stderr(log);
     let policy = spec.cpu.clone();
+    let link_fd = link.map(std::os::fd::AsRawFd::as_raw_fd);
+    if link_fd.is_some() {
+        cmd.env(LINK_ENV, LINK_FD.to_string());
+    }
     // setsid detaches the monitor from our session and terminal, so it outlives the CLI
     // and never receives its terminal's signals; the affinity is inherited by every
-    // thread the monitor makes.
-    // SAFETY: only async-signal-safe system calls (setsid, sched_setaffinity) run
-    // between fork and exec.
+    // thread the monitor makes. A migration's link goes to LINK_FD, kept across exec.
+    // SAFETY: only async-signal-safe system calls (setsid, dup2, fcntl,
+    // sched_setaffinity) run between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::setsid();
+            if let Some(fd) = link_fd {
+                if fd == LINK_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                } else if libc::dup2(fd, LINK_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             resources::pin_before_exec(&policy)
         });
     }
@@ -473,6 +512,7 @@ impl Monitor {
             max_bandwidth: req.max_bandwidth,
             compress: req.compress,
             auto_converge: !req.no_auto_converge,
+            postcopy_after: req.postcopy_after,
             ..Default::default()
         };
         let config = crate::migration::travelling_spec(&self.spec, &self.bundle.dir).to_toml();
@@ -497,6 +537,8 @@ impl Monitor {
                         seconds: r.seconds,
                         downtime_ms: r.downtime_ms,
                         throttle_percent: r.throttle_percent,
+                        postcopy_pages: r.postcopy_pages,
+                        postcopy_requests: r.postcopy_requests,
                     },
                 )
             }
@@ -725,9 +767,24 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let restore = if suspended.join(vmm::snapshot::file::STATE).is_file() {
         let state = vmm::snapshot::read_state(&suspended)
             .map_err(|e| ManagerError::Other(e.to_string()))?;
+        // A VM received by post-copy: the rest of its memory comes over the link
+        // `vessel receive` handed down.
+        let postcopy = match suspended
+            .join(vmm::migration::receive::STALE)
+            .is_file()
+            .then(inherited_link)
+            .flatten()
+        {
+            Some(link) => Some(
+                vmm::migration::postcopy::PostcopyLink::new(link)
+                    .map_err(|e| ManagerError::Other(e.to_string()))?,
+            ),
+            None => None,
+        };
         Some(vmm::builder::Restore {
             state,
             memory: suspended.join(vmm::snapshot::file::MEMORY),
+            postcopy,
         })
     } else {
         None
@@ -760,6 +817,10 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
         )
         .map_err(|e| ManagerError::Other(e.to_string()))?,
     );
+    if let Some(vm) = &vm {
+        vm.postcopy_running()
+            .map_err(|e| ManagerError::Other(e.to_string()))?;
+    }
     let restored = restore.is_some();
     if restored {
         // The saved memory is mapped privately: the file can go, the mapping stays.

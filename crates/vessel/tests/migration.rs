@@ -181,6 +181,41 @@ fn a_guest_dirtying_memory_faster_than_the_link_converges_with_every_page_intact
     dst.ok(&["kill", "d"]);
 }
 
+/// The same guest with post-copy: after two rounds the destination runs it and takes
+/// the pages it still lacks as it touches them (or as they arrive); every page the
+/// guest checks holds what it wrote last.
+#[test]
+fn a_guest_dirtying_memory_faster_than_the_link_moves_with_postcopy() {
+    let (src, dst) = (Home::new(), Home::new());
+    let (_k, kernel) = testguest::bzimage_file(|a| dirtier(a, 16 << 20, 32 << 20, 5_000));
+    create(&src, "d", &kernel, "128M", "emu");
+    src.ok(&["start", "d"]);
+    src.wait_count("d", 3);
+    let rx = Receiver::start(&dst, &[]);
+    let said = src.ok(&[
+        "migrate",
+        "d",
+        "--to",
+        &rx.addr,
+        "--max-bandwidth",
+        "64M",
+        "--downtime-ms",
+        "100",
+        "--postcopy",
+    ]);
+    eprintln!("{said}");
+    assert!(said.contains("post-copy:"), "{said}");
+    assert!(!said.contains("throttled"), "{said}");
+    let (ok, out) = rx.finish();
+    assert!(ok && out.contains("post-copy"), "vessel receive: {out}");
+    let before = src.log("d");
+    let last = counts(&before).last().copied().unwrap();
+    let log = dst.wait_log("d", 0, &format!("count {:08x}\n", last + 3));
+    assert!(!log.contains("lost page"), "{log}");
+    assert_continuous(&before, &log);
+    dst.ok(&["kill", "d"]);
+}
+
 /// The source goes on counting after a failed migration.
 fn still_counting(home: &Home, name: &str) {
     let st = home.status(name);
@@ -472,12 +507,11 @@ fn the_kits_linux_moves_to_another_host_with_its_disk_and_a_tcp_connection() {
     dst.ok(&["kill", "lin"]);
 }
 
-/// Not a check: records a real migration stream (a counting guest of 32 MiB, source to
-/// destination, through a relay) as the `migration_stream` fuzz target's seed. Run with
-/// `cargo test --release -p vessel --test migration -- --ignored record`.
+/// A migration through a relay that records what the source sends (LZ4 pages): the
+/// recording is a whole stream by itself. With `VESSEL_RECORD_SEED=1` it becomes the
+/// `migration_stream` fuzz target's seed (fuzz/corpus/migration_stream).
 #[test]
-#[ignore]
-fn record_a_real_stream_for_the_fuzz_corpus() {
+fn a_migration_through_a_relay_is_a_stream_a_receiver_takes_whole() {
     let (src, dst) = (Home::new(), Home::new());
     let (_k, kernel) = testguest::bzimage_file(|a| counter(a, 20_000));
     create(&src, "g", &kernel, "32M", "emu");

@@ -203,6 +203,8 @@ pub struct Vm {
     persist: Arc<crate::snapshot::Persist>,
     io_limits: Arc<IoLimits>,
     balloon: Option<Arc<BalloonState>>,
+    /// A VM received by post-copy: its pages still coming.
+    incoming: Option<crate::migration::postcopy::Incoming>,
 }
 
 /// What the builder hands over.
@@ -221,6 +223,7 @@ pub(crate) struct VmParts {
     pub persist: Arc<crate::snapshot::Persist>,
     pub io_limits: Arc<IoLimits>,
     pub balloon: Option<Arc<BalloonState>>,
+    pub incoming: Option<crate::migration::postcopy::Incoming>,
 }
 
 impl Vm {
@@ -242,6 +245,16 @@ impl Vm {
             persist: p.persist,
             io_limits: p.io_limits,
             balloon: p.balloon,
+            incoming: p.incoming,
+        }
+    }
+
+    /// For a VM received by post-copy: tells the source it runs here now (call once it
+    /// is built, before it runs). Nothing for any other VM.
+    pub fn postcopy_running(&self) -> Result<(), crate::migration::MigrationError> {
+        match &self.incoming {
+            Some(i) => i.running(),
+            None => Ok(()),
         }
     }
 

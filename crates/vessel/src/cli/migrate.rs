@@ -29,6 +29,10 @@ pub struct MigrateArgs {
     /// Never slow the guest down when it writes memory faster than the link carries it.
     #[arg(long)]
     no_auto_converge: bool,
+    /// Post-copy: when two rounds have not converged, the guest runs at the
+    /// destination at once and takes the pages it still lacks as it touches them.
+    #[arg(long)]
+    postcopy: bool,
     /// Stop the migration under way; the VM runs on here.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -69,6 +73,7 @@ pub fn migrate(args: MigrateArgs) -> CliResult {
         max_bandwidth,
         compress: args.compress,
         no_auto_converge: args.no_auto_converge,
+        postcopy_after: args.postcopy.then_some(2),
     };
     // A migration takes as long as its memory takes to cross.
     let body: MigrateBody = client
@@ -87,8 +92,14 @@ pub fn migrate(args: MigrateArgs) -> CliResult {
             format!(", guest throttled up to {}%", body.throttle_percent)
         } else {
             String::new()
-        }
+        },
     );
+    if body.postcopy_pages > 0 || body.postcopy_requests > 0 {
+        println!(
+            "post-copy: {} pages sent after the switch, {} asked for by the destination",
+            body.postcopy_pages, body.postcopy_requests
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -109,11 +120,16 @@ pub fn receive(args: ReceiveArgs) -> CliResult {
         &exe,
     )?;
     println!(
-        "received {} ({} MiB in {:.2} s); it runs here on {}",
+        "received {} ({} MiB in {:.2} s); it runs here on {}{}",
         got.name,
         got.bytes >> 20,
         got.seconds,
-        got.accel
+        got.accel,
+        if got.postcopy {
+            " (post-copy: the rest of its memory follows)"
+        } else {
+            ""
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

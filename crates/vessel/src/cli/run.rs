@@ -265,6 +265,7 @@ fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
     let restore = vmm::builder::Restore {
         state,
         memory: dir.join(vmm::snapshot::file::MEMORY),
+        postcopy: None,
     };
     confine(&args.vm, &config, Some(dir))?;
     let mut vm = vmm::builder::build_from(&config, vmm::Console::Stdio, Some(&restore))

@@ -98,6 +98,9 @@ pub struct Restore {
     pub state: crate::snapshot::VmSnapshot,
     /// The snapshot's memory file.
     pub memory: std::path::PathBuf,
+    /// Post-copy: the link to the migration's source, which still has the pages the
+    /// folder's stale list names (see [`crate::migration::postcopy`]).
+    pub postcopy: Option<crate::migration::postcopy::PostcopyLink>,
 }
 
 /// The CPUID a VM of `config` would show its guest (what a migration or restore
@@ -130,9 +133,20 @@ pub fn build_from(
             r.state.cpus, config.cpus
         )));
     }
+    let mut incoming = None;
     let (mem, code) = match restore {
         None => guest_memory(config.memory, config.memory_is_shared())?,
-        Some(r) => restored_memory(config, r)?,
+        Some(r) => {
+            let (mem, code) = restored_memory(config, r)?;
+            if let Some(link) = &r.postcopy {
+                let dir = r.memory.parent().unwrap_or(std::path::Path::new("."));
+                incoming = Some(
+                    crate::migration::postcopy::start(&mem, dir, link)
+                        .map_err(|e| VmError::Device(e.to_string()))?,
+                );
+            }
+            (mem, code)
+        }
     };
     // A restored VM has its ACPI tables, kernel and everything else in its memory.
     let entry = match restore {
@@ -263,6 +277,7 @@ pub fn build_from(
         persist,
         io_limits,
         balloon: virtio.balloon.map(|(_, b)| b),
+        incoming,
     }))
 }
 
@@ -313,6 +328,10 @@ fn restored_memory(config: &VmConfig, r: &Restore) -> Result<(GuestMemory, Arc<C
             r.state.memory_bytes >> 20,
             config.memory >> 20
         )));
+    }
+    if r.postcopy.is_some() {
+        // Fresh memory that the post-copy fills as the guest touches it.
+        return guest_memory(config.memory, false);
     }
     let file = std::fs::File::open(&r.memory).map_err(|e| VmError::Memory {
         mib: config.memory >> 20,
@@ -526,6 +545,7 @@ mod tests {
         let restore = Restore {
             state,
             memory: memory.clone(),
+            postcopy: None,
         };
         let refused = build_from(
             &config,

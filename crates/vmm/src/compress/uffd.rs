@@ -213,6 +213,21 @@ impl Uffd {
         Ok((msg.event == EVENT_PAGEFAULT).then_some(msg.address))
     }
 
+    /// Makes reads return at once when no fault is pending (and poll(2) report faults:
+    /// on a blocking userfaultfd it reports only POLLERR).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        // SAFETY: fcntl on a descriptor we own; no memory is involved.
+        let flags = unsafe { libc::fcntl(self.fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(self.fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd()
     }

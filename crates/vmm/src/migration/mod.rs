@@ -5,8 +5,10 @@
 //! stream is in [`wire`]; the transports (TCP, Unix sockets) are the caller's.
 
 pub mod dirty;
+pub mod postcopy;
 pub mod receive;
 pub mod send;
+mod serve;
 pub mod wire;
 
 use thiserror::Error;

@@ -17,7 +17,14 @@ use crate::snapshot::file::{MEMORY, STATE, decode_state, encode_state};
 pub struct Received {
     pub pages: u64,
     pub bytes: u64,
+    /// The source switched to post-copy: the folder's `stale` file lists the pages the
+    /// VM must still get from it, over the same link.
+    pub postcopy: bool,
 }
+
+/// In a folder received for post-copy: the runs of stale pages (address and count, 12
+/// bytes each, little endian).
+pub const STALE: &str = "stale";
 
 /// Reads the greeting and the source's description of the VM.
 pub fn hello(r: &mut impl Read) -> Result<Hello, MigrationError> {
@@ -69,6 +76,7 @@ pub fn into_folder(
         .map_err(io("the memory file"))?;
     let mut got = Received::default();
     let mut state = None;
+    let mut stale = Vec::new();
     loop {
         match wire::read(r)? {
             Frame::Pages(p) => {
@@ -95,6 +103,22 @@ pub fn into_folder(
                 state = Some(s);
             }
             Frame::Done => break,
+            Frame::Stale(runs) => {
+                for (gpa, count) in runs {
+                    if count == 0 || wire::file_offset(&hello.memory, gpa, count).is_none() {
+                        return Err(MigrationError::Stream(format!(
+                            "{count} stale pages at {gpa:#x} are not the VM's memory"
+                        )));
+                    }
+                    stale.extend_from_slice(&gpa.to_le_bytes());
+                    stale.extend_from_slice(&count.to_le_bytes());
+                }
+            }
+            Frame::Postcopy => {
+                got.postcopy = true;
+                std::fs::write(dir.join(STALE), &stale).map_err(io("the stale list"))?;
+                break;
+            }
             Frame::Failed(why) => return Err(MigrationError::Source(why)),
             _ => {
                 return Err(MigrationError::Stream(

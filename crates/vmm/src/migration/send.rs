@@ -33,6 +33,9 @@ pub struct SendOptions {
     pub auto_converge: bool,
     /// After this many rounds the guest stops whatever is left.
     pub max_rounds: u32,
+    /// Post-copy: after this many rounds without converging, the destination runs the
+    /// guest and takes the pages still stale as it needs them (auto-converge is off).
+    pub postcopy_after: Option<u32>,
 }
 
 impl Default for SendOptions {
@@ -43,6 +46,7 @@ impl Default for SendOptions {
             compress: false,
             auto_converge: true,
             max_rounds: 30,
+            postcopy_after: None,
         }
     }
 }
@@ -60,6 +64,10 @@ pub struct SendReport {
     /// The highest throttle auto-converge reached (percent of each 10 ms the guest is
     /// stopped).
     pub throttle_percent: u8,
+    /// Post-copy: the pages the destination got after the switch, and how many of them
+    /// it asked for because the guest touched them first.
+    pub postcopy_pages: u64,
+    pub postcopy_requests: u64,
 }
 
 /// Counts what goes out and keeps to a bandwidth limit.
@@ -144,13 +152,13 @@ pub(crate) fn memory_map<M: GuestMemoryBackend>(mem: &M) -> Vec<MemoryRange> {
         .collect()
 }
 
-struct Sender<'a> {
+pub(super) struct Sender<'a> {
     persist: &'a Persist,
     out: BufWriter<Paced<&'a File>>,
-    stream: &'a File,
+    pub(super) stream: &'a File,
     opts: &'a SendOptions,
     cancel: &'a AtomicBool,
-    report: SendReport,
+    pub(super) report: SendReport,
     buf: Vec<u8>,
 }
 
@@ -165,7 +173,11 @@ impl Sender<'_> {
     /// Sends the pages at `gpas` (sorted), in runs of consecutive pages of one kind;
     /// pages of zeros go as zero runs, or not at all when `skip_zero` (the
     /// destination's memory starts as zeros).
-    fn send_pages(&mut self, gpas: &[u64], skip_zero: bool) -> Result<(), MigrationError> {
+    pub(super) fn send_pages(
+        &mut self,
+        gpas: &[u64],
+        skip_zero: bool,
+    ) -> Result<(), MigrationError> {
         let mem = &self.persist.mem;
         let mut page = vec![0u8; PAGE];
         let mut k = 0;
@@ -212,7 +224,11 @@ impl Sender<'_> {
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), MigrationError> {
+    pub(super) fn out_mut(&mut self) -> &mut impl Write {
+        &mut self.out
+    }
+
+    pub(super) fn flush(&mut self) -> Result<(), MigrationError> {
         self.out
             .flush()
             .map_err(|e| MigrationError::Link(format!("sending: {e}")))
@@ -300,7 +316,7 @@ pub fn send(
         r
     });
     let _ = persist.dirty.set(false);
-    let stopped = match result {
+    let (stopped, stale) = match result {
         Ok(stopped) => stopped,
         Err(e) => {
             // Tell the destination (if it still listens) that nothing will come.
@@ -309,14 +325,28 @@ pub fn send(
             return Err(e);
         }
     };
-    // The guest is stopped and its devices quiesced; everything has been sent.
+    s.report.throttle_percent = throttle.percent.load(Ordering::Acquire);
+    // The guest is stopped and its devices quiesced; everything has been sent, or (post-
+    // copy) the destination takes the rest as it goes.
+    if let Some(stale) = stale {
+        let served = super::serve::postcopy(&mut s, &stale, stopped);
+        s.report.seconds = started.elapsed().as_secs_f64();
+        s.report.bytes_sent = s.out.get_ref().sent;
+        return match served {
+            Err(super::serve::Served::NeverRan(e)) => {
+                go_on(persist, control, true)?;
+                Err(e)
+            }
+            Err(super::serve::Served::Ran(e)) => Err(e),
+            Ok(()) => Ok(s.report),
+        };
+    }
     let outcome = s.reply();
     match outcome {
         Ok(Frame::Running) => {
             s.report.downtime_ms = stopped.elapsed().as_secs_f64() * 1e3;
             s.report.seconds = started.elapsed().as_secs_f64();
             s.report.bytes_sent = s.out.get_ref().sent;
-            s.report.throttle_percent = throttle.percent.load(Ordering::Acquire);
             Ok(s.report)
         }
         Ok(Frame::Failed(why)) => {
@@ -348,7 +378,7 @@ fn go_on(persist: &Persist, control: &VmControl, handed: bool) -> Result<(), Mig
     Ok(())
 }
 
-fn unexpected(f: &Frame) -> MigrationError {
+pub(super) fn unexpected(f: &Frame) -> MigrationError {
     let what = match f {
         Frame::Failed(why) => return MigrationError::Destination(why.clone()),
         Frame::Refuse(why) => return MigrationError::Refused(why.clone()),
@@ -358,20 +388,25 @@ fn unexpected(f: &Frame) -> MigrationError {
         Frame::State(_) => "a state",
         Frame::Done => "an end",
         Frame::Running => "a start",
+        Frame::Stale(_) => "a stale list",
+        Frame::Postcopy => "a switch to post-copy",
+        Frame::Request(_) => "a request for a page",
     };
     MigrationError::Stream(format!("the other side sent {what} out of turn"))
 }
 
 /// With the guest stopped and its devices quiesced: the pages still dirty (`dirty`,
 /// taken just before the stop, and what the log holds now), the disks' locks, the
-/// state, the end. `handed` says whether the disks' locks went.
+/// state, the end. `handed` says whether the disks' locks went. With `postcopy`, the
+/// dirty pages are not sent but listed as stale, and the list is returned.
 fn last_round(
     s: &mut Sender<'_>,
     control: &VmControl,
     map: &[MemoryRange],
     dirty: &[u64],
+    postcopy: bool,
     handed: &mut bool,
-) -> Result<(), MigrationError> {
+) -> Result<Option<Vec<u64>>, MigrationError> {
     let persist = s.persist;
     let mut state = persist
         .save_paused(control)
@@ -380,7 +415,9 @@ fn last_round(
     pages.extend_from_slice(dirty);
     pages.sort_unstable();
     pages.dedup();
-    s.send_pages(&pages, false)?;
+    if !postcopy {
+        s.send_pages(&pages, false)?;
+    }
     persist
         .hand_over_devices(true)
         .map_err(MigrationError::Vm)?;
@@ -389,17 +426,28 @@ fn last_round(
     let bytes = crate::snapshot::file::encode_state(&state)
         .map_err(|e| MigrationError::Vm(e.to_string()))?;
     wire::send(&mut s.out, &Frame::State(bytes))?;
-    wire::send(&mut s.out, &Frame::Done)?;
-    s.flush()
+    if !postcopy {
+        wire::send(&mut s.out, &Frame::Done)?;
+        s.flush()?;
+        return Ok(None);
+    }
+    let runs = super::serve::runs(&pages);
+    for chunk in runs.chunks(wire::MAX_STALE_RUNS) {
+        wire::send(&mut s.out, &Frame::Stale(chunk.to_vec()))?;
+    }
+    wire::send(&mut s.out, &Frame::Postcopy)?;
+    s.flush()?;
+    Ok(Some(pages))
 }
 
 /// The rounds, then the stop and the last round; returns when the guest stopped.
+/// With post-copy, also the pages the destination lacks.
 fn precopy_and_stop(
     s: &mut Sender<'_>,
     control: &VmControl,
     throttle: &Throttle,
     map: &[MemoryRange],
-) -> Result<Instant, MigrationError> {
+) -> Result<(Instant, Option<Vec<u64>>), MigrationError> {
     let persist = s.persist;
     let link_started = Instant::now();
     s.send_pages(&all_pages(map), true)?;
@@ -413,8 +461,10 @@ fn precopy_and_stop(
         let bytes = (dirty.len() * PAGE) as f64;
         let rate = s.out.get_ref().sent as f64 / link_started.elapsed().as_secs_f64().max(1e-6);
         let would_take = Duration::from_secs_f64(bytes / rate.max(1.0));
-        if would_take <= s.opts.downtime || s.report.rounds >= s.opts.max_rounds {
-            // Close enough: these pages go with the last round.
+        let converged = would_take <= s.opts.downtime;
+        let postcopy = !converged && s.opts.postcopy_after.is_some_and(|n| s.report.rounds >= n);
+        if converged || postcopy || s.report.rounds >= s.opts.max_rounds {
+            // Close enough (or post-copy's turn): these pages go with the last round.
             let stopped = Instant::now();
             let _g = lock(&throttle.gate);
             if control.state() == RunState::Running {
@@ -424,17 +474,23 @@ fn precopy_and_stop(
             }
             persist.quiesce_devices();
             let mut handed = false;
-            let last = last_round(s, control, map, &dirty, &mut handed);
-            if let Err(e) = last {
-                go_on(persist, control, handed)?;
-                return Err(e);
-            }
+            let stale = match last_round(s, control, map, &dirty, postcopy, &mut handed) {
+                Ok(stale) => stale,
+                Err(e) => {
+                    go_on(persist, control, handed)?;
+                    return Err(e);
+                }
+            };
             s.report.rounds += 1;
-            return Ok(stopped);
+            return Ok((stopped, stale));
         }
         // Not converging: the guest wrote about as much as went out last round.
         let pages = dirty.len() as u64;
-        if s.opts.auto_converge && s.report.rounds >= 2 && pages * 2 > last_round_pages {
+        if s.opts.auto_converge
+            && s.opts.postcopy_after.is_none()
+            && s.report.rounds >= 2
+            && pages * 2 > last_round_pages
+        {
             let p = throttle.percent.load(Ordering::Acquire);
             let next = if p == 0 { 20 } else { (p + 10).min(99) };
             throttle.percent.store(next, Ordering::Release);

@@ -13,6 +13,12 @@
 //!                                <-------  Running | Failed (one line)
 //! ```
 //! Either side may send `Failed` instead of its next frame, and either may hang up.
+//!
+//! Post-copy: instead of `Done`, the source sends `Stale` (the runs of pages the
+//! destination's copy lacks or has old) and `Postcopy`; the destination starts the VM,
+//! says `Running`, and asks for stale pages the guest touches (`Request`) while the
+//! source sends the rest (`Pages`) and then `Done`; the destination answers `Done` once
+//! it holds every page.
 
 use std::io::{Read, Write};
 
@@ -45,6 +51,9 @@ pub enum Kind {
     Done = 6,
     Running = 7,
     Failed = 8,
+    Stale = 9,
+    Postcopy = 10,
+    Request = 11,
 }
 
 impl Kind {
@@ -58,6 +67,9 @@ impl Kind {
             6 => Kind::Done,
             7 => Kind::Running,
             8 => Kind::Failed,
+            9 => Kind::Stale,
+            10 => Kind::Postcopy,
+            11 => Kind::Request,
             _ => return None,
         })
     }
@@ -65,7 +77,9 @@ impl Kind {
     fn max_len(self) -> usize {
         match self {
             Kind::Hello => MAX_HELLO,
-            Kind::Accept | Kind::Done | Kind::Running => 0,
+            Kind::Accept | Kind::Done | Kind::Running | Kind::Postcopy => 0,
+            Kind::Request => 8,
+            Kind::Stale => MAX_STALE_RUNS * STALE_RUN,
             Kind::Refuse | Kind::Failed => MAX_REASON,
             Kind::Pages => PAGES_HEADER + MAX_RUN * PAGE,
             Kind::State => MAX_STATE,
@@ -102,6 +116,11 @@ pub enum Encoding {
     Lz4 = 2,
 }
 
+/// A stale run: gpa (u64) | pages (u32).
+const STALE_RUN: usize = 12;
+/// The most runs one `Stale` frame lists.
+pub const MAX_STALE_RUNS: usize = 1 << 16;
+
 /// gpa (u64) | pages (u32) | encoding (u8)
 const PAGES_HEADER: usize = 13;
 
@@ -125,6 +144,11 @@ pub enum Frame {
     Done,
     Running,
     Failed(String),
+    /// Runs of pages (address, count) the destination must get from the source.
+    Stale(Vec<(u64, u32)>),
+    Postcopy,
+    /// The destination needs the page at this address now.
+    Request(u64),
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> MigrationError {
@@ -186,6 +210,16 @@ pub fn send(w: &mut impl Write, frame: &Frame) -> Result<(), MigrationError> {
         Frame::Done => write_frame(w, Kind::Done, &[]),
         Frame::Running => write_frame(w, Kind::Running, &[]),
         Frame::Failed(why) => write_frame(w, Kind::Failed, &[clip(why).as_bytes()]),
+        Frame::Stale(runs) => {
+            let mut body = Vec::with_capacity(runs.len() * STALE_RUN);
+            for (gpa, count) in runs {
+                body.extend_from_slice(&gpa.to_le_bytes());
+                body.extend_from_slice(&count.to_le_bytes());
+            }
+            write_frame(w, Kind::Stale, &[&body])
+        }
+        Frame::Postcopy => write_frame(w, Kind::Postcopy, &[]),
+        Frame::Request(gpa) => write_frame(w, Kind::Request, &[&gpa.to_le_bytes()]),
     }
 }
 
@@ -241,6 +275,27 @@ pub fn read(r: &mut impl Read) -> Result<Frame, MigrationError> {
         Kind::Done => Frame::Done,
         Kind::Running => Frame::Running,
         Kind::Failed => Frame::Failed(text(body)),
+        Kind::Postcopy => Frame::Postcopy,
+        Kind::Request => Frame::Request(u64::from_le_bytes(
+            body.try_into()
+                .map_err(|_| bad("a request of the wrong size".into()))?,
+        )),
+        Kind::Stale => {
+            if !body.len().is_multiple_of(STALE_RUN) {
+                return Err(bad(format!("a stale list of {} bytes", body.len())));
+            }
+            Frame::Stale(
+                body.chunks_exact(STALE_RUN)
+                    .map(|c| {
+                        let (a, n) = c.split_at(8);
+                        (
+                            u64::from_le_bytes(a.try_into().unwrap_or_default()),
+                            u32::from_le_bytes(n.try_into().unwrap_or_default()),
+                        )
+                    })
+                    .collect(),
+            )
+        }
     })
 }
 

@@ -195,6 +195,7 @@ struct Server {
 impl Server {
     fn run(mut self) {
         let mut link_up = true;
+        let mut told_source = false;
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -238,11 +239,18 @@ impl Server {
                     }
                 }
             }
-            if n == 0 && self.fill_some() && self.source_done {
-                self.stats.complete.store(true, Ordering::Release);
+            // Once every stale page is here the source is not needed any more.
+            if self.source_done
+                && !told_source
+                && self.stats.stale_left.load(Ordering::Relaxed) == 0
+            {
+                told_source = true;
                 let mut w = &self.out;
                 let _ = wire::send(&mut w, &Frame::Done);
                 let _ = w.flush();
+            }
+            if n == 0 && self.fill_some() && told_source {
+                self.stats.complete.store(true, Ordering::Release);
                 tracing::info!(
                     "post-copy complete: {} pages were asked for",
                     self.stats.requested.load(Ordering::Relaxed)
@@ -349,17 +357,49 @@ impl Server {
         }
     }
 
-    /// Brings in a few pages from the memory file that nobody touched yet; true once
-    /// every page is here.
+    /// Brings in a few pages from the memory file that nobody touched yet (a run of
+    /// pages of zeros in one call); true once every page is here.
     fn fill_some(&mut self) -> bool {
-        let mut budget = 4096;
+        const CHUNK: usize = 256;
+        let mut buf = vec![0u8; CHUNK * PAGE];
+        let mut budget = 16;
         while self.fill_cursor < self.pages && budget > 0 {
-            let i = self.fill_cursor;
-            if !self.present.get(i) && !self.stale.get(i) {
-                self.load_from_file(i);
-                budget -= 1;
+            budget -= 1;
+            let first = self.fill_cursor;
+            // A chunk within one region.
+            let Some((r, off)) = self.locate(first) else {
+                self.fill_cursor += 1;
+                continue;
+            };
+            let in_region = ((r.len - off) / PAGE as u64) as usize;
+            let n = CHUNK.min(in_region).min(self.pages - first);
+            let (host, file_at) = (r.host + off, r.file_offset + off);
+            self.fill_cursor += n;
+            let wanted = |s: &Self, i: usize| !s.present.get(i) && !s.stale.get(i);
+            if !(first..first + n).any(|i| wanted(self, i)) {
+                continue;
             }
-            self.fill_cursor += 1;
+            let data = &mut buf[..n * PAGE];
+            if let Err(e) = self.memory.read_exact_at(data, file_at) {
+                tracing::error!("post-copy: reading the memory file: {e}");
+            }
+            let all = (first..first + n).all(|i| wanted(self, i));
+            // (Should the call fail, page by page below.)
+            if all
+                && data.iter().all(|b| *b == 0)
+                && self.uffd.zeropage(host, (n * PAGE) as u64).is_ok()
+            {
+                for i in first..first + n {
+                    self.present.set(i, true);
+                }
+                continue;
+            }
+            for k in 0..n {
+                if wanted(self, first + k) {
+                    let page = buf[k * PAGE..(k + 1) * PAGE].to_vec();
+                    self.place(first + k, &page);
+                }
+            }
         }
         self.fill_cursor >= self.pages && self.stats.stale_left.load(Ordering::Relaxed) == 0
     }

@@ -303,6 +303,41 @@ fn a_malformed_stream_is_refused_in_one_line() {
     }
 }
 
+/// Something that is not a `vessel receive` at the address: the source says so in one
+/// line and its guest runs on.
+#[test]
+fn a_destination_that_answers_garbage_leaves_the_source_running() {
+    let src = Home::new();
+    let (_k, kernel) = testguest::bzimage_file(|a| counter(a, 20_000));
+    create(&src, "g", &kernel, "64M", "emu");
+    src.ok(&["start", "g"]);
+    src.wait_count("g", 5);
+    for reply in [
+        &b"HTTP/1.1 400 Bad Request\r\n\r\n"[..],
+        b"\x02\x01\x00\x00\x00",
+        b"",
+    ] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp:{}", l.local_addr().unwrap());
+        let fake = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut hello = [0u8; 64];
+            let _ = std::io::Read::read(&mut s, &mut hello);
+            let _ = s.write_all(reply);
+        });
+        let (code, err) = src.refused(&["migrate", "g", "--to", &addr]);
+        fake.join().unwrap();
+        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("malformed migration stream") || err.contains("link failed"),
+            "{err}"
+        );
+        still_counting(&src, "g");
+    }
+    src.ok(&["kill", "g"]);
+}
+
 #[test]
 fn a_migration_can_be_cancelled_and_the_source_runs_on() {
     let (src, dst) = (Home::new(), Home::new());

@@ -1,14 +1,15 @@
 //! A migration stream as `vessel receive` reads it once it has accepted a connection:
 //! the greeting, the source's description of the VM (checked: a memory map of whole
 //! pages, in order, adding up), then runs of pages (raw, zero or LZ4), the state and
-//! the end, written into a folder the VM would be restored from.
+//! the end, written into a folder the VM would be restored from; and pieces of the
+//! disks a migration without shared storage copies.
 //!
 //! Checked: nothing panics; a run of pages outside the announced memory is refused; a
 //! stream that is accepted leaves a folder `snapshot::read_state` accepts, with the
 //! memory map the greeting announced.
 //!
 //! Input: mode (u8: bit 0 set, the rest follows a valid greeting and description of a
-//! 16 MiB, one-vCPU VM, so the fuzzer starts at the frames; clear, the rest is the
+//! 16 MiB, one-vCPU VM with a 4 MiB disk to copy, so the fuzzer starts at the frames; clear, the rest is the
 //! whole stream, as the seeds captured from a real migration are).
 
 use std::sync::OnceLock;
@@ -36,6 +37,7 @@ fn prefix() -> &'static [u8] {
                 len: 16 << 20,
                 file_offset: 0,
             }],
+            disks: vec![4 << 20],
         };
         let mut v = Vec::new();
         wire::write_greeting(&mut v).expect("to memory");
@@ -59,13 +61,19 @@ pub fn migration_stream(data: &[u8]) {
     };
     // A destination holds the size against its own configuration and admission
     // control before it writes anything; here, against a small bound.
-    if hello.memory_bytes > 64 << 20 {
+    if hello.memory_bytes > 64 << 20
+        || hello.disks.len() > 4
+        || hello.disks.iter().any(|s| *s > 64 << 20)
+    {
         return;
     }
     let dir = sandbox::files_dir("vessel-fuzz-migrate-").join("in");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).expect("a folder to receive into");
-    if let Ok(got) = receive::into_folder(&mut r, &hello, &dir) {
+    let disks: Vec<_> = (0..hello.disks.len())
+        .map(|k| dir.join(format!("disk{k}")))
+        .collect();
+    if let Ok(got) = receive::into_folder(&mut r, &hello, &dir, &disks) {
         let s = vmm::snapshot::read_state(&dir).expect("a received folder reads back");
         assert_eq!(s.memory, hello.memory);
         assert_eq!(got.bytes, got.pages * wire::PAGE as u64);

@@ -434,7 +434,7 @@ fn migration_stream_corpus_and_mutations() {
         let dir = std::env::temp_dir().join(format!("vessel-fuzz-seed-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
-        let got = vmm::migration::receive::into_folder(&mut r, &hello, &dir);
+        let got = vmm::migration::receive::into_folder(&mut r, &hello, &dir, &[]);
         let _ = std::fs::remove_dir_all(&dir);
         got.expect("a recorded stream is received whole");
     }

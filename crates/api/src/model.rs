@@ -87,6 +87,9 @@ pub struct MigrateRequest {
     /// Never slow the guest down to converge.
     #[serde(default)]
     pub no_auto_converge: bool,
+    /// Copy the disks too (no shared storage).
+    #[serde(default)]
+    pub copy_disks: bool,
     /// Post-copy after this many rounds that did not converge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_after: Option<u32>,

@@ -173,6 +173,35 @@ pub fn travelling_spec(spec: &VmSpec, dir: &Path) -> VmSpec {
     s
 }
 
+/// Where a copied disk goes in the bundle.
+fn copied_disk(k: usize) -> String {
+    format!("disk{k}.raw")
+}
+
+/// The configuration with each disk at its copy in the bundle: a raw image (whatever
+/// the format at the source: the copy is of what the guest sees), its other options
+/// kept.
+fn with_copied_disks(spec: &VmSpec) -> VmSpec {
+    let mut s = spec.clone();
+    s.disks = s
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let mut parts = vec![format!("path={}", copied_disk(k)), "format=raw".to_string()];
+            parts.extend(d.split(',').enumerate().filter_map(
+                |(i, part)| match part.split_once('=') {
+                    Some(("path" | "format", _)) => None,
+                    None if i == 0 => None,
+                    _ => Some(part.to_string()),
+                },
+            ));
+            parts.join(",")
+        })
+        .collect();
+    s
+}
+
 /// What `vessel receive` did.
 #[derive(Debug)]
 pub struct Received {
@@ -191,7 +220,14 @@ fn refusal(home: &Home, name: &str, spec: &VmSpec, hello: &Hello) -> Result<(), 
     }
     let probe = home.vms_dir().join(name);
     let config = spec.to_vm_config(&probe).map_err(|e| e.to_string())?;
-    for d in &config.disks {
+    if !hello.disks.is_empty() && hello.disks.len() != config.disks.len() {
+        return Err(format!(
+            "{} disks copied for a VM of {}",
+            hello.disks.len(),
+            config.disks.len()
+        ));
+    }
+    for d in config.disks.iter().filter(|_| hello.disks.is_empty()) {
         if !d.path.exists() {
             return Err(format!(
                 "disk {} is not here (migration expects shared storage)",
@@ -250,6 +286,9 @@ pub fn receive(
     if let Some(a) = accel {
         spec.accel = a.to_string();
     }
+    if !hello.disks.is_empty() {
+        spec = with_copied_disks(&spec);
+    }
     if let Err(why) = refusal(home, &name, &spec, &hello) {
         return Err(refuse(&mut link, why));
     }
@@ -260,7 +299,10 @@ pub fn receive(
         receive::accept(&mut link).map_err(fail)?;
         let incoming = dir.join(".incoming");
         std::fs::create_dir(&incoming).map_err(ManagerError::io(&incoming))?;
-        got = Some(receive::into_folder(&mut link, &hello, &incoming).map_err(fail)?);
+        let disks: Vec<_> = (0..hello.disks.len())
+            .map(|k| dir.join(copied_disk(k)))
+            .collect();
+        got = Some(receive::into_folder(&mut link, &hello, &incoming, &disks).map_err(fail)?);
         let suspended = dir.join(crate::snapshots::SUSPENDED);
         std::fs::rename(&incoming, &suspended).map_err(ManagerError::io(&suspended))?;
         Ok(spec.clone())
@@ -317,6 +359,21 @@ mod tests {
         for bad in ["tcp:host", "tcp::1", "udp:1.2.3.4:5", "unix:", "/tmp/x"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn copied_disks_are_raw_files_in_the_bundle_with_their_other_options() {
+        let spec: VmSpec = toml::from_str(
+            "cpus = 1\nmemory = \"64M\"\nkernel = \"k\"\ndisks = [\"/srv/root.qcow2,readonly=on\", \"path=/d.img,format=qcow2,id=x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            with_copied_disks(&spec).disks,
+            [
+                "path=disk0.raw,format=raw,readonly=on",
+                "path=disk1.raw,format=raw,id=x"
+            ]
+        );
     }
 
     #[test]

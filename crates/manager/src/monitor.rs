@@ -513,6 +513,7 @@ impl Monitor {
             compress: req.compress,
             auto_converge: !req.no_auto_converge,
             postcopy_after: req.postcopy_after,
+            copy_disks: req.copy_disks,
             ..Default::default()
         };
         let config = crate::migration::travelling_spec(&self.spec, &self.bundle.dir).to_toml();

@@ -423,8 +423,9 @@ impl Drop for TwoHosts {
 /// The kit's Linux on emu, its root on a disk both homes see, bridged to `vmbr` in
 /// namespace A: a shell loop appends a counter to a file on its disk and prints it, and
 /// `nc` holds a TCP connection to a process in namespace B, sending a numbered line
-/// every 300 ms. The VM moves to B: the counter goes on from where it was on the
-/// console and on the disk, and the same TCP connection carries on.
+/// every 300 ms. The VM moves to B, then back to A into another home with its disk
+/// copied (`--copy-disks`): the counter goes on from where it was on the console and on
+/// the disk, and the same TCP connection carries on.
 #[test]
 fn the_kits_linux_moves_to_another_host_with_its_disk_and_a_tcp_connection() {
     if !common::is_root() {
@@ -530,16 +531,57 @@ fn the_kits_linux_moves_to_another_host_with_its_disk_and_a_tcp_connection() {
         n += 1;
         assert_eq!(line, format!("ping {n}"), "the TCP stream broke");
     }
-    // And on the disk, every count once, in order.
-    let mark = after.len();
-    dst.type_text(
+    // Back to A, into another home, without shared storage: the disk is copied while
+    // the guest writes it.
+    let back = Home::new();
+    let mut rx = TwoHosts::vessel(&hosts.a, &back)
+        .args(["receive", "--listen", "tcp:192.168.77.3:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    BufReader::new(rx.stdout.as_mut().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    let addr = said
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let moved = dst.ok(&["migrate", "lin", "--to", &addr, "--copy-disks"]);
+    let done = rx.wait_with_output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    eprintln!("{moved}");
+    let copy = back.vm_dir("lin").join("disk0.raw");
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().len(),
+        std::fs::metadata(&disk).unwrap().len()
+    );
+    let before = format!("{}{}", src.log("lin"), dst.log("lin"));
+    let last = *ticks(&before).last().unwrap();
+    let again = back.wait_log("lin", 0, &format!("tick {}\n", last + 10));
+    let all = ticks(&format!("{before}{again}"));
+    for w in all.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "the counter skipped or restarted: {all:?}");
+    }
+    while n < 60 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the TCP connection went quiet after the second move");
+        n += 1;
+        assert_eq!(line, format!("ping {n}"), "the TCP stream broke");
+    }
+    // And on the copied disk, every count once, in order.
+    let mark = again.len();
+    back.type_text(
         "lin",
         // (Split strings: the console's echo of this line must not match.)
         "sync; awk 'NR != $1 { print \"GA\" \"P at \" NR; exit 1 } END { print \"ticks on\" \" disk: \" NR }' /ticks\n",
     );
-    let log = dst.wait_log("lin", mark, "ticks on disk: ");
+    let log = back.wait_log("lin", mark, "ticks on disk: ");
     assert!(!log[mark..].contains("GAP at"), "{}", &log[mark..]);
-    dst.ok(&["kill", "lin"]);
+    back.ok(&["kill", "lin"]);
 }
 
 /// A migration through a relay that records what the source sends (LZ4 pages): the

@@ -377,3 +377,32 @@ pub fn guest_memory_from_file(
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dirty_log_holds_every_write_while_on_and_starts_clean_each_time() {
+        let map = CodeMap::new(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x1_0000_0000), 0x2000),
+        ]);
+        map.wrote(0x1000, 8);
+        map.set_dirty_logging(true);
+        assert!(
+            map.take_dirty().is_empty(),
+            "writes before logging do not count"
+        );
+        let epoch = map.epoch();
+        map.wrote(0x2ffc, 8); // across two pages
+        assert!(!map.cpu_wrote(0x9000)); // an interpreter's store to a data page
+        map.wrote(0x1_0000_1000, 1);
+        assert_eq!(map.take_dirty(), [0x2000, 0x3000, 0x9000, 0x1_0000_1000]);
+        assert!(map.epoch() > epoch, "interpreters must drop their TLBs");
+        assert!(map.take_dirty().is_empty());
+        map.set_dirty_logging(false);
+        map.wrote(0x5000, 1);
+        assert!(map.take_dirty().is_empty());
+    }
+}

@@ -201,6 +201,10 @@ pub trait VirtioDevice<M>: Send {
     fn hand_over(&mut self, _give: bool) -> Result<(), String> {
         Ok(())
     }
+    /// A disk's image (a migration that copies disks reads it and logs its writes).
+    fn disk(&self) -> Option<std::sync::Arc<block::Disk>> {
+        None
+    }
     /// Tells the network the device is here now (a NIC, after a restore or a
     /// migration: switches learn where its MAC address went).
     fn announce(&mut self) {}

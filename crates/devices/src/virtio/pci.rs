@@ -321,6 +321,11 @@ impl<M: GuestMemoryShared> VirtioPciDevice<M> {
         self.device.hand_over(give)
     }
 
+    /// See [`VirtioDevice::disk`].
+    pub fn disk(&self) -> Option<std::sync::Arc<super::block::Disk>> {
+        self.device.disk()
+    }
+
     /// See [`VirtioDevice::announce`].
     pub fn announce(&mut self) {
         self.device.announce();

@@ -29,6 +29,11 @@ pub struct MigrateArgs {
     /// Never slow the guest down when it writes memory faster than the link carries it.
     #[arg(long)]
     no_auto_converge: bool,
+    /// Copy the disks' contents too, for a destination without the same storage: it
+    /// gets a raw copy of each (what the guest sees) in the VM's folder; what the guest
+    /// writes meanwhile follows with every round.
+    #[arg(long)]
+    copy_disks: bool,
     /// Post-copy: when two rounds have not converged, the guest runs at the
     /// destination at once and takes the pages it still lacks as it touches them.
     #[arg(long)]
@@ -74,6 +79,7 @@ pub fn migrate(args: MigrateArgs) -> CliResult {
         compress: args.compress,
         no_auto_converge: args.no_auto_converge,
         postcopy_after: args.postcopy.then_some(2),
+        copy_disks: args.copy_disks,
     };
     // A migration takes as long as its memory takes to cross.
     let body: MigrateBody = client

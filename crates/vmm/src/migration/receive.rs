@@ -62,11 +62,13 @@ pub fn finish(w: &mut impl Write, outcome: Result<(), &str>) -> Result<(), Migra
 }
 
 /// Receives the pages and the state into the folder `dir` (which must exist and be
-/// empty), as a snapshot of the VM `hello` described.
+/// empty), as a snapshot of the VM `hello` described; the disks it copies (if it does)
+/// into the files `disks`, made anew.
 pub fn into_folder(
     r: &mut impl Read,
     hello: &Hello,
     dir: &Path,
+    disks: &[std::path::PathBuf],
 ) -> Result<Received, MigrationError> {
     let io =
         |what: &'static str| move |e: std::io::Error| MigrationError::Local(format!("{what}: {e}"));
@@ -74,6 +76,22 @@ pub fn into_folder(
     memory
         .set_len(hello.memory_bytes)
         .map_err(io("the memory file"))?;
+    if disks.len() != hello.disks.len() {
+        return Err(MigrationError::Local(format!(
+            "{} disks to receive into, the source copies {}",
+            disks.len(),
+            hello.disks.len()
+        )));
+    }
+    let disk_files = disks
+        .iter()
+        .zip(&hello.disks)
+        .map(|(path, &size)| {
+            let f = File::create(path).map_err(io("a disk"))?;
+            f.set_len(size).map_err(io("a disk"))?;
+            Ok((f, size))
+        })
+        .collect::<Result<Vec<_>, MigrationError>>()?;
     let mut got = Received::default();
     let mut state = None;
     let mut stale = Vec::new();
@@ -103,6 +121,22 @@ pub fn into_folder(
                 state = Some(s);
             }
             Frame::Done => break,
+            Frame::Disk(c) => {
+                let fits = disk_files.get(c.disk as usize).filter(|(_, size)| {
+                    c.offset
+                        .checked_add(c.data.len() as u64)
+                        .is_some_and(|end| end <= *size)
+                });
+                let Some((f, _)) = fits else {
+                    return Err(MigrationError::Stream(format!(
+                        "{} bytes at {} of disk {}: not a disk being copied",
+                        c.data.len(),
+                        c.offset,
+                        c.disk
+                    )));
+                };
+                f.write_all_at(&c.data, c.offset).map_err(io("a disk"))?;
+            }
             Frame::Stale(runs) => {
                 for (gpa, count) in runs {
                     if count == 0 || wire::file_offset(&hello.memory, gpa, count).is_none() {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
+use devices::virtio::block::DISK_CHUNK;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::MigrationError;
@@ -36,6 +37,9 @@ pub struct SendOptions {
     /// Post-copy: after this many rounds without converging, the destination runs the
     /// guest and takes the pages still stale as it needs them (auto-converge is off).
     pub postcopy_after: Option<u32>,
+    /// Copy the disks' contents too (no shared storage): all of each disk first, then
+    /// with every round what the guest wrote meanwhile.
+    pub copy_disks: bool,
 }
 
 impl Default for SendOptions {
@@ -47,6 +51,7 @@ impl Default for SendOptions {
             auto_converge: true,
             max_rounds: 30,
             postcopy_after: None,
+            copy_disks: false,
         }
     }
 }
@@ -160,6 +165,8 @@ pub(super) struct Sender<'a> {
     cancel: &'a AtomicBool,
     pub(super) report: SendReport,
     buf: Vec<u8>,
+    /// The disks being copied (none with shared storage).
+    disks: Vec<Arc<devices::virtio::block::Disk>>,
 }
 
 impl Sender<'_> {
@@ -224,6 +231,38 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Sends chunks of disk `k` (indexes of [`DISK_CHUNK`] bytes); chunks of zeros
+    /// only when `zeros` (the destination's disk starts as zeros).
+    fn send_disk(&mut self, k: usize, chunks: &[u64], zeros: bool) -> Result<(), MigrationError> {
+        let disk = self.disks[k].clone();
+        let size = disk.image().size();
+        let mut buf = vec![0u8; DISK_CHUNK as usize];
+        for &c in chunks {
+            self.check_cancel()?;
+            let offset = c * DISK_CHUNK;
+            if offset >= size {
+                continue;
+            }
+            let data = &mut buf[..DISK_CHUNK.min(size - offset) as usize];
+            disk.image()
+                .read_into(data, offset)
+                .map_err(|e| MigrationError::Vm(format!("reading disk {k}: {e}")))?;
+            if zeros || data.iter().any(|b| *b != 0) {
+                wire::send_disk_chunk(&mut self.out, k as u32, offset, data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the guest wrote to the disks being copied since the last call.
+    fn send_disk_writes(&mut self) -> Result<(), MigrationError> {
+        for k in 0..self.disks.len() {
+            let written = self.disks[k].take_written();
+            self.send_disk(k, &written, true)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn out_mut(&mut self) -> &mut impl Write {
         &mut self.out
     }
@@ -265,7 +304,13 @@ pub fn send(
         .saveable()
         .map_err(|e| MigrationError::Vm(e.to_string()))?;
     let map = memory_map(&persist.mem);
+    let disks = if opts.copy_disks {
+        persist.disks()
+    } else {
+        Vec::new()
+    };
     let hello = Hello {
+        disks: disks.iter().map(|d| d.image().size()).collect(),
         name: name.to_string(),
         config,
         vessel_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -291,6 +336,7 @@ pub fn send(
         cancel,
         report: SendReport::default(),
         buf: Vec::with_capacity(MAX_RUN * PAGE),
+        disks,
     };
     wire::write_greeting(&mut s.out)?;
     wire::send(&mut s.out, &Frame::Hello(Box::new(hello)))?;
@@ -306,6 +352,9 @@ pub fn send(
         gate: Mutex::new(()),
     });
     with_paused(control, &throttle, || persist.dirty.set(true)).map_err(MigrationError::Vm)?;
+    for d in &s.disks {
+        d.set_write_log(true);
+    }
     let result = std::thread::scope(|scope| {
         if opts.auto_converge {
             let t = throttle.clone();
@@ -316,6 +365,9 @@ pub fn send(
         r
     });
     let _ = persist.dirty.set(false);
+    for d in &s.disks {
+        d.set_write_log(false);
+    }
     let (stopped, stale) = match result {
         Ok(stopped) => stopped,
         Err(e) => {
@@ -391,6 +443,7 @@ pub(super) fn unexpected(f: &Frame) -> MigrationError {
         Frame::Stale(_) => "a stale list",
         Frame::Postcopy => "a switch to post-copy",
         Frame::Request(_) => "a request for a page",
+        Frame::Disk(_) => "a piece of a disk",
     };
     MigrationError::Stream(format!("the other side sent {what} out of turn"))
 }
@@ -415,6 +468,8 @@ fn last_round(
     pages.extend_from_slice(dirty);
     pages.sort_unstable();
     pages.dedup();
+    // The devices are quiesced: the disks' last writes are logged.
+    s.send_disk_writes()?;
     if !postcopy {
         s.send_pages(&pages, false)?;
     }
@@ -450,6 +505,10 @@ fn precopy_and_stop(
 ) -> Result<(Instant, Option<Vec<u64>>), MigrationError> {
     let persist = s.persist;
     let link_started = Instant::now();
+    for k in 0..s.disks.len() {
+        let chunks = s.disks[k].image().size().div_ceil(DISK_CHUNK);
+        s.send_disk(k, &(0..chunks).collect::<Vec<_>>(), false)?;
+    }
     s.send_pages(&all_pages(map), true)?;
     s.flush()?;
     s.report.rounds = 1;
@@ -497,6 +556,7 @@ fn precopy_and_stop(
             tracing::info!("migration: the guest dirties memory too fast; throttled to {next}%");
         }
         last_round_pages = pages;
+        s.send_disk_writes()?;
         s.send_pages(&dirty, false)?;
         s.flush()?;
         s.report.rounds += 1;

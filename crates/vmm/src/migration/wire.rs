@@ -54,6 +54,7 @@ pub enum Kind {
     Stale = 9,
     Postcopy = 10,
     Request = 11,
+    Disk = 12,
 }
 
 impl Kind {
@@ -70,6 +71,7 @@ impl Kind {
             9 => Kind::Stale,
             10 => Kind::Postcopy,
             11 => Kind::Request,
+            12 => Kind::Disk,
             _ => return None,
         })
     }
@@ -80,6 +82,7 @@ impl Kind {
             Kind::Accept | Kind::Done | Kind::Running | Kind::Postcopy => 0,
             Kind::Request => 8,
             Kind::Stale => MAX_STALE_RUNS * STALE_RUN,
+            Kind::Disk => DISK_HEADER + MAX_DISK_CHUNK,
             Kind::Refuse | Kind::Failed => MAX_REASON,
             Kind::Pages => PAGES_HEADER + MAX_RUN * PAGE,
             Kind::State => MAX_STATE,
@@ -103,6 +106,19 @@ pub struct Hello {
     pub cpuid: Vec<CpuidEntry>,
     /// Guest RAM, region by region, as a memory file would hold it.
     pub memory: Vec<MemoryRange>,
+    /// With the disks copied (no shared storage): each disk's size in bytes, in the
+    /// configuration's order; their contents follow in `Disk` frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<u64>,
+}
+
+/// A piece of a disk being copied.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DiskChunk {
+    pub disk: u32,
+    pub offset: u64,
+    /// The bytes (all zero for a zero chunk).
+    pub data: Vec<u8>,
 }
 
 /// How a run of pages is carried.
@@ -115,6 +131,11 @@ pub enum Encoding {
     /// The run's bytes LZ4-compressed (a block, without a frame header).
     Lz4 = 2,
 }
+
+/// disk (u32) | offset (u64) | length (u32) | encoding (u8)
+const DISK_HEADER: usize = 17;
+/// The most bytes of a disk one `Disk` frame carries.
+pub const MAX_DISK_CHUNK: usize = 1 << 20;
 
 /// A stale run: gpa (u64) | pages (u32).
 const STALE_RUN: usize = 12;
@@ -149,6 +170,7 @@ pub enum Frame {
     Postcopy,
     /// The destination needs the page at this address now.
     Request(u64),
+    Disk(DiskChunk),
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> MigrationError {
@@ -220,6 +242,7 @@ pub fn send(w: &mut impl Write, frame: &Frame) -> Result<(), MigrationError> {
         }
         Frame::Postcopy => write_frame(w, Kind::Postcopy, &[]),
         Frame::Request(gpa) => write_frame(w, Kind::Request, &[&gpa.to_le_bytes()]),
+        Frame::Disk(c) => send_disk_chunk(w, c.disk, c.offset, &c.data),
     }
 }
 
@@ -236,6 +259,43 @@ pub fn send_pages(
     head[8..12].copy_from_slice(&count.to_le_bytes());
     head[12] = encoding as u8;
     write_frame(w, Kind::Pages, &[&head, data])
+}
+
+/// Sends `data` as disk `disk`'s bytes at `offset` (a chunk of zeros carries none).
+pub fn send_disk_chunk(
+    w: &mut impl Write,
+    disk: u32,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    let zero = data.iter().all(|b| *b == 0);
+    let mut head = [0u8; DISK_HEADER];
+    head[..4].copy_from_slice(&disk.to_le_bytes());
+    head[4..12].copy_from_slice(&offset.to_le_bytes());
+    head[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    head[16] = if zero { 1 } else { 0 };
+    write_frame(w, Kind::Disk, &[&head, if zero { &[] } else { data }])
+}
+
+fn decode_disk(body: &[u8]) -> Result<DiskChunk, MigrationError> {
+    let bad = |why: String| MigrationError::Stream(format!("a disk chunk: {why}"));
+    if body.len() < DISK_HEADER {
+        return Err(bad("its header is cut short".into()));
+    }
+    let disk = u32::from_le_bytes(body[..4].try_into().unwrap_or_default());
+    let offset = u64::from_le_bytes(body[4..12].try_into().unwrap_or_default());
+    let len = u32::from_le_bytes(body[12..16].try_into().unwrap_or_default()) as usize;
+    if len == 0 || len > MAX_DISK_CHUNK {
+        return Err(bad(format!("{len} bytes")));
+    }
+    let data = &body[DISK_HEADER..];
+    let data = match body[16] {
+        0 if data.len() == len => data.to_vec(),
+        1 if data.is_empty() => vec![0; len],
+        0 | 1 => return Err(bad(format!("{} bytes for {len}", data.len()))),
+        e => return Err(bad(format!("unknown encoding {e}"))),
+    };
+    Ok(DiskChunk { disk, offset, data })
 }
 
 /// A reason cut to what a frame may carry (on a character boundary), on one line.
@@ -276,6 +336,7 @@ pub fn read(r: &mut impl Read) -> Result<Frame, MigrationError> {
         Kind::Running => Frame::Running,
         Kind::Failed => Frame::Failed(text(body)),
         Kind::Postcopy => Frame::Postcopy,
+        Kind::Disk => Frame::Disk(decode_disk(&body)?),
         Kind::Request => Frame::Request(u64::from_le_bytes(
             body.try_into()
                 .map_err(|_| bad("a request of the wrong size".into()))?,

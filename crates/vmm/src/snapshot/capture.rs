@@ -112,6 +112,11 @@ impl Persist {
         Ok(())
     }
 
+    /// The block devices' disks, in the configuration's order.
+    pub(crate) fn disks(&self) -> Vec<Arc<devices::virtio::block::Disk>> {
+        self.virtio.iter().filter_map(|d| lock(d).disk()).collect()
+    }
+
     pub(crate) fn resume_devices(&self) {
         for d in &self.virtio {
             lock(d).resume();

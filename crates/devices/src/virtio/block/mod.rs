@@ -13,7 +13,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
 
 pub use config::{BlockConfig, ID_BYTES};
-pub use disk::{Disk, DiskError};
+pub use disk::{CHUNK as DISK_CHUNK, Disk, DiskError};
 pub use request::{Range, Request, RequestError, RequestKind};
 
 use super::chain::{Chain, UsedRing, pop_all};
@@ -155,6 +155,10 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioBlock {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+
+    fn disk(&self) -> Option<Arc<Disk>> {
+        Some(self.disk.clone())
     }
 
     fn hand_over(&mut self, give: bool) -> Result<(), String> {
@@ -329,7 +333,9 @@ impl Requests {
                 let r = if read {
                     disk.image().read_at(self.iovecs.as_mut_slice(), offset)
                 } else {
-                    disk.image().write_at(self.iovecs.as_mut_slice(), offset)
+                    let r = disk.image().write_at(self.iovecs.as_mut_slice(), offset);
+                    disk.note_write(offset, req.data_len);
+                    r
                 };
                 self.iovecs.clear();
                 if read {
@@ -409,6 +415,7 @@ impl Requests {
                 disk.image()
                     .write_zeroes(offset, len, r.flags & request::RANGE_FLAG_UNMAP != 0)
             };
+            disk.note_write(offset, len);
             match result {
                 Ok(()) => {}
                 // Discard is a hint: a filesystem that cannot punch holes loses nothing.

@@ -90,9 +90,27 @@ pub struct MigrateRequest {
     /// Copy the disks too (no shared storage).
     #[serde(default)]
     pub copy_disks: bool,
+    /// Finish a post-copy whose link failed (the destination listens again).
+    #[serde(default)]
+    pub recover: bool,
     /// Post-copy after this many rounds that did not converge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_after: Option<u32>,
+}
+
+/// POST /v1/vms/{name}/migrate/recover at the destination of a post-copy whose link
+/// failed: listen there for the source's new connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// `tcp:ADDR:PORT` (port 0: any) or `unix:PATH`.
+    pub listen: String,
+}
+
+/// Where the destination listens for the source's new connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecoverBody {
+    pub listening: String,
 }
 
 /// What a migration did.

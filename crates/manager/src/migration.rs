@@ -141,6 +141,16 @@ fn set_timeouts(fd: &OwnedFd) {
     }
 }
 
+/// The first connection on `listener` that greets as a source resuming a post-copy.
+pub fn accept_resume(listener: &Listener) -> Result<File, String> {
+    let mut link = listener.accept()?;
+    vmm::migration::wire::read_greeting(&mut link).map_err(|e| e.to_string())?;
+    match vmm::migration::wire::read(&mut link).map_err(|e| e.to_string())? {
+        vmm::migration::wire::Frame::Resume => Ok(link),
+        _ => Err("the source did not ask to resume a post-copy".into()),
+    }
+}
+
 /// The VM's configuration as it travels: paths made absolute (the destination sees the
 /// same shared storage under the same paths, not the same bundle folder).
 pub fn travelling_spec(spec: &VmSpec, dir: &Path) -> VmSpec {

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use api::model::{
-    Action, ActionRequest, MigrateBody, MigrateRequest, SettingsRequest, StateBody, VmInfo,
+    Action, ActionRequest, MigrateBody, MigrateRequest, RecoverBody, RecoverRequest,
+    SettingsRequest, StateBody, VmInfo,
 };
 use api::{Method, Request, Response};
 use vmm::{Console, ControlError, RunState, VmHandle, VmOutcome};
@@ -518,9 +519,12 @@ impl Monitor {
         };
         let config = crate::migration::travelling_spec(&self.spec, &self.bundle.dir).to_toml();
         let result = to.connect().map_err(|e| (502, e)).and_then(|link| {
-            handle
-                .migrate(&link, &self.name, config, &opts, &self.migration_cancel)
-                .map_err(|e| (409, e.to_string()))
+            if req.recover {
+                handle.migrate_recover(&link, &opts, &self.migration_cancel)
+            } else {
+                handle.migrate(&link, &self.name, config, &opts, &self.migration_cancel)
+            }
+            .map_err(|e| (409, e.to_string()))
         });
         let response = match result {
             Ok(r) => {
@@ -545,6 +549,10 @@ impl Monitor {
             }
             Err((code, e)) => {
                 tracing::warn!("migration to {to} failed: {e}");
+                if handle.state() == RunState::Paused {
+                    // Stopped for good here, or until a recovery (post-copy).
+                    self.write_status(VmState::Paused, None);
+                }
                 Response::error(
                     code,
                     format!("migration of {} to {to} failed: {e}", self.name),
@@ -553,6 +561,32 @@ impl Monitor {
         };
         self.migrating.store(false, Ordering::SeqCst);
         response
+    }
+
+    /// At the destination of a post-copy whose link failed: listens for the source's new
+    /// connection and hands it to the post-copy.
+    fn listen_for_recovery(&self, req: &RecoverRequest) -> Response {
+        let Some(handle) = lock(&self.handle).clone() else {
+            return Response::error(409, format!("VM {} is rebooting; try again", self.name));
+        };
+        let (listener, bound) =
+            match crate::migration::Endpoint::parse(&req.listen).and_then(|e| e.listen()) {
+                Ok(l) => l,
+                Err(e) => return Response::error(400, e),
+            };
+        let spawned = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let relinked = crate::migration::accept_resume(&listener)
+                    .and_then(|link| handle.postcopy_relink(link).map_err(|e| e.to_string()));
+                if let Err(e) = relinked {
+                    tracing::warn!("post-copy recovery: {e}");
+                }
+            });
+        match spawned {
+            Ok(_) => Response::json(200, &RecoverBody { listening: bound }),
+            Err(e) => Response::error(500, e.to_string()),
+        }
     }
 
     fn act(&self, req: &ActionRequest) -> Response {
@@ -644,6 +678,12 @@ impl Monitor {
                 Ok(req) => self.migrate(&req),
                 Err(e) => Response::error(400, format!("invalid migrate request: {e}")),
             },
+            (Method::Post, "migrate/recover") => {
+                match serde_json::from_slice::<RecoverRequest>(&r.body) {
+                    Ok(req) => self.listen_for_recovery(&req),
+                    Err(e) => Response::error(400, format!("invalid recover request: {e}")),
+                }
+            }
             (Method::Post, "migrate/cancel") => {
                 if !self.migrating.load(Ordering::SeqCst) {
                     return Response::error(409, format!("{} is not migrating", self.name));

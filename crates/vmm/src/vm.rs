@@ -86,9 +86,35 @@ pub struct VmHandle {
     persist: Arc<crate::snapshot::Persist>,
     io_limits: Arc<IoLimits>,
     balloon: Option<Arc<BalloonState>>,
+    incoming: Option<Arc<crate::migration::postcopy::Incoming>>,
 }
 
 impl VmHandle {
+    /// A VM received by post-copy whose link to the source failed: goes on over `link`
+    /// (past its greeting and `Resume`).
+    pub fn postcopy_relink(
+        &self,
+        link: std::fs::File,
+    ) -> Result<(), crate::migration::MigrationError> {
+        match &self.incoming {
+            Some(i) => i.relink(link),
+            None => Err(crate::migration::MigrationError::Local(
+                "this VM was not received by post-copy".into(),
+            )),
+        }
+    }
+
+    /// The source's side of [`Self::postcopy_relink`]: finishes a post-copy whose link
+    /// failed, over `stream`.
+    pub fn migrate_recover(
+        &self,
+        stream: &std::fs::File,
+        opts: &crate::migration::SendOptions,
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<crate::migration::SendReport, crate::migration::MigrationError> {
+        crate::migration::send::recover(&self.persist, stream, opts, cancel)
+    }
+
     /// The disks' and NICs' rate limiters.
     pub fn io_limits(&self) -> &IoLimits {
         &self.io_limits
@@ -109,6 +135,12 @@ impl VmHandle {
     }
 
     pub fn resume(&self) -> Result<(), ControlError> {
+        if lock(&self.persist.unfinished_postcopy).is_some() {
+            // Its guest runs at a post-copy's destination: never in two places.
+            return Err(ControlError::Wrong(
+                "running at its migration's destination (finish with vessel migrate --recover)",
+            ));
+        }
         self.control.resume()
     }
 
@@ -204,7 +236,7 @@ pub struct Vm {
     io_limits: Arc<IoLimits>,
     balloon: Option<Arc<BalloonState>>,
     /// A VM received by post-copy: its pages still coming.
-    incoming: Option<crate::migration::postcopy::Incoming>,
+    incoming: Option<Arc<crate::migration::postcopy::Incoming>>,
 }
 
 /// What the builder hands over.
@@ -245,7 +277,7 @@ impl Vm {
             persist: p.persist,
             io_limits: p.io_limits,
             balloon: p.balloon,
-            incoming: p.incoming,
+            incoming: p.incoming.map(Arc::new),
         }
     }
 
@@ -275,6 +307,7 @@ impl Vm {
             persist: self.persist.clone(),
             io_limits: self.io_limits.clone(),
             balloon: self.balloon.clone(),
+            incoming: self.incoming.clone(),
         }
     }
 

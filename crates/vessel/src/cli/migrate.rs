@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use api::model::{MigrateBody, MigrateRequest, StateBody};
+use api::model::{MigrateBody, MigrateRequest, RecoverBody, RecoverRequest, StateBody};
 use clap::Args;
 use manager::migration::Endpoint;
 
@@ -38,6 +38,10 @@ pub struct MigrateArgs {
     /// destination at once and takes the pages it still lacks as it touches them.
     #[arg(long)]
     postcopy: bool,
+    /// Finish a post-copy whose link failed: the pages the destination still lacks go
+    /// to it again (it listens again with `vessel receive NAME --recover`).
+    #[arg(long, requires = "to")]
+    recover: bool,
     /// Stop the migration under way; the VM runs on here.
     #[arg(long, conflicts_with = "to")]
     cancel: bool,
@@ -54,6 +58,11 @@ pub struct ReceiveArgs {
     /// Run it here on this CPU backend (kvm or emu) whatever it ran on there.
     #[arg(long, value_name = "ACCEL", value_parser = ["kvm", "emu"])]
     accel: Option<String>,
+    /// For the VM NAME running here whose post-copy link failed: listen for the
+    /// source's `vessel migrate NAME --recover` (returns at once; the VM's monitor
+    /// takes the connection).
+    #[arg(long, requires = "name", conflicts_with = "accel")]
+    recover: bool,
 }
 
 pub fn migrate(args: MigrateArgs) -> CliResult {
@@ -80,6 +89,7 @@ pub fn migrate(args: MigrateArgs) -> CliResult {
         no_auto_converge: args.no_auto_converge,
         postcopy_after: args.postcopy.then_some(2),
         copy_disks: args.copy_disks,
+        recover: args.recover,
     };
     // A migration takes as long as its memory takes to cross.
     let body: MigrateBody = client
@@ -112,6 +122,17 @@ pub fn migrate(args: MigrateArgs) -> CliResult {
 pub fn receive(args: ReceiveArgs) -> CliResult {
     let home = super::manage::home()?;
     let endpoint = Endpoint::parse(&args.listen).map_err(Failure::usage)?;
+    if args.recover {
+        let (_, bundle) = super::snapshot::open(args.name.as_deref().unwrap_or_default())?;
+        let body: RecoverBody = api::Client::new(bundle.control_socket()).post(
+            &format!("/v1/vms/{}/migrate/recover", bundle.name),
+            &RecoverRequest {
+                listen: args.listen.clone(),
+            },
+        )?;
+        println!("listening on {}", body.listening);
+        return Ok(ExitCode::SUCCESS);
+    }
     let (listener, bound) = endpoint.listen().map_err(Failure::refused)?;
     println!("listening on {bound}");
     use std::io::Write;

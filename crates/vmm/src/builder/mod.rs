@@ -252,6 +252,7 @@ pub fn build_from(
             code: code.clone(),
             kvm: backend.dirty_log.take(),
         },
+        unfinished_postcopy: Mutex::new(None),
     });
     if let Some(s) = &state {
         for (vcpu, saved) in vcpus.iter_mut().zip(&s.vcpus) {

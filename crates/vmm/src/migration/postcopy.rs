@@ -13,8 +13,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -67,9 +67,23 @@ pub struct PostcopyStats {
 pub struct Incoming {
     link: File,
     pub stats: Arc<PostcopyStats>,
+    /// A new link to the source, for the thread to take (after its link failed).
+    relink: Arc<Mutex<Option<File>>>,
 }
 
 impl Incoming {
+    /// Goes on over `link` (a new connection from the source, past its greeting and
+    /// `Resume`): the thread asks again for what it asked before.
+    pub fn relink(&self, link: File) -> Result<(), MigrationError> {
+        if self.stats.complete.load(Ordering::Acquire) {
+            return Err(MigrationError::Local(
+                "the post-copy is complete: nothing to recover".into(),
+            ));
+        }
+        *devices::bus::lock(&self.relink) = Some(link);
+        Ok(())
+    }
+
     /// Tells the source the VM runs here (it then never runs the guest again).
     pub fn running(&self) -> Result<(), MigrationError> {
         let mut w = &self.link;
@@ -150,7 +164,9 @@ pub fn start<M: GuestMemoryBackend>(
     stats.stale_left.store(left, Ordering::Relaxed);
     let reader = link.try_clone().map_err(local("the link"))?;
     let writer = link.try_clone().map_err(local("the link"))?;
+    let relink = Arc::new(Mutex::new(None));
     let server = Server {
+        relink: relink.clone(),
         uffd,
         regions,
         memory,
@@ -166,7 +182,11 @@ pub fn start<M: GuestMemoryBackend>(
     };
     sandbox::thread::spawn(sandbox::ThreadClass::Vmm, "postcopy", move || server.run())
         .map_err(local("a thread"))?;
-    Ok(Incoming { link, stats })
+    Ok(Incoming {
+        link,
+        stats,
+        relink,
+    })
 }
 
 fn index_of(regions: &[Region], gpa: u64) -> Option<usize> {
@@ -177,6 +197,7 @@ fn index_of(regions: &[Region], gpa: u64) -> Option<usize> {
 }
 
 struct Server {
+    relink: Arc<Mutex<Option<File>>>,
     uffd: Arc<Uffd>,
     regions: Vec<Region>,
     memory: File,
@@ -197,6 +218,10 @@ impl Server {
         let mut link_up = true;
         let mut told_source = false;
         loop {
+            let new = devices::bus::lock(&self.relink).take();
+            if let Some(new) = new {
+                link_up = self.take_link(new);
+            }
             let mut fds = [
                 libc::pollfd {
                     fd: self.uffd.raw_fd(),
@@ -258,6 +283,32 @@ impl Server {
                 return;
             }
         }
+    }
+
+    /// Goes on over a new link: asks again for every page asked for and not yet here.
+    fn take_link(&mut self, new: File) -> bool {
+        let Ok(out) = new.try_clone() else {
+            return false;
+        };
+        self.link = new;
+        self.out = out;
+        self.source_done = false;
+        tracing::info!(
+            "post-copy: a new link to the source; {} pages still to come",
+            self.stats.stale_left.load(Ordering::Relaxed)
+        );
+        let mut w = &self.out;
+        for i in 0..self.pages {
+            if self.requested.get(i) && self.stale.get(i) {
+                let Some((r, off)) = self.locate(i) else {
+                    continue;
+                };
+                if wire::send(&mut w, &Frame::Request(r.gpa + off)).is_err() {
+                    return false;
+                }
+            }
+        }
+        w.flush().is_ok()
     }
 
     fn locate(&self, i: usize) -> Option<(&Region, u64)> {

@@ -381,7 +381,7 @@ pub fn send(
     // The guest is stopped and its devices quiesced; everything has been sent, or (post-
     // copy) the destination takes the rest as it goes.
     if let Some(stale) = stale {
-        let served = super::serve::postcopy(&mut s, &stale, stopped);
+        let served = super::serve::postcopy(&mut s, &stale, stopped, false);
         s.report.seconds = started.elapsed().as_secs_f64();
         s.report.bytes_sent = s.out.get_ref().sent;
         return match served {
@@ -389,7 +389,11 @@ pub fn send(
                 go_on(persist, control, true)?;
                 Err(e)
             }
-            Err(super::serve::Served::Ran(e)) => Err(e),
+            Err(super::serve::Served::Ran(e)) => {
+                // The guest runs there: its missing pages wait here for a new link.
+                *lock(&persist.unfinished_postcopy) = Some(stale);
+                Err(e)
+            }
             Ok(()) => Ok(s.report),
         };
     }
@@ -411,6 +415,52 @@ pub fn send(
         }
         // Everything went, and no answer came: the destination may be running it.
         Err(e) => Err(MigrationError::Uncertain(e.to_string())),
+    }
+}
+
+/// Finishes a post-copy whose link failed, over a new `stream` to the destination's
+/// monitor (`vessel receive --recover`): every page it may lack goes again, asked-for
+/// ones first.
+pub fn recover(
+    persist: &Persist,
+    stream: &File,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+) -> Result<SendReport, MigrationError> {
+    let started = Instant::now();
+    let stale = lock(&persist.unfinished_postcopy)
+        .clone()
+        .ok_or_else(|| MigrationError::Vm("no post-copy to recover here".into()))?;
+    let mut s = Sender {
+        persist,
+        out: BufWriter::with_capacity(
+            1 << 20,
+            Paced {
+                inner: stream,
+                sent: 0,
+                limit: opts.max_bandwidth,
+                since: Instant::now(),
+            },
+        ),
+        stream,
+        opts,
+        cancel,
+        report: SendReport::default(),
+        buf: Vec::with_capacity(MAX_RUN * PAGE),
+        disks: Vec::new(),
+    };
+    wire::write_greeting(&mut s.out)?;
+    wire::send(&mut s.out, &Frame::Resume)?;
+    s.flush()?;
+    let served = super::serve::postcopy(&mut s, &stale, started, true);
+    s.report.seconds = started.elapsed().as_secs_f64();
+    s.report.bytes_sent = s.out.get_ref().sent;
+    match served {
+        Ok(()) => {
+            *lock(&persist.unfinished_postcopy) = None;
+            Ok(s.report)
+        }
+        Err(super::serve::Served::Ran(e) | super::serve::Served::NeverRan(e)) => Err(e),
     }
 }
 
@@ -444,6 +494,7 @@ pub(super) fn unexpected(f: &Frame) -> MigrationError {
         Frame::Postcopy => "a switch to post-copy",
         Frame::Request(_) => "a request for a page",
         Frame::Disk(_) => "a piece of a disk",
+        Frame::Resume => "a resumption",
     };
     MigrationError::Stream(format!("the other side sent {what} out of turn"))
 }

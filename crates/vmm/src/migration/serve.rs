@@ -42,9 +42,16 @@ fn readable(fd: i32, ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
-pub(super) fn postcopy(s: &mut Sender<'_>, stale: &[u64], stopped: Instant) -> Result<(), Served> {
+/// Serves post-copy until the destination holds every page; `running`: the destination
+/// said so already (a recovery).
+pub(super) fn postcopy(
+    s: &mut Sender<'_>,
+    stale: &[u64],
+    stopped: Instant,
+    running: bool,
+) -> Result<(), Served> {
     let mut sent = vec![false; stale.len()];
-    let (mut cursor, mut running, mut done_sent) = (0usize, false, false);
+    let (mut cursor, mut running, mut done_sent) = (0usize, running, false);
     let fd = s.stream.as_raw_fd();
     let link = |e: MigrationError, running: bool| {
         if running {

@@ -18,7 +18,8 @@
 //! destination's copy lacks or has old) and `Postcopy`; the destination starts the VM,
 //! says `Running`, and asks for stale pages the guest touches (`Request`) while the
 //! source sends the rest (`Pages`) and then `Done`; the destination answers `Done` once
-//! it holds every page.
+//! it holds every page. Should the link fail meanwhile, a new one starts with the
+//! greeting and `Resume`, and the source sends the stale pages again.
 
 use std::io::{Read, Write};
 
@@ -55,6 +56,7 @@ pub enum Kind {
     Postcopy = 10,
     Request = 11,
     Disk = 12,
+    Resume = 13,
 }
 
 impl Kind {
@@ -72,6 +74,7 @@ impl Kind {
             10 => Kind::Postcopy,
             11 => Kind::Request,
             12 => Kind::Disk,
+            13 => Kind::Resume,
             _ => return None,
         })
     }
@@ -79,7 +82,7 @@ impl Kind {
     fn max_len(self) -> usize {
         match self {
             Kind::Hello => MAX_HELLO,
-            Kind::Accept | Kind::Done | Kind::Running | Kind::Postcopy => 0,
+            Kind::Accept | Kind::Done | Kind::Running | Kind::Postcopy | Kind::Resume => 0,
             Kind::Request => 8,
             Kind::Stale => MAX_STALE_RUNS * STALE_RUN,
             Kind::Disk => DISK_HEADER + MAX_DISK_CHUNK,
@@ -171,6 +174,9 @@ pub enum Frame {
     /// The destination needs the page at this address now.
     Request(u64),
     Disk(DiskChunk),
+    /// A new link for a post-copy whose link failed: the source sends the stale pages
+    /// again (the destination keeps the ones it has) and serves requests as before.
+    Resume,
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> MigrationError {
@@ -243,6 +249,7 @@ pub fn send(w: &mut impl Write, frame: &Frame) -> Result<(), MigrationError> {
         Frame::Postcopy => write_frame(w, Kind::Postcopy, &[]),
         Frame::Request(gpa) => write_frame(w, Kind::Request, &[&gpa.to_le_bytes()]),
         Frame::Disk(c) => send_disk_chunk(w, c.disk, c.offset, &c.data),
+        Frame::Resume => write_frame(w, Kind::Resume, &[]),
     }
 }
 
@@ -337,6 +344,7 @@ pub fn read(r: &mut impl Read) -> Result<Frame, MigrationError> {
         Kind::Failed => Frame::Failed(text(body)),
         Kind::Postcopy => Frame::Postcopy,
         Kind::Disk => Frame::Disk(decode_disk(&body)?),
+        Kind::Resume => Frame::Resume,
         Kind::Request => Frame::Request(u64::from_le_bytes(
             body.try_into()
                 .map_err(|_| bad("a request of the wrong size".into()))?,

@@ -38,6 +38,9 @@ pub struct Persist {
     pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice<GuestMemory>>>>,
     pub(crate) irq: Box<dyn IrqPersist>,
     pub(crate) dirty: crate::migration::dirty::DirtyLog,
+    /// A post-copy whose link failed: the pages the destination may still lack (the
+    /// guest, stopped here, runs there).
+    pub(crate) unfinished_postcopy: Mutex<Option<Vec<u64>>>,
 }
 
 /// What a capture did, for the caller's report.

@@ -235,12 +235,23 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
 
     fn announce(&mut self) {
         // As QEMU does after a migration: reverse ARP requests from the guest's MAC,
-        // which every switch on the way learns from (the guest's IP is not known here).
+        // which every switch on the way learns from (the guest's IP is not known here),
+        // in rounds: a bridge port that has only just come up may drop the first.
         let frame = rarp_announcement(self.mac);
-        for _ in 0..3 {
-            if let Err(e) = self.backend.send(&frame) {
-                tracing::debug!("virtio-net: announcing {:02x?}: {e}", self.mac);
-            }
+        let backend = self.backend.clone();
+        let mac = self.mac;
+        let spawned = std::thread::Builder::new()
+            .name("nic-announce".into())
+            .spawn(move || {
+                for wait_ms in ANNOUNCE_ROUNDS_MS {
+                    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+                    if let Err(e) = backend.send(&frame) {
+                        tracing::debug!("virtio-net: announcing {mac:02x?}: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!("virtio-net: cannot announce: {e}");
         }
     }
 
@@ -253,6 +264,9 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioNet {
         }
     }
 }
+
+/// When a NIC announces itself after a restore: the waits before each frame.
+const ANNOUNCE_ROUNDS_MS: [u64; 5] = [0, 50, 100, 150, 200];
 
 /// A broadcast RARP request (RFC 903) from `mac`, behind a zero virtio-net header,
 /// padded to Ethernet's 60-byte minimum.

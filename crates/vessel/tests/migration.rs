@@ -147,6 +147,32 @@ fn a_counting_guest_moves_from_kvm_to_emu_and_from_emu_to_kvm() {
     counting_guest_moves("emu", "kvm");
 }
 
+/// A KVM guest shown the host's CPU (the default model) uses features the software CPU
+/// cannot give: a destination on emu refuses it by name, before any page moves.
+#[test]
+fn a_destination_that_cannot_present_the_guests_cpu_refuses_by_feature_name() {
+    if !common::kvm_available() {
+        return;
+    }
+    let (src, dst) = (Home::new(), Home::new());
+    let (_k, kernel) = testguest::bzimage_file(|a| counter(a, 20_000));
+    src.ok(&[
+        "create", "g", "--kernel", &kernel, "--memory", "64M", "--accel", "kvm", "--net", "none",
+    ]);
+    src.ok(&["start", "g"]);
+    src.wait_count("g", 3);
+    let rx = Receiver::start(&dst, &["--accel", "emu"]);
+    let (code, err) = src.refused(&["migrate", "g", "--to", &rx.addr]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("CPU features emu cannot give here"), "{err}");
+    let (ok, out) = rx.finish();
+    assert!(!ok, "{out}");
+    still_counting(&src, "g");
+    assert!(dst.ls().as_array().unwrap().is_empty());
+    src.ok(&["kill", "g"]);
+}
+
 /// A guest rewriting 32 MiB (about 500 MiB/s on emu here), over a link slower than it
 /// writes: pre-copy alone would never converge; auto-converge slows the guest down until it does, and
 /// the guest, checking every page on each sweep, finds none lost.

@@ -253,6 +253,9 @@ pub fn build_from(
             kvm: backend.dirty_log.take(),
         },
         unfinished_postcopy: Mutex::new(None),
+        anonymous_memory: restore.is_none()
+            && !config.memory_is_shared()
+            && config.memory_compress.is_none(),
     });
     if let Some(s) = &state {
         for (vcpu, saved) in vcpus.iter_mut().zip(&s.vcpus) {

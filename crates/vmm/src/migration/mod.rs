@@ -7,6 +7,7 @@
 pub mod dirty;
 pub mod postcopy;
 pub mod receive;
+mod resident;
 pub mod send;
 mod serve;
 pub mod wire;

@@ -560,7 +560,17 @@ fn precopy_and_stop(
         let chunks = s.disks[k].image().size().div_ceil(DISK_CHUNK);
         s.send_disk(k, &(0..chunks).collect::<Vec<_>>(), false)?;
     }
-    s.send_pages(&all_pages(map), true)?;
+    // Pages of private anonymous memory the kernel never gave the guest are zeros:
+    // not even read.
+    let first = match persist.anonymous_memory {
+        true => super::resident::touched_pages(&persist.mem),
+        false => None,
+    };
+    let all = all_pages(map);
+    if let Some(touched) = &first {
+        s.report.zero_pages += (all.len() - touched.len()) as u64;
+    }
+    s.send_pages(first.as_deref().unwrap_or(&all), true)?;
     s.flush()?;
     s.report.rounds = 1;
     let mut last_round_pages = u64::MAX;

@@ -41,6 +41,10 @@ pub struct Persist {
     /// A post-copy whose link failed: the pages the destination may still lack (the
     /// guest, stopped here, runs there).
     pub(crate) unfinished_postcopy: Mutex<Option<Vec<u64>>>,
+    /// Guest RAM is private anonymous memory that only the guest and its devices fill
+    /// (not mapped from a file, not shared, no pages held compressed elsewhere): a page
+    /// the kernel never gave it reads as zeros.
+    pub(crate) anonymous_memory: bool,
 }
 
 /// What a capture did, for the caller's report.

@@ -518,7 +518,16 @@ impl Monitor {
             ..Default::default()
         };
         let config = crate::migration::travelling_spec(&self.spec, &self.bundle.dir).to_toml();
-        let result = to.connect().map_err(|e| (502, e)).and_then(|link| {
+        let jailed_unix = self.jailed && matches!(to, crate::migration::Endpoint::Unix(_));
+        let connected = to.connect().map_err(|e| {
+            if jailed_unix {
+                // Its jail holds only its own VM's paths.
+                (502, format!("{e} (a jailed monitor sees only its VM's folder: use tcp:, or a socket in that folder)"))
+            } else {
+                (502, e)
+            }
+        });
+        let result = connected.and_then(|link| {
             if req.recover {
                 handle.migrate_recover(&link, &opts, &self.migration_cancel)
             } else {

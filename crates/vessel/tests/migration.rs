@@ -147,6 +147,53 @@ fn a_counting_guest_moves_from_kvm_to_emu_and_from_emu_to_kvm() {
     counting_guest_moves("emu", "kvm");
 }
 
+/// Over a Unix socket (monitors without a jail: a jailed one sees only its VM's
+/// folder), with LZ4.
+#[test]
+fn a_counting_guest_moves_over_a_unix_socket() {
+    let (src, dst) = (Home::new(), Home::new());
+    let (_k, kernel) = testguest::bzimage_file(|a| counter(a, 20_000));
+    src.ok(&[
+        "create",
+        "g",
+        "--kernel",
+        &kernel,
+        "--memory",
+        "64M",
+        "--accel",
+        "emu",
+        "--net",
+        "none",
+        "--sandbox",
+        "off",
+    ]);
+    src.ok(&["start", "g"]);
+    src.wait_count("g", 5);
+    let sock = dst.path().join("in.sock");
+    let listen = format!("unix:{}", sock.display());
+    let mut rx = common::vessel()
+        .args(["receive", "--listen", &listen])
+        .env("VESSEL_HOME", dst.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(rx.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), format!("listening on {listen}"));
+    src.ok(&["migrate", "g", "--to", &listen, "--compress"]);
+    let out = rx.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!sock.exists(), "the listening socket is left behind");
+    let before = src.log("g");
+    let last = counts(&before).last().copied().unwrap();
+    dst.wait_log("g", 0, &format!("count {:08x}\n", last + 10));
+    assert_continuous(&before, &dst.log("g"));
+    dst.ok(&["kill", "g"]);
+}
+
 /// A KVM guest shown the host's CPU (the default model) uses features the software CPU
 /// cannot give: a destination on emu refuses it by name, before any page moves.
 #[test]

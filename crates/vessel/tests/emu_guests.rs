@@ -205,3 +205,50 @@ fn stats_count_the_software_cpus_instructions() {
     assert!(field("instructions") >= 3000, "{line}");
     assert!(field("blocks_decoded") < 50, "{line}");
 }
+
+/// Instructions of features the guest's CPUID does not offer (VMX's vmcall, INVPCID,
+/// AMD's rdpru) raise #UD in the guest, as on hardware, instead of stopping the VM.
+#[test]
+fn instructions_the_cpu_model_does_not_offer_raise_ud() {
+    let r = emu(
+        |a| {
+            let mut hex = a.create_label();
+            let mut main = a.create_label();
+            let mut ud = a.create_label();
+            a.jmp(main).unwrap();
+            hex64_routine(a, &mut hex);
+            // #UD: say where, then step over the instruction (its length at DATA + 8).
+            a.set_label(&mut ud).unwrap();
+            print(a, "#UD at ");
+            a.mov(rax, qword_ptr(rsp)).unwrap();
+            a.call(hex).unwrap();
+            print(a, "\n");
+            a.mov(rax, DATA + 8).unwrap();
+            a.mov(rax, qword_ptr(rax)).unwrap();
+            a.add(qword_ptr(rsp), rax).unwrap();
+            a.iretq().unwrap();
+
+            a.set_label(&mut main).unwrap();
+            set_gate(a, 6, ud);
+            load_idt(a);
+            for (name, code) in [
+                ("vmcall", &[0x0f, 0x01, 0xc1][..]),
+                ("invpcid", &[0x66, 0x0f, 0x38, 0x82, 0x01]),
+                ("rdpru", &[0x0f, 0x01, 0xfd]),
+            ] {
+                a.mov(rax, DATA + 8).unwrap();
+                a.mov(qword_ptr(rax), code.len() as i32).unwrap();
+                a.xor(ecx, ecx).unwrap();
+                a.db(code).unwrap();
+                print(a, &format!("after {name}\n"));
+            }
+            i8042_reset(a);
+        },
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.dump());
+    assert_eq!(r.stdout.matches("#UD at ").count(), 3, "{}", r.dump());
+    for name in ["vmcall", "invpcid", "rdpru"] {
+        assert!(r.stdout.contains(&format!("after {name}")), "{}", r.dump());
+    }
+}

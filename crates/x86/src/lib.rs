@@ -153,6 +153,8 @@
 //! atomically as above.
 //!
 //! # Not implemented (returned as [`Fault::Unsupported`] unless noted)
+//! (The software CPU raises #UD for those whose feature its CPUID does not offer, as
+//! hardware does: [`offered`].)
 //! SSE3 and later, AVX/AVX-512 instructions (their state is carried, saved and restored),
 //! BMI/ADX, rdrand/rdseed, movbe, MMX-SSE conversions (cvtpi2ps & co), `sysenter`/
 //! `sysexit`, call gates, task gates and task switches (#GP), virtual-8086 mode (#GP),
@@ -174,6 +176,7 @@ mod hostmem;
 mod interp;
 mod machine;
 mod mmu;
+mod offered;
 mod platform;
 mod state;
 
@@ -182,6 +185,7 @@ pub use cpuid::{CpuidLeaf, cpuid_lookup, emu_cpuid};
 pub use exception::{Event, Exception, Fault, UnsupportedInstruction};
 pub use iced_x86::Mnemonic;
 pub use interp::{CodeCoherence, Interpreter, RunExit, RunLimits, RunOutcome, Stats, StepOutcome};
+pub use offered::offered;
 pub use platform::Platform;
 pub use state::{
     CpuMode, CpuState, DescriptorTable, FpuState, Msrs, SegReg, Segment, ctl, dr, gpr, msr, rflags,

@@ -234,6 +234,21 @@ impl Vcpu for EmuVcpu {
                 }
                 Err(Fault::TripleFault) => return Ok(Exit::Fatal(FatalExit::TripleFault)),
                 Err(Fault::Unsupported(u)) => {
+                    // An instruction the guest's CPUID does not offer is #UD, as on
+                    // hardware; one it offers that the interpreter cannot run stops it.
+                    let bytes = &u.bytes[..usize::from(u.len).min(15)];
+                    let bitness = self.cpu.mode().bitness();
+                    let offered = x86::offered(bytes, bitness, |leaf, sub| {
+                        crate::cpuid_lookup(&self.cpuid, leaf, sub)
+                    });
+                    if offered == Some(false) {
+                        if let Some(exit) =
+                            self.deliver(Event::Exception(x86::Exception::InvalidOpcode))
+                        {
+                            return Ok(exit);
+                        }
+                        continue;
+                    }
                     return Ok(Exit::Fatal(FatalExit::Unhandled(format!(
                         "vessel's interpreter does not implement {:?}",
                         u.mnemonic

@@ -600,6 +600,16 @@ impl Monitor {
 
     fn act(&self, req: &ActionRequest) -> Response {
         let action = req.action;
+        // A migration pauses, saves and hands over the VM itself; only a kill may cut in.
+        if action != Action::Kill && self.migrating.load(Ordering::SeqCst) {
+            return Response::error(
+                409,
+                format!(
+                    "VM {} is migrating (vessel migrate {} --cancel stops it)",
+                    self.name, self.name
+                ),
+            );
+        }
         match action {
             Action::Snapshot => return self.snapshot(req),
             Action::Suspend => return self.suspend(),

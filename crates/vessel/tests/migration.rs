@@ -535,6 +535,17 @@ fn a_migration_can_be_cancelled_and_the_source_runs_on() {
     let home = src.path().to_path_buf();
     let canceller = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1000));
+        // Nothing but a kill cuts into a migration.
+        let paused = Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(["pause", "g"])
+            .env("VESSEL_HOME", &home)
+            .output()
+            .unwrap();
+        assert!(!paused.status.success(), "{paused:?}");
+        assert!(
+            String::from_utf8_lossy(&paused.stderr).contains("is migrating"),
+            "{paused:?}"
+        );
         let out = Command::new(env!("CARGO_BIN_EXE_vessel"))
             .args(["migrate", "--cancel", "g"])
             .env("VESSEL_HOME", home)

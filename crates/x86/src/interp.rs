@@ -283,6 +283,9 @@ impl Interpreter {
         m.layout = layout;
         m.code_epoch = self.code_epoch;
         m.code_flushes = self.code_flushes;
+        // Before anything writes through the kept TLB (an event's frame, say): a new
+        // dirty-log round empties it.
+        m.check_code_epoch();
         m.smc = std::mem::take(&mut self.smc);
         let r = f(&mut m, &mut self.cache);
         m.sync();

@@ -166,10 +166,15 @@ impl Machine<'_> {
 
     /// Sets accessed/dirty bits in a paging entry, atomically (other vCPUs share it).
     fn set_pte_bits(&mut self, gpa: u64, wide: bool, bits: u64) {
-        // The layout's mapping (the same pages): A/D updates need no dirty marking.
+        // The layout's mapping (the same pages): an interpreter with a code map logs
+        // the write in `note_write`; one without (the KVM fallback's) marks the page
+        // through vm-memory, so a migration's dirty log sees it.
         let page = gpa & PAGE_MASK;
-        let host =
-            HostPage::in_layout(&self.layout, page).or_else(|| self.bus.ram_page(page, true));
+        let host = match self.code {
+            Some(_) => HostPage::in_layout(&self.layout, page),
+            None => None,
+        }
+        .or_else(|| self.bus.ram_page(page, true));
         if let Some(h) = host {
             let off = (gpa & 0xfff) as usize;
             if wide {

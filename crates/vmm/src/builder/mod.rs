@@ -256,6 +256,7 @@ pub fn build_from(
         anonymous_memory: restore.is_none()
             && !config.memory_is_shared()
             && config.memory_compress.is_none(),
+        handed_over: std::sync::atomic::AtomicBool::new(false),
     });
     if let Some(s) = &state {
         for (vcpu, saved) in vcpus.iter_mut().zip(&s.vcpus) {

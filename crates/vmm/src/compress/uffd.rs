@@ -16,6 +16,7 @@ const fn ior(nr: u64, size: u64) -> u64 {
 }
 const UFFDIO_API: u64 = iowr(0x3f, 24);
 const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ior(0x01, 16);
 const UFFDIO_WAKE: u64 = ior(0x02, 16);
 const UFFDIO_COPY: u64 = iowr(0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = iowr(0x04, 32);
@@ -148,6 +149,13 @@ impl Uffd {
             ioctls: 0,
         };
         ioctl(self.fd(), UFFDIO_REGISTER, &mut r)
+    }
+
+    /// Stops reporting faults in `[start, start + len)`: missing pages there are filled
+    /// with zeros by the kernel again.
+    pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = Range { start, len };
+        ioctl(self.fd(), UFFDIO_UNREGISTER, &mut r)
     }
 
     /// Fills the missing page(s) at `dst` with a copy of `src` and wakes the waiters.

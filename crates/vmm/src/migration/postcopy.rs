@@ -76,9 +76,10 @@ impl Incoming {
     /// `Resume`): the thread asks again for what it asked before.
     pub fn relink(&self, link: File) -> Result<(), MigrationError> {
         if self.stats.complete.load(Ordering::Acquire) {
-            return Err(MigrationError::Local(
-                "the post-copy is complete: nothing to recover".into(),
-            ));
+            // Every page is here already: say so, and the source is done.
+            let mut w = &link;
+            wire::send(&mut w, &Frame::Done)?;
+            return w.flush().map_err(|e| MigrationError::Link(e.to_string()));
         }
         *devices::bus::lock(&self.relink) = Some(link);
         Ok(())
@@ -178,6 +179,7 @@ pub fn start<M: GuestMemoryBackend>(
         out: writer,
         stats: stats.clone(),
         source_done: false,
+        told_source: false,
         fill_cursor: 0,
     };
     sandbox::thread::spawn(sandbox::ThreadClass::Vmm, "postcopy", move || server.run())
@@ -209,6 +211,8 @@ struct Server {
     out: File,
     stats: Arc<PostcopyStats>,
     source_done: bool,
+    /// The source was told every page is here.
+    told_source: bool,
     /// Where the background fill from the memory file goes on.
     fill_cursor: usize,
 }
@@ -216,7 +220,6 @@ struct Server {
 impl Server {
     fn run(mut self) {
         let mut link_up = true;
-        let mut told_source = false;
         loop {
             let new = devices::bus::lock(&self.relink).take();
             if let Some(new) = new {
@@ -266,15 +269,22 @@ impl Server {
             }
             // Once every stale page is here the source is not needed any more.
             if self.source_done
-                && !told_source
+                && !self.told_source
                 && self.stats.stale_left.load(Ordering::Relaxed) == 0
             {
-                told_source = true;
+                self.told_source = true;
                 let mut w = &self.out;
                 let _ = wire::send(&mut w, &Frame::Done);
                 let _ = w.flush();
             }
-            if n == 0 && self.fill_some() && told_source {
+            if n == 0 && self.fill_some() && self.told_source {
+                // Faults there are the kernel's again (a page the balloon gives back
+                // reads as zeros).
+                for r in &self.regions {
+                    if let Err(e) = self.uffd.unregister(r.host, r.len) {
+                        tracing::warn!("post-copy: unregistering guest memory: {e}");
+                    }
+                }
                 self.stats.complete.store(true, Ordering::Release);
                 tracing::info!(
                     "post-copy complete: {} pages were asked for",
@@ -293,6 +303,7 @@ impl Server {
         self.link = new;
         self.out = out;
         self.source_done = false;
+        self.told_source = false;
         tracing::info!(
             "post-copy: a new link to the source; {} pages still to come",
             self.stats.stale_left.load(Ordering::Relaxed)
@@ -330,13 +341,13 @@ impl Server {
             self.uffd.copy(host, data)
         };
         match placed {
-            Ok(()) => {}
+            Ok(()) => self.present.set(i, true),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                self.present.set(i, true);
                 let _ = self.uffd.wake(host, PAGE as u64);
             }
             Err(e) => tracing::error!("post-copy: placing a page: {e}"),
         }
-        self.present.set(i, true);
     }
 
     /// Page `i` from the memory file.
@@ -362,7 +373,14 @@ impl Server {
         let i = r.base + ((addr - r.host) / PAGE as u64) as usize;
         let gpa = r.gpa + (addr - r.host) / PAGE as u64 * PAGE as u64;
         if self.present.get(i) {
-            let _ = self.uffd.wake(addr & !(PAGE as u64 - 1), PAGE as u64);
+            // Placed before and missing again: given back since (the balloon), so it
+            // reads as zeros.
+            let page = addr & !(PAGE as u64 - 1);
+            if let Err(e) = self.uffd.zeropage(page, PAGE as u64)
+                && e.raw_os_error() == Some(libc::EEXIST)
+            {
+                let _ = self.uffd.wake(page, PAGE as u64);
+            }
         } else if !self.stale.get(i) {
             self.load_from_file(i);
         } else if !self.requested.get(i) {
@@ -382,8 +400,9 @@ impl Server {
         match frame {
             Frame::Pages(p) => {
                 for k in 0..p.count as usize {
-                    let gpa = p.gpa + (k * PAGE) as u64;
-                    let Some(i) = index_of(&self.regions, gpa) else {
+                    let gpa = p.gpa.checked_add((k * PAGE) as u64);
+                    let Some(i) = gpa.and_then(|gpa| index_of(&self.regions, gpa)) else {
+                        let gpa = p.gpa;
                         return Err(MigrationError::Stream(format!(
                             "page {gpa:#x} is not the VM's memory"
                         )));

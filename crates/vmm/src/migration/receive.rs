@@ -138,6 +138,16 @@ pub fn into_folder(
                 f.write_all_at(&c.data, c.offset).map_err(io("a disk"))?;
             }
             Frame::Stale(runs) => {
+                // At most as many stale pages as the VM has (runs may not repeat
+                // without end).
+                let pages = runs.iter().map(|(_, n)| u64::from(*n)).sum::<u64>();
+                if (stale.len() / 12) as u64 + runs.len() as u64 > hello.memory_bytes / PAGE as u64
+                    || pages > hello.memory_bytes / PAGE as u64
+                {
+                    return Err(MigrationError::Stream(
+                        "more stale pages than the VM has".into(),
+                    ));
+                }
                 for (gpa, count) in runs {
                     if count == 0 || wire::file_offset(&hello.memory, gpa, count).is_none() {
                         return Err(MigrationError::Stream(format!(

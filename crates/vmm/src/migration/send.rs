@@ -167,11 +167,15 @@ pub(super) struct Sender<'a> {
     buf: Vec<u8>,
     /// The disks being copied (none with shared storage).
     disks: Vec<Arc<devices::virtio::block::Disk>>,
+    /// The guest ran when the migration began: only then does a failure resume it.
+    was_running: bool,
+    /// Cancelling is refused once the destination runs the guest (post-copy).
+    pub(super) cancellable: bool,
 }
 
 impl Sender<'_> {
     fn check_cancel(&self) -> Result<(), MigrationError> {
-        if self.cancel.load(Ordering::Acquire) {
+        if self.cancellable && self.cancel.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
         }
         Ok(())
@@ -300,9 +304,15 @@ pub fn send(
     cancel: &AtomicBool,
 ) -> Result<SendReport, MigrationError> {
     let started = Instant::now();
+    if lock(&persist.unfinished_postcopy).is_some() {
+        return Err(MigrationError::Vm(
+            "its post-copy to another destination is not finished: use --recover".into(),
+        ));
+    }
     persist
         .saveable()
         .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let was_running = control.state() == RunState::Running;
     let map = memory_map(&persist.mem);
     let disks = if opts.copy_disks {
         persist.disks()
@@ -337,6 +347,8 @@ pub fn send(
         report: SendReport::default(),
         buf: Vec::with_capacity(MAX_RUN * PAGE),
         disks,
+        was_running,
+        cancellable: true,
     };
     wire::write_greeting(&mut s.out)?;
     wire::send(&mut s.out, &Frame::Hello(Box::new(hello)))?;
@@ -351,7 +363,12 @@ pub fn send(
         stop: AtomicBool::new(false),
         gate: Mutex::new(()),
     });
-    with_paused(control, &throttle, || persist.dirty.set(true)).map_err(MigrationError::Vm)?;
+    if let Err(e) = with_paused(control, &throttle, || persist.dirty.set(true)) {
+        let _ = persist.dirty.set(false);
+        let _ = wire::send(&mut s.out, &Frame::Failed(e.clone()));
+        let _ = s.out.flush();
+        return Err(MigrationError::Vm(e));
+    }
     for d in &s.disks {
         d.set_write_log(true);
     }
@@ -386,7 +403,7 @@ pub fn send(
         s.report.bytes_sent = s.out.get_ref().sent;
         return match served {
             Err(super::serve::Served::NeverRan(e)) => {
-                go_on(persist, control, true)?;
+                go_on(persist, control, true, s.was_running)?;
                 Err(e)
             }
             Err(super::serve::Served::Ran(e)) => {
@@ -406,11 +423,11 @@ pub fn send(
             Ok(s.report)
         }
         Ok(Frame::Failed(why)) => {
-            go_on(persist, control, true)?;
+            go_on(persist, control, true, s.was_running)?;
             Err(MigrationError::Destination(why))
         }
         Ok(other) => {
-            go_on(persist, control, true)?;
+            go_on(persist, control, true, s.was_running)?;
             Err(unexpected(&other))
         }
         // Everything went, and no answer came: the destination may be running it.
@@ -448,6 +465,8 @@ pub fn recover(
         report: SendReport::default(),
         buf: Vec::with_capacity(MAX_RUN * PAGE),
         disks: Vec::new(),
+        was_running: false,
+        cancellable: false,
     };
     wire::write_greeting(&mut s.out)?;
     wire::send(&mut s.out, &Frame::Resume)?;
@@ -467,14 +486,21 @@ pub fn recover(
 /// The guest runs here again after a stop for the last round (`handed` says whether
 /// the disks' locks had been given away). A disk taken by another process meanwhile
 /// keeps the guest stopped: it must not run in two places.
-fn go_on(persist: &Persist, control: &VmControl, handed: bool) -> Result<(), MigrationError> {
+fn go_on(
+    persist: &Persist,
+    control: &VmControl,
+    handed: bool,
+    was_running: bool,
+) -> Result<(), MigrationError> {
     if handed {
         persist.hand_over_devices(false).map_err(|e| {
             MigrationError::Uncertain(format!("{e}; another process holds the disk"))
         })?;
+        persist.handed_over.store(false, Ordering::Release);
     }
     persist.resume_devices();
-    if control.state() == RunState::Paused {
+    // A guest the user had paused stays paused.
+    if was_running && control.state() == RunState::Paused {
         let _ = control.resume();
     }
     Ok(())
@@ -597,7 +623,7 @@ fn precopy_and_stop(
             let stale = match last_round(s, control, map, &dirty, postcopy, &mut handed) {
                 Ok(stale) => stale,
                 Err(e) => {
-                    go_on(persist, control, handed)?;
+                    go_on(persist, control, handed, s.was_running)?;
                     return Err(e);
                 }
             };

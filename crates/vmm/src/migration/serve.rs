@@ -52,6 +52,7 @@ pub(super) fn postcopy(
 ) -> Result<(), Served> {
     let mut sent = vec![false; stale.len()];
     let (mut cursor, mut running, mut done_sent) = (0usize, running, false);
+    s.cancellable = !running;
     let fd = s.stream.as_raw_fd();
     let link = |e: MigrationError, running: bool| {
         if running {
@@ -79,9 +80,13 @@ pub(super) fn postcopy(
                 }
                 Ok(Frame::Running) => {
                     running = true;
+                    // The guest runs there now: no going back.
+                    s.cancellable = false;
                     s.report.downtime_ms = stopped.elapsed().as_secs_f64() * 1e3;
                 }
-                Ok(Frame::Done) if done_sent => return Ok(()),
+                // The destination holds every page (after a recovery it may say so
+                // before this side has sent its own end).
+                Ok(Frame::Done) => return Ok(()),
                 Ok(Frame::Failed(why)) if !running => {
                     return Err(Served::NeverRan(MigrationError::Destination(why)));
                 }

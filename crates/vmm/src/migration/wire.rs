@@ -330,7 +330,13 @@ pub fn read(r: &mut impl Read) -> Result<Frame, MigrationError> {
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).map_err(io("receiving"))?;
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    // A reason from the peer, as one line of printable text.
+    let text = |b: Vec<u8>| {
+        String::from_utf8_lossy(&b)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+    };
     Ok(match kind {
         Kind::Hello => Frame::Hello(Box::new(
             serde_json::from_slice(&body).map_err(|e| bad(format!("the greeting's body: {e}")))?,

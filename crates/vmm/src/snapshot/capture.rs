@@ -45,6 +45,8 @@ pub struct Persist {
     /// (not mapped from a file, not shared, no pages held compressed elsewhere): a page
     /// the kernel never gave it reads as zeros.
     pub(crate) anonymous_memory: bool,
+    /// The disks' locks went to a migration's destination (and were not taken back).
+    pub(crate) handed_over: std::sync::atomic::AtomicBool,
 }
 
 /// What a capture did, for the caller's report.

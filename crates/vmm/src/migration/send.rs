@@ -173,7 +173,37 @@ pub(super) struct Sender<'a> {
     pub(super) cancellable: bool,
 }
 
-impl Sender<'_> {
+impl<'a> Sender<'a> {
+    /// A sender over `stream` for `persist`'s VM: no disks copied, its guest not
+    /// resumed on failure, no cancelling (the callers set what differs).
+    fn new(
+        persist: &'a Persist,
+        stream: &'a File,
+        opts: &'a SendOptions,
+        cancel: &'a AtomicBool,
+    ) -> Self {
+        Sender {
+            persist,
+            out: BufWriter::with_capacity(
+                1 << 20,
+                Paced {
+                    inner: stream,
+                    sent: 0,
+                    limit: opts.max_bandwidth,
+                    since: Instant::now(),
+                },
+            ),
+            stream,
+            opts,
+            cancel,
+            report: SendReport::default(),
+            buf: Vec::with_capacity(MAX_RUN * PAGE),
+            disks: Vec::new(),
+            was_running: false,
+            cancellable: false,
+        }
+    }
+
     fn check_cancel(&self) -> Result<(), MigrationError> {
         if self.cancellable && self.cancel.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
@@ -330,26 +360,10 @@ pub fn send(
         cpuid: persist.cpuid.clone(),
         memory: map.clone(),
     };
-    let mut s = Sender {
-        persist,
-        out: BufWriter::with_capacity(
-            1 << 20,
-            Paced {
-                inner: stream,
-                sent: 0,
-                limit: opts.max_bandwidth,
-                since: Instant::now(),
-            },
-        ),
-        stream,
-        opts,
-        cancel,
-        report: SendReport::default(),
-        buf: Vec::with_capacity(MAX_RUN * PAGE),
-        disks,
-        was_running,
-        cancellable: true,
-    };
+    let mut s = Sender::new(persist, stream, opts, cancel);
+    s.disks = disks;
+    s.was_running = was_running;
+    s.cancellable = true;
     wire::write_greeting(&mut s.out)?;
     wire::send(&mut s.out, &Frame::Hello(Box::new(hello)))?;
     s.flush()?;
@@ -448,26 +462,7 @@ pub fn recover(
     let stale = lock(&persist.unfinished_postcopy)
         .clone()
         .ok_or_else(|| MigrationError::Vm("no post-copy to recover here".into()))?;
-    let mut s = Sender {
-        persist,
-        out: BufWriter::with_capacity(
-            1 << 20,
-            Paced {
-                inner: stream,
-                sent: 0,
-                limit: opts.max_bandwidth,
-                since: Instant::now(),
-            },
-        ),
-        stream,
-        opts,
-        cancel,
-        report: SendReport::default(),
-        buf: Vec::with_capacity(MAX_RUN * PAGE),
-        disks: Vec::new(),
-        was_running: false,
-        cancellable: false,
-    };
+    let mut s = Sender::new(persist, stream, opts, cancel);
     wire::write_greeting(&mut s.out)?;
     wire::send(&mut s.out, &Frame::Resume)?;
     s.flush()?;

@@ -828,9 +828,17 @@ fn a_migration_through_a_relay_is_a_stream_a_receiver_takes_whole() {
     assert!(ok, "{out}");
     dst.ok(&["kill", "g"]);
     let seen = recorder.join().unwrap();
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/migration_stream");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("counter-32m-lz4"), &seen).unwrap();
-    eprintln!("recorded {} bytes", seen.len());
+    let mut r = &seen[1..];
+    let hello = vmm::migration::receive::hello(&mut r).unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let got = vmm::migration::receive::into_folder(&mut r, &hello, folder.path(), &[]).unwrap();
+    assert!(got.pages > 0 && !got.postcopy);
+    vmm::snapshot::read_state(folder.path()).unwrap();
+    if std::env::var("VESSEL_RECORD_SEED").is_ok_and(|v| v == "1") {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/migration_stream");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("counter-32m-lz4"), &seen).unwrap();
+        eprintln!("recorded {} bytes", seen.len());
+    }
 }

@@ -189,12 +189,22 @@ fn a_tree_of_snapshots_branches() {
             "tree",
             "echo state: $(test -e /A && echo A) $(test -e /B && echo B) end\n",
         );
-        let log = home.wait_log("tree", mark, " end\n");
-        let line = log[mark..]
-            .lines()
-            .find(|l| l.starts_with("state:"))
-            .unwrap()
-            .to_string();
+        // The console echoes the command (which ends in " end" too): wait for the
+        // answer's own line.
+        let log = home.wait_log("tree", mark, "\nstate: ");
+        let mut log = log;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let line = loop {
+            if let Some(l) = log[mark..]
+                .lines()
+                .find(|l| l.starts_with("state:") && l.ends_with(" end"))
+            {
+                break l.to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "{}", &log[mark..]);
+            std::thread::sleep(Duration::from_millis(20));
+            log = home.log("tree");
+        };
         let expect = format!("state: {want} end").replace("  ", " ");
         assert_eq!(line, expect, "{}", &log[mark..]);
     };

@@ -148,13 +148,9 @@ impl VmHandle {
         {
             // A migration's end gave its disks away and no answer came: only if no
             // other process took them does it run here again.
-            self.persist.hand_over_devices(false).map_err(|_| {
+            self.persist.take_back_disks().map_err(|_| {
                 ControlError::Wrong("its disks are held by its migration's destination")
             })?;
-            self.persist
-                .handed_over
-                .store(false, std::sync::atomic::Ordering::Release);
-            self.persist.resume_devices();
         }
         self.control.resume()
     }

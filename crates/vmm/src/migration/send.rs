@@ -417,7 +417,7 @@ pub fn send(
         s.report.bytes_sent = s.out.get_ref().sent;
         return match served {
             Err(super::serve::Served::NeverRan(e)) => {
-                go_on(persist, control, true, s.was_running)?;
+                go_on(persist, control, s.was_running)?;
                 Err(e)
             }
             Err(super::serve::Served::Ran(e)) => {
@@ -437,11 +437,11 @@ pub fn send(
             Ok(s.report)
         }
         Ok(Frame::Failed(why)) => {
-            go_on(persist, control, true, s.was_running)?;
+            go_on(persist, control, s.was_running)?;
             Err(MigrationError::Destination(why))
         }
         Ok(other) => {
-            go_on(persist, control, true, s.was_running)?;
+            go_on(persist, control, s.was_running)?;
             Err(unexpected(&other))
         }
         // Everything went, and no answer came: the destination may be running it.
@@ -478,22 +478,13 @@ pub fn recover(
     }
 }
 
-/// The guest runs here again after a stop for the last round (`handed` says whether
-/// the disks' locks had been given away). A disk taken by another process meanwhile
+/// The guest runs here again after a stop for the last round, if it ran before, with
+/// its disks' locks taken back if they went. A disk taken by another process meanwhile
 /// keeps the guest stopped: it must not run in two places.
-fn go_on(
-    persist: &Persist,
-    control: &VmControl,
-    handed: bool,
-    was_running: bool,
-) -> Result<(), MigrationError> {
-    if handed {
-        persist.hand_over_devices(false).map_err(|e| {
-            MigrationError::Uncertain(format!("{e}; another process holds the disk"))
-        })?;
-        persist.handed_over.store(false, Ordering::Release);
-    }
-    persist.resume_devices();
+fn go_on(persist: &Persist, control: &VmControl, was_running: bool) -> Result<(), MigrationError> {
+    persist
+        .take_back_disks()
+        .map_err(|e| MigrationError::Uncertain(format!("{e}; another process holds the disk")))?;
     // A guest the user had paused stays paused.
     if was_running && control.state() == RunState::Paused {
         let _ = control.resume();
@@ -522,7 +513,7 @@ pub(super) fn unexpected(f: &Frame) -> MigrationError {
 
 /// With the guest stopped and its devices quiesced: the pages still dirty (`dirty`,
 /// taken just before the stop, and what the log holds now), the disks' locks, the
-/// state, the end. `handed` says whether the disks' locks went. With `postcopy`, the
+/// state, the end (`Persist::handed_over` says whether the disks' locks went). With `postcopy`, the
 /// dirty pages are not sent but listed as stale, and the list is returned.
 fn last_round(
     s: &mut Sender<'_>,
@@ -530,7 +521,6 @@ fn last_round(
     map: &[MemoryRange],
     dirty: &[u64],
     postcopy: bool,
-    handed: &mut bool,
 ) -> Result<Option<Vec<u64>>, MigrationError> {
     let persist = s.persist;
     let mut state = persist
@@ -548,7 +538,7 @@ fn last_round(
     persist
         .hand_over_devices(true)
         .map_err(MigrationError::Vm)?;
-    *handed = true;
+    persist.handed_over.store(true, Ordering::Release);
     state.memory = map.to_vec();
     let bytes = crate::snapshot::file::encode_state(&state)
         .map_err(|e| MigrationError::Vm(e.to_string()))?;
@@ -614,11 +604,10 @@ fn precopy_and_stop(
                     .map_err(|e| MigrationError::Vm(e.to_string()))?;
             }
             persist.quiesce_devices();
-            let mut handed = false;
-            let stale = match last_round(s, control, map, &dirty, postcopy, &mut handed) {
+            let stale = match last_round(s, control, map, &dirty, postcopy) {
                 Ok(stale) => stale,
                 Err(e) => {
-                    go_on(persist, control, handed, s.was_running)?;
+                    go_on(persist, control, s.was_running)?;
                     return Err(e);
                 }
             };

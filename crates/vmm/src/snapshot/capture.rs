@@ -121,6 +121,19 @@ impl Persist {
         Ok(())
     }
 
+    /// Takes back the disks' locks a migration's end gave away (if it did) and starts
+    /// the device workers again: the VM may run here once more. Refused while another
+    /// process holds a disk.
+    pub(crate) fn take_back_disks(&self) -> Result<(), String> {
+        if self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            self.hand_over_devices(false)?;
+            self.handed_over
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        self.resume_devices();
+        Ok(())
+    }
+
     /// The block devices' disks, in the configuration's order.
     pub(crate) fn disks(&self) -> Vec<Arc<devices::virtio::block::Disk>> {
         self.virtio.iter().filter_map(|d| lock(d).disk()).collect()

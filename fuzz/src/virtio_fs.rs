@@ -149,11 +149,12 @@ struct Msg {
     fds: usize,
 }
 
-/// What virtiofsd saw: the messages, and whether it closed the connection after the
-/// last of them.
+/// What virtiofsd saw: the messages, whether it closed the connection after the last
+/// of them, or the device hung up on a ring's stop after a reply that was not right.
 struct Seen {
     msgs: Vec<Msg>,
     closed: bool,
+    hung_up_after_bad_reply: bool,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -259,7 +260,11 @@ fn virtiofsd(s: UnixStream, mut replies: VecDeque<(Reply, u64)>) -> Seen {
     let mut seen = Seen {
         msgs: Vec::new(),
         closed: false,
+        hung_up_after_bad_reply: false,
     };
+    // Whether a reply was not the right one (what it left unread may spoil a later
+    // exchange).
+    let mut bad_reply = false;
     loop {
         let mut hdr = [0u8; 12];
         let (n, fds) = match recv_with_fds(&s, &mut hdr) {
@@ -269,6 +274,8 @@ fn virtiofsd(s: UnixStream, mut replies: VecDeque<(Reply, u64)>) -> Seen {
             Err(e) => panic!("virtio-fs: the device neither spoke nor hung up: {e}"),
         };
         if n == 0 {
+            seen.hung_up_after_bad_reply =
+                bad_reply && seen.msgs.last().is_some_and(|m| m.code == GET_VRING_BASE);
             return seen;
         }
         if n < hdr.len() {
@@ -292,6 +299,7 @@ fn virtiofsd(s: UnixStream, mut replies: VecDeque<(Reply, u64)>) -> Seen {
             _ => continue,
         };
         let (how, v) = replies.pop_front().unwrap_or((Reply::Right, 0));
+        bad_reply |= how != Reply::Right;
         let mut body = match value {
             None => v.to_le_bytes().to_vec(),
             Some(index) => [index.to_le_bytes(), (v as u32).to_le_bytes()].concat(),
@@ -637,14 +645,14 @@ pub fn virtio_fs_stats(data: &[u8]) -> FsStats {
 
 /// The messages virtiofsd got are those the operations send, in order: each
 /// operation's in full, or a beginning of them: a reset stops after an answer it
-/// could not take, and nothing goes once virtiofsd has closed the connection.
+/// could not take, and nothing goes once either side has closed the connection.
 fn check_seen(seen: &Seen, expected: &[Vec<Msg>]) {
     let mut at = 0;
     for want in expected {
         let got = &seen.msgs[at..];
         let k = want.iter().zip(got).take_while(|(w, g)| w == g).count();
         if k < want.len() {
-            let gone = seen.closed && at + k == seen.msgs.len();
+            let gone = (seen.closed || seen.hung_up_after_bad_reply) && at + k == seen.msgs.len();
             let reset = want.iter().all(|m| m.code == GET_VRING_BASE);
             assert!(
                 gone || reset && k >= 1,

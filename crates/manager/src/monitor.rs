@@ -32,6 +32,7 @@ use crate::spec::{Restart, VmSpec};
 use crate::status::{self, Status, VmState};
 
 /// How long `start` waits for a monitor to answer on its control socket.
+mod jailed;
 mod migrate;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -683,29 +684,13 @@ fn forward_input(mut client: UnixStream, monitor: &Monitor) {
     }
 }
 
-/// For a jailed monitor: once `vessel start` has put this process in its cgroup, forks
-/// the monitor into a PID namespace of its own (as its PID 1) and returns there. This
-/// process stays outside the jail to wait for it, then takes down what the jail could
-/// not (its cgroup) and exits as it did.
-fn supervise_jail(home: &Home, name: &str) -> Result<(), ManagerError> {
-    let mut admitted = [0u8; 1];
-    let _ = std::io::stdin().read(&mut admitted);
-    let outside =
-        sandbox::jail::fork_into_pid_namespace().map_err(|e| ManagerError::Other(e.to_string()))?;
-    if let Some(code) = outside {
-        resources::leave(home, name);
-        std::process::exit(code);
-    }
-    Ok(())
-}
-
 /// The monitor process's main: runs `name` until it stops. Returns the exit code.
 pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let bundle = Bundle::open(home, name)?;
     let spec = bundle.spec()?;
     let jailed = spec.sandbox_on().map_err(ManagerError::Other)?;
     if jailed {
-        supervise_jail(home, name)?;
+        jailed::supervise(home, name)?;
     }
     let log_path = bundle.serial_log();
     let log = OpenOptions::new()
@@ -760,6 +745,7 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     } else {
         None
     };
+    jailed::record_made_taps(&bundle)?;
     // Confined from here: every boot reuses this configuration (the kit, if it had to
     // be built again, was built above).
     crate::confine::confine(

@@ -224,14 +224,26 @@ fn a_jailed_vm_gets_its_tap_made_for_it_and_it_goes_at_the_end() {
     ));
     home.wait_log("t", 0, "reached-the-host");
     home.ok(&["kill", "t"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sys.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{tap} stays after the VM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let gone = |how: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sys.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{tap} stays after the VM ({how})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    gone("vessel kill");
+    // A monitor killed outright releases nothing: the process outside its jail does.
+    let from = home.log("t").len();
+    home.ok(&["start", "t"]);
+    common::sh(&format!(
+        "ip addr add 10.77.0.1/24 dev {tap} && ip link set {tap} up"
+    ));
+    home.wait_log("t", from, "reached-the-host");
+    home.kill_monitor("t");
+    gone("its monitor killed");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 mod emu;
 mod kvm;
 mod nic;
-pub use nic::{prepare_taps, release_taps};
+pub use nic::{prepare_taps, prepared_taps, release_leftover_taps, release_taps};
 mod virtio;
 
 use std::sync::mpsc::{self, Sender};

@@ -84,12 +84,32 @@ pub fn prepare_taps(nets: &[NetConfig], owner: u32) -> Result<(), VmError> {
     Ok(())
 }
 
+/// The TAP interfaces [`prepare_taps`] made, for the process that outlives this one
+/// to release them if this one cannot (it was killed): [`release_leftover_taps`].
+pub fn prepared_taps() -> Vec<String> {
+    prepared().clone()
+}
+
 /// Lets go of the TAP interfaces [`prepare_taps`] made: each goes with its last user.
+/// (In a jail, which has no /sys to say what is there.)
 pub fn release_taps() {
     for name in prepared().drain(..) {
-        if let Err(e) = Tap::release(&name) {
-            tracing::warn!("TAP {name} stays: {e}");
+        release_tap(&name);
+    }
+}
+
+/// Lets go of those of `names` the host still has.
+pub fn release_leftover_taps(names: &[String]) {
+    for name in names {
+        if Path::new("/sys/class/net").join(name).exists() {
+            release_tap(name);
         }
+    }
+}
+
+fn release_tap(name: &str) {
+    if let Err(e) = Tap::release(name) {
+        tracing::warn!("TAP {name} stays: {e}");
     }
 }
 

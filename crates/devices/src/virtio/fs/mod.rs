@@ -67,6 +67,8 @@ pub struct VirtioFs {
     frontend: Frontend,
     /// A deadline on each exchange with virtiofsd.
     watchdog: Watchdog,
+    /// The connection, to close when an answer puts it out of step.
+    socket: std::os::unix::net::UnixStream,
     /// Kept as long as the device; dropped last (after the connection). None when
     /// something else plays virtiofsd ([`VirtioFs::connected`]).
     daemon: Option<Virtiofsd>,
@@ -115,6 +117,7 @@ impl VirtioFs {
             &share.tag,
         )
         .map_err(FsError::Daemon)?;
+        let socket = stream.try_clone().map_err(FsError::Daemon)?;
         let frontend = Frontend::from_stream(stream, QUEUES as u64);
         frontend.set_owner()?;
         let backend_features = frontend.get_features()?;
@@ -136,6 +139,7 @@ impl VirtioFs {
             tag: share.tag.clone(),
             frontend,
             watchdog,
+            socket,
             daemon,
             backend_features,
             regions,
@@ -283,8 +287,9 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        // GET_VRING_BASE stops a ring. A virtiofsd that does not answer in time is
-        // ended: the share fails (EIO), the VM goes on.
+        // GET_VRING_BASE stops a ring. A virtiofsd that does not answer in time, or
+        // answers what cannot be taken, is out of step: its connection is closed and
+        // it is ended. The share fails (EIO), the VM goes on.
         for i in std::mem::take(&mut self.started) {
             self.watchdog.arm();
             let stopped = self.frontend.get_vring_base(i);
@@ -294,6 +299,7 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
                     "virtio-fs {}: stopping queue {i}: {e}; ending virtiofsd",
                     self.tag
                 );
+                let _ = self.socket.shutdown(std::net::Shutdown::Both);
                 if let Some(d) = &mut self.daemon {
                     d.kill();
                 }

@@ -1,7 +1,8 @@
 //! Kernel loading as `vessel run --kernel K --initrd I` does it: format detection,
-//! the bzImage boot protocol (setup header, 64-bit entry, zero page, e820) and the ELF
-//! PVH loader (program headers, the PVH note, start_info), the command line and the
-//! initrd placed below the top of low RAM. The kernel and initrd are memfds reached
+//! the bzImage boot protocol (setup header, 64-bit entry, zero page, e820), the ELF
+//! PVH loader (program headers, the PVH note, start_info), 32-bit kernels (i386 ELF
+//! with a PVH note, multiboot ELF or binary: header, load addresses, multiboot
+//! information), the command line and the initrd placed below the top of low RAM. The kernel and initrd are memfds reached
 //! through /proc/self/fd, so nothing is written to the file system.
 //!
 //! Checked on every load that succeeds: the format is the one the file's magic says;
@@ -62,17 +63,28 @@ fn le(b: &[u8], at: usize, n: usize) -> Option<u64> {
     Some(u64::from_le_bytes(v))
 }
 
-/// The PT_LOAD segments with file content: (file offset, physical address, size).
-fn elf_segments(k: &[u8]) -> Vec<(usize, u64, usize)> {
-    let (Some(phoff), Some(phnum)) = (le(k, 0x20, 8), le(k, 0x38, 2)) else {
+/// The PT_LOAD segments with file content: (file offset, physical address, size), of
+/// a 64-bit ELF or (`wide` false) a 32-bit one.
+fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize)> {
+    let (w, phoff, phnum, size) = if wide {
+        (8, le(k, 0x20, 8), le(k, 0x38, 2), 56)
+    } else {
+        (4, le(k, 0x1c, 4), le(k, 0x2c, 2), 32)
+    };
+    let (Some(phoff), Some(phnum)) = (phoff, phnum) else {
         return Vec::new();
     };
+    // Field offsets: p_offset, p_paddr, p_filesz.
+    let fields = if wide { [8, 24, 32] } else { [4, 12, 16] };
     (0..phnum as usize)
         .filter_map(|i| {
-            let at = (phoff as usize).checked_add(56 * i)?;
+            let at = (phoff as usize).checked_add(size * i)?;
             let kind = le(k, at, 4)?;
-            let (offset, paddr, filesz) =
-                (le(k, at + 8, 8)?, le(k, at + 24, 8)?, le(k, at + 32, 8)?);
+            let (offset, paddr, filesz) = (
+                le(k, at + fields[0], w)?,
+                le(k, at + fields[1], w)?,
+                le(k, at + fields[2], w)?,
+            );
             (kind == 1 && filesz > 0).then_some((offset as usize, paddr, filesz as usize))
         })
         .collect()
@@ -106,12 +118,19 @@ pub fn kernel_loads(data: &[u8]) -> bool {
         return false;
     };
     let elf = kernel_bytes.starts_with(b"\x7fELF");
-    let expected = if elf {
-        KernelFormat::PvhElf
-    } else {
-        KernelFormat::BzImage
+    let class = kernel_bytes.get(4).copied();
+    let bzimage = kernel_bytes.get(0x202..0x206) == Some(b"HdrS");
+    let expected: &[KernelFormat] = match (elf, class) {
+        (true, Some(2)) => &[KernelFormat::PvhElf],
+        (true, _) => &[KernelFormat::PvhElf32, KernelFormat::Multiboot],
+        (false, _) if bzimage => &[KernelFormat::BzImage],
+        (false, _) => &[KernelFormat::Multiboot],
     };
-    assert_eq!(loaded.format, expected, "the format the magic says");
+    assert!(
+        expected.contains(&loaded.format),
+        "the format the magic says: {:?}",
+        loaded.format
+    );
     let mut line = cmdline.into_bytes();
     line.push(0);
     assert!(
@@ -139,8 +158,8 @@ pub fn kernel_loads(data: &[u8]) -> bool {
             assert_eq!(loaded.entry.rip, layout::HIMEM_START + 0x200);
             assert_eq!(loaded.entry.rsi, layout::ZERO_PAGE_START);
         }
-        KernelFormat::PvhElf => {
-            for (offset, paddr, size) in elf_segments(kernel_bytes) {
+        KernelFormat::PvhElf | KernelFormat::PvhElf32 | KernelFormat::Multiboot if elf => {
+            for (offset, paddr, size) in elf_segments(kernel_bytes, class == Some(2)) {
                 let Some(content) = kernel_bytes.get(offset..offset.saturating_add(size)) else {
                     continue;
                 };
@@ -152,6 +171,23 @@ pub fn kernel_loads(data: &[u8]) -> bool {
             }
             assert_eq!(loaded.entry.rbx, layout::PVH_INFO_START);
         }
+        // A multiboot binary: whatever its header loads lies in low RAM above 1 MiB
+        // (its end is only known from the header, so the initrd is checked against
+        // 1 MiB).
+        _ => {}
+    }
+    if loaded.format == KernelFormat::Multiboot {
+        assert_eq!(loaded.entry.rax, 0x2bad_b002, "the multiboot magic");
+        assert_eq!(loaded.entry.rbx, layout::PVH_INFO_START);
+        let mut info = [0u8; 12];
+        mem.read_slice(&mut info, GuestAddress(layout::PVH_INFO_START))
+            .expect("the multiboot information");
+        let upper = u32::from_le_bytes(info[8..12].try_into().expect("4 bytes"));
+        assert_eq!(
+            u64::from(upper) << 10,
+            low_end - layout::HIMEM_START,
+            "mem_upper"
+        );
     }
     match (loaded.initrd, initrd) {
         (None, None) => {}

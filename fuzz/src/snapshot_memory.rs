@@ -455,6 +455,7 @@ fn config(cpus: u16, memory: u64, dir: &Path) -> VmConfig {
         memory_compress: None,
         hvc: None,
         kvm_fallback: true,
+        debug_exit: false,
     }
 }
 

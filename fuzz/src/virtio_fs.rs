@@ -267,16 +267,19 @@ fn virtiofsd(s: UnixStream, mut replies: VecDeque<(Reply, u64)>) -> Seen {
     let mut bad_reply = false;
     loop {
         let mut hdr = [0u8; 12];
+        let hung_up = |mut seen: Seen| {
+            seen.hung_up_after_bad_reply =
+                bad_reply && seen.msgs.last().is_some_and(|m| m.code == GET_VRING_BASE);
+            seen
+        };
         let (n, fds) = match recv_with_fds(&s, &mut hdr) {
             Ok(r) => r,
             // The device hung up with an answer of ours unread.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return seen,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return hung_up(seen),
             Err(e) => panic!("virtio-fs: the device neither spoke nor hung up: {e}"),
         };
         if n == 0 {
-            seen.hung_up_after_bad_reply =
-                bad_reply && seen.msgs.last().is_some_and(|m| m.code == GET_VRING_BASE);
-            return seen;
+            return hung_up(seen);
         }
         if n < hdr.len() {
             (&s).read_exact(&mut hdr[n..])

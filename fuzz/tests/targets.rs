@@ -43,6 +43,9 @@ fn generated() -> Vec<(&'static str, Seeds)> {
     let code64 = [0xf4u8, 0xeb, 0xfd]; // hlt; jmp $-1
     let bzimage = testguest::bzimage(&code64);
     let pvh = testguest::pvh_elf(&[0xf4]);
+    let pvh32 = testguest::kernel32::pvh_elf32(&[0xf4]);
+    let multiboot_elf = testguest::kernel32::multiboot_elf(&[0xf4]);
+    let multiboot_binary = testguest::kernel32::multiboot_binary(&[0xf4]);
     let initrd: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
     let kernel = vessel_fuzz::kernel::kernel_input;
     vec![
@@ -99,6 +102,15 @@ fn generated() -> Vec<(&'static str, Seeds)> {
                 ),
                 ("testguest-pvh", kernel(4, "console=ttyS0", &[], &pvh)),
                 ("testguest-pvh-initrd", kernel(3, "", &initrd, &pvh)),
+                ("testguest-pvh32", kernel(4, "console=ttyS0", &[], &pvh32)),
+                (
+                    "testguest-multiboot-elf-initrd",
+                    kernel(3, "a test", &initrd, &multiboot_elf),
+                ),
+                (
+                    "testguest-multiboot-binary",
+                    kernel(2, "", &[], &multiboot_binary),
+                ),
             ]),
         ),
     ]

@@ -57,6 +57,9 @@ pub struct DescriptorTable {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryState {
     pub rip: u64,
+    /// The multiboot magic for a multiboot kernel.
+    #[serde(default)]
+    pub rax: u64,
     pub rsp: u64,
     pub rbp: u64,
     /// boot_params pointer for the 64-bit Linux entry.

@@ -140,7 +140,7 @@ fn detection_rejects_what_is_not_a_kernel() {
     assert!(matches!(load(&[0x90; 4096]), Err(BootError::NotAKernel(_))));
     let mut elf32 = testguest::pvh_elf(&[0xf4]);
     elf32[4] = 1;
-    assert!(matches!(load(&elf32), Err(BootError::NotX86_64Elf(_))));
+    assert!(matches!(load(&elf32), Err(BootError::NotX86Elf(_))));
     let mut no_note = testguest::pvh_elf(&[0xf4]);
     let note_type = 64 + 2 * 56 + 8;
     no_note[note_type] = 17;

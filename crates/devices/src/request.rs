@@ -1,4 +1,4 @@
-//! Requests from the guest to the machine: power off, reset.
+//! Requests from the guest to the machine: power off, reset, exit with a status.
 
 use std::sync::Arc;
 
@@ -8,6 +8,8 @@ pub enum GuestRequest {
     PowerOff,
     /// Keyboard-controller reset, the ACPI reset register, or the reset control port.
     Reset,
+    /// The debug exit port: end the VM, with this process exit status.
+    DebugExit(u8),
 }
 
 /// Where devices send guest requests; the VMM decides what they mean (end the VM,

@@ -157,6 +157,7 @@ impl VmSpec {
             memory_compress: self.compress_config()?,
             hvc: None,
             kvm_fallback: true,
+            debug_exit: false,
             networks: PathBuf::new(),
             cpu_model: self.cpu_model()?,
             vmgenid: [0; 16],
@@ -473,6 +474,7 @@ impl VmSpec {
             memory_compress: self.compress_config().map_err(ManagerError::Other)?,
             hvc: None,
             kvm_fallback: true,
+            debug_exit: false,
             cpu_model: self.cpu_model().map_err(ManagerError::Other)?,
             vmgenid: match &self.vmgenid {
                 Some(v) => vmm::parse_vmgenid(v).map_err(ManagerError::Other)?,

@@ -1,11 +1,13 @@
 //! Tiny guest kernels for tests: code assembled with iced-x86, wrapped as a bzImage
-//! (entered at its 64-bit entry) or as an ELF with a PVH note (entered in 32-bit
-//! protected mode), so tests exercise vessel's real kernel detection and boot path.
+//! (entered at its 64-bit entry), as an ELF with a PVH note (entered in 32-bit
+//! protected mode), or as the 32-bit kernels of [`kernel32`], so tests exercise
+//! vessel's real kernel detection and boot path.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 pub mod hostile;
+pub mod kernel32;
 pub mod qemu_img;
 pub mod report;
 pub mod snippets;

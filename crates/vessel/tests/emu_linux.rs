@@ -46,7 +46,8 @@ fn linux_boots_to_init_and_computes_on_one_vcpu() {
     let before = host("date -u +%Y-%m-%dT%H:%M");
     let r = run_kit(
         "1",
-        "dd if=/dev/zero bs=1M count=64 2>/dev/null | md5sum; date -u +%Y-%m-%dT%H:%M; cat /proc/cpuinfo",
+        "dd if=/dev/zero bs=1M count=64 2>/dev/null | md5sum; date -u +%Y-%m-%dT%H:%M; cat /proc/cpuinfo; \
+         echo acpi-tables: $(ls /sys/firmware/acpi/tables)",
     );
     let after = host("date -u +%Y-%m-%dT%H:%M");
     assert_eq!(r.code, Some(0), "{}", r.dump());
@@ -80,6 +81,15 @@ fn linux_boots_to_init_and_computes_on_one_vcpu() {
         r.dump()
     );
     assert!(r.stdout.contains("vessel software CPU"), "{}", r.dump());
+    // Linux found every table, the FACS through the FADT.
+    let tables = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("acpi-tables: "))
+        .unwrap_or_else(|| panic!("no table list: {}", r.dump()));
+    for table in ["APIC", "DSDT", "FACP", "FACS", "MCFG"] {
+        assert!(tables.split(' ').any(|t| t == table), "{table}: {tables}");
+    }
     // The kit's init marks the boot timer right after its marker line.
     assert!(r.stderr.contains("boot-timer:"), "{}", r.dump());
 }

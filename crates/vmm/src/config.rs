@@ -108,6 +108,8 @@ pub struct VmConfig {
     /// Run instructions KVM cannot emulate in vessel's interpreter (on by default);
     /// off, the VM stops there as under other VMMs.
     pub kvm_fallback: bool,
+    /// QEMU's isa-debug-exit port (0xf4): the guest can end the VM with a status.
+    pub debug_exit: bool,
 }
 
 /// Where the guest's virtio console (hvc0) goes.
@@ -281,6 +283,7 @@ mod tests {
             memory_compress: None,
             hvc: None,
             kvm_fallback: true,
+            debug_exit: false,
             networks: PathBuf::new(),
             cpu_model: CpuModel::Host,
             vmgenid: [0; 16],

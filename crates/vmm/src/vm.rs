@@ -50,6 +50,8 @@ pub enum VmOutcome {
     Quit,
     /// The host killed it.
     Killed,
+    /// The guest wrote the debug exit port: the process exit status it asks for.
+    DebugExit(u8),
     /// A vCPU could not go on.
     Crashed {
         vcpu: u8,
@@ -65,6 +67,12 @@ impl std::fmt::Display for VmOutcome {
             VmOutcome::Reset => write!(f, "guest reset"),
             VmOutcome::Quit => write!(f, "quit from the console"),
             VmOutcome::Killed => write!(f, "killed"),
+            VmOutcome::DebugExit(status) => {
+                write!(
+                    f,
+                    "guest asked to exit with status {status} (debug exit port)"
+                )
+            }
             VmOutcome::Crashed {
                 vcpu,
                 reason,
@@ -370,6 +378,7 @@ impl Vm {
             let event = self.events_rx.recv();
             break match event {
                 Ok(VmEvent::Guest(GuestRequest::PowerOff)) => VmOutcome::PoweredOff,
+                Ok(VmEvent::Guest(GuestRequest::DebugExit(status))) => VmOutcome::DebugExit(status),
                 Ok(VmEvent::Guest(GuestRequest::Reset) | VmEvent::HostReset) => VmOutcome::Reset,
                 Ok(VmEvent::ConsoleQuit) => VmOutcome::Quit,
                 Ok(VmEvent::Kill) => VmOutcome::Killed,

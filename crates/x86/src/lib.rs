@@ -178,6 +178,7 @@ mod machine;
 mod mmu;
 mod offered;
 mod platform;
+mod reserved;
 mod state;
 
 pub use code::{CodeBitmap, CodeMap, guest_memory, guest_memory_from_file, guest_memory_shared};

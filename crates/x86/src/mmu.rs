@@ -58,6 +58,17 @@ fn store_dyn(h: HostPage, off: usize, n: usize, v: u64) {
 }
 
 impl Machine<'_> {
+    /// What [`Machine::pte_reserved`] holds, asked of CPUID the first time.
+    fn pte_reserved(&mut self) -> u64 {
+        if let Some(r) = self.pte_reserved {
+            return r;
+        }
+        let bits = crate::reserved::phys_bits(|l, s| self.platform(|p| p.cpuid(l, s)));
+        let r = crate::reserved::pte_reserved(bits);
+        self.pte_reserved = Some(r);
+        r
+    }
+
     fn user(&self) -> bool {
         self.tlb_set == 1
     }
@@ -234,6 +245,7 @@ impl Machine<'_> {
         } else {
             (cr3 & 0xffff_f000, false, &[22, 12])
         };
+        let addr_reserved = if wide { self.pte_reserved() } else { 0 };
         let (bits_per, esize) = if wide { (9, 8) } else { (10, 4) };
         let mut frame = 0;
         let mut last = 0;
@@ -247,8 +259,12 @@ impl Machine<'_> {
             }
             let leaf_level = shift == 12;
             let large = !leaf_level && e & PTE_PS != 0;
-            let mut rsvd = wide && !nxe && e & PTE_NX != 0;
+            let mut rsvd = wide && !nxe && e & PTE_NX != 0 || e & addr_reserved != 0;
             if large && shift == 39 {
+                rsvd = true;
+            }
+            // A large page's frame is aligned: the bits between PAT (bit 12) and it.
+            if large && wide && e & ((1 << shift) - 1) & !((1 << 13) - 1) != 0 {
                 rsvd = true;
             }
             if large && !wide && cr4 & ctl::CR4_PSE == 0 {

@@ -159,6 +159,13 @@ pub struct Msrs {
     pub pat: u64,
     /// IA32_XSS: supervisor state components for xsaves/xrstors.
     pub xss: u64,
+    /// IA32_MISC_ENABLE as the guest last wrote it (fast strings at reset).
+    #[serde(default = "misc_enable_at_reset")]
+    pub misc_enable: u64,
+}
+
+fn misc_enable_at_reset() -> u64 {
+    msr::MISC_ENABLE_FAST_STRINGS
 }
 
 /// MSR numbers of [`Msrs`] and the segment bases.
@@ -177,6 +184,12 @@ pub mod msr {
     pub const SYSENTER_EIP: u32 = 0x176;
     pub const PAT: u32 = 0x277;
     pub const XSS: u32 = 0xda0;
+    pub const MISC_ENABLE: u32 = 0x1a0;
+    pub const MISC_ENABLE_FAST_STRINGS: u64 = 1;
+    /// Machine-check architecture: no banks, nothing to report (as KVM gives a guest
+    /// without MCE set up); read-only.
+    pub const MCG_CAP: u32 = 0x179;
+    pub const MCG_STATUS: u32 = 0x17a;
 }
 
 /// x87, SSE and the AVX/AVX-512 register state that xsave/xrstor move.
@@ -352,6 +365,7 @@ impl Default for CpuState {
             xcr0: 1,
             msr: Msrs {
                 pat: 0x0007_0406_0007_0406,
+                misc_enable: msr::MISC_ENABLE_FAST_STRINGS,
                 ..Msrs::default()
             },
             fpu: FpuState::default(),

@@ -157,7 +157,10 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> acpi_tables::fadt::FADT {
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup)
         .flag(Flags::TmrValExt);
-    // Only the 64-bit pointers: the spec wants FIRMWARE_CTRL zero when X_FIRMWARE_CTRL is set.
+    // The 32-bit pointers too (both tables lie below 4 GiB), as QEMU gives them: an
+    // OSPM of ACPI 6 takes the 64-bit ones, older ones and test suites read these.
+    f.dsdt = (dsdt_addr as u32).into();
+    f.firmware_ctrl = (facs_addr as u32).into();
     f.sci_int = (ports::ACPI_SCI_IRQ as u16).into();
     // SMI_CMD = 0: there is no SMM; the platform is always in ACPI mode (SCI_EN reads 1).
     f.pm1a_evt_blk = u32::from(ports::ACPI_PM1A_EVT).into();

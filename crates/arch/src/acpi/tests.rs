@@ -81,6 +81,8 @@ fn fadt_points_at_dsdt_facs_and_the_pm_registers() {
     let addr_of = |sig: &[u8; 4]| t.blobs.iter().find(|(_, b)| b.starts_with(sig)).unwrap().0;
     assert_eq!(u64_at(140), addr_of(b"DSDT"), "X_DSDT");
     assert_eq!(u64_at(132), addr_of(b"FACS"), "X_FIRMWARE_CTRL");
+    assert_eq!(u64::from(u32_at(36)), addr_of(b"FACS"), "FIRMWARE_CTRL");
+    assert_eq!(u64::from(u32_at(40)), addr_of(b"DSDT"), "DSDT");
     assert_eq!(u32_at(56), u32::from(ports::ACPI_PM1A_EVT));
     assert_eq!(u32_at(64), u32::from(ports::ACPI_PM1A_CNT));
     assert_eq!(u32_at(76), u32::from(ports::ACPI_PM_TMR));

@@ -1,7 +1,10 @@
-//! Loading a Linux kernel straight into guest memory, detected by content: a bzImage
-//! (x86 boot protocol, 64-bit entry) or an ELF vmlinux with a PVH entry note.
+//! Loading a kernel straight into guest memory, detected by content: a bzImage (x86
+//! boot protocol, 64-bit entry), an ELF vmlinux with a PVH entry note, or a 32-bit
+//! kernel: an i386 ELF with a PVH note or a multiboot (v1) kernel, as QEMU loads them.
 
 mod bzimage;
+pub mod elf32;
+mod kernel32;
 pub mod paging;
 mod pvh;
 
@@ -27,12 +30,18 @@ pub enum BootError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}: not a Linux kernel (neither a bzImage nor an ELF vmlinux)")]
+    #[error(
+        "{0}: not a kernel (neither a bzImage, an x86 ELF, nor a file with a multiboot header)"
+    )]
     NotAKernel(PathBuf),
-    #[error("{0}: ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); use its bzImage")]
+    #[error(
+        "{0}: ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY) nor multiboot header; use its bzImage"
+    )]
     NoPvhEntry(PathBuf),
-    #[error("{0}: not a 64-bit x86 ELF kernel")]
-    NotX86_64Elf(PathBuf),
+    #[error("{0}: not an x86 ELF kernel (x86-64 or i386, little-endian)")]
+    NotX86Elf(PathBuf),
+    #[error("{path}: a 32-bit kernel of {mib} MiB is larger than guest memory")]
+    Kernel32TooBig { path: PathBuf, mib: u64 },
     #[error("{path}: bzImage boot protocol {version:#x} has no 64-bit entry (needs 2.12 or later)")]
     NoLongModeEntry { path: PathBuf, version: u16 },
     #[error("{path}: kernel does not load into guest memory: {reason}")]
@@ -64,6 +73,11 @@ pub enum KernelFormat {
     BzImage,
     /// ELF vmlinux, entered at its PVH entry in 32-bit protected mode with start_info in EBX.
     PvhElf,
+    /// An i386 ELF with a PVH note, entered as `PvhElf` is.
+    PvhElf32,
+    /// A multiboot (v1) kernel: 32-bit protected mode, the magic in EAX, the multiboot
+    /// information in EBX.
+    Multiboot,
 }
 
 /// What a kernel needs from vessel to start.
@@ -84,10 +98,18 @@ pub struct LoadedKernel {
     pub initrd: Option<(u64, u64)>,
 }
 
+/// What the start of a kernel file says it is.
+enum Kind {
+    BzImage,
+    Elf64,
+    /// An i386 ELF or a file with a multiboot header: read whole, parsed then.
+    Kernel32,
+}
+
 /// Reads enough of `path` to tell which kind of kernel it is.
-pub fn detect(path: &Path) -> Result<KernelFormat, BootError> {
+fn detect(path: &Path) -> Result<Kind, BootError> {
     let mut file = open_kernel(path)?;
-    let mut head = [0u8; 0x210];
+    let mut head = vec![0u8; elf32::MULTIBOOT_SEARCH];
     let n = read_up_to(&mut file, &mut head).map_err(|source| BootError::ReadKernel {
         path: path.into(),
         source,
@@ -95,29 +117,58 @@ pub fn detect(path: &Path) -> Result<KernelFormat, BootError> {
     let head = &head[..n];
     if head.starts_with(b"\x7fELF") {
         // e_ident[EI_CLASS] = 2 (64-bit), e_machine = 62 (x86-64).
-        if head.len() < 20 || head[4] != 2 || u16::from_le_bytes([head[18], head[19]]) != 62 {
-            return Err(BootError::NotX86_64Elf(path.into()));
+        if head.len() >= 20 && head[4] == 2 && u16::from_le_bytes([head[18], head[19]]) == 62 {
+            return Ok(Kind::Elf64);
         }
-        return Ok(KernelFormat::PvhElf);
+        if elf32::is_elf32(head) {
+            return Ok(Kind::Kernel32);
+        }
+        return Err(BootError::NotX86Elf(path.into()));
     }
     if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
-        return Ok(KernelFormat::BzImage);
+        return Ok(Kind::BzImage);
+    }
+    if elf32::find_multiboot(head).is_some() {
+        return Ok(Kind::Kernel32);
     }
     Err(BootError::NotAKernel(path.into()))
 }
 
 /// Loads kernel, command line and initrd into `mem` and returns the entry state.
 pub fn load<M: GuestMemoryBackend>(mem: &M, spec: &BootSpec) -> Result<LoadedKernel, BootError> {
-    let format = detect(spec.kernel)?;
+    let kind = detect(spec.kernel)?;
     write_cmdline(mem, spec.cmdline)?;
     let initrd = match spec.initrd {
         Some(path) => Some(read_initrd(path)?),
         None => None,
     };
-    match format {
-        KernelFormat::BzImage => bzimage::load(mem, spec, initrd.as_deref()),
-        KernelFormat::PvhElf => pvh::load(mem, spec, initrd.as_deref()),
+    match kind {
+        Kind::BzImage => bzimage::load(mem, spec, initrd.as_deref()),
+        Kind::Elf64 => pvh::load(mem, spec, initrd.as_deref()),
+        Kind::Kernel32 => {
+            let file = read_kernel32(spec)?;
+            kernel32::load(mem, spec, initrd.as_deref(), &file)
+        }
     }
+}
+
+/// A 32-bit kernel's whole file (no larger than guest memory).
+fn read_kernel32(spec: &BootSpec) -> Result<Vec<u8>, BootError> {
+    let err = |source| BootError::ReadKernel {
+        path: spec.kernel.into(),
+        source,
+    };
+    let mut file = open_kernel(spec.kernel)?;
+    let size = file.metadata().map_err(err)?.len();
+    if size > spec.ram_size {
+        return Err(BootError::Kernel32TooBig {
+            path: spec.kernel.into(),
+            mib: size.div_ceil(1 << 20),
+        });
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    file.read_to_end(&mut data).map_err(err)?;
+    Ok(data)
 }
 
 fn open_kernel(path: &Path) -> Result<File, BootError> {

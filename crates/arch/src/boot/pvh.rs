@@ -54,19 +54,34 @@ pub(super) fn load<M: GuestMemoryBackend>(
         });
     }
 
-    let mut modules = Vec::new();
     let initrd = match initrd {
-        Some(data) => {
-            let (addr, size) = place_initrd(mem, data, loaded.kernel_end, low_end)?;
-            modules.push(hvm_modlist_entry {
-                paddr: addr,
-                size,
-                ..Default::default()
-            });
-            Some((addr, size))
-        }
+        Some(data) => Some(place_initrd(mem, data, loaded.kernel_end, low_end)?),
         None => None,
     };
+    write_start_info(mem, spec, initrd)?;
+    paging::write_gdt(mem, &paging::GDT_PROTECTED_MODE)?;
+    Ok(LoadedKernel {
+        format: KernelFormat::PvhElf,
+        entry: protected_mode_entry(entry.0),
+        initrd,
+    })
+}
+
+/// hvm_start_info with the memory map, the command line (already at CMDLINE_START),
+/// the RSDP and the initrd as the one module.
+pub(super) fn write_start_info<M: GuestMemoryBackend>(
+    mem: &M,
+    spec: &BootSpec,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    let modules: Vec<hvm_modlist_entry> = initrd
+        .iter()
+        .map(|&(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
+        .collect();
     let memmap: Vec<hvm_memmap_table_entry> = e820::memory_map(spec.ram_size)
         .iter()
         .map(|e| hvm_memmap_table_entry {
@@ -93,14 +108,7 @@ pub(super) fn load<M: GuestMemoryBackend>(
         params.set_modules(&modules, GuestAddress(layout::PVH_MODLIST_START));
     }
     PvhBootConfigurator::write_bootparams::<M>(&params, mem)
-        .map_err(|_| BootError::NoRoomForBootStructures)?;
-
-    paging::write_gdt(mem, &paging::GDT_PROTECTED_MODE)?;
-    Ok(LoadedKernel {
-        format: KernelFormat::PvhElf,
-        entry: protected_mode_entry(entry.0),
-        initrd,
-    })
+        .map_err(|_| BootError::NoRoomForBootStructures)
 }
 
 /// What linux-loader does not check (only the entry point): every segment it loads

@@ -27,6 +27,7 @@ pub fn entry_state(e: &EntryState) -> CpuState {
     s.gpr[x86::gpr::RBP] = e.rbp;
     s.gpr[x86::gpr::RSI] = e.rsi;
     s.gpr[x86::gpr::RBX] = e.rbx;
+    s.gpr[x86::gpr::RAX] = e.rax;
     s.rip = e.rip;
     s.rflags = e.rflags;
     for (reg, seg) in [

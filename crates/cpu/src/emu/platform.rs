@@ -10,9 +10,7 @@ use super::EmuMachine;
 const IA32_TSC: u32 = 0x10;
 const IA32_PLATFORM_ID: u32 = 0x17;
 const IA32_BIOS_SIGN_ID: u32 = 0x8b;
-const IA32_MISC_ENABLE: u32 = 0x1a0;
 const IA32_DEBUGCTL: u32 = 0x1d9;
-const MISC_ENABLE_FAST_STRINGS: u64 = 1;
 
 pub struct EmuPlatform<'a> {
     machine: &'a EmuMachine,
@@ -80,7 +78,6 @@ impl x86::Platform for EmuPlatform<'_> {
         }
         match msr {
             IA32_TSC => Some(self.machine.chip.clock().tsc()),
-            IA32_MISC_ENABLE => Some(MISC_ENABLE_FAST_STRINGS),
             IA32_PLATFORM_ID | IA32_BIOS_SIGN_ID | IA32_DEBUGCTL => Some(0),
             _ => {
                 tracing::debug!("rdmsr {msr:#x}: no such MSR (#GP)");
@@ -97,7 +94,7 @@ impl x86::Platform for EmuPlatform<'_> {
         }
         match msr {
             // The guest clock is the host's: a guest that sets its TSC is ignored.
-            IA32_TSC | IA32_MISC_ENABLE | IA32_BIOS_SIGN_ID | IA32_DEBUGCTL => true,
+            IA32_TSC | IA32_BIOS_SIGN_ID | IA32_DEBUGCTL => true,
             _ => {
                 tracing::debug!("wrmsr {msr:#x} = {value:#x}: no such MSR (#GP)");
                 false

@@ -28,6 +28,7 @@ pub fn regs(e: &EntryState) -> kvm_regs {
         rbp: e.rbp,
         rsi: e.rsi,
         rbx: e.rbx,
+        rax: e.rax,
         rflags: e.rflags,
         ..Default::default()
     }

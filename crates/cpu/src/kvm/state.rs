@@ -13,7 +13,7 @@ use x86::{CpuState, DescriptorTable, SegReg, Segment};
 use super::{KvmError, ioctl};
 
 /// MSRs the interpreter's state owns, in the order of `msr_values`.
-const STATE_MSRS: [u32; 11] = [
+const STATE_MSRS: [u32; 12] = [
     x86::msr::STAR,
     x86::msr::LSTAR,
     x86::msr::CSTAR,
@@ -25,6 +25,7 @@ const STATE_MSRS: [u32; 11] = [
     x86::msr::SYSENTER_EIP,
     x86::msr::PAT,
     x86::msr::XSS,
+    x86::msr::MISC_ENABLE,
 ];
 
 /// What was read from KVM, to write back only what the interpreter changed.
@@ -294,6 +295,7 @@ pub fn read(fd: &VcpuFd, cpuid: &[CpuidEntry]) -> Result<(CpuState, KvmState), K
         sysenter_eip: v(8),
         pat: v(9),
         xss: v(10),
+        misc_enable: v(11),
     };
     fpu_from(&xsave, cpuid, &mut s.fpu);
     Ok((
@@ -395,6 +397,7 @@ pub fn write(
         m.sysenter_eip,
         m.pat,
         m.xss,
+        m.misc_enable,
     ];
     for (i, (&index, &value)) in STATE_MSRS.iter().zip(now.iter()).enumerate() {
         if old.msrs[i].is_some_and(|v| v != value) {

@@ -20,6 +20,10 @@ pub struct RunArgs {
     /// of running it in vessel's interpreter (to compare how far a guest gets).
     #[arg(long)]
     no_kvm_fallback: bool,
+    /// QEMU's isa-debug-exit at port 0xf4: a value V the guest writes there ends the
+    /// VM, and vessel exits with status (V << 1) | 1 (test kernels end runs this way).
+    #[arg(long)]
+    debug_exit: bool,
     /// Continue a VM saved in a snapshot folder (`vessel snapshot`, `vessel suspend`):
     /// its config is the folder's vm.toml, on the --accel given.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "kernel", "initrd"])]
@@ -149,6 +153,7 @@ fn run_vm(
             .transpose()
             .map_err(|e| Failure::usage(format!("--hvc {e}")))?,
         kvm_fallback: !args.no_kvm_fallback,
+        debug_exit: args.debug_exit,
         networks: network::switch::networks_dir(home.root()),
         cpu_model: vmm::CpuModel::parse(a.cpu_model.as_deref().unwrap_or("host"))
             .map_err(Failure::usage)?,
@@ -170,10 +175,7 @@ fn run_vm(
             eprintln!("vessel: stats: {line}");
         }
     }
-    Ok(match outcome {
-        VmOutcome::Crashed { .. } => ExitCode::from(1),
-        _ => ExitCode::SUCCESS,
-    })
+    Ok(exit_code(&outcome))
 }
 
 /// The cached kit, built on first use (and again when the guest agent beside vessel is
@@ -262,6 +264,7 @@ fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
     }
     let mut config = spec.to_vm_config(dir)?;
     config.networks = network::switch::networks_dir(manager::Home::from_env()?.root());
+    config.debug_exit = args.debug_exit;
     let restore = vmm::builder::Restore {
         state,
         memory: dir.join(vmm::snapshot::file::MEMORY),
@@ -273,8 +276,14 @@ fn run_restored(args: &RunArgs, dir: &std::path::Path) -> CliResult {
     vm.detach_teardown();
     let outcome = vm.run().map_err(Failure::usage)?;
     eprintln!("vessel: {outcome}");
-    Ok(match outcome {
+    Ok(exit_code(&outcome))
+}
+
+/// What `vessel run` exits with after `outcome`.
+fn exit_code(outcome: &VmOutcome) -> ExitCode {
+    match outcome {
         VmOutcome::Crashed { .. } => ExitCode::from(1),
+        VmOutcome::DebugExit(status) => ExitCode::from(*status),
         _ => ExitCode::SUCCESS,
-    })
+    }
 }

@@ -207,6 +207,7 @@ pub fn build_from(
         &mut backend,
         virtio.devices,
         &mem,
+        config.debug_exit,
     )?;
     for (index, cell) in virtio.link_interrupts {
         if let Some(i) = interrupts.get(index) {
@@ -423,6 +424,7 @@ impl Platform {
         backend: &mut Backend,
         virtio: Vec<Box<dyn devices::virtio::VirtioDevice<GuestMemory>>>,
         mem: &GuestMemory,
+        debug_exit: bool,
     ) -> Result<(Self, Vec<Arc<devices::virtio::VirtioInterrupt>>), VmError> {
         let events = Mutex::new(events);
         let requests: RequestSink = Arc::new(move |r: GuestRequest| {
@@ -459,6 +461,11 @@ impl Platform {
         let boot_timer = timer.marks();
         io.insert(u64::from(ports::BOOT_TIMER), 1, Arc::new(Mutex::new(timer)))?;
 
+        if debug_exit {
+            use devices::legacy::debug_exit::{DebugExit, LEN, PORT};
+            let port = Arc::new(Mutex::new(DebugExit::new(requests.clone())));
+            io.insert(u64::from(PORT), LEN, port)?;
+        }
         let root = Arc::new(Mutex::new(PciRoot::new()));
         let reset = Box::new(ResetControl::new(requests));
         let config_port = ConfigAddressPort::new(root.clone()).with_reset_control(reset);
@@ -546,6 +553,7 @@ mod tests {
             memory_compress: None,
             hvc: None,
             kvm_fallback: true,
+            debug_exit: false,
         };
         let restore = Restore {
             state,

@@ -152,6 +152,8 @@ pub(crate) fn read_msr(m: &mut Machine, n: u32) -> R<u64> {
         msr::SYSENTER_EIP => c.msr.sysenter_eip,
         msr::PAT => c.msr.pat,
         msr::XSS => c.msr.xss,
+        msr::MISC_ENABLE => c.msr.misc_enable,
+        msr::MCG_CAP | msr::MCG_STATUS => 0,
         _ => return m.platform(|p| p.rdmsr(n)).ok_or_else(gp),
     })
 }
@@ -191,6 +193,11 @@ pub(crate) fn write_msr(m: &mut Machine, n: u32, v: u64) -> R {
         msr::SYSENTER_EIP => c.msr.sysenter_eip = v,
         msr::PAT => c.msr.pat = v,
         msr::XSS => c.msr.xss = v,
+        msr::MISC_ENABLE => c.msr.misc_enable = v,
+        // Only a write of zero clears a machine-check status; the capabilities are
+        // read-only.
+        msr::MCG_STATUS if v == 0 => {}
+        msr::MCG_CAP | msr::MCG_STATUS => return Err(gp()),
         _ => {
             if !m.platform(|p| p.wrmsr(n, v)) {
                 return Err(gp());
@@ -277,7 +284,14 @@ fn mov_to_cr(m: &mut Machine, i: &Insn) -> R {
             return Ok(());
         }
         4 => {
-            if m.long_mode() && v & ctl::CR4_PAE == 0 {
+            let reserved = crate::reserved::cr4_reserved(|l, s| m.platform(|p| p.cpuid(l, s)));
+            let (old, long) = (m.cpu.cr4, m.long_mode());
+            let pcid_on = v & !old & ctl::CR4_PCIDE != 0;
+            if v & reserved != 0
+                || long && v & ctl::CR4_PAE == 0
+                || long && (v ^ old) & ctl::CR4_LA57 != 0
+                || pcid_on && (!long || m.cpu.cr3 & 0xfff != 0)
+            {
                 return Err(gp());
             }
             m.cpu.cr4 = v;

@@ -41,8 +41,12 @@ fn system_descriptor(m: &mut Machine, sel: u16, types: &[u8]) -> R<(Descriptor, 
     }
     let mut seg = d.segment(sel);
     if m.long_mode() {
+        // The upper half's type field must be zero, and the base canonical.
         let hi = read_descriptor_high(m, &d, sel)?;
         seg.base |= (hi & 0xffff_ffff) << 32;
+        if hi >> 40 & 0x1f != 0 || !crate::mmu::canonical(seg.base) {
+            return Err(Exception::GeneralProtection(err).into());
+        }
     }
     Ok((d, seg))
 }

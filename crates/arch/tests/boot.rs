@@ -129,6 +129,89 @@ fn pvh_start_info_follows_the_abi() {
     assert_eq!(s.tr.kind, 0xb, "busy 32-bit TSS");
 }
 
+/// The multiboot information at the offsets the multiboot 0.6.96 specification gives:
+/// flags, memory sizes, command line, the module, the memory map, the loader's name.
+#[test]
+fn multiboot_information_follows_the_specification() {
+    use testguest::kernel32;
+    let code = [0xf4u8; 32];
+    let (_i, initrd) = testguest::temp_path(&[9, 8, 7]);
+    for (kernel, entry) in [
+        (kernel32::multiboot_elf(&code), kernel32::ENTRY32),
+        (
+            kernel32::multiboot_binary(&code),
+            kernel32::MULTIBOOT_BINARY_ENTRY,
+        ),
+    ] {
+        let (_k, path) = testguest::temp_path(&kernel);
+        let mem = memory(64 * MIB);
+        let loaded = boot::load(&mem, &spec(&path, Some(&initrd))).unwrap();
+        assert_eq!(loaded.format, KernelFormat::Multiboot);
+        let s = &loaded.entry;
+        assert_eq!((s.rip, s.rax), (entry, 0x2bad_b002));
+        assert!(s.cs.db && !s.cs.l && s.cr0 & (1 << 31) == 0);
+        let mut code_back = [0u8; 32];
+        mem.read_slice(&mut code_back, GuestAddress(entry)).unwrap();
+        assert_eq!(code_back, code, "the code where it runs");
+        let mbi = s.rbx;
+        let flags = u32_at(&mem, mbi);
+        // mem, cmdline, mods, mmap, boot_loader_name.
+        assert_eq!(flags, 1 | 1 << 2 | 1 << 3 | 1 << 6 | 1 << 9);
+        assert_eq!(u32_at(&mem, mbi + 4), 639, "mem_lower (KiB)");
+        assert_eq!(u32_at(&mem, mbi + 8), 63 * 1024, "mem_upper (KiB)");
+        let cmdline = u32_at(&mem, mbi + 16);
+        let mut line = [0u8; 20];
+        mem.read_slice(&mut line, GuestAddress(cmdline.into()))
+            .unwrap();
+        assert_eq!(&line, b"console=ttyS0 hello\0");
+        assert_eq!(u32_at(&mem, mbi + 20), 1, "mods_count");
+        let module = u64::from(u32_at(&mem, mbi + 24));
+        let (start, end) = (u32_at(&mem, module), u32_at(&mem, module + 4));
+        assert_eq!(end - start, 3);
+        assert_eq!(start % 4096, 0, "page-aligned, as the header asks");
+        let mut back = [0u8; 3];
+        mem.read_slice(&mut back, GuestAddress(start.into()))
+            .unwrap();
+        assert_eq!(back, [9, 8, 7]);
+        let mut string = initrd.to_string_lossy().into_owned().into_bytes();
+        string.push(0);
+        let mut string_back = vec![0u8; string.len()];
+        let at = u32_at(&mem, module + 8);
+        mem.read_slice(&mut string_back, GuestAddress(at.into()))
+            .unwrap();
+        assert_eq!(string_back, string, "the module's string: its path");
+        let (mmap_len, mmap) = (u32_at(&mem, mbi + 44), u32_at(&mem, mbi + 48));
+        let map = e820::memory_map(64 * MIB);
+        assert_eq!(mmap_len as usize, 24 * map.len());
+        for (i, e) in map.iter().enumerate() {
+            let at = u64::from(mmap) + 24 * i as u64;
+            assert_eq!(u32_at(&mem, at), 20, "the entry's size field");
+            assert_eq!(
+                (u64_at(&mem, at + 4), u64_at(&mem, at + 12)),
+                (e.addr, e.size)
+            );
+            assert_eq!(u32_at(&mem, at + 20), e.kind as u32);
+        }
+        let name = u32_at(&mem, mbi + 64);
+        let mut loader = [0u8; 7];
+        mem.read_slice(&mut loader, GuestAddress(name.into()))
+            .unwrap();
+        assert_eq!(&loader, b"vessel\0");
+    }
+}
+
+/// An i386 ELF is entered at its PVH note's address, not at its ELF entry.
+#[test]
+fn an_i386_elf_starts_at_its_pvh_note() {
+    let (_k, path) = testguest::temp_path(&testguest::kernel32::pvh_elf32(&[0xf4]));
+    let mem = memory(64 * MIB);
+    let loaded = boot::load(&mem, &spec(&path, None)).unwrap();
+    assert_eq!(loaded.format, KernelFormat::PvhElf32);
+    assert_eq!(loaded.entry.rip, testguest::kernel32::ENTRY32);
+    assert_eq!(loaded.entry.rbx, layout::PVH_INFO_START);
+    assert_eq!(u32_at(&mem, layout::PVH_INFO_START), 0x336e_c578);
+}
+
 #[test]
 fn detection_rejects_what_is_not_a_kernel() {
     let mem = memory(64 * MIB);

@@ -154,11 +154,6 @@ impl Bundle {
     pub fn console_socket(&self) -> PathBuf {
         self.dir.join("console.sock")
     }
-    /// The TAP interfaces a jailed monitor made before its jail, one per line: the
-    /// process outside the jail releases any its monitor left (it was killed).
-    pub fn made_taps(&self) -> PathBuf {
-        self.dir.join("taps.made")
-    }
 
     pub fn spec(&self) -> Result<VmSpec, ManagerError> {
         let path = self.vm_toml();

@@ -736,16 +736,18 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let pid = sandbox::jail::host_pid();
     let pid_start = status::process_start_time(pid);
     let jail = if jailed {
-        Some(crate::confine::prepare_jail(
+        let jail = crate::confine::prepare_jail(
             &config,
             Some(&bundle.dir),
             &home.root().join("jail"),
             spec.governor().is_some(),
-        )?)
+        );
+        // Whatever was made, even if preparing failed after it.
+        jailed::report_made_taps();
+        Some(jail?)
     } else {
         None
     };
-    jailed::record_made_taps(&bundle)?;
     // Confined from here: every boot reuses this configuration (the kit, if it had to
     // be built again, was built above).
     crate::confine::confine(

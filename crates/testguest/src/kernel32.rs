@@ -46,7 +46,13 @@ fn elf32(code32: &[u8], pvh: bool, extra: &[u8]) -> Vec<u8> {
     let mut e = b"\x7fELF\x01\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
     e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
     e.extend_from_slice(&3u16.to_le_bytes()); // EM_386
-    for v in [1u32, ENTRY32 as u32, EHDR as u32, 0, 0] {
+    // A PVH kernel's ELF entry is not where it starts (its note says where).
+    let e_entry = if pvh {
+        ENTRY32 as u32 + 0x800
+    } else {
+        ENTRY32 as u32
+    };
+    for v in [1u32, e_entry, EHDR as u32, 0, 0] {
         e.extend_from_slice(&v.to_le_bytes());
     }
     for v in [EHDR, PHDR, phnum, 40, 0, 0] {

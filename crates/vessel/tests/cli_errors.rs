@@ -44,12 +44,12 @@ fn missing_unreadable_and_non_kernels() {
     let (_t, text) = testguest::temp_path(b"#!/bin/sh\necho not a kernel\n");
     assert_one_line_error(
         &run(&["run", "--kernel", &text.display().to_string()]),
-        "not a Linux kernel",
+        "not a kernel",
     );
     let (_t, empty) = testguest::temp_path(b"");
     assert_one_line_error(
         &run(&["run", "--kernel", &empty.display().to_string()]),
-        "not a Linux kernel",
+        "not a kernel",
     );
 }
 

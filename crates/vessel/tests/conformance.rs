@@ -172,6 +172,7 @@ fn msrs_answer_as_hardware_does() {
 
 #[test]
 fn cr4_bits_of_features_not_offered_raise_gp() {
+    // (LA57 would also fault for changing in long mode.)
     let bits: [(&str, u64); 7] = [
         ("osxsave", 1 << 18),
         ("pke", 1 << 22),
@@ -184,8 +185,14 @@ fn cr4_bits_of_features_not_offered_raise_gp() {
     let r = guest(
         |a, _| {
             a.mov(rbx, cr4).unwrap();
-            // The value the boot left is one the CPU takes back.
+            // The value the boot left is one the CPU takes back; an offered bit.
             probe(a, "cr4.same", |a| a.mov(rax, rbx).unwrap(), MOV_CR4_RAX);
+            done(a);
+            let fsgsbase = |a: &mut CodeAssembler| {
+                a.mov(rax, 1u64 << 16).unwrap();
+                a.or(rax, rbx).unwrap();
+            };
+            probe(a, "cr4.fsgsbase", fsgsbase, MOV_CR4_RAX);
             done(a);
             for (name, bit) in bits {
                 probe(
@@ -204,6 +211,7 @@ fn cr4_bits_of_features_not_offered_raise_gp() {
     );
     assert_eq!(r.code, Some(0), "{}", r.dump());
     assert_eq!(line(&r, "cr4.same"), "cr4.same: done");
+    assert_eq!(line(&r, "cr4.fsgsbase"), "cr4.fsgsbase: done");
     for (name, _) in bits {
         assert_eq!(
             line(&r, &format!("cr4.{name}")),

@@ -81,6 +81,15 @@ fn linux_boots_to_init_and_computes_on_one_vcpu() {
         r.dump()
     );
     assert!(r.stdout.contains("vessel software CPU"), "{}", r.dump());
+    // The features the model offers, as Linux took them.
+    let flags = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("flags\t\t: "))
+        .unwrap_or_else(|| panic!("no flags line: {}", r.dump()));
+    for flag in ["movbe", "rdrand", "rdseed", "fsgsbase", "popcnt", "cx16"] {
+        assert!(flags.split(' ').any(|f| f == flag), "{flag}: {flags}");
+    }
     // Linux found every table, the FACS through the FADT.
     let tables = r
         .stdout

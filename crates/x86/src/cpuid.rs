@@ -75,8 +75,10 @@ mod edx1 {
 /// Leaf 1 ECX.
 mod ecx1 {
     pub const CX16: u32 = 1 << 13;
+    pub const MOVBE: u32 = 1 << 22;
     pub const POPCNT: u32 = 1 << 23;
     pub const TSC_DEADLINE: u32 = 1 << 24;
+    pub const RDRAND: u32 = 1 << 30;
     pub const HYPERVISOR: u32 = 1 << 31;
 }
 
@@ -126,10 +128,15 @@ pub fn emu_cpuid(vcpu: u32, vcpus: u32, tsc_hz: u64) -> Vec<CpuidLeaf> {
     if vcpus > 1 {
         edx |= edx1::HTT;
     }
-    // cmpxchg16b and popcnt are implemented; the local APIC has TSC-deadline mode; we are
-    // a hypervisor. No SSE3+ (not implemented), no XSAVE/AVX (Linux then uses fxsave), no
-    // x2APIC, no MONITOR/MWAIT, no PCID.
-    let ecx = ecx1::CX16 | ecx1::POPCNT | ecx1::TSC_DEADLINE | ecx1::HYPERVISOR;
+    // cmpxchg16b, popcnt, movbe and rdrand (the host's getrandom) are implemented; the
+    // local APIC has TSC-deadline mode; we are a hypervisor. No SSE3+ (not implemented),
+    // no XSAVE/AVX (Linux then uses fxsave), no x2APIC, no MONITOR/MWAIT, no PCID.
+    let ecx = ecx1::CX16
+        | ecx1::POPCNT
+        | ecx1::MOVBE
+        | ecx1::RDRAND
+        | ecx1::TSC_DEADLINE
+        | ecx1::HYPERVISOR;
     t.push(CpuidLeaf::new(1, [signature, ebx1, ecx, edx]));
     // Leaf 2: one descriptor byte 0xff, "see leaf 4".
     t.push(CpuidLeaf::new(2, [0xff01, 0, 0, 0]));
@@ -152,16 +159,17 @@ pub fn emu_cpuid(vcpu: u32, vcpus: u32, tsc_hz: u64) -> Vec<CpuidLeaf> {
     t.push(CpuidLeaf::sub(4, caches.len() as u32, [0; 4]));
     // Leaf 6: the APIC timer keeps running in idle (ARAT): no broadcast timer needed.
     t.push(CpuidLeaf::new(6, [1 << 2, 0, 0, 0]));
-    // Leaf 7: FDP_EXCPTN_ONLY and deprecated FCS/FDS (the x87 pointers follow the
-    // current Intel model: FDP and FOP change only on unmasked exceptions, FCS/FDS are
-    // zero), SMEP (checked by the page walk), ERMS and FSRM (rep movsb/stosb are bulk
-    // host copies), RDPID. No SMAP: its stac/clac pairs would cost time for no benefit.
+    // Leaf 7: FSGSBASE, FDP_EXCPTN_ONLY and deprecated FCS/FDS (the x87 pointers follow
+    // the current Intel model: FDP and FOP change only on unmasked exceptions, FCS/FDS
+    // are zero), SMEP (checked by the page walk), ERMS and FSRM (rep movsb/stosb are
+    // bulk host copies), RDSEED (the host's getrandom), RDPID. No SMAP: its stac/clac
+    // pairs would cost time for no benefit.
     t.push(CpuidLeaf::sub(
         7,
         0,
         [
             0,
-            (1 << 6) | (1 << 7) | (1 << 9) | (1 << 13),
+            1 | (1 << 6) | (1 << 7) | (1 << 9) | (1 << 13) | (1 << 18),
             1 << 22,
             1 << 4,
         ],

@@ -4,9 +4,10 @@
 
 use crate::state::ctl;
 
-/// CR4 bits and the CPUID bit (leaf, subleaf, register 0 eax ... 3 edx, bit) that
-/// offers each; the bits before UMIP are the original ones, always there.
-const CR4_FEATURES: [(u64, (u32, u32, usize, u32)); 13] = [
+/// CR4 bits and a CPUID bit (leaf, subleaf, register 0 eax ... 3 edx, bit) that offers
+/// each (CET twice: shadow stacks or indirect-branch tracking); the bits before UMIP
+/// are the original ones, always there.
+const CR4_FEATURES: [(u64, (u32, u32, usize, u32)); 14] = [
     (ctl::CR4_UMIP, (7, 0, 2, 2)),
     (ctl::CR4_LA57, (7, 0, 2, 16)),
     (1 << 13, (1, 0, 2, 5)), // VMXE
@@ -17,7 +18,8 @@ const CR4_FEATURES: [(u64, (u32, u32, usize, u32)); 13] = [
     (ctl::CR4_SMEP, (7, 0, 1, 7)),
     (ctl::CR4_SMAP, (7, 0, 1, 20)),
     (1 << 22, (7, 0, 2, 3)),  // PKE
-    (1 << 23, (7, 0, 2, 7)),  // CET
+    (1 << 23, (7, 0, 2, 7)),  // CET (shadow stacks)
+    (1 << 23, (7, 0, 3, 20)), // CET (IBT)
     (1 << 24, (7, 0, 2, 31)), // PKS
     (1 << 28, (7, 1, 0, 26)), // LAM_SUP
 ];

@@ -186,10 +186,6 @@ pub mod msr {
     pub const XSS: u32 = 0xda0;
     pub const MISC_ENABLE: u32 = 0x1a0;
     pub const MISC_ENABLE_FAST_STRINGS: u64 = 1;
-    /// Machine-check architecture: no banks, nothing to report (as KVM gives a guest
-    /// without MCE set up); read-only.
-    pub const MCG_CAP: u32 = 0x179;
-    pub const MCG_STATUS: u32 = 0x17a;
 }
 
 /// x87, SSE and the AVX/AVX-512 register state that xsave/xrstor move.

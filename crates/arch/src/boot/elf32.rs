@@ -97,7 +97,7 @@ pub fn parse_elf32(file: &[u8]) -> Result<Elf32, String> {
                 });
             }
             PT_NOTE if in_file => {
-                let notes = &file[offset as usize..(offset + filesz) as usize];
+                let notes = &file[offset as usize..offset as usize + filesz as usize];
                 pvh_entry = pvh_entry.or_else(|| pvh_note(notes));
             }
             _ => {}

@@ -1,7 +1,7 @@
-//! Loading a 32-bit kernel ([`elf32`](super::elf32) parses it): an i386 ELF with a PVH
-//! note gets PVH's start_info, as a 64-bit one does; otherwise a multiboot header
-//! makes it a multiboot kernel (QEMU's order). Both are entered in 32-bit flat
-//! protected mode with paging off.
+//! Loading a 32-bit kernel ([`elf32`](super::elf32) parses it): a multiboot header makes
+//! it a multiboot kernel; otherwise an i386 ELF with a PVH note gets PVH's start_info,
+//! as a 64-bit one does (QEMU's order). Both are entered in 32-bit flat protected mode
+//! with paging off.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -15,6 +15,9 @@ const MBI: u64 = layout::PVH_INFO_START;
 const MBI_MODULE: u64 = MBI + 0x60;
 const MBI_LOADER_NAME: u64 = MBI + 0x70;
 const MBI_MMAP: u64 = layout::PVH_MEMMAP_START;
+/// The module's string (its file's path, as GRUB and QEMU give it), to the zero page.
+const MBI_MODULE_STRING: u64 = MBI + 0x400;
+const MODULE_STRING_MAX: usize = (layout::ZERO_PAGE_START - MBI_MODULE_STRING) as usize - 1;
 const LOADER_NAME: &[u8] = b"vessel\0";
 
 /// multiboot_info flags: mem_lower/upper, cmdline, mods, mmap, boot_loader_name.
@@ -34,27 +37,37 @@ pub(super) fn load<M: GuestMemoryBackend>(
         path: spec.kernel.into(),
         reason,
     };
-    let (loads, entry, pvh) = if elf32::is_elf32(file) {
-        let elf = elf32::parse_elf32(file).map_err(refuse)?;
-        match elf.pvh_entry {
-            Some(pvh) => (elf.loads, pvh, true),
-            None => match elf32::find_multiboot(file) {
-                Some(header) => {
-                    header.map_err(refuse)?;
+    // QEMU's order: a multiboot header first (its load addresses, when it gives them,
+    // even in an ELF file), then an ELF's PVH note.
+    let (loads, entry, pvh) = match elf32::find_multiboot(file) {
+        Some(header) => {
+            let header = header.map_err(refuse)?;
+            match header.addresses {
+                Some(addresses) => {
+                    let load =
+                        elf32::multiboot_load(&header, &addresses, file.len()).map_err(refuse)?;
+                    (vec![load], addresses.entry_addr, false)
+                }
+                None if elf32::is_elf32(file) => {
+                    let elf = elf32::parse_elf32(file).map_err(refuse)?;
                     (elf.loads, elf.entry, false)
                 }
-                None => return Err(BootError::NoPvhEntry(spec.kernel.into())),
-            },
+                None => {
+                    return Err(refuse(
+                        "a multiboot kernel that is not an ELF file must give its load addresses"
+                            .into(),
+                    ));
+                }
+            }
         }
-    } else {
-        let header = elf32::find_multiboot(file)
-            .ok_or_else(|| BootError::NotAKernel(spec.kernel.into()))?
-            .map_err(refuse)?;
-        let addresses = header.addresses.ok_or_else(|| {
-            refuse("a multiboot kernel that is not an ELF file must give its load addresses".into())
-        })?;
-        let load = elf32::multiboot_load(&header, &addresses, file.len()).map_err(refuse)?;
-        (vec![load], addresses.entry_addr, false)
+        None if elf32::is_elf32(file) => {
+            let elf = elf32::parse_elf32(file).map_err(refuse)?;
+            let entry = elf
+                .pvh_entry
+                .ok_or_else(|| BootError::NoPvhEntry(spec.kernel.into()))?;
+            (elf.loads, entry, true)
+        }
+        None => return Err(BootError::NotAKernel(spec.kernel.into())),
     };
     let kernel_end = place(mem, spec, file, &loads)?;
     let low_end = super::low_ram_end(spec.ram_size);
@@ -109,10 +122,17 @@ fn place<M: GuestMemoryBackend>(
             });
         }
         let bytes = &file[l.offset as usize..(l.offset + l.filesz) as usize];
-        let zeros = vec![0u8; (l.memsz - l.filesz) as usize];
         mem.write_slice(bytes, GuestAddress(l.paddr))
-            .and_then(|()| mem.write_slice(&zeros, GuestAddress(l.paddr + l.filesz)))
             .map_err(|_| BootError::NoRoomForBootStructures)?;
+        // The bss, a chunk at a time (its size is the file's to say).
+        const CHUNK: [u8; 4096] = [0; 4096];
+        let mut at = l.paddr + l.filesz;
+        while at < end {
+            let n = (end - at).min(CHUNK.len() as u64) as usize;
+            mem.write_slice(&CHUNK[..n], GuestAddress(at))
+                .map_err(|_| BootError::NoRoomForBootStructures)?;
+            at += n as u64;
+        }
         kernel_end = kernel_end.max(end);
     }
     Ok(kernel_end)
@@ -142,14 +162,20 @@ fn write_multiboot_info<M: GuestMemoryBackend>(
     if let Some((addr, size)) = initrd {
         info[5] = 1;
         info[6] = MBI_MODULE as u32;
-        // mod_start, mod_end, string (the command line), reserved.
+        // mod_start, mod_end, string, reserved.
         let module = [
             addr as u32,
             (addr + size) as u32,
-            layout::CMDLINE_START as u32,
+            MBI_MODULE_STRING as u32,
             0,
         ];
         write_words(mem, MBI_MODULE, &module)?;
+        let path = spec.initrd.map(|p| p.to_string_lossy().into_owned());
+        let mut string = path.unwrap_or_default().into_bytes();
+        string.truncate(MODULE_STRING_MAX);
+        string.push(0);
+        mem.write_slice(&string, GuestAddress(MBI_MODULE_STRING))
+            .map_err(|_| BootError::NoRoomForBootStructures)?;
     }
     info[11] = mmap.len() as u32;
     info[12] = MBI_MMAP as u32;

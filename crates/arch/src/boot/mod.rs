@@ -158,7 +158,7 @@ fn read_kernel32(spec: &BootSpec) -> Result<Vec<u8>, BootError> {
         path: spec.kernel.into(),
         source,
     };
-    let mut file = open_kernel(spec.kernel)?;
+    let file = open_kernel(spec.kernel)?;
     let size = file.metadata().map_err(err)?.len();
     if size > spec.ram_size {
         return Err(BootError::Kernel32TooBig {
@@ -166,8 +166,17 @@ fn read_kernel32(spec: &BootSpec) -> Result<Vec<u8>, BootError> {
             mib: size.div_ceil(1 << 20),
         });
     }
+    // (Read no further than guest memory, whatever the file grows to meanwhile.)
     let mut data = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut data).map_err(err)?;
+    file.take(spec.ram_size + 1)
+        .read_to_end(&mut data)
+        .map_err(err)?;
+    if data.len() as u64 > spec.ram_size {
+        return Err(BootError::Kernel32TooBig {
+            path: spec.kernel.into(),
+            mib: spec.ram_size.div_ceil(1 << 20),
+        });
+    }
     Ok(data)
 }
 

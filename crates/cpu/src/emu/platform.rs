@@ -11,6 +11,10 @@ const IA32_TSC: u32 = 0x10;
 const IA32_PLATFORM_ID: u32 = 0x17;
 const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 const IA32_DEBUGCTL: u32 = 0x1d9;
+/// Machine-check architecture: no banks and nothing to report; the capabilities are
+/// read-only, and only a write of zero clears the status.
+const IA32_MCG_CAP: u32 = 0x179;
+const IA32_MCG_STATUS: u32 = 0x17a;
 
 pub struct EmuPlatform<'a> {
     machine: &'a EmuMachine,
@@ -79,6 +83,7 @@ impl x86::Platform for EmuPlatform<'_> {
         match msr {
             IA32_TSC => Some(self.machine.chip.clock().tsc()),
             IA32_PLATFORM_ID | IA32_BIOS_SIGN_ID | IA32_DEBUGCTL => Some(0),
+            IA32_MCG_CAP | IA32_MCG_STATUS => Some(0),
             _ => {
                 tracing::debug!("rdmsr {msr:#x}: no such MSR (#GP)");
                 None
@@ -95,6 +100,7 @@ impl x86::Platform for EmuPlatform<'_> {
         match msr {
             // The guest clock is the host's: a guest that sets its TSC is ignored.
             IA32_TSC | IA32_BIOS_SIGN_ID | IA32_DEBUGCTL => true,
+            IA32_MCG_STATUS => value == 0,
             _ => {
                 tracing::debug!("wrmsr {msr:#x} = {value:#x}: no such MSR (#GP)");
                 false

@@ -401,8 +401,12 @@ pub fn write(
     ];
     for (i, (&index, &value)) in STATE_MSRS.iter().zip(now.iter()).enumerate() {
         if old.msrs[i].is_some_and(|v| v != value) {
-            fd.set_msrs(&msrs(&[index], &[value])?)
+            let set = fd
+                .set_msrs(&msrs(&[index], &[value])?)
                 .map_err(ioctl("KVM_SET_MSRS"))?;
+            if set != 1 {
+                tracing::warn!("KVM refused MSR {index:#x} = {value:#x} from the interpreter");
+            }
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! bt/bts/btr/btc, bsf/bsr, popcnt/lzcnt/tzcnt, bswap.
+//! bt/bts/btr/btc, bsf/bsr, popcnt/lzcnt/tzcnt, bswap, movbe.
 
 use iced_x86::{Instruction, Mnemonic as Mn};
 
@@ -127,6 +127,24 @@ fn bswap<W: Width>(m: &mut Machine, i: &Insn) -> R {
     Ok(())
 }
 
+/// The low `W::BYTES` of `v` in the other byte order.
+fn swapped<W: Width>(v: u64) -> u64 {
+    v.swap_bytes() >> (64 - W::BITS)
+}
+
+/// movbe: a load into the register (LOAD) or a store from it, bytes reversed.
+fn movbe<W: Width, const LOAD: bool>(m: &mut Machine, i: &Insn) -> R {
+    let a = Mem::addr(m, i);
+    if LOAD {
+        let v = Mem::get::<W>(m, i, a)?;
+        m.set_reg::<W>(i.d, swapped::<W>(v));
+        Ok(())
+    } else {
+        let v = m.reg::<W>(i.d);
+        Mem::put::<W>(m, i, a, swapped::<W>(v))
+    }
+}
+
 fn bt_sel<W: Width, const OP: u8>(i: &Instruction, lock: bool) -> Option<Handler> {
     Some(match (kind(i, 0), kind(i, 1), lock) {
         (K::Reg, K::Reg, false) => bt_reg::<W, Rs, OP> as Handler,
@@ -172,6 +190,11 @@ pub(crate) fn select(i: &Instruction, _d: &mut Insn, _cx: &Cx) -> Option<Handler
                 (true, _) => count::<W, Mem, 2>,
             }))
         }
+        Mn::Movbe => sized!(size, |W| Some(if mem1 {
+            movbe::<W, true> as Handler
+        } else {
+            movbe::<W, false>
+        })),
         Mn::Bswap => match size {
             2 => Some(bswap::<W16> as Handler),
             _ => sized!(size, |W| Some(bswap::<W> as Handler)),

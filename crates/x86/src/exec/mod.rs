@@ -41,6 +41,7 @@ pub(crate) mod interrupt;
 pub(crate) mod legacy;
 pub(crate) mod mov;
 pub(crate) mod muldiv;
+pub(crate) mod random;
 pub(crate) mod segment;
 pub(crate) mod shift;
 pub(crate) mod sse;
@@ -60,6 +61,7 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> 
         .or_else(|| shift::select(i, d, cx))
         .or_else(|| muldiv::select(i, d, cx))
         .or_else(|| bits::select(i, d, cx))
+        .or_else(|| random::select(i, d, cx))
         .or_else(|| atomic::select(i, d, cx))
         .or_else(|| string::select(i, d, cx))
         .or_else(|| system::select(i, d, cx))

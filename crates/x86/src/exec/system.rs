@@ -153,7 +153,6 @@ pub(crate) fn read_msr(m: &mut Machine, n: u32) -> R<u64> {
         msr::PAT => c.msr.pat,
         msr::XSS => c.msr.xss,
         msr::MISC_ENABLE => c.msr.misc_enable,
-        msr::MCG_CAP | msr::MCG_STATUS => 0,
         _ => return m.platform(|p| p.rdmsr(n)).ok_or_else(gp),
     })
 }
@@ -194,10 +193,6 @@ pub(crate) fn write_msr(m: &mut Machine, n: u32, v: u64) -> R {
         msr::PAT => c.msr.pat = v,
         msr::XSS => c.msr.xss = v,
         msr::MISC_ENABLE => c.msr.misc_enable = v,
-        // Only a write of zero clears a machine-check status; the capabilities are
-        // read-only.
-        msr::MCG_STATUS if v == 0 => {}
-        msr::MCG_CAP | msr::MCG_STATUS => return Err(gp()),
         _ => {
             if !m.platform(|p| p.wrmsr(n, v)) {
                 return Err(gp());

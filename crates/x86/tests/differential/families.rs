@@ -402,6 +402,26 @@ fn bits_32() {
     run_family_in(&f, 32);
 }
 
+/// movbe, where this host has it (vessel's CPU model offers it everywhere).
+#[test]
+fn byte_order_moves() {
+    if !std::arch::is_x86_feature_detected!("movbe") {
+        eprintln!("skipped: this host's CPU has no movbe");
+        return;
+    }
+    let f = Family {
+        name: "movbe",
+        mnemonics: &[Mn::Movbe],
+        per_form: 80,
+        seed: 21,
+        tweaks: Tweaks::default(),
+        hooks: &no_hooks,
+        skip: &no_skip,
+    };
+    run_family(&f);
+    run_family_in(&f, 32);
+}
+
 /// Half the compare-exchanges should succeed: make the accumulator equal to the
 /// destination.
 fn cmpxchg_hooks(f: &mut Fixup) -> bool {

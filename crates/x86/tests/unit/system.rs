@@ -386,3 +386,27 @@ fn unsupported_instructions_report_bytes_and_change_nothing() {
     }
     assert_eq!(vm.cpu, before);
 }
+
+/// rdrand/rdseed: a value from the host's getrandom with CF set and the other
+/// arithmetic flags clear; two draws differ (a 2^-64 chance of a false failure).
+#[test]
+fn rdrand_and_rdseed_give_host_randomness() {
+    let mut vm = Vm::long(0);
+    vm.code(|a| {
+        a.rdrand(rax)?;
+        a.rdseed(rbx)?;
+        a.rdrand(cx)
+    });
+    vm.cpu.rflags |= rflags::ZF | rflags::OF | rflags::SF;
+    vm.cpu.gpr[1] = 0xdead_beef_dead_beef;
+    for _ in 0..3 {
+        vm.step().expect("random");
+        assert_eq!(vm.cpu.rflags & 0x8d5, rflags::CF, "CF only");
+    }
+    assert_ne!(vm.cpu.gpr[0], vm.cpu.gpr[3], "two 64-bit draws");
+    assert_eq!(
+        vm.cpu.gpr[1] >> 16,
+        0xdead_beef_dead,
+        "a 16-bit draw keeps the rest"
+    );
+}

@@ -150,6 +150,22 @@ impl VirtioFs {
         })
     }
 
+    /// Whether bytes wait on the connection after an answer (nothing is due: the
+    /// backend's own requests would come on a channel of their own).
+    fn unasked_bytes(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: recv into one byte this frame owns; MSG_PEEK leaves the data queued.
+        let n = unsafe {
+            libc::recv(
+                self.socket.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n > 0
+    }
+
     /// A guest-physical range's address in this process (the rings the driver set up).
     fn host_addr(&self, guest: u64, len: u64) -> Option<u64> {
         host_addr(&self.regions, guest, len)
@@ -287,12 +303,20 @@ impl<M: GuestMemoryShared> VirtioDevice<M> for VirtioFs {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        // GET_VRING_BASE stops a ring. A virtiofsd that does not answer in time, or
-        // answers what cannot be taken, is out of step: its connection is closed and
-        // it is ended. The share fails (EIO), the VM goes on.
+        // GET_VRING_BASE stops a ring. A virtiofsd that does not answer in time,
+        // answers what cannot be taken, or sends more than its answer, is out of step:
+        // its connection is closed and it is ended. The share fails (EIO), the VM goes
+        // on.
         for i in std::mem::take(&mut self.started) {
             self.watchdog.arm();
-            let stopped = self.frontend.get_vring_base(i);
+            let stopped = self
+                .frontend
+                .get_vring_base(i)
+                .map_err(|e| e.to_string())
+                .and_then(|_| match self.unasked_bytes() {
+                    true => Err("virtiofsd sent more than its answer".into()),
+                    false => Ok(()),
+                });
             self.watchdog.disarm();
             if let Err(e) = stopped {
                 tracing::warn!(

@@ -1,4 +1,4 @@
-//! SSE/SSE2 families.
+//! SSE, SSE2, SSE3 and SSSE3 families.
 
 use iced_x86::Mnemonic as Mn;
 
@@ -319,4 +319,74 @@ fn sse_conversions_32() {
     let mut f = sse_conversions_family();
     f.per_form = (f.per_form / 2).max(20);
     run_family_in(&f, 32);
+}
+
+/// SSE3 and SSSE3, where this host has them (vessel's CPU model offers them everywhere).
+fn sse3_ssse3_families() -> Option<[Family<'static>; 2]> {
+    if !std::arch::is_x86_feature_detected!("ssse3") {
+        eprintln!("skipped: this host's CPU has no SSSE3");
+        return None;
+    }
+    Some([
+        Family {
+            name: "sse3/ssse3 integer and moves",
+            mnemonics: &[
+                Mn::Movddup,
+                Mn::Movshdup,
+                Mn::Movsldup,
+                Mn::Pshufb,
+                Mn::Phaddw,
+                Mn::Phaddd,
+                Mn::Phaddsw,
+                Mn::Phsubw,
+                Mn::Phsubd,
+                Mn::Phsubsw,
+                Mn::Pmaddubsw,
+                Mn::Pmulhrsw,
+                Mn::Psignb,
+                Mn::Psignw,
+                Mn::Psignd,
+                Mn::Pabsb,
+                Mn::Pabsw,
+                Mn::Pabsd,
+                Mn::Palignr,
+            ],
+            per_form: 60,
+            seed: 31,
+            tweaks: Tweaks::default(),
+            hooks: &no_hooks,
+            // SSSE3's MMX forms are not implemented (nor offered).
+            skip: &|c| {
+                let o = c.op_code();
+                (0..o.op_count()).any(|n| {
+                    use iced_x86::OpCodeOperandKind as K;
+                    matches!(o.op_kind(n), K::mm_reg | K::mm_rm | K::mm_or_mem)
+                })
+            },
+        },
+        Family {
+            name: "sse3 float arithmetic",
+            mnemonics: &[
+                Mn::Addsubps,
+                Mn::Addsubpd,
+                Mn::Haddps,
+                Mn::Haddpd,
+                Mn::Hsubps,
+                Mn::Hsubpd,
+            ],
+            per_form: 80,
+            seed: 32,
+            tweaks: FLOAT,
+            hooks: &no_hooks,
+            skip: &no_skip,
+        },
+    ])
+}
+
+#[test]
+fn sse3_ssse3() {
+    for f in sse3_ssse3_families().into_iter().flatten() {
+        run_family(&f);
+        run_family_in(&f, 32);
+    }
 }

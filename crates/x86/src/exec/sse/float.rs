@@ -8,21 +8,6 @@ use crate::decode::{Handler, Insn, K, kind, op_size};
 use crate::flags::Flags;
 use crate::machine::{Loc, Machine, Mem, R, Rs, W32, W64, Width};
 
-/// An MXCSR-dependent operation run on the host.
-macro_rules! fp {
-    ($($name:ident => $f:path;)*) => {$(
-        pub(crate) struct $name;
-        impl V2 for $name {
-            #[inline(always)]
-            fn apply(m: &mut Machine, a: u128, b: u128, _imm: u8) -> R<u128> {
-                let (r, raised) = $f(a, b, m.cpu.fpu.mxcsr);
-                mxcsr_flags(m, raised)?;
-                Ok(r)
-            }
-        }
-    )*};
-}
-
 fp! {
     Addps => hostfp::addps; Addss => hostfp::addss; Addpd => hostfp::addpd; Addsd => hostfp::addsd;
     Subps => hostfp::subps; Subss => hostfp::subss; Subpd => hostfp::subpd; Subsd => hostfp::subsd;

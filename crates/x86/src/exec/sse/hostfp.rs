@@ -58,6 +58,8 @@ vv! {
     maxps = "maxps"; maxss = "maxss"; maxpd = "maxpd"; maxsd = "maxsd";
     sqrtps = "sqrtps"; sqrtss = "sqrtss"; sqrtpd = "sqrtpd"; sqrtsd = "sqrtsd";
     rcpps = "rcpps"; rcpss = "rcpss"; rsqrtps = "rsqrtps"; rsqrtss = "rsqrtss";
+    addsubps = "addsubps"; addsubpd = "addsubpd";
+    haddps = "haddps"; haddpd = "haddpd"; hsubps = "hsubps"; hsubpd = "hsubpd";
     cvtdq2ps = "cvtdq2ps"; cvtps2dq = "cvtps2dq"; cvttps2dq = "cvttps2dq";
     cvtdq2pd = "cvtdq2pd"; cvtpd2dq = "cvtpd2dq"; cvttpd2dq = "cvttpd2dq";
     cvtps2pd = "cvtps2pd"; cvtpd2ps = "cvtpd2ps"; cvtss2sd = "cvtss2sd"; cvtsd2ss = "cvtsd2ss";

@@ -10,12 +10,12 @@ use crate::machine::{Machine, R};
 
 /// Lane `k` of `v` with `BITS`-bit lanes.
 #[inline(always)]
-fn lane<const BITS: u32>(v: u128, k: u32) -> u64 {
+pub(super) fn lane<const BITS: u32>(v: u128, k: u32) -> u64 {
     ((v >> (k * BITS)) as u64) & mask::<BITS>()
 }
 
 #[inline(always)]
-const fn mask<const BITS: u32>() -> u64 {
+pub(super) const fn mask<const BITS: u32>() -> u64 {
     if BITS == 64 {
         u64::MAX
     } else {
@@ -24,13 +24,13 @@ const fn mask<const BITS: u32>() -> u64 {
 }
 
 #[inline(always)]
-fn sx<const BITS: u32>(x: u64) -> i64 {
+pub(super) fn sx<const BITS: u32>(x: u64) -> i64 {
     ((x << (64 - BITS)) as i64) >> (64 - BITS)
 }
 
 /// Builds a vector lane by lane from `f(lane index)`.
 #[inline(always)]
-fn build<const BITS: u32>(f: impl Fn(u32) -> u64) -> u128 {
+pub(super) fn build<const BITS: u32>(f: impl Fn(u32) -> u64) -> u128 {
     let mut r = 0u128;
     for k in 0..128 / BITS {
         r |= u128::from(f(k) & mask::<BITS>()) << (k * BITS);
@@ -39,11 +39,11 @@ fn build<const BITS: u32>(f: impl Fn(u32) -> u64) -> u128 {
 }
 
 #[inline(always)]
-fn map2<const BITS: u32>(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -> u128 {
+pub(super) fn map2<const BITS: u32>(a: u128, b: u128, f: impl Fn(u64, u64) -> u64) -> u128 {
     build::<BITS>(|k| f(lane::<BITS>(a, k), lane::<BITS>(b, k)))
 }
 
-fn sat_s<const BITS: u32>(v: i64) -> u64 {
+pub(super) fn sat_s<const BITS: u32>(v: i64) -> u64 {
     let max = (1i64 << (BITS - 1)) - 1;
     let min = -(1i64 << (BITS - 1));
     v.clamp(min, max) as u64
@@ -51,19 +51,6 @@ fn sat_s<const BITS: u32>(v: i64) -> u64 {
 
 fn sat_u<const BITS: u32>(v: i64) -> u64 {
     v.clamp(0, mask::<BITS>() as i64) as u64
-}
-
-macro_rules! op {
-    ($($name:ident => |$a:ident, $b:ident, $imm:ident| $e:expr;)*) => {$(
-        pub(crate) struct $name;
-        impl V2 for $name {
-            #[inline(always)]
-            #[allow(unused_variables)]
-            fn apply(_m: &mut Machine, $a: u128, $b: u128, $imm: u8) -> R<u128> {
-                Ok($e)
-            }
-        }
-    )*};
 }
 
 /// Shift count of psll/psrl/psra: the whole low quadword of the source (or the imm8).

@@ -1,12 +1,42 @@
-//! SSE and SSE2 (legacy-encoded XMM forms): data movement, integer, logical,
-//! shuffle/unpack, packed and scalar float arithmetic, compares, conversions. Integer
+//! SSE, SSE2, SSE3 and SSSE3 (legacy-encoded XMM forms): data movement, integer,
+//! logical, shuffle/unpack, packed and scalar float arithmetic, compares, conversions. Integer
 //! and bitwise work is done lane by lane in Rust; anything whose result depends on MXCSR
 //! runs on the host's SSE unit (see `hostfp`). MMX and VEX forms are not implemented.
+
+/// Pure XMM operations (no MXCSR): `Name => |a, b, imm| result;` makes a [`V2`].
+macro_rules! op {
+    ($($name:ident => |$a:ident, $b:ident, $imm:ident| $e:expr;)*) => {$(
+        pub(crate) struct $name;
+        impl V2 for $name {
+            #[inline(always)]
+            #[allow(unused_variables)]
+            fn apply(_m: &mut Machine, $a: u128, $b: u128, $imm: u8) -> R<u128> {
+                Ok($e)
+            }
+        }
+    )*};
+}
+
+/// An MXCSR-dependent operation run on the host: `Name => hostfp::f;` makes a [`V2`].
+macro_rules! fp {
+    ($($name:ident => $f:path;)*) => {$(
+        pub(crate) struct $name;
+        impl V2 for $name {
+            #[inline(always)]
+            fn apply(m: &mut Machine, a: u128, b: u128, _imm: u8) -> R<u128> {
+                let (r, raised) = $f(a, b, m.cpu.fpu.mxcsr);
+                mxcsr_flags(m, raised)?;
+                Ok(r)
+            }
+        }
+    )*};
+}
 
 mod float;
 mod hostfp;
 mod int;
 mod mov;
+mod ssse3;
 
 use iced_x86::{EncodingKind, Instruction, Mnemonic as Mn, OpKind};
 
@@ -151,5 +181,6 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> 
     }
     mov::select(i, d, cx)
         .or_else(|| int::select(i, d))
+        .or_else(|| ssse3::select(i))
         .or_else(|| float::select(i, d))
 }

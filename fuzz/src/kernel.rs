@@ -63,6 +63,22 @@ fn le(b: &[u8], at: usize, n: usize) -> Option<u64> {
     Some(u64::from_le_bytes(v))
 }
 
+/// Whether the file's (first) multiboot header gives load addresses: then those, not
+/// an ELF's segments, say what is loaded.
+fn multiboot_addresses(k: &[u8]) -> bool {
+    let word = |at: usize| le(k, at, 4).unwrap_or(0) as u32;
+    (0..k.len().min(8192).saturating_sub(11))
+        .step_by(4)
+        .find(|&at| {
+            word(at) == 0x1bad_b002
+                && word(at)
+                    .wrapping_add(word(at + 4))
+                    .wrapping_add(word(at + 8))
+                    == 0
+        })
+        .is_some_and(|at| word(at + 4) & 1 << 16 != 0)
+}
+
 /// The PT_LOAD segments with file content: (file offset, physical address, size), of
 /// a 64-bit ELF or (`wide` false) a 32-bit one.
 fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize)> {
@@ -158,7 +174,11 @@ pub fn kernel_loads(data: &[u8]) -> bool {
             assert_eq!(loaded.entry.rip, layout::HIMEM_START + 0x200);
             assert_eq!(loaded.entry.rsi, layout::ZERO_PAGE_START);
         }
-        KernelFormat::PvhElf | KernelFormat::PvhElf32 | KernelFormat::Multiboot if elf => {
+        KernelFormat::PvhElf | KernelFormat::PvhElf32 | KernelFormat::Multiboot
+            if elf
+                && !(loaded.format == KernelFormat::Multiboot
+                    && multiboot_addresses(kernel_bytes)) =>
+        {
             for (offset, paddr, size) in elf_segments(kernel_bytes, class == Some(2)) {
                 let Some(content) = kernel_bytes.get(offset..offset.saturating_add(size)) else {
                     continue;

@@ -15,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -49,6 +50,11 @@ pub struct StreamBackend {
     notify: Arc<Mutex<Option<LinkNotifier>>>,
     /// The guest negotiated GUEST_CSUM: frames are marked DATA_VALID.
     data_valid: AtomicBool,
+    /// Each connection's writer thread and its socket: a replaced connection's writer
+    /// still delivers what was queued for it; when the backend goes, every socket is
+    /// shut down (a writer may wait on a peer that stopped reading) and every writer
+    /// joined.
+    writers: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
 }
 
 /// virtio-net header flag: the frame's checksums have been checked (5.1.6.4).
@@ -69,6 +75,7 @@ impl StreamBackend {
             connection: Arc::default(),
             notify: Arc::default(),
             data_valid: AtomicBool::new(false),
+            writers: Mutex::default(),
         })
     }
 
@@ -99,9 +106,16 @@ impl StreamBackend {
             *n += 1;
             *n
         };
-        sandbox::thread::spawn(sandbox::ThreadClass::Net, "net-stream-tx", move || {
-            write_frames(writer, frames, &link, &notify, (&current, number))
-        })?;
+        let socket = writer.try_clone()?;
+        let handle =
+            sandbox::thread::spawn(sandbox::ThreadClass::Net, "net-stream-tx", move || {
+                write_frames(writer, frames, &link, &notify, (&current, number))
+            })?;
+        {
+            let mut writers = lock(&self.writers);
+            writers.retain(|(_, h)| !h.is_finished());
+            writers.push((socket, handle));
+        }
         let mut rx = lock(&self.rx);
         if let Some(old) = rx.stream.take() {
             let _ = self.epoll.ctl(
@@ -135,6 +149,16 @@ impl StreamBackend {
         rx.len = 0;
         *lock(&self.tx) = None;
         self.set_link(false);
+    }
+}
+
+impl Drop for StreamBackend {
+    fn drop(&mut self) {
+        *lock(&self.tx) = None;
+        for (socket, writer) in std::mem::take(&mut *lock(&self.writers)) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+            let _ = writer.join();
+        }
     }
 }
 

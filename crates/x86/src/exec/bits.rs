@@ -1,10 +1,10 @@
-//! bt/bts/btr/btc, bsf/bsr, popcnt/lzcnt/tzcnt, bswap, movbe.
+//! bt/bts/btr/btc, bsf/bsr, popcnt/lzcnt/tzcnt, bswap, movbe, crc32.
 
 use iced_x86::{Instruction, Mnemonic as Mn};
 
 use crate::decode::{Cx, Handler, Insn, K, kind, op_size};
 use crate::flags::Flags;
-use crate::machine::{Imm, Loc, Machine, Mem, R, Rd, Rs, W16, Width};
+use crate::machine::{Imm, Loc, Machine, Mem, R, Rd, Rs, W16, W32, W64, Width};
 use crate::state::rflags::{CF, ZF};
 
 /// What bt* does to the selected bit: 0 = test, 1 = set, 2 = reset, 3 = complement.
@@ -145,6 +145,26 @@ fn movbe<W: Width, const LOAD: bool>(m: &mut Machine, i: &Insn) -> R {
     }
 }
 
+/// CRC-32C (Castagnoli, bit-reflected) of `crc` extended by the low `bytes` of `v`.
+fn crc32c(mut crc: u32, v: u64, bytes: usize) -> u32 {
+    for k in 0..bytes {
+        crc ^= u32::from((v >> (8 * k)) as u8);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82f6_3b78 & (crc & 1).wrapping_neg());
+        }
+    }
+    crc
+}
+
+/// crc32 r32/r64, r/m: the register's low half extended by the source, zero-extended.
+fn crc32<W: Width, S: Loc>(m: &mut Machine, i: &Insn) -> R {
+    let a = S::addr(m, i);
+    let v = S::get::<W>(m, i, a)?;
+    let crc = m.reg::<W32>(i.d) as u32;
+    m.set_reg::<W64>(i.d, u64::from(crc32c(crc, v, W::BYTES)));
+    Ok(())
+}
+
 fn bt_sel<W: Width, const OP: u8>(i: &Instruction, lock: bool) -> Option<Handler> {
     Some(match (kind(i, 0), kind(i, 1), lock) {
         (K::Reg, K::Reg, false) => bt_reg::<W, Rs, OP> as Handler,
@@ -188,6 +208,18 @@ pub(crate) fn select(i: &Instruction, _d: &mut Insn, _cx: &Cx) -> Option<Handler
                 (true, 1) => count::<W, Mem, 1>,
                 (false, _) => count::<W, Rs, 2>,
                 (true, _) => count::<W, Mem, 2>,
+            }))
+        }
+        Mn::Crc32 => {
+            let size = if mem1 {
+                i.memory_size().size()
+            } else {
+                i.op_register(1).size()
+            };
+            sized!(size, |W| Some(if mem1 {
+                crc32::<W, Mem> as Handler
+            } else {
+                crc32::<W, Rs>
             }))
         }
         Mn::Movbe => sized!(size, |W| Some(if mem1 {

@@ -422,6 +422,26 @@ fn byte_order_moves() {
     run_family_in(&f, 32);
 }
 
+/// crc32, where this host has SSE4.2.
+#[test]
+fn crc32() {
+    if !std::arch::is_x86_feature_detected!("sse4.2") {
+        eprintln!("skipped: this host's CPU has no SSE4.2");
+        return;
+    }
+    let f = Family {
+        name: "crc32",
+        mnemonics: &[Mn::Crc32],
+        per_form: 80,
+        seed: 22,
+        tweaks: Tweaks::default(),
+        hooks: &no_hooks,
+        skip: &no_skip,
+    };
+    run_family(&f);
+    run_family_in(&f, 32);
+}
+
 /// Half the compare-exchanges should succeed: make the accumulator equal to the
 /// destination.
 fn cmpxchg_hooks(f: &mut Fixup) -> bool {

@@ -1,4 +1,4 @@
-//! SSE, SSE2, SSE3 and SSSE3 families.
+//! SSE, SSE2, SSE3, SSSE3 and SSE4 families.
 
 use iced_x86::Mnemonic as Mn;
 
@@ -389,4 +389,164 @@ fn sse3_ssse3() {
         run_family(&f);
         run_family_in(&f, 32);
     }
+}
+
+/// SSE4.1 and SSE4.2's lane-wise forms, single-lane moves and ptest, where this host
+/// has them.
+#[test]
+fn sse41_sse42() {
+    if !std::arch::is_x86_feature_detected!("sse4.2") {
+        eprintln!("skipped: this host's CPU has no SSE4.2");
+        return;
+    }
+    let f = Family {
+        name: "sse4.1/4.2 lane-wise, inserts, extracts, ptest",
+        mnemonics: &[
+            Mn::Pmulld,
+            Mn::Pmuldq,
+            Mn::Pminsb,
+            Mn::Pminsd,
+            Mn::Pminuw,
+            Mn::Pminud,
+            Mn::Pmaxsb,
+            Mn::Pmaxsd,
+            Mn::Pmaxuw,
+            Mn::Pmaxud,
+            Mn::Pcmpeqq,
+            Mn::Pcmpgtq,
+            Mn::Packusdw,
+            Mn::Pmovsxbw,
+            Mn::Pmovsxbd,
+            Mn::Pmovsxbq,
+            Mn::Pmovsxwd,
+            Mn::Pmovsxwq,
+            Mn::Pmovsxdq,
+            Mn::Pmovzxbw,
+            Mn::Pmovzxbd,
+            Mn::Pmovzxbq,
+            Mn::Pmovzxwd,
+            Mn::Pmovzxwq,
+            Mn::Pmovzxdq,
+            Mn::Pblendw,
+            Mn::Blendps,
+            Mn::Blendpd,
+            Mn::Pblendvb,
+            Mn::Blendvps,
+            Mn::Blendvpd,
+            Mn::Mpsadbw,
+            Mn::Phminposuw,
+            Mn::Movntdqa,
+            Mn::Pextrb,
+            Mn::Pextrd,
+            Mn::Pextrq,
+            Mn::Extractps,
+            Mn::Pinsrb,
+            Mn::Pinsrd,
+            Mn::Pinsrq,
+            Mn::Insertps,
+            Mn::Ptest,
+        ],
+        per_form: 60,
+        seed: 33,
+        tweaks: Tweaks::default(),
+        hooks: &no_hooks,
+        skip: &no_skip,
+    };
+    run_family(&f);
+    run_family_in(&f, 32);
+}
+
+/// SSE4.1's rounding and dot products, where this host has them.
+#[test]
+fn sse41_float() {
+    if !std::arch::is_x86_feature_detected!("sse4.1") {
+        eprintln!("skipped: this host's CPU has no SSE4.1");
+        return;
+    }
+    let f = Family {
+        name: "sse4.1 rounding and dot products",
+        mnemonics: &[
+            Mn::Roundps,
+            Mn::Roundpd,
+            Mn::Roundss,
+            Mn::Roundsd,
+            Mn::Dpps,
+            Mn::Dppd,
+        ],
+        per_form: 150,
+        seed: 34,
+        tweaks: FLOAT,
+        hooks: &no_hooks,
+        skip: &no_skip,
+    };
+    run_family(&f);
+    run_family_in(&f, 32);
+}
+
+/// Strings over a three-letter alphabet with zeros (random bytes rarely match or end).
+fn small_alphabet(rng: &mut crate::common::Rng) -> u128 {
+    (0..16).fold(0u128, |v, k| {
+        v | u128::from([0u8, b'a', b'b', b'c'][rng.below(4) as usize]) << (8 * k)
+    })
+}
+
+/// Short explicit lengths half the time (random ones are mostly past the end), small
+/// alphabets half the time.
+fn pcmpstr_hooks(f: &mut Fixup) -> bool {
+    if f.probing() {
+        return true;
+    }
+    let (base, index) = (f.instr.memory_base(), f.instr.memory_index());
+    let addresses = |r: usize| {
+        [base, index]
+            .into_iter()
+            .any(|x| x != iced_x86::Register::None && crate::cases::gpr_index(x) == r)
+    };
+    if f.rng.below(2) == 0 {
+        for r in [0, 2] {
+            if !addresses(r) {
+                f.regs.gpr[r] = f.rng.below(40).wrapping_sub(20);
+            }
+        }
+    }
+    if f.rng.below(2) == 0 {
+        for x in f.regs.xmm.iter_mut() {
+            *x = small_alphabet(f.rng);
+        }
+        for t in f.targets.clone() {
+            let v = small_alphabet(f.rng).to_le_bytes();
+            let at = t as usize;
+            if let Some(slot) = f.data.get_mut(at..at + 16) {
+                slot.copy_from_slice(&v);
+            }
+        }
+    }
+    true
+}
+
+/// SSE4.2's string compares, where this host has them.
+#[test]
+fn sse42_string_compares() {
+    if !std::arch::is_x86_feature_detected!("sse4.2") {
+        eprintln!("skipped: this host's CPU has no SSE4.2");
+        return;
+    }
+    let f = Family {
+        name: "sse4.2 string compares",
+        mnemonics: &[
+            Mn::Pcmpestri,
+            Mn::Pcmpestri64,
+            Mn::Pcmpestrm,
+            Mn::Pcmpestrm64,
+            Mn::Pcmpistri,
+            Mn::Pcmpistrm,
+        ],
+        per_form: 400,
+        seed: 35,
+        tweaks: Tweaks::default(),
+        hooks: &pcmpstr_hooks,
+        skip: &no_skip,
+    };
+    run_family(&f);
+    run_family_in(&f, 32);
 }

@@ -23,21 +23,7 @@ fp! {
     Cvtss2sd => hostfp::cvtss2sd; Cvtsd2ss => hostfp::cvtsd2ss;
 }
 
-macro_rules! fpcmp {
-    ($($name:ident => $f:path;)*) => {$(
-        pub(crate) struct $name;
-        impl V2 for $name {
-            #[inline(always)]
-            fn apply(m: &mut Machine, a: u128, b: u128, imm: u8) -> R<u128> {
-                let (r, raised) = $f(a, b, imm, m.cpu.fpu.mxcsr);
-                mxcsr_flags(m, raised)?;
-                Ok(r)
-            }
-        }
-    )*};
-}
-
-fpcmp! {
+fp_imm! {
     Cmpps => hostfp::cmpps; Cmpss => hostfp::cmpss; Cmppd => hostfp::cmppd; Cmpsd => hostfp::cmpsd;
 }
 

@@ -65,6 +65,91 @@ vv! {
     cvtps2pd = "cvtps2pd"; cvtpd2ps = "cvtpd2ps"; cvtss2sd = "cvtss2sd"; cvtsd2ss = "cvtsd2ss";
 }
 
+/// `insn xmm0(a), [b], IMM` with a fixed immediate.
+macro_rules! vvi {
+    ($($name:ident = $insn:literal, $imm:literal;)*) => {$(
+        fn $name(a: u128, b: u128, csr: u32) -> (u128, u32) {
+            let mut x = [a, b];
+            let mut c = [guest_csr(csr), 0u32];
+            // SAFETY: see the module documentation.
+            unsafe {
+                asm!(
+                    "stmxcsr [{c} + 4]",
+                    "ldmxcsr [{c}]",
+                    "movdqa xmm0, [{x}]",
+                    concat!($insn, " xmm0, [{x} + 16], ", $imm),
+                    "movdqa [{x}], xmm0",
+                    "stmxcsr [{c}]",
+                    "ldmxcsr [{c} + 4]",
+                    x = in(reg) x.as_mut_ptr(),
+                    c = in(reg) c.as_mut_ptr(),
+                    out("xmm0") _,
+                    options(nostack),
+                );
+            }
+            (x[0], c[0] & FLAGS)
+        }
+    )*};
+}
+
+// Rounding as MXCSR says; dot products of every lane into every lane.
+vvi! {
+    roundps_csr = "roundps", "4"; roundpd_csr = "roundpd", "4";
+    roundss_csr = "roundss", "4"; roundsd_csr = "roundsd", "4";
+    dpps_all = "dpps", "0xff"; dppd_all = "dppd", "0x33";
+}
+
+/// MXCSR's precision exception flag.
+const PE: u32 = 0x20;
+
+/// round*: imm[2] clear puts imm[1:0] in MXCSR.RC for this operation; imm[3] keeps
+/// the precision exception from being raised.
+macro_rules! round {
+    ($($name:ident = $host:ident;)*) => {$(
+        pub(crate) fn $name(a: u128, b: u128, imm: u8, csr: u32) -> (u128, u32) {
+            let csr = if imm & 4 == 0 {
+                (csr & !0x6000) | (u32::from(imm & 3) << 13)
+            } else {
+                csr
+            };
+            let (r, raised) = $host(a, b, csr);
+            (r, if imm & 8 != 0 { raised & !PE } else { raised })
+        }
+    )*};
+}
+
+round! {
+    roundps = roundps_csr; roundpd = roundpd_csr; roundss = roundss_csr; roundsd = roundsd_csr;
+}
+
+/// Keeps the LANE-bit lanes of `v` that `mask`'s bits name, zeroes the others.
+fn lanes_of<const LANE: u32>(v: u128, mask: u8) -> u128 {
+    (0..128 / LANE)
+        .filter(|k| mask >> k & 1 == 0)
+        .fold(v, |v, k| v & !((u128::MAX >> (128 - LANE)) << (LANE * k)))
+}
+
+/// dpps: the products of the lanes imm[7:4] names (the others +0.0, as the hardware
+/// takes them, raising nothing), summed, into the lanes imm[3:0] names.
+pub(crate) fn dpps(a: u128, b: u128, imm: u8, csr: u32) -> (u128, u32) {
+    let (r, raised) = dpps_all(
+        lanes_of::<32>(a, imm >> 4),
+        lanes_of::<32>(b, imm >> 4),
+        csr,
+    );
+    (lanes_of::<32>(r, imm & 15), raised)
+}
+
+/// dppd: as dpps, with imm[5:4] and imm[1:0].
+pub(crate) fn dppd(a: u128, b: u128, imm: u8, csr: u32) -> (u128, u32) {
+    let (r, raised) = dppd_all(
+        lanes_of::<64>(a, imm >> 4 & 3),
+        lanes_of::<64>(b, imm >> 4 & 3),
+        csr,
+    );
+    (lanes_of::<64>(r, imm & 3), raised)
+}
+
 /// `insn xmm0(a), [b], imm` for the eight compare predicates.
 macro_rules! cmp {
     ($($name:ident = $insn:literal;)*) => {$(

@@ -32,10 +32,28 @@ macro_rules! fp {
     )*};
 }
 
+/// As `fp!`, for operations that take the immediate too.
+macro_rules! fp_imm {
+    ($($name:ident => $f:path;)*) => {$(
+        pub(crate) struct $name;
+        impl V2 for $name {
+            #[inline(always)]
+            fn apply(m: &mut Machine, a: u128, b: u128, imm: u8) -> R<u128> {
+                let (r, raised) = $f(a, b, imm, m.cpu.fpu.mxcsr);
+                mxcsr_flags(m, raised)?;
+                Ok(r)
+            }
+        }
+    )*};
+}
+
 mod float;
 mod hostfp;
 mod int;
+mod lanes;
 mod mov;
+mod pcmpstr;
+mod sse41;
 mod ssse3;
 
 use iced_x86::{EncodingKind, Instruction, Mnemonic as Mn, OpKind};
@@ -113,7 +131,8 @@ impl<const N: usize, const ALIGN: bool> XSrc for Xm<N, ALIGN> {
             16 => m.read128(lin)?,
             8 => u128::from(m.read::<8>(lin)?),
             4 => u128::from(m.read::<4>(lin)?),
-            _ => u128::from(m.read::<2>(lin)?),
+            2 => u128::from(m.read::<2>(lin)?),
+            _ => u128::from(m.read::<1>(lin)?),
         })
     }
 }
@@ -182,5 +201,8 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> 
     mov::select(i, d, cx)
         .or_else(|| int::select(i, d))
         .or_else(|| ssse3::select(i))
+        .or_else(|| sse41::select(i))
+        .or_else(|| lanes::select(i))
+        .or_else(|| pcmpstr::select(i, d))
         .or_else(|| float::select(i, d))
 }

@@ -174,6 +174,9 @@ impl Net {
 
     fn receive(&mut self, notified: bool) {
         let before = self.driver.before_step();
+        // The device takes one available entry per buffer it uses, so it starts where
+        // the used ring stands.
+        let offered = self.driver.offered_before(RX, self.next_used[RX]);
         let dropped = NetCounters::get(&self.counters.rx_dropped);
         let result = if notified {
             self.queues.queue_notified(RX)
@@ -198,9 +201,30 @@ impl Net {
             segs.extend(ranges(&chain.writable));
             buffers.push((chain, len));
         }
-        if aliased || self.driver.aliased(&segs, &before) {
-            // Buffers over the rings, descriptors or each other: what the model
-            // reads back may not be what the device wrote. Start again in step.
+        // Buffers the device may have filled with a frame it then dropped, or that
+        // waits for more buffers, and put back: those offered after the ones it used,
+        // and any it used in place of the one the ring held before the step.
+        let mut unused = Vec::new();
+        for (i, &head) in offered.iter().flatten().enumerate() {
+            if entries.get(i).is_some_and(|&(used, _)| used == head) {
+                continue;
+            }
+            let mut chain = Chain::new();
+            self.driver.walk_before(RX, head, &mut chain);
+            unused.extend(ranges(&chain.writable));
+        }
+        let under_unused = segs
+            .iter()
+            .any(|s| unused.iter().any(|u| s.0 < u.1 && u.0 < s.1));
+        if aliased
+            || self.driver.aliased(&segs, &before)
+            || under_unused
+            || self.driver.touches_metadata(&unused, &before)
+        {
+            // Buffers over the rings, descriptors or each other (a used buffer under
+            // one the device wrote a dropped frame into after it: the same head
+            // offered twice): what the model reads back may not be what the device
+            // wrote. Start again in step.
             return self.reset();
         }
         let mut drops = NetCounters::get(&self.counters.rx_dropped) - dropped;

@@ -140,6 +140,66 @@ pub fn keep_features(table: &mut Vec<CpuidEntry>, model: &[CpuidEntry]) {
     }
 }
 
+/// The x86-64 psABI's ISA levels, as CPU models: v1 the baseline, v2 adding CX16,
+/// LAHF/SAHF, POPCNT and SSE3 to SSE4.2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsaLevel {
+    V1,
+    V2,
+}
+
+/// (leaf, register index, bits) of the ISA extensions past v1 that v2 has.
+const V2_BITS: [(u32, usize, u32); 2] = [
+    // SSE3, SSSE3, CX16, SSE4.1, SSE4.2, POPCNT.
+    (1, 2, 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 23),
+    // LAHF/SAHF in 64-bit mode.
+    (0x8000_0001, 2, 1),
+];
+
+/// (leaf, subleaf, register index, bits) of the ISA extensions of v3 and v4: AVX,
+/// AVX2, AVX-512, BMI1/2, F16C, FMA, LZCNT, MOVBE, XSAVE (the system bits stay).
+const V3_BITS: [(u32, u32, usize, u32); 3] = [
+    // FMA, MOVBE, XSAVE, OSXSAVE, AVX, F16C.
+    (
+        1,
+        0,
+        2,
+        1 << 12 | 1 << 22 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29,
+    ),
+    // BMI1, AVX2, BMI2, AVX-512 F, DQ, IFMA, CD, BW, VL.
+    (
+        7,
+        0,
+        1,
+        1 << 3 | 1 << 5 | 1 << 8 | 1 << 16 | 1 << 17 | 1 << 21 | 1 << 28 | 1 << 30 | 1 << 31,
+    ),
+    // LZCNT (ABM).
+    (0x8000_0001, 0, 2, 1 << 5),
+];
+
+/// `table` as a CPU of `level`: the ISA extensions past it cleared (and the XSAVE leaf
+/// with XSAVE); `add_v2` also sets v2's bits (a backend that runs them all).
+pub fn limit_isa(table: &mut Vec<CpuidEntry>, level: IsaLevel, add_v2: bool) {
+    for (leaf, sub, r, bits) in V3_BITS {
+        for e in table
+            .iter_mut()
+            .filter(|e| e.function == leaf && (e.flags & 1 == 0 || e.index == sub))
+        {
+            *word(e, r) &= !bits;
+        }
+    }
+    for (leaf, r, bits) in V2_BITS {
+        for e in table.iter_mut().filter(|e| e.function == leaf) {
+            match level {
+                IsaLevel::V1 => *word(e, r) &= !bits,
+                IsaLevel::V2 if add_v2 => *word(e, r) |= bits,
+                IsaLevel::V2 => {}
+            }
+        }
+    }
+    table.retain(|e| e.function != 0xd);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@
 mod assemble;
 mod bootmark;
 pub mod bzimage;
-mod cpio;
+pub mod cpio;
 mod debian;
 mod elf;
 mod error;

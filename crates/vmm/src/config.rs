@@ -46,6 +46,11 @@ pub enum CpuModel {
     /// Only what both backends can give: a VM that can move between KVM and the
     /// software CPU.
     Portable,
+    /// The x86-64 psABI's baseline: no ISA extension past SSE2.
+    V1,
+    /// x86-64-v2: CX16, LAHF/SAHF, POPCNT, SSE3 to SSE4.2 (the software CPU runs them
+    /// all); nothing of v3 (AVX, BMI, MOVBE, ...).
+    V2,
 }
 
 impl CpuModel {
@@ -53,8 +58,10 @@ impl CpuModel {
         match s {
             "host" => Ok(CpuModel::Host),
             "portable" => Ok(CpuModel::Portable),
+            "v1" | "x86-64-v1" => Ok(CpuModel::V1),
+            "v2" | "x86-64-v2" => Ok(CpuModel::V2),
             other => Err(format!(
-                "unknown CPU model {other:?} (use host or portable)"
+                "unknown CPU model {other:?} (use host, portable, v1 or v2)"
             )),
         }
     }
@@ -63,6 +70,17 @@ impl CpuModel {
         match self {
             CpuModel::Host => "host",
             CpuModel::Portable => "portable",
+            CpuModel::V1 => "v1",
+            CpuModel::V2 => "v2",
+        }
+    }
+
+    /// The ISA level the model fixes, if it fixes one.
+    pub fn isa_level(self) -> Option<arch::cpuid::IsaLevel> {
+        match self {
+            CpuModel::V1 => Some(arch::cpuid::IsaLevel::V1),
+            CpuModel::V2 => Some(arch::cpuid::IsaLevel::V2),
+            _ => None,
         }
     }
 }

@@ -7,10 +7,11 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 
-use crate::decode::{Cx, Insn, decode, ends_block};
+use crate::decode::{Cx, Insn, decode, ends_block, unsupported};
 use crate::hostmem::{PAGE, PAGE_MASK};
 use crate::machine::{Machine, R};
 use crate::mmu::Access;
+use crate::offered::OfferedSet;
 
 /// A multiply-rotate hasher for integer keys (SipHash is needlessly slow here and the keys
 /// are not attacker-chosen in a way that matters: a guest can only slow itself down).
@@ -104,6 +105,11 @@ pub(crate) struct CodeCache {
     pub decoded: u64,
     pub invalidated: u64,
     pub slow_lookups: u64,
+    /// Whether instructions the guest's CPUID does not offer are refused at decode
+    /// (the software CPU: as on hardware, they raise #UD), and what it offers (asked at
+    /// the first decode).
+    pub enforce_cpuid: bool,
+    offered: Option<OfferedSet>,
 }
 
 fn mode_code(bitness: u32) -> u64 {
@@ -315,7 +321,7 @@ impl CodeCache {
                 }
                 break;
             }
-            let d = decode(&ins, cx, &buf[used..used + ins.len()]);
+            let d = self.gated(m, &ins, cx, &buf[used..used + ins.len()]);
             self.insns.push(d);
             used += ins.len();
             let stop = ends_block(&ins)
@@ -359,8 +365,31 @@ impl CodeCache {
             // The rest of the instruction is on a page that cannot be fetched.
             m.translate((lin & PAGE_MASK).wrapping_add(PAGE as u64), Access::Exec)?;
         }
-        self.insns.push(decode(&ins, cx, &buf[..ins.len().min(n)]));
+        let d = self.gated(m, &ins, cx, &buf[..ins.len().min(n)]);
+        self.insns.push(d);
         self.bytes.extend_from_slice(&buf[..ins.len().max(1)]);
         Ok(())
+    }
+
+    /// `ins` decoded; when the CPUID is enforced and does not offer what it needs, an
+    /// instruction the interpreter reports as one it cannot run (and ends the block at),
+    /// or, for tzcnt and lzcnt, the bsf and bsr their encodings are on a CPU without
+    /// them.
+    fn gated(&mut self, m: &mut Machine, ins: &Instruction, cx: &Cx, bytes: &[u8]) -> Insn {
+        let mut d = decode(ins, cx, bytes);
+        if !self.enforce_cpuid {
+            return d;
+        }
+        let offered = self
+            .offered
+            .get_or_insert_with(|| OfferedSet::new(|l, s| m.platform(|p| p.cpuid(l, s))));
+        if !offered.allows(ins) {
+            if let Some(older) = crate::offered::without_prefix_meaning(ins) {
+                return decode(&older, cx, bytes);
+            }
+            d.handler = unsupported;
+            d.known = false;
+        }
+        d
     }
 }

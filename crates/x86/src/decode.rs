@@ -62,7 +62,7 @@ impl std::fmt::Debug for Insn {
     }
 }
 
-fn unsupported(m: &mut Machine, _i: &Insn) -> R {
+pub(crate) fn unsupported(m: &mut Machine, _i: &Insn) -> R {
     m.exit |= crate::machine::EXIT_UNSUPPORTED;
     Ok(())
 }

@@ -153,6 +153,14 @@ impl Interpreter {
         i
     }
 
+    /// Refuses, from now on, the instructions the guest's CPUID does not offer: they
+    /// come back as [`Fault::Unsupported`], for the caller to raise #UD as hardware does
+    /// (the software CPU). Off by default: KVM's fallback runs what KVM's guest ran.
+    pub fn enforce_cpuid(&mut self) {
+        self.cache.enforce_cpuid = true;
+        self.invalidate_all_code();
+    }
+
     pub fn stats(&self) -> Stats {
         Stats {
             instructions: self.instructions,

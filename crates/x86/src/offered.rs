@@ -70,6 +70,50 @@ pub fn offered(bytes: &[u8], bitness: u32, lookup: impl Fn(u32, u32) -> [u32; 4]
     all_known.then_some(true)
 }
 
+/// What a CPU without `ins`'s feature runs for its encoding, where that is an older
+/// instruction rather than #UD: tzcnt is rep bsf, lzcnt rep bsr.
+pub(crate) fn without_prefix_meaning(ins: &iced_x86::Instruction) -> Option<iced_x86::Instruction> {
+    use iced_x86::Code::*;
+    let code = match ins.code() {
+        Tzcnt_r16_rm16 => Bsf_r16_rm16,
+        Tzcnt_r32_rm32 => Bsf_r32_rm32,
+        Tzcnt_r64_rm64 => Bsf_r64_rm64,
+        Lzcnt_r16_rm16 => Bsr_r16_rm16,
+        Lzcnt_r32_rm32 => Bsr_r32_rm32,
+        Lzcnt_r64_rm64 => Bsr_r64_rm64,
+        _ => return None,
+    };
+    let mut older = *ins;
+    older.set_code(code);
+    Some(older)
+}
+
+/// The features the guest's CPUID offers, by iced-x86's feature numbers (those
+/// without one bit to look at count as offered): asked once, then looked up for every
+/// instruction decoded.
+pub(crate) struct OfferedSet {
+    offered: Vec<bool>,
+}
+
+impl OfferedSet {
+    pub(crate) fn new(mut lookup: impl FnMut(u32, u32) -> [u32; 4]) -> Self {
+        let offered = CpuidFeature::values()
+            .map(|f| match bit(f) {
+                Some((leaf, sub, reg, b)) => lookup(leaf, sub)[reg] & (1 << b) != 0,
+                None => true,
+            })
+            .collect();
+        OfferedSet { offered }
+    }
+
+    /// Whether every feature `ins` needs is offered.
+    pub(crate) fn allows(&self, ins: &iced_x86::Instruction) -> bool {
+        ins.cpuid_features()
+            .iter()
+            .all(|f| self.offered.get(*f as usize).copied().unwrap_or(true))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

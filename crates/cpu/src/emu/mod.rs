@@ -34,11 +34,22 @@ pub struct EmuMachine {
     pub chip: Arc<IrqChip>,
     /// Decoded code shared knowledge: writes by any vCPU or device invalidate it.
     pub code: Arc<CodeMap>,
+    /// The ISA level the VM's CPU model fixes, if any.
+    pub isa: Option<arch::cpuid::IsaLevel>,
 }
 
-/// The CPUID a software vCPU reports: exactly what the interpreter implements, with
-/// the TSC (and the local APIC's timer crystal) at the guest clock's 1 GHz.
-pub fn cpuid(index: u8, count: u8) -> Vec<CpuidEntry> {
+/// The CPUID a software vCPU reports: what the interpreter implements (limited to, or
+/// raised to, an ISA level a CPU model fixes), with the TSC (and the local APIC's timer
+/// crystal) at the guest clock's 1 GHz.
+pub fn cpuid(index: u8, count: u8, isa: Option<arch::cpuid::IsaLevel>) -> Vec<CpuidEntry> {
+    let mut table = model_cpuid(index, count);
+    if let Some(level) = isa {
+        arch::cpuid::limit_isa(&mut table, level, true);
+    }
+    table
+}
+
+fn model_cpuid(index: u8, count: u8) -> Vec<CpuidEntry> {
     x86::emu_cpuid(u32::from(index), u32::from(count), devices::irqchip::TSC_HZ)
         .into_iter()
         .map(|l| CpuidEntry {
@@ -101,8 +112,12 @@ impl EmuVcpu {
         EmuVcpu {
             index,
             cpu,
-            interp: Interpreter::with_code_map(machine.code.clone()),
-            cpuid: cpuid(index, count),
+            interp: {
+                let mut i = Interpreter::with_code_map(machine.code.clone());
+                i.enforce_cpuid();
+                i
+            },
+            cpuid: cpuid(index, count, machine.isa),
             kick: KickFlag::with_waker(Arc::new(move || wake.notify())),
             machine,
             halted: false,

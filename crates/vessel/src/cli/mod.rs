@@ -197,9 +197,10 @@ pub struct VmArgs {
     #[arg(long, value_name = "on|off", num_args = 0..=1, default_missing_value = "on",
           value_parser = ["on", "off"])]
     sandbox: Option<String>,
-    /// The CPU KVM shows the guest: host (everything it can give) or portable (only
-    /// what the software CPU gives too: a VM that can move between backends).
-    #[arg(long, value_name = "MODEL", value_parser = ["host", "portable"])]
+    /// The CPU the guest sees: host (everything the backend can give), portable (only
+    /// what both backends give: a VM that can move between them), or an x86-64 ISA
+    /// level: v1 (the baseline) or v2 (SSE3 to SSE4.2, POPCNT, CX16, LAHF).
+    #[arg(long, value_name = "MODEL", value_parser = ["host", "portable", "v1", "v2", "x86-64-v1", "x86-64-v2"])]
     cpu_model: Option<String>,
     /// A virtio console (the guest's hvc0): `stdio` (the console on this terminal
     /// instead of the serial port; boot with console=hvc0) or `socket=PATH`.

@@ -26,6 +26,7 @@ pub(crate) fn backend(
     clock_start: Option<u64>,
 ) -> Result<Backend, VmError> {
     let cpus = config.cpus as u8;
+    let isa = config.cpu_model.isa_level();
     // A restored VM's clock goes on from its snapshot (plus the time it sat on disk).
     let clock = GuestClock::resume_at(clock_start.unwrap_or(0));
     let chip = IrqChip::new(usize::from(cpus), clock.clone());
@@ -65,6 +66,7 @@ pub(crate) fn backend(
                 mmio: platform.mmio.clone(),
                 chip: vcpu_chip,
                 code,
+                isa,
             });
             Ok((0..cpus)
                 .map(|i| Box::new(EmuVcpu::new(i, cpus, machine.clone(), &entry)) as Box<dyn Vcpu>)
@@ -73,7 +75,7 @@ pub(crate) fn backend(
         backing: Box::new(chip),
         vm_fd: None,
         kind: SnapshotBackend::Emu,
-        cpuid: cpu::emu::cpuid(0, cpus),
+        cpuid: cpu::emu::cpuid(0, cpus, isa),
         irq,
         dirty_log: None,
     })

@@ -85,12 +85,17 @@ fn guest_cpuid(
     cpus: u8,
 ) -> Vec<arch::cpuid::CpuidEntry> {
     let mut cpuid = supported;
-    let software = cpu::emu::cpuid(0, cpus);
-    if !cpu::kvm::host_has_hardware_virtualization() {
+    let software = cpu::emu::cpuid(0, cpus, None);
+    let emulated = !cpu::kvm::host_has_hardware_virtualization();
+    if emulated {
         arch::cpuid::add_features(&mut cpuid, &software);
     }
     if model == CpuModel::Portable {
         arch::cpuid::keep_features(&mut cpuid, &software);
+    }
+    if let Some(level) = model.isa_level() {
+        // Without hardware, v2's instructions are the interpreter's to run.
+        arch::cpuid::limit_isa(&mut cpuid, level, emulated);
     }
     cpuid
 }

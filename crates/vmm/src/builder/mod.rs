@@ -108,7 +108,11 @@ pub struct Restore {
 pub fn cpuid_offered(config: &VmConfig) -> Result<Vec<arch::cpuid::CpuidEntry>, VmError> {
     match config.accel {
         Accel::Kvm => kvm::cpuid_offered(config),
-        Accel::Emu => Ok(cpu::emu::cpuid(0, config.cpus as u8)),
+        Accel::Emu => Ok(cpu::emu::cpuid(
+            0,
+            config.cpus as u8,
+            config.cpu_model.isa_level(),
+        )),
     }
 }
 
@@ -164,7 +168,7 @@ pub fn build_from(
     if config.accel == Accel::Emu
         && let Some(s) = state.as_mut()
     {
-        let cpuid = cpu::emu::cpuid(0, config.cpus as u8);
+        let cpuid = cpu::emu::cpuid(0, config.cpus as u8, config.cpu_model.isa_level());
         convert(s, crate::snapshot::SnapshotBackend::Emu, &cpuid)?;
     }
     let clock_start = state

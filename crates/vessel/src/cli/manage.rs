@@ -464,6 +464,22 @@ pub fn stop(args: StopArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The status a monitor that stopped answering left, once its process is gone (within
+/// a second); None if it still runs.
+fn gone_status(bundle: &Bundle) -> Option<Status> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let status = bundle.status();
+        if !matches!(status.state, VmState::Running | VmState::Paused) {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn info(args: InfoArgs) -> CliResult {
     let (home, bundle) = open(&args.name)?;
     let mut status = bundle.status();
@@ -474,12 +490,15 @@ pub fn info(args: InfoArgs) -> CliResult {
                 .and_then(|c| Ok(c.get(&format!("/v1/vms/{}", bundle.name))?));
             match asked {
                 Ok(info) => Some(info),
-                // The monitor went away while we asked: say what it left.
-                Err(_) if !matches!(bundle.status().state, VmState::Running | VmState::Paused) => {
-                    status = bundle.status();
-                    None
-                }
-                Err(e) => return Err(e),
+                // The monitor went away while we asked (it may take an instant to be
+                // gone): say what it left.
+                Err(e) => match gone_status(&bundle) {
+                    Some(left) => {
+                        status = left;
+                        None
+                    }
+                    None => return Err(e),
+                },
             }
         }
         _ => None,

@@ -67,9 +67,9 @@ pub(crate) struct Machine<'a> {
     pub smc: Vec<u64>,
     /// Guest RAM's host mappings the TLB's host pointers were taken from.
     pub layout: Layout,
-    /// The address bits a 64-bit page-table entry must leave clear (from CPUID, asked
-    /// at the first page walk).
-    pub pte_reserved: Option<u64>,
+    /// The bits CPUID reserves in CR4 and in page-table entries (asked at the first
+    /// page walk or CR4 write).
+    pub reserved: crate::reserved::Reserved,
 }
 
 impl<'a> Machine<'a> {
@@ -102,7 +102,7 @@ impl<'a> Machine<'a> {
             stop: None,
             smc: Vec::new(),
             layout: Layout::UNKNOWN,
-            pte_reserved: None,
+            reserved: Default::default(),
         };
         m.reload_segments();
         m

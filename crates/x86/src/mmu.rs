@@ -58,14 +58,24 @@ fn store_dyn(h: HostPage, off: usize, n: usize, v: u64) {
 }
 
 impl Machine<'_> {
-    /// What [`Machine::pte_reserved`] holds, asked of CPUID the first time.
+    /// The CR4 bits CPUID reserves, asked of it the first time.
+    pub(crate) fn cr4_reserved(&mut self) -> u64 {
+        if let Some(r) = self.reserved.cr4 {
+            return r;
+        }
+        let r = crate::reserved::cr4_reserved(|l, s| self.platform(|p| p.cpuid(l, s)));
+        self.reserved.cr4 = Some(r);
+        r
+    }
+
+    /// The page-table entry address bits CPUID reserves, asked of it the first time.
     fn pte_reserved(&mut self) -> u64 {
-        if let Some(r) = self.pte_reserved {
+        if let Some(r) = self.reserved.pte {
             return r;
         }
         let bits = crate::reserved::phys_bits(|l, s| self.platform(|p| p.cpuid(l, s)));
         let r = crate::reserved::pte_reserved(bits);
-        self.pte_reserved = Some(r);
+        self.reserved.pte = Some(r);
         r
     }
 

@@ -51,6 +51,14 @@ pub(crate) fn pte_reserved(phys_bits: u32) -> u64 {
     ((1u64 << 52) - 1) & !((1u64 << phys_bits) - 1)
 }
 
+/// What the guest's CPUID reserves, each part asked the first time a call into the
+/// interpreter needs it.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Reserved {
+    pub cr4: Option<u64>,
+    pub pte: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -279,7 +279,7 @@ fn mov_to_cr(m: &mut Machine, i: &Insn) -> R {
             return Ok(());
         }
         4 => {
-            let reserved = crate::reserved::cr4_reserved(|l, s| m.platform(|p| p.cpuid(l, s)));
+            let reserved = m.cr4_reserved();
             let (old, long) = (m.cpu.cr4, m.long_mode());
             let pcid_on = v & !old & ctl::CR4_PCIDE != 0;
             if v & reserved != 0

@@ -3,7 +3,7 @@
 use iced_x86::{Code, Mnemonic as Mn, OpKind};
 
 use crate::cases::{Fixup, Tweaks, gpr_index};
-use crate::{Family, no_hooks, no_skip, run_family, run_family_in};
+use crate::{Family, no_hooks, no_skip, run_family, run_family_in, run_where_host_has};
 
 const CF: u64 = 1;
 const OF: u64 = 1 << 11;
@@ -405,10 +405,6 @@ fn bits_32() {
 /// movbe, where this host has it (vessel's CPU model offers it everywhere).
 #[test]
 fn byte_order_moves() {
-    if !std::arch::is_x86_feature_detected!("movbe") {
-        eprintln!("skipped: this host's CPU has no movbe");
-        return;
-    }
     let f = Family {
         name: "movbe",
         mnemonics: &[Mn::Movbe],
@@ -418,17 +414,12 @@ fn byte_order_moves() {
         hooks: &no_hooks,
         skip: &no_skip,
     };
-    run_family(&f);
-    run_family_in(&f, 32);
+    run_where_host_has(std::arch::is_x86_feature_detected!("movbe"), "movbe", &f);
 }
 
 /// crc32, where this host has SSE4.2.
 #[test]
 fn crc32() {
-    if !std::arch::is_x86_feature_detected!("sse4.2") {
-        eprintln!("skipped: this host's CPU has no SSE4.2");
-        return;
-    }
     let f = Family {
         name: "crc32",
         mnemonics: &[Mn::Crc32],
@@ -438,8 +429,7 @@ fn crc32() {
         hooks: &no_hooks,
         skip: &no_skip,
     };
-    run_family(&f);
-    run_family_in(&f, 32);
+    run_where_host_has(std::arch::is_x86_feature_detected!("sse4.2"), "SSE4.2", &f);
 }
 
 /// Half the compare-exchanges should succeed: make the accumulator equal to the

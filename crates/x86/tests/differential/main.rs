@@ -293,6 +293,18 @@ pub fn run_family(f: &Family) -> usize {
     run_family_in(f, 64)
 }
 
+/// Runs a family in 64-bit and in compatibility mode where this host's CPU has the
+/// `feature` it needs (`has`: `is_x86_feature_detected!` wants a literal), else says
+/// it skipped.
+pub fn run_where_host_has(has: bool, feature: &str, f: &Family) {
+    if !has {
+        eprintln!("skipped: this host's CPU has no {feature}");
+        return;
+    }
+    run_family(f);
+    run_family_in(f, 32);
+}
+
 /// Runs a family in 64-bit mode or (bits = 32) in compatibility mode.
 pub fn run_family_in(f: &Family, bits: u32) -> usize {
     let codes: Vec<_> = cases::forms(f.mnemonics, bits)

@@ -3,7 +3,7 @@
 use iced_x86::Mnemonic as Mn;
 
 use crate::cases::{Fixup, Tweaks};
-use crate::{Family, no_hooks, no_skip, run_family, run_family_in};
+use crate::{Family, no_hooks, no_skip, run_family, run_family_in, run_where_host_has};
 
 /// maskmovdqu stores through DS:rDI.
 fn maskmov_hooks(f: &mut Fixup) -> bool {
@@ -321,13 +321,9 @@ fn sse_conversions_32() {
     run_family_in(&f, 32);
 }
 
-/// SSE3 and SSSE3, where this host has them (vessel's CPU model offers them everywhere).
-fn sse3_ssse3_families() -> Option<[Family<'static>; 2]> {
-    if !std::arch::is_x86_feature_detected!("ssse3") {
-        eprintln!("skipped: this host's CPU has no SSSE3");
-        return None;
-    }
-    Some([
+/// SSE3 and SSSE3 (vessel's CPU model offers them everywhere).
+fn sse3_ssse3_families() -> [Family<'static>; 2] {
+    [
         Family {
             name: "sse3/ssse3 integer and moves",
             mnemonics: &[
@@ -380,14 +376,13 @@ fn sse3_ssse3_families() -> Option<[Family<'static>; 2]> {
             hooks: &no_hooks,
             skip: &no_skip,
         },
-    ])
+    ]
 }
 
 #[test]
 fn sse3_ssse3() {
-    for f in sse3_ssse3_families().into_iter().flatten() {
-        run_family(&f);
-        run_family_in(&f, 32);
+    for f in sse3_ssse3_families() {
+        run_where_host_has(std::arch::is_x86_feature_detected!("ssse3"), "SSSE3", &f);
     }
 }
 
@@ -395,10 +390,6 @@ fn sse3_ssse3() {
 /// has them.
 #[test]
 fn sse41_sse42() {
-    if !std::arch::is_x86_feature_detected!("sse4.2") {
-        eprintln!("skipped: this host's CPU has no SSE4.2");
-        return;
-    }
     let f = Family {
         name: "sse4.1/4.2 lane-wise, inserts, extracts, ptest",
         mnemonics: &[
@@ -452,17 +443,12 @@ fn sse41_sse42() {
         hooks: &no_hooks,
         skip: &no_skip,
     };
-    run_family(&f);
-    run_family_in(&f, 32);
+    run_where_host_has(std::arch::is_x86_feature_detected!("sse4.2"), "SSE4.2", &f);
 }
 
 /// SSE4.1's rounding and dot products, where this host has them.
 #[test]
 fn sse41_float() {
-    if !std::arch::is_x86_feature_detected!("sse4.1") {
-        eprintln!("skipped: this host's CPU has no SSE4.1");
-        return;
-    }
     let f = Family {
         name: "sse4.1 rounding and dot products",
         mnemonics: &[
@@ -479,8 +465,7 @@ fn sse41_float() {
         hooks: &no_hooks,
         skip: &no_skip,
     };
-    run_family(&f);
-    run_family_in(&f, 32);
+    run_where_host_has(std::arch::is_x86_feature_detected!("sse4.1"), "SSE4.1", &f);
 }
 
 /// Strings over a three-letter alphabet with zeros (random bytes rarely match or end).
@@ -527,10 +512,6 @@ fn pcmpstr_hooks(f: &mut Fixup) -> bool {
 /// SSE4.2's string compares, where this host has them.
 #[test]
 fn sse42_string_compares() {
-    if !std::arch::is_x86_feature_detected!("sse4.2") {
-        eprintln!("skipped: this host's CPU has no SSE4.2");
-        return;
-    }
     let f = Family {
         name: "sse4.2 string compares",
         mnemonics: &[
@@ -547,6 +528,5 @@ fn sse42_string_compares() {
         hooks: &pcmpstr_hooks,
         skip: &no_skip,
     };
-    run_family(&f);
-    run_family_in(&f, 32);
+    run_where_host_has(std::arch::is_x86_feature_detected!("sse4.2"), "SSE4.2", &f);
 }

@@ -22,9 +22,9 @@ fn guest_csr(csr: u32) -> u32 {
     (csr & !FLAGS) | MASK_ALL
 }
 
-/// `insn xmm0(a), [b]` -> (result, raised flags).
+/// `insn xmm0(a), [b]` (`, imm` with a fixed immediate) -> (result, raised flags).
 macro_rules! vv {
-    ($($name:ident = $insn:literal;)*) => {$(
+    ($($name:ident = $insn:literal $(, $imm:literal)?;)*) => {$(
         pub(crate) fn $name(a: u128, b: u128, csr: u32) -> (u128, u32) {
             let mut x = [a, b];
             let mut c = [guest_csr(csr), 0u32];
@@ -34,7 +34,7 @@ macro_rules! vv {
                     "stmxcsr [{c} + 4]",
                     "ldmxcsr [{c}]",
                     "movdqa xmm0, [{x}]",
-                    concat!($insn, " xmm0, [{x} + 16]"),
+                    concat!($insn, " xmm0, [{x} + 16]" $(, ", ", $imm)?),
                     "movdqa [{x}], xmm0",
                     "stmxcsr [{c}]",
                     "ldmxcsr [{c} + 4]",
@@ -65,35 +65,8 @@ vv! {
     cvtps2pd = "cvtps2pd"; cvtpd2ps = "cvtpd2ps"; cvtss2sd = "cvtss2sd"; cvtsd2ss = "cvtsd2ss";
 }
 
-/// `insn xmm0(a), [b], IMM` with a fixed immediate.
-macro_rules! vvi {
-    ($($name:ident = $insn:literal, $imm:literal;)*) => {$(
-        fn $name(a: u128, b: u128, csr: u32) -> (u128, u32) {
-            let mut x = [a, b];
-            let mut c = [guest_csr(csr), 0u32];
-            // SAFETY: see the module documentation.
-            unsafe {
-                asm!(
-                    "stmxcsr [{c} + 4]",
-                    "ldmxcsr [{c}]",
-                    "movdqa xmm0, [{x}]",
-                    concat!($insn, " xmm0, [{x} + 16], ", $imm),
-                    "movdqa [{x}], xmm0",
-                    "stmxcsr [{c}]",
-                    "ldmxcsr [{c} + 4]",
-                    x = in(reg) x.as_mut_ptr(),
-                    c = in(reg) c.as_mut_ptr(),
-                    out("xmm0") _,
-                    options(nostack),
-                );
-            }
-            (x[0], c[0] & FLAGS)
-        }
-    )*};
-}
-
 // Rounding as MXCSR says; dot products of every lane into every lane.
-vvi! {
+vv! {
     roundps_csr = "roundps", "4"; roundpd_csr = "roundpd", "4";
     roundss_csr = "roundss", "4"; roundsd_csr = "roundsd", "4";
     dpps_all = "dpps", "0xff"; dppd_all = "dppd", "0x33";

@@ -191,10 +191,6 @@ op! {
     Pshufd => |a, b, i| build::<32>(|k| lane::<32>(b, (u32::from(i) >> (2 * k)) & 3));
     Pshuflw => |a, b, i| build::<16>(|k| if k < 4 { lane::<16>(b, (u32::from(i) >> (2 * k)) & 3) } else { lane::<16>(b, k) });
     Pshufhw => |a, b, i| build::<16>(|k| if k >= 4 { lane::<16>(b, 4 + ((u32::from(i) >> (2 * (k - 4))) & 3)) } else { lane::<16>(b, k) });
-    Pinsrw => |a, b, i| {
-        let sh = 16 * u32::from(i & 7);
-        (a & !(0xffffu128 << sh)) | ((b & 0xffff) << sh)
-    };
 }
 
 pub(crate) fn select(i: &Instruction, _d: &mut Insn) -> Option<Handler> {
@@ -264,5 +260,3 @@ pub(crate) fn select(i: &Instruction, _d: &mut Insn) -> Option<Handler> {
         _ => None,
     }
 }
-
-pub(crate) use Pinsrw as PinsrwOp;

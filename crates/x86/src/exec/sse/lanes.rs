@@ -1,11 +1,10 @@
-//! SSE4.1's single-lane moves and ptest: pextrb/pextrd/pextrq/extractps (a lane to a
-//! GPR or memory), pinsrb/pinsrd/pinsrq (a GPR or memory into a lane), insertps, and
-//! ptest's flags.
+//! Single-lane moves and ptest: pextrb/pextrw/pextrd/pextrq/extractps (a lane to a
+//! GPR or memory), pinsrb/pinsrw/pinsrd/pinsrq (a GPR or memory into a lane),
+//! insertps, and ptest's flags.
 
 use iced_x86::{Instruction, Mnemonic as Mn};
 
 use super::int::lane;
-use super::mov::Xg;
 use super::{V2, XSrc, Xm, Xs, sse_ok, vec2, xmm};
 use crate::decode::{Handler, Insn, K, kind, op_size};
 use crate::flags::Flags;
@@ -32,8 +31,19 @@ fn extract_mem<const BITS: u32>(m: &mut Machine, i: &Insn) -> R {
     let lin = m.ea(i);
     match BITS {
         8 => m.write::<1>(lin, v),
+        16 => m.write::<2>(lin, v),
         32 => m.write::<4>(lin, v),
         _ => m.write::<8>(lin, v),
+    }
+}
+
+/// A GPR as the source of pinsr*.
+pub(crate) struct Xg;
+
+impl XSrc for Xg {
+    #[inline(always)]
+    fn get(m: &mut Machine, i: &Insn) -> R<u128> {
+        Ok(u128::from(m.regs[(i.s & 15) as usize]))
     }
 }
 
@@ -107,6 +117,7 @@ fn insert<const BITS: u32>(i: &Instruction) -> Option<Handler> {
     Some(match (kind(i, 1), BITS) {
         (K::Reg, _) => vec2::<Insert<BITS>, Xg> as Handler,
         (K::Mem, 8) => vec2::<Insert<BITS>, Xm<1, false>>,
+        (K::Mem, 16) => vec2::<Insert<BITS>, Xm<2, false>>,
         (K::Mem, 32) => vec2::<Insert<BITS>, Xm<4, false>>,
         (K::Mem, _) => vec2::<Insert<BITS>, Xm<8, false>>,
         _ => return None,
@@ -116,9 +127,11 @@ fn insert<const BITS: u32>(i: &Instruction) -> Option<Handler> {
 pub(crate) fn select(i: &Instruction) -> Option<Handler> {
     match i.mnemonic() {
         Mn::Pextrb => extract::<8>(i),
+        Mn::Pextrw => extract::<16>(i),
         Mn::Pextrd | Mn::Extractps => extract::<32>(i),
         Mn::Pextrq => extract::<64>(i),
         Mn::Pinsrb => insert::<8>(i),
+        Mn::Pinsrw => insert::<16>(i),
         Mn::Pinsrd => insert::<32>(i),
         Mn::Pinsrq => insert::<64>(i),
         Mn::Insertps if xmm_at(i, 0) => match kind(i, 1) {

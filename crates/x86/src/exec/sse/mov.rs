@@ -1,11 +1,10 @@
 //! SSE/SSE2 data movement: full-register moves (aligned, unaligned, non-temporal),
-//! scalar and half moves, movd/movq, GPR <-> XMM extracts (pextrw, pinsrw, pmovmskb,
+//! scalar and half moves, movd/movq, GPR <-> XMM extracts (pmovmskb,
 //! movmskps/pd), maskmovdqu, movnti.
 
 use iced_x86::{Instruction, Mnemonic as Mn};
 
-use super::int::PinsrwOp;
-use super::{V2, XSrc, Xm, Xs, pick, set_xmm, sse_ok, vec2, xmm};
+use super::{V2, Xm, Xs, pick, set_xmm, sse_ok, vec2, xmm};
 use crate::decode::{Cx, Handler, Insn, K, kind, op_size};
 use crate::exception::Exception;
 use crate::machine::{Loc, Machine, Mem, R, Rd, Rs, W32, W64, Width};
@@ -98,30 +97,6 @@ fn movq_rr(m: &mut Machine, i: &Insn) -> R {
     let v = xmm(m, i.s) & u128::from(u64::MAX);
     set_xmm(m, i.d, v);
     Ok(())
-}
-
-/// pextrw m16, xmm, imm8 (the SSE4.1 encoding; the XMM register is `d`).
-fn pextrw_mem(m: &mut Machine, i: &Insn) -> R {
-    sse_ok(m)?;
-    let v = (xmm(m, i.d) >> (16 * u32::from(i.imm as u8 & 7))) as u64 & 0xffff;
-    let lin = m.ea(i);
-    m.write::<2>(lin, v)
-}
-
-fn pextrw<W: Width>(m: &mut Machine, i: &Insn) -> R {
-    sse_ok(m)?;
-    let v = (xmm(m, i.s) >> (16 * u32::from(i.imm as u8 & 7))) as u64 & 0xffff;
-    m.set_reg::<W>(i.d, v);
-    Ok(())
-}
-
-/// Reads a GPR as the source of pinsrw.
-pub(crate) struct Xg;
-impl XSrc for Xg {
-    #[inline(always)]
-    fn get(m: &mut Machine, i: &Insn) -> R<u128> {
-        Ok(u128::from(m.regs[(i.s & 15) as usize]))
-    }
 }
 
 /// pmovmskb / movmskps / movmskpd: the sign bit of each LANE-bit lane into a GPR.
@@ -231,16 +206,6 @@ pub(crate) fn select(i: &Instruction, _d: &mut Insn, _cx: &Cx) -> Option<Handler
         Mn::Movnti => match op_size(i, 0) {
             4 => Some(crate::exec::mov::mov::<W32, Mem, Rd> as Handler),
             _ => Some(crate::exec::mov::mov::<W64, Mem, Rd>),
-        },
-        Mn::Pextrw if gpr_reg(i, 0) && xmm_reg(i, 1) => match op_size(i, 0) {
-            8 => Some(pextrw::<W64> as Handler),
-            _ => Some(pextrw::<W32>),
-        },
-        Mn::Pextrw if kind(i, 0) == K::Mem && xmm_reg(i, 1) => Some(pextrw_mem as Handler),
-        Mn::Pinsrw if xmm_reg(i, 0) => match kind(i, 1) {
-            K::Reg => Some(vec2::<PinsrwOp, Xg> as Handler),
-            K::Mem => Some(vec2::<PinsrwOp, Xm<2, false>>),
-            _ => None,
         },
         Mn::Pmovmskb if gpr_reg(i, 0) && xmm_reg(i, 1) => match op_size(i, 0) {
             8 => Some(movmsk::<W64, 8> as Handler),

@@ -203,6 +203,8 @@ impl Metrics {
         t.slow_lookups += s.slow_lookups;
         t.page_walks += s.page_walks;
         t.tlb_flushes += s.tlb_flushes;
+        t.translated_instructions += s.translated_instructions;
+        t.blocks_translated += s.blocks_translated;
     }
 
     pub fn summary(&self) -> String {
@@ -238,13 +240,16 @@ impl Metrics {
         }
         format!(
             "\nsoftware CPU: instructions={} blocks_decoded={} blocks_invalidated={} \
-             slow_lookups={} page_walks={} tlb_flushes={}",
+             slow_lookups={} page_walks={} tlb_flushes={} translated_instructions={} \
+             blocks_translated={}",
             s.instructions,
             s.blocks_decoded,
             s.blocks_invalidated,
             s.slow_lookups,
             s.page_walks,
-            s.tlb_flushes
+            s.tlb_flushes,
+            s.translated_instructions,
+            s.blocks_translated
         )
     }
 

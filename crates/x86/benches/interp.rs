@@ -197,6 +197,12 @@ fn interpreted(body: Body, iterations: u64) -> (f64, u64, u64, Vec<u64>) {
     cpu.gpr[7] = DATA;
     cpu.gpr[1] = iterations;
     let mut interp = Interpreter::new(CodeCoherence::Tracked);
+    if let Some(mode) = std::env::var("X86_BENCH_JIT")
+        .ok()
+        .and_then(|m| m.parse().ok())
+    {
+        interp.set_jit(mode, None);
+    }
     let t = Instant::now();
     let mut executed = 0;
     loop {

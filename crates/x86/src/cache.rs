@@ -110,6 +110,8 @@ pub(crate) struct CodeCache {
     /// the first decode).
     pub enforce_cpuid: bool,
     offered: Option<OfferedSet>,
+    /// The translating tier: translations of this cache's blocks.
+    pub jit: crate::jit::Jit,
 }
 
 fn mode_code(bitness: u32) -> u64 {
@@ -131,6 +133,8 @@ pub(crate) struct Found {
     /// Decoded for this execution only (not cacheable: code in MMIO, or an instruction
     /// that crosses a page); dropped with [`CodeCache::drop_transient`].
     pub transient: bool,
+    /// The code map's write count the block was found current at.
+    pub writes: u64,
 }
 
 impl CodeCache {
@@ -142,6 +146,7 @@ impl CodeCache {
         self.map.clear();
         self.page_blocks.clear();
         self.jump.fill(Jump::default());
+        self.jit.clear();
     }
 
     /// Invalidates every block decoded from the guest-physical page.
@@ -173,12 +178,13 @@ impl CodeCache {
         &self.insns[f.start as usize..(f.start + f.count) as usize]
     }
 
-    fn found(&self, b: u32) -> Found {
+    fn found(&self, b: u32, writes: u64) -> Found {
         let blk = &self.blocks[b as usize];
         Found {
             start: blk.start,
             count: blk.count,
             transient: !blk.valid,
+            writes,
         }
     }
 
@@ -243,6 +249,7 @@ impl CodeCache {
                 start: j.start,
                 count: j.count,
                 transient: false,
+                writes: j.writes,
             });
         }
         self.find_slow(m)
@@ -262,7 +269,7 @@ impl CodeCache {
         if let Some(&b) = self.map.get(&key) {
             if self.fresh(m, b) {
                 self.remember(lin, mode, b, writes);
-                return Ok(self.found(b));
+                return Ok(self.found(b, writes));
             }
             self.invalidate_page(t.gpa & PAGE_MASK);
         }
@@ -270,7 +277,7 @@ impl CodeCache {
             self.clear();
         }
         let b = self.decode_block(m, lin, rip, t.gpa, t.host.is_some(), &cx)?;
-        let found = self.found(b);
+        let found = self.found(b, writes);
         if !found.transient {
             self.map.insert(key, b);
             self.page_blocks

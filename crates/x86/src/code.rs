@@ -193,6 +193,14 @@ impl CodeMap {
         self.writes.load(Ordering::Acquire)
     }
 
+    /// The counters behind `writes` and `epoch`, for translated code to watch.
+    pub(crate) fn writes_counter(&self) -> *const AtomicU64 {
+        &self.writes
+    }
+    pub(crate) fn epoch_counter(&self) -> *const AtomicU64 {
+        &self.epoch
+    }
+
     /// Bumped whenever a page becomes code (see the module documentation).
     #[inline(always)]
     pub(crate) fn epoch(&self) -> u64 {

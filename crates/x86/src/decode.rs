@@ -51,7 +51,12 @@ pub(crate) struct Insn {
     pub flat: bool,
     /// False for the placeholder of an instruction the interpreter does not implement.
     pub known: bool,
+    /// On a block's first instruction: the translating tier's state for the block (see
+    /// `jit`).
+    pub jit: u32,
 }
+
+const _: () = assert!(size_of::<Insn>() == 56);
 
 impl std::fmt::Debug for Insn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,6 +204,7 @@ pub(crate) fn decode(i: &Instruction, cx: &Cx, bytes: &[u8]) -> Insn {
         wrap32: !cx.long(),
         flat: false,
         known: true,
+        jit: 0,
     };
     let mut regs = 0;
     let mut imms = 0;

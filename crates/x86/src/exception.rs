@@ -148,6 +148,10 @@ pub enum Fault {
     /// it.
     #[error("triple fault")]
     TripleFault,
+    /// Check mode of the translating tier: a translated block and the interpreter
+    /// disagreed. The state is the interpreter's.
+    #[error("{0}")]
+    TranslationDiffers(crate::jit::Mismatch),
 }
 
 /// Something [`Interpreter::deliver`](crate::Interpreter::deliver) delivers through the

@@ -377,7 +377,7 @@ pub(crate) mod perm {
 /// epoch it was written in, so bumping an epoch empties the TLB in O(1). Write tags have
 /// their own epoch so that fast writes can be revoked alone (a page became code).
 #[derive(Clone, Copy, Debug, Default)]
-#[repr(align(64))]
+#[repr(C, align(64))]
 pub(crate) struct TlbEntry {
     /// Set when a read in this entry's privilege context may use `host` directly.
     read_tag: u64,
@@ -391,6 +391,21 @@ pub(crate) struct TlbEntry {
     pub(crate) gpa: u64,
     host: Option<HostPage>,
     pub(crate) perm: u8,
+}
+
+/// Where translated code finds an entry's fields (`jit`): entries are 64 bytes, tags
+/// are `linear page | epoch`, and `host` is a pointer (0 for none).
+pub(crate) mod entry_off {
+    use super::TlbEntry;
+    use std::mem::offset_of;
+    pub const SHIFT: u32 = 6;
+    pub const READ_TAG: i32 = offset_of!(TlbEntry, read_tag) as i32;
+    pub const WRITE_TAG: i32 = offset_of!(TlbEntry, write_tag) as i32;
+    pub const EXEC_TAG: i32 = offset_of!(TlbEntry, exec_tag) as i32;
+    pub const GPA: i32 = offset_of!(TlbEntry, gpa) as i32;
+    pub const HOST: i32 = offset_of!(TlbEntry, host) as i32;
+    const _: () = assert!(size_of::<TlbEntry>() == 1 << SHIFT);
+    const _: () = assert!(size_of::<Option<super::HostPage>>() == 8);
 }
 
 /// What a walk produced, to be cached.
@@ -500,6 +515,12 @@ impl Tlb {
     pub(crate) fn exec_page(&self, set: usize, lin: u64) -> Option<u64> {
         let e = &self.sets[set & 1][slot(lin)];
         (e.exec_tag == (lin & PAGE_MASK) | self.epoch).then_some(e.gpa)
+    }
+
+    /// For translated code: the entries of privilege context `set`, and the read and
+    /// write epochs their tags carry now.
+    pub(crate) fn for_jit(&self, set: usize) -> (*const TlbEntry, u64, u64) {
+        (self.sets[set & 1].as_ptr(), self.epoch, self.wepoch)
     }
 
     /// Forgets which pages may be written directly (reads and translations stay).

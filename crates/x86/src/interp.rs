@@ -12,6 +12,7 @@ use crate::code::CodeMap;
 use crate::decode::Insn;
 use crate::exception::{Event, Fault, UnsupportedInstruction};
 use crate::hostmem::Tlb;
+use crate::jit::JitMode;
 use crate::machine::{EXIT_RUN, EXIT_UNSUPPORTED, Machine, R, RIP, StopReason};
 use crate::platform::{Layout, Platform};
 use crate::state::{CpuState, rflags};
@@ -44,6 +45,10 @@ pub struct Stats {
     pub page_walks: u64,
     /// Whole-TLB flushes (CR3/CR0/CR4/EFER writes, changed context between calls).
     pub tlb_flushes: u64,
+    /// Instructions run as translated code (counted in `instructions` too).
+    pub translated_instructions: u64,
+    /// Blocks translated.
+    pub blocks_translated: u64,
 }
 
 /// What one `step` did.
@@ -161,6 +166,22 @@ impl Interpreter {
         self.invalidate_all_code();
     }
 
+    /// Turns the translating tier on, off or to check mode (off by default). `threshold`:
+    /// how many times a block runs interpreted before it is translated (`None`: the
+    /// default; 0 translates every block the first time it runs). Only `Tracked`
+    /// interpreters translate.
+    pub fn set_jit(&mut self, mode: JitMode, threshold: Option<u32>) {
+        self.cache.jit.mode = if self.coherence == CodeCoherence::Tracked {
+            mode
+        } else {
+            JitMode::Off
+        };
+        if let Some(t) = threshold {
+            self.cache.jit.threshold = t.min(1 << 30);
+        }
+        self.invalidate_all_code();
+    }
+
     pub fn stats(&self) -> Stats {
         Stats {
             instructions: self.instructions,
@@ -169,6 +190,8 @@ impl Interpreter {
             slow_lookups: self.cache.slow_lookups,
             page_walks: self.tlb.walks,
             tlb_flushes: self.tlb.flushes,
+            translated_instructions: self.cache.jit.instructions,
+            blocks_translated: self.cache.jit.translated,
         }
     }
 
@@ -361,6 +384,15 @@ fn run_block(m: &mut Machine, insns: &[Insn], ip_mask: u64) -> (usize, u64, R) {
     (insns.len(), pc, Ok(()))
 }
 
+/// `run_block` for the translating tier's check mode.
+pub(crate) fn run_block_for_check(
+    m: &mut Machine,
+    insns: &[Insn],
+    ip_mask: u64,
+) -> (usize, u64, R) {
+    run_block(m, insns, ip_mask)
+}
+
 /// Instructions between two questions to [`Platform::attention`].
 const ATTENTION_STRIDE: u64 = 256;
 
@@ -395,7 +427,25 @@ fn run_loop(
             Ok(f) => f,
             Err(e) => return Err(Fault::Exception(e.get())),
         };
-        let insns = cache.block_insns(&found);
+        let _serial = crate::jit::check_guard(cache);
+        // Hot blocks run translated; the interpreter carries on from where translated
+        // code stopped (a TLB miss, an instruction it does not translate).
+        let mut first = 0;
+        if cache.jit.mode != JitMode::Off
+            && !found.transient
+            && !want_mnemonic
+            && !m.cpu.interrupt_shadow
+        {
+            match crate::jit::enter(m, cache, &found, budget - *done) {
+                Ok(Some(ran)) => {
+                    first = ran.resume;
+                    *done += ran.executed;
+                }
+                Ok(None) => {}
+                Err(mismatch) => return Err(Fault::TranslationDiffers(mismatch)),
+            }
+        }
+        let insns = &cache.block_insns(&found)[first..];
         let mut n = insns.len().min((budget - *done) as usize);
         if m.cpu.interrupt_shadow {
             // The shadow covers this block's first instruction only (the instructions that
@@ -403,7 +453,7 @@ fn run_loop(
             m.cpu.interrupt_shadow = false;
             if limits.stop_when_interruptible {
                 // Look again right after that instruction.
-                n = 1;
+                n = n.min(1);
             }
         }
         let ip_mask = m.ip_mask;

@@ -174,6 +174,7 @@ mod exec;
 mod flags;
 mod hostmem;
 mod interp;
+mod jit;
 mod machine;
 mod mmu;
 mod offered;
@@ -186,6 +187,7 @@ pub use cpuid::{CpuidLeaf, cpuid_lookup, emu_cpuid};
 pub use exception::{Event, Exception, Fault, UnsupportedInstruction};
 pub use iced_x86::Mnemonic;
 pub use interp::{CodeCoherence, Interpreter, RunExit, RunLimits, RunOutcome, Stats, StepOutcome};
+pub use jit::{JitMode, Mismatch, MismatchKind};
 pub use offered::offered;
 pub use platform::Platform;
 pub use state::{

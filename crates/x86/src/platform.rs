@@ -85,6 +85,12 @@ pub trait Platform {
     fn attention(&self) -> bool {
         false
     }
+    /// The flag behind `attention`, if it is one: translated loops watch it directly
+    /// (otherwise they return every few hundred instructions for `attention` to be
+    /// asked).
+    fn attention_flag(&self) -> Option<&std::sync::atomic::AtomicBool> {
+        None
+    }
 }
 
 /// The platform behind a trait object, so that the decoded-instruction handlers are plain
@@ -102,6 +108,7 @@ pub(crate) trait Bus {
     fn wrmsr(&mut self, msr: u32, value: u64) -> bool;
     fn tsc(&mut self) -> u64;
     fn attention(&self) -> bool;
+    fn attention_flag(&self) -> Option<&std::sync::atomic::AtomicBool>;
 }
 
 impl<P: Platform> Bus for P {
@@ -137,5 +144,8 @@ impl<P: Platform> Bus for P {
     }
     fn attention(&self) -> bool {
         Platform::attention(self)
+    }
+    fn attention_flag(&self) -> Option<&std::sync::atomic::AtomicBool> {
+        Platform::attention_flag(self)
     }
 }

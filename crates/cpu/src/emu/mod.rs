@@ -36,6 +36,8 @@ pub struct EmuMachine {
     pub code: Arc<CodeMap>,
     /// The ISA level the VM's CPU model fixes, if any.
     pub isa: Option<arch::cpuid::IsaLevel>,
+    /// Whether hot blocks run translated (`x86::JitMode`).
+    pub jit: x86::JitMode,
 }
 
 /// The CPUID a software vCPU reports: what the interpreter implements (limited to, or
@@ -115,6 +117,7 @@ impl EmuVcpu {
             interp: {
                 let mut i = Interpreter::with_code_map(machine.code.clone());
                 i.enforce_cpuid();
+                i.set_jit(machine.jit, None);
                 i
             },
             cpuid: cpuid(index, count, machine.isa),
@@ -248,6 +251,9 @@ impl Vcpu for EmuVcpu {
                     }
                 }
                 Err(Fault::TripleFault) => return Ok(Exit::Fatal(FatalExit::TripleFault)),
+                Err(Fault::TranslationDiffers(m)) => {
+                    return Ok(Exit::Fatal(FatalExit::Unhandled(m.to_string())));
+                }
                 Err(Fault::Unsupported(u)) => {
                     // An instruction the guest's CPUID does not offer is #UD, as on
                     // hardware; one it offers that the interpreter cannot run stops it.

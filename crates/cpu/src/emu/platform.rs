@@ -115,4 +115,8 @@ impl x86::Platform for EmuPlatform<'_> {
     fn attention(&self) -> bool {
         self.lapic.wake().attention()
     }
+
+    fn attention_flag(&self) -> Option<&std::sync::atomic::AtomicBool> {
+        Some(self.lapic.wake().attention_flag())
+    }
 }

@@ -39,6 +39,11 @@ impl VcpuWake {
         self.attention.load(Ordering::Acquire)
     }
 
+    /// The flag itself, for a software CPU's translated loops to watch.
+    pub fn attention_flag(&self) -> &AtomicBool {
+        &self.attention
+    }
+
     /// Reads and clears the attention flag (the loop then looks at everything).
     pub fn take_attention(&self) -> bool {
         self.attention.swap(false, Ordering::AcqRel)

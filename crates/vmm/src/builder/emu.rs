@@ -27,6 +27,7 @@ pub(crate) fn backend(
 ) -> Result<Backend, VmError> {
     let cpus = config.cpus as u8;
     let isa = config.cpu_model.isa_level();
+    let jit = jit_mode()?;
     // A restored VM's clock goes on from its snapshot (plus the time it sat on disk).
     let clock = GuestClock::resume_at(clock_start.unwrap_or(0));
     let chip = IrqChip::new(usize::from(cpus), clock.clone());
@@ -67,6 +68,7 @@ pub(crate) fn backend(
                 chip: vcpu_chip,
                 code,
                 isa,
+                jit,
             });
             Ok((0..cpus)
                 .map(|i| Box::new(EmuVcpu::new(i, cpus, machine.clone(), &entry)) as Box<dyn Vcpu>)
@@ -79,6 +81,16 @@ pub(crate) fn backend(
         irq,
         dirty_log: None,
     })
+}
+
+/// The software CPU's translating tier: `VESSEL_JIT=off|on|check`.
+fn jit_mode() -> Result<x86::JitMode, VmError> {
+    match std::env::var("VESSEL_JIT") {
+        Ok(v) => v
+            .parse()
+            .map_err(|e: String| VmError::Backend(format!("VESSEL_JIT: {e}"))),
+        Err(_) => Ok(x86::JitMode::default()),
+    }
 }
 
 /// The software CPU's interrupt controllers and PIT, saved and loaded.

@@ -26,6 +26,8 @@ pub struct TestPlatform {
     pub attention: bool,
     /// How often `attention` was asked.
     pub attention_asked: std::cell::Cell<u64>,
+    /// The flag translated code watches (as the software CPU's vCPUs have one).
+    pub attention_flag: std::sync::atomic::AtomicBool,
 }
 
 impl TestPlatform {
@@ -50,6 +52,7 @@ impl TestPlatform {
             cpuid: CpuidSource::Model(model_cpuid()),
             attention: false,
             attention_asked: std::cell::Cell::new(0),
+            attention_flag: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -155,6 +158,12 @@ impl Platform for TestPlatform {
     fn attention(&self) -> bool {
         self.attention_asked.set(self.attention_asked.get() + 1);
         self.attention
+            || self
+                .attention_flag
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn attention_flag(&self) -> Option<&std::sync::atomic::AtomicBool> {
+        Some(&self.attention_flag)
     }
 }
 

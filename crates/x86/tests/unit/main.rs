@@ -10,6 +10,7 @@ mod cache;
 mod cpuid;
 mod events;
 mod faults;
+mod jit;
 mod modes;
 mod paging;
 mod smp;

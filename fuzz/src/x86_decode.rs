@@ -228,6 +228,7 @@ pub fn x86_decode_steps(data: &[u8]) -> usize {
                 return done;
             }
             Err(Fault::TripleFault) => return done,
+            Err(Fault::TranslationDiffers(m)) => panic!("x86: the tier is off here: {m}"),
         }
     }
     done

@@ -12,7 +12,7 @@ use crate::code::CodeMap;
 use crate::decode::Insn;
 use crate::exception::{Event, Fault, UnsupportedInstruction};
 use crate::hostmem::Tlb;
-use crate::jit::JitMode;
+use crate::jit::{Entered, JitMode};
 use crate::machine::{EXIT_RUN, EXIT_UNSUPPORTED, Machine, R, RIP, StopReason};
 use crate::platform::{Layout, Platform};
 use crate::state::{CpuState, rflags};
@@ -431,17 +431,18 @@ fn run_loop(
         // Hot blocks run translated; the interpreter carries on from where translated
         // code stopped (a TLB miss, an instruction it does not translate).
         let mut first = 0;
-        if cache.jit.mode != JitMode::Off
-            && !found.transient
-            && !want_mnemonic
-            && !m.cpu.interrupt_shadow
-        {
+        if cache.jit.mode != JitMode::Off && !found.transient && !m.cpu.interrupt_shadow {
             match crate::jit::enter(m, cache, &found, budget - *done) {
-                Ok(Some(ran)) => {
+                Ok(Entered::Ran(ran)) => {
                     first = ran.resume;
                     *done += ran.executed;
+                    if want_mnemonic && ran.executed > 0 {
+                        // A one-instruction budget ran the block's first instruction.
+                        last = cache.insns[found.start as usize].mnemonic;
+                    }
                 }
-                Ok(None) => {}
+                Ok(Entered::Interpret) => {}
+                Ok(Entered::Flushed) => continue,
                 Err(mismatch) => return Err(Fault::TranslationDiffers(mismatch)),
             }
         }

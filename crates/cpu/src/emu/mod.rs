@@ -36,8 +36,10 @@ pub struct EmuMachine {
     pub code: Arc<CodeMap>,
     /// The ISA level the VM's CPU model fixes, if any.
     pub isa: Option<arch::cpuid::IsaLevel>,
-    /// Whether hot blocks run translated (`x86::JitMode`).
+    /// Whether hot blocks run translated (`x86::JitMode`), and after how many runs
+    /// (`None`: the tier's default).
     pub jit: x86::JitMode,
+    pub jit_hot: Option<u32>,
 }
 
 /// The CPUID a software vCPU reports: what the interpreter implements (limited to, or
@@ -117,7 +119,7 @@ impl EmuVcpu {
             interp: {
                 let mut i = Interpreter::with_code_map(machine.code.clone());
                 i.enforce_cpuid();
-                i.set_jit(machine.jit, None);
+                i.set_jit(machine.jit, machine.jit_hot);
                 i
             },
             cpuid: cpuid(index, count, machine.isa),

@@ -27,7 +27,7 @@ pub(crate) fn backend(
 ) -> Result<Backend, VmError> {
     let cpus = config.cpus as u8;
     let isa = config.cpu_model.isa_level();
-    let jit = jit_mode()?;
+    let (jit, jit_hot) = jit_mode()?;
     // A restored VM's clock goes on from its snapshot (plus the time it sat on disk).
     let clock = GuestClock::resume_at(clock_start.unwrap_or(0));
     let chip = IrqChip::new(usize::from(cpus), clock.clone());
@@ -69,6 +69,7 @@ pub(crate) fn backend(
                 code,
                 isa,
                 jit,
+                jit_hot,
             });
             Ok((0..cpus)
                 .map(|i| Box::new(EmuVcpu::new(i, cpus, machine.clone(), &entry)) as Box<dyn Vcpu>)
@@ -83,14 +84,24 @@ pub(crate) fn backend(
     })
 }
 
-/// The software CPU's translating tier: `VESSEL_JIT=off|on|check`.
-fn jit_mode() -> Result<x86::JitMode, VmError> {
-    match std::env::var("VESSEL_JIT") {
+/// The software CPU's translating tier: `VESSEL_JIT=off|on|check` (on by default), and
+/// `VESSEL_JIT_HOT=N`, how many runs make a block hot enough to translate.
+fn jit_mode() -> Result<(x86::JitMode, Option<u32>), VmError> {
+    let mode = match std::env::var("VESSEL_JIT") {
         Ok(v) => v
             .parse()
-            .map_err(|e: String| VmError::Backend(format!("VESSEL_JIT: {e}"))),
-        Err(_) => Ok(x86::JitMode::default()),
-    }
+            .map_err(|e: String| VmError::Backend(format!("VESSEL_JIT: {e}")))?,
+        Err(_) => x86::JitMode::On,
+    };
+    let hot = match std::env::var("VESSEL_JIT_HOT") {
+        Ok(v) => Some(v.parse().map_err(|_| {
+            VmError::Backend(format!(
+                "VESSEL_JIT_HOT: {v:?} is not a count of runs (0 to 1073741824)"
+            ))
+        })?),
+        Err(_) => None,
+    };
+    Ok((mode, hot))
 }
 
 /// The software CPU's interrupt controllers and PIT, saved and loaded.

@@ -50,6 +50,9 @@ pub(crate) struct JitCtx {
     pub flags: u64,
     /// Out: where the guest continues.
     pub rip: u64,
+    /// The guest address of the block running (translations are position independent:
+    /// the same code mapped at several addresses shares one).
+    pub block_rip: u64,
     /// Instructions completed by whole iterations of a block that loops on itself.
     pub done: u64,
     /// `done` never passes this (the caller's remaining budget).
@@ -94,6 +97,7 @@ pub(crate) mod off {
     }
     pub const FLAGS: i32 = offset_of!(JitCtx, flags) as i32;
     pub const RIP: i32 = offset_of!(JitCtx, rip) as i32;
+    pub const BLOCK_RIP: i32 = offset_of!(JitCtx, block_rip) as i32;
     pub const DONE: i32 = offset_of!(JitCtx, done) as i32;
     pub const LIMIT: i32 = offset_of!(JitCtx, limit) as i32;
     pub const EXIT_AT: i32 = offset_of!(JitCtx, exit_at) as i32;

@@ -22,9 +22,6 @@ use crate::decode::Insn;
 use crate::hostmem::entry_off;
 use crate::machine::SEG_NONE;
 
-/// The fewest instructions worth translating when they are not the whole block.
-const MIN_PREFIX: usize = 4;
-
 /// How a block is compiled.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Options {
@@ -38,6 +35,10 @@ pub(crate) struct Options {
     pub chain: bool,
     /// Forward branches within the translation stay in it.
     pub intra: bool,
+    /// The fewest instructions worth translating when they are not the whole block.
+    pub min_prefix: usize,
+    /// The code's size (32: addresses wrap at 4 GiB).
+    pub bitness: u32,
 }
 
 /// A translated block, assembled for the address it was asked for.
@@ -63,13 +64,36 @@ const ALL_FLAGS: u32 = RflagsBits::OF
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// Computation, possibly with one memory access.
-    Op { mem: Option<MemAccess> },
+    Op {
+        mem: Option<MemAccess>,
+    },
     /// A NOP form (multi-byte NOPs name a memory operand they never access).
     Nop,
     /// `lea`: an address computed, nothing accessed.
     Lea,
     /// jcc/jmp to a constant target: ends the translation.
-    Branch { cc: ConditionCode, target: u64 },
+    Branch {
+        cc: ConditionCode,
+        target: u64,
+    },
+    /// The 64-bit stack: push and pop of a general register, call to a constant
+    /// target, ret (ends the translation; ret leaves for the address it popped).
+    Push,
+    Pop,
+    Call {
+        target: u64,
+    },
+    Ret,
+}
+
+impl Kind {
+    /// Accesses memory through a TLB probe (and may leave at a miss).
+    fn probes(self) -> bool {
+        matches!(
+            self,
+            Kind::Op { mem: Some(_) } | Kind::Push | Kind::Pop | Kind::Call { .. } | Kind::Ret
+        )
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -165,6 +189,9 @@ fn classify(ins: &Instruction, d: &Insn) -> Option<Kind> {
     if ins.has_lock_prefix() || ins.has_rep_prefix() || ins.has_repne_prefix() {
         return None;
     }
+    if let Some(k) = stack_kind(ins) {
+        return k;
+    }
     match ins.flow_control() {
         FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
             let near = matches!(
@@ -250,6 +277,25 @@ fn classify(ins: &Instruction, d: &Insn) -> Option<Kind> {
             write: !matches!(access, OpAccess::Read),
         }),
     })
+}
+
+/// The stack instructions translated (64-bit code, flat SS): `Some(None)` for other
+/// stack forms, which stay interpreted; `None` for everything else.
+fn stack_kind(ins: &Instruction) -> Option<Option<Kind>> {
+    let gpr64 = |r: Register| r.is_gpr64();
+    let k = match (ins.code(), ins.mnemonic()) {
+        (Code::Push_r64, _) if gpr64(ins.op0_register()) => Kind::Push,
+        (Code::Pop_r64, _) if ins.op0_register() != Register::RSP => Kind::Pop,
+        (Code::Call_rel32_64, _) => Kind::Call {
+            target: ins.near_branch_target(),
+        },
+        (Code::Retnq, _) => Kind::Ret,
+        (_, Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret) => {
+            return Some(None);
+        }
+        _ => return None,
+    };
+    Some(Some(k))
 }
 
 fn ins_op_access(ins: &Instruction, op: u32) -> Option<OpAccess> {
@@ -435,6 +481,8 @@ struct Step {
     flags_read: u32,
     flags_written: u32,
     flags_undefined: u32,
+    /// Load the block's guest address into this host register first (RIP-relative lea).
+    block_rip_into: Option<u8>,
 }
 
 #[derive(Clone, Copy)]
@@ -444,8 +492,11 @@ struct Ea {
     scale: u32,
     disp: i64,
     addr32: bool,
-    /// A constant address (RIP-relative, or no base and index).
+    /// A constant address (no base and index).
     absolute: Option<u64>,
+    /// RIP-relative: this far from the block's first instruction (translations run at
+    /// any address their code is mapped at).
+    rip_rel: Option<i32>,
 }
 
 /// Translates the longest translatable prefix of the block (`insns`, decoded by the
@@ -475,6 +526,11 @@ pub(crate) fn translate(
         let Some(kind) = classify(&ins, d) else {
             break;
         };
+        // Exits hold their guest address as an offset from the block's (32-bit).
+        let far = |t: u64| i32::try_from(t.wrapping_sub(rip) as i64).is_err();
+        if far(ins.next_ip()) || matches!(kind, Kind::Branch { target, .. } if far(target)) {
+            break;
+        }
         if !matches!(kind, Kind::Nop | Kind::Branch { .. }) {
             for u in info.info(&ins).used_registers() {
                 if u.register().is_gpr() {
@@ -488,7 +544,8 @@ pub(crate) fn translate(
             Kind::Branch {
                 cc: ConditionCode::None,
                 ..
-            }
+            } | Kind::Call { .. }
+                | Kind::Ret
         ) {
             break;
         }
@@ -498,7 +555,7 @@ pub(crate) fn translate(
     // does not.
     let mut steps = Vec::new();
     for (k, (ins, kind)) in found.iter().enumerate() {
-        match prepare(ins, *kind, &insns[k], &alloc, &mut info) {
+        match prepare(ins, *kind, &insns[k], &alloc, &mut info, rip) {
             Some(s) => steps.push(s),
             None => break,
         }
@@ -507,7 +564,7 @@ pub(crate) fn translate(
     // instructions does: a short prefix of a longer block is not worth it, unless a
     // branch in it goes on in other translated code.
     let branches = steps.iter().any(|s| matches!(s.kind, Kind::Branch { .. }));
-    if steps.is_empty() || steps.len() < MIN_PREFIX && steps.len() < insns.len() && !branches {
+    if steps.is_empty() || steps.len() < opt.min_prefix && steps.len() < insns.len() && !branches {
         return None;
     }
     let flags = FlagPlan::new(&steps);
@@ -529,6 +586,7 @@ fn prepare(
     d: &Insn,
     alloc: &Alloc,
     info: &mut InstructionInfoFactory,
+    start: u64,
 ) -> Option<Step> {
     let mut step = Step {
         ins: *ins,
@@ -543,6 +601,7 @@ fn prepare(
         flags_read: ins.rflags_read() & ALL_FLAGS,
         flags_written: ins.rflags_modified() & ALL_FLAGS,
         flags_undefined: ins.rflags_undefined() & ALL_FLAGS,
+        block_rip_into: None,
     };
     if may_keep_flags(ins) {
         // A count of zero (CL, or an immediate masked to zero) leaves every flag as it
@@ -550,6 +609,14 @@ fn prepare(
         step.flags_read = ALL_FLAGS;
     }
     if matches!(kind, Kind::Nop | Kind::Branch { .. }) {
+        return Some(step);
+    }
+    if matches!(kind, Kind::Push | Kind::Pop | Kind::Call { .. } | Kind::Ret) {
+        // RSP and the register pushed or popped must be at home.
+        alloc.home[4]?;
+        if matches!(kind, Kind::Push | Kind::Pop) {
+            alloc.home[gnum(ins.op0_register()) as usize]?;
+        }
         return Some(step);
     }
     // Where each guest register this instruction names goes.
@@ -600,9 +667,13 @@ fn prepare(
             },
             addr32,
             absolute: None,
+            rip_rel: None,
         };
         let (b, x) = (ins.memory_base(), ins.memory_index());
-        if ins.is_ip_rel_memory_operand() || b == Register::None && x == Register::None {
+        if ins.is_ip_rel_memory_operand() {
+            let off = ins.memory_displacement64().wrapping_sub(start) as i64;
+            ea.rip_rel = Some(i32::try_from(off).ok()?);
+        } else if b == Register::None && x == Register::None {
             let v = ins.memory_displacement64();
             ea.absolute = Some(if addr32 { v & 0xffff_ffff } else { v });
         } else {
@@ -619,8 +690,19 @@ fn prepare(
         }
         step.ea = Some(ea);
         if kind == Kind::Lea {
-            // lea dst, [constant] is a mov of the constant.
-            if let Some(v) = ea.absolute {
+            if let Some(off) = ea.rip_rel {
+                // dst = the block's address (loaded first) + the offset.
+                let dst = step.host.op0_register();
+                let h = dst.full_register();
+                let mem = MemoryOperand::with_base_displ(h, i64::from(off));
+                step.host = match dst.size() {
+                    8 => Instruction::with2(Code::Lea_r64_m, dst, mem).ok()?,
+                    4 => Instruction::with2(Code::Lea_r32_m, dst, mem).ok()?,
+                    _ => return None,
+                };
+                step.block_rip_into = Some(gnum(h));
+            } else if let Some(v) = ea.absolute {
+                // lea dst, [constant] is a mov of the constant.
                 let dst = step.host.op0_register();
                 step.host = match dst.size() {
                     8 => Instruction::with2(Code::Mov_r64_imm64, dst, v).ok()?,
@@ -754,7 +836,7 @@ impl FlagPlan {
         // The guest's flags come in when something reads one before the block writes
         // it, or when an exit (a probe's miss, a taken branch) may hand on flags only
         // partly written.
-        let probes = |s: &Step| matches!(s.kind, Kind::Op { mem: Some(_) });
+        let probes = |s: &Step| s.kind.probes();
         let exits = |s: &Step| probes(s) || matches!(s.kind, Kind::Branch { .. });
         let mut covered = 0u32;
         let mut flags_in = false;
@@ -797,12 +879,8 @@ impl FlagPlan {
             keep[k] = s.flags_read != 0 || (s.flags_written != ALL_FLAGS && live);
         }
         let first_writer = steps.iter().position(|s| s.flags_written != 0);
-        let save_at_back_edge = !flags_in
-            && first_writer.is_some_and(|w| {
-                steps[..=w]
-                    .iter()
-                    .any(|s| matches!(s.kind, Kind::Op { mem: Some(_) }))
-            });
+        let save_at_back_edge =
+            !flags_in && first_writer.is_some_and(|w| steps[..=w].iter().any(|s| s.kind.probes()));
         FlagPlan {
             flags_in,
             keep,
@@ -844,6 +922,8 @@ struct Exit {
     left: bool,
     /// `rip` is a block start another translation may be found for.
     chain: bool,
+    /// The guest address is not a constant: the code before the exit stored it (ret).
+    dynamic: bool,
 }
 
 type Asm = Result<(), iced_x86::IcedError>;
@@ -920,6 +1000,103 @@ fn emit(
                 }
                 branches.push((taken, k as u64 + 1, target));
             }
+            Kind::Push | Kind::Pop | Kind::Call { .. } | Kind::Ret => {
+                let hs = hreg(alloc.home[4].expect("rsp at home"));
+                let saved = flags.save[k];
+                if saved {
+                    a.pushfq()?;
+                }
+                let write = matches!(s.kind, Kind::Push | Kind::Call { .. });
+                if write {
+                    a.lea(ha, qword_ptr(hs - 8))?;
+                } else {
+                    a.mov(ha, hs)?;
+                }
+                let slow = a.create_label();
+                let m = MemAccess {
+                    size: 8,
+                    read: !write,
+                    write,
+                };
+                probe(&mut a, m, ha, ht, hu, slow)?;
+                exits.push(Exit {
+                    label: slow,
+                    at: k as u64,
+                    rip: s.ins.ip(),
+                    pop_flags: saved,
+                    save_flags: saved,
+                    left: false,
+                    chain: false,
+                    dynamic: false,
+                });
+                if opt.log_stores && write {
+                    log_store(&mut a, 8, ha, ht, hu)?;
+                }
+                let home = |r: Register| hreg(alloc.home[gnum(r) as usize].expect("at home"));
+                match s.kind {
+                    Kind::Push => a.mov(qword_ptr(hu), home(s.ins.op0_register()))?,
+                    Kind::Pop => a.mov(home(s.ins.op0_register()), qword_ptr(hu))?,
+                    Kind::Call { .. } => {
+                        // The return address: where this block runs plus the offset.
+                        let back = s.ins.next_ip().wrapping_sub(start) as i32;
+                        a.mov(ht, qword_ptr(r15 + off::BLOCK_RIP))?;
+                        a.lea(ht, qword_ptr(ht + back))?;
+                        a.mov(qword_ptr(hu), ht)?;
+                    }
+                    _ => {
+                        // ret: a non-canonical target raises #GP at the ret (the
+                        // interpreter's, from the exit).
+                        a.mov(ha, qword_ptr(hu))?;
+                        a.mov(ht, ha)?;
+                        a.shl(ht, 16)?;
+                        a.sar(ht, 16)?;
+                        a.cmp(ht, ha)?;
+                        a.jne(slow)?;
+                    }
+                }
+                if flags.keep[k] {
+                    a.popfq()?;
+                } else if saved {
+                    a.lea(rsp, qword_ptr(rsp + 8))?;
+                }
+                if write {
+                    a.lea(hs, qword_ptr(hs - 8))?;
+                } else {
+                    a.lea(hs, qword_ptr(hs + 8))?;
+                }
+                let save = flags.save[k + 1];
+                match s.kind {
+                    Kind::Call { target } => {
+                        exit_to(
+                            &mut a,
+                            &mut exits,
+                            k as u64 + 1,
+                            target,
+                            save,
+                            true,
+                            opt.chain,
+                        )?;
+                        ended = true;
+                    }
+                    Kind::Ret => {
+                        a.mov(qword_ptr(r15 + off::RIP), ha)?;
+                        let l = a.create_label();
+                        a.jmp(l)?;
+                        exits.push(Exit {
+                            label: l,
+                            at: k as u64 + 1,
+                            rip: 0,
+                            pop_flags: false,
+                            save_flags: save,
+                            left: true,
+                            chain: opt.chain,
+                            dynamic: true,
+                        });
+                        ended = true;
+                    }
+                    _ => {}
+                }
+            }
             Kind::Op { .. } | Kind::Lea => {
                 for &(g, h) in &s.loads {
                     a.mov(hreg(h), qword_ptr(r15 + off::reg(g)))?;
@@ -943,6 +1120,7 @@ fn emit(
                         save_flags: saved,
                         left: false,
                         chain: false,
+                        dynamic: false,
                     });
                     if opt.log_stores && m.write {
                         log_store(&mut a, m.size, ha, ht, hu)?;
@@ -952,6 +1130,9 @@ fn emit(
                     } else if saved {
                         a.lea(rsp, qword_ptr(rsp + 8))?;
                     }
+                }
+                if let Some(h) = s.block_rip_into {
+                    a.mov(hreg(h), qword_ptr(r15 + off::BLOCK_RIP))?;
                 }
                 a.add_instruction(s.host)?;
                 // Registers at home stay in their host register (every exit writes
@@ -1004,7 +1185,7 @@ fn emit(
         if e.pop_flags {
             a.popfq()?;
         }
-        exit_body(&mut a, e, alloc, epilogue)?;
+        exit_body(&mut a, e, alloc, start, opt.bitness == 32, epilogue)?;
     }
     a.set_label(&mut epilogue)?;
     for r in [15u8, 14, 13, 12, 5, 3] {
@@ -1040,11 +1221,19 @@ fn exit_to(
         save_flags,
         left,
         chain,
+        dynamic: false,
     });
     Ok(())
 }
 
-fn exit_body(a: &mut CodeAssembler, e: &Exit, alloc: &Alloc, end: CodeLabel) -> Asm {
+fn exit_body(
+    a: &mut CodeAssembler,
+    e: &Exit,
+    alloc: &Alloc,
+    start: u64,
+    wrap32: bool,
+    end: CodeLabel,
+) -> Asm {
     let rax = hreg(0);
     for (g, h) in alloc.home.iter().enumerate() {
         if let Some(h) = h {
@@ -1060,8 +1249,17 @@ fn exit_body(a: &mut CodeAssembler, e: &Exit, alloc: &Alloc, end: CodeLabel) -> 
     }
     a.mov(qword_ptr(r15 + off::EXIT_AT), e.at as i32)?;
     a.mov(qword_ptr(r15 + off::LEFT), i32::from(e.left))?;
-    a.mov(rax, e.rip)?;
-    a.mov(qword_ptr(r15 + off::RIP), rax)?;
+    if e.dynamic {
+        a.mov(rax, qword_ptr(r15 + off::RIP))?;
+    } else {
+        // RIP: the block's address (where it runs) plus this exit's offset.
+        a.mov(rax, qword_ptr(r15 + off::BLOCK_RIP))?;
+        a.lea(rax, qword_ptr(rax + e.rip.wrapping_sub(start) as i32))?;
+        if wrap32 {
+            a.mov(get_gpr32(Register::EAX), get_gpr32(Register::EAX))?;
+        }
+        a.mov(qword_ptr(r15 + off::RIP), rax)?;
+    }
     if e.chain {
         chain(a, e.at, end)?;
     }
@@ -1115,6 +1313,7 @@ fn chain(a: &mut CodeAssembler, at: u64, end: CodeLabel) -> Asm {
     a.jne(end)?;
     a.add(qword_ptr(r15 + off::DONE), at as i32)?;
     a.mov(qword_ptr(r15 + off::CHAINED), 1)?;
+    a.mov(qword_ptr(r15 + off::BLOCK_RIP), rax)?;
     a.jmp(qword_ptr(rcx + off::CHAIN_ENTRY))
 }
 
@@ -1173,6 +1372,7 @@ fn back_edge(
         save_flags: plan.save[plan.save.len() - 1],
         left: true,
         chain: false,
+        dynamic: false,
     });
     Ok(())
 }
@@ -1202,7 +1402,14 @@ fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Asm {
 /// The memory operand's linear address into `ha` (flags clobbered; `ht` scratch).
 fn address(a: &mut CodeAssembler, s: &Step, ha: AsmRegister64, ht: AsmRegister64) -> Asm {
     let ea = s.ea.expect("a memory operand");
-    if let Some(v) = ea.absolute {
+    if let Some(off) = ea.rip_rel {
+        a.mov(ha, qword_ptr(r15 + off::BLOCK_RIP))?;
+        a.lea(ha, qword_ptr(ha + off))?;
+        if ea.addr32 {
+            let d32 = GPR32[gnum(ha.into()) as usize];
+            a.add_instruction(Instruction::with2(Code::Mov_r32_rm32, d32, d32)?)?;
+        }
+    } else if let Some(v) = ea.absolute {
         a.mov(ha, v)?;
     } else {
         let mem = MemoryOperand::new(

@@ -29,6 +29,9 @@ const DATA_GPA: [u64; 2] = [0x20_0000, 0x30_0000];
 pub struct Guest {
     p: TestPlatform,
     interp: Interpreter,
+    /// The translating tier runs every instruction (each case once to fill the TLB,
+    /// then again for the result).
+    translating: bool,
     pml4: u64,
     base: u64,
     selectors: [u16; 6],
@@ -68,13 +71,37 @@ impl Guest {
             // The instruction bytes change from case to case at the same address: exactly
             // the situation validation exists for.
             interp: Interpreter::new(CodeCoherence::Validate),
+            translating: false,
             pml4: pt.pml4,
             base,
             selectors: native_selectors(),
         }
     }
 
+    /// The same guest with the translating tier translating every block at its first
+    /// run.
+    pub fn translating(native: &Native) -> Guest {
+        let mut g = Guest::new(native);
+        g.interp = Interpreter::new(CodeCoherence::Tracked);
+        g.interp.set_jit(x86::JitMode::On, Some(0));
+        g.translating = true;
+        g
+    }
+
     pub fn run(
+        &mut self,
+        case: &Case,
+        bits: u32,
+    ) -> (Result<StepOutcome, Fault>, CpuState, Vec<u8>) {
+        if self.translating {
+            // A first run fills the TLB (translated code leaves at a miss); the second
+            // runs the instruction translated.
+            let _ = self.run_once(case, bits);
+        }
+        self.run_once(case, bits)
+    }
+
+    fn run_once(
         &mut self,
         case: &Case,
         bits: u32,
@@ -85,6 +112,12 @@ impl Guest {
             self.base + native::INSN32_OFF
         };
         self.p.write(CODE_GPA + (insn & 0xfff), &case.bytes);
+        if self.translating {
+            // The block is the instruction alone: hlt after it is not translated.
+            self.p
+                .write(CODE_GPA + (insn & 0xfff) + case.bytes.len() as u64, &[0xf4]);
+            self.interp.invalidate_code_page(CODE_GPA);
+        }
         self.p.write(DATA_GPA[0], &case.data[..0x1000]);
         self.p.write(DATA_GPA[1], &case.data[0x1000..]);
         let mut cpu = CpuState::long_mode(self.pml4, 3);
@@ -116,7 +149,16 @@ impl Guest {
         f.opmask = r.opmask;
         f.zmm_hi256 = r.zmm_hi256;
         f.hi16_zmm = r.hi16_zmm;
-        let r = self.interp.step(&mut cpu, &mut self.p);
+        let r = if self.translating {
+            self.interp
+                .run(&mut cpu, &mut self.p, 1)
+                .map(|o| StepOutcome {
+                    mnemonic: case.instr.mnemonic(),
+                    halted: o.exit == x86::RunExit::Halt,
+                })
+        } else {
+            self.interp.step(&mut cpu, &mut self.p)
+        };
         let mut data = vec![0u8; DATA_LEN];
         self.p.read(DATA_GPA[0], &mut data[..0x1000]);
         self.p.read(DATA_GPA[1], &mut data[0x1000..]);
@@ -352,6 +394,7 @@ pub fn check_in(
     let slot = Slot::claim();
     let native = &slot.native;
     let mut guest = Guest::new(native);
+    let mut translating = Guest::translating(native);
     let mut rng = Rng::new(seed);
     let mut failures = Vec::new();
     let mut starved = Vec::new();
@@ -373,6 +416,10 @@ pub fn check_in(
             if let Err(e) = compare(&case, native, bits, &nat, &int) {
                 failures.push(e);
             }
+            let jit = translating.run(&case, bits);
+            if let Err(e) = compare(&case, native, bits, &nat, &jit) {
+                failures.push(format!("[translated] {e}"));
+            }
             done += 1;
             if failures.len() >= 12 {
                 break;
@@ -386,7 +433,13 @@ pub fn check_in(
             break;
         }
     }
-    eprintln!("{}: {} cases over {} forms", name, total, forms.len());
+    eprintln!(
+        "{}: {} cases over {} forms, {} run translated",
+        name,
+        total,
+        forms.len(),
+        translating.interp.stats().translated_instructions
+    );
     assert!(
         failures.is_empty(),
         "{}: {} mismatches (first ones):\n{}",

@@ -357,3 +357,95 @@ fn a_taken_branch_after_a_partial_writer_keeps_the_other_flags() {
     assert_eq!(check.0, off.0);
     assert_eq!(on.0, off.0);
 }
+
+/// One code page at two linear addresses (a library in two processes): each address
+/// runs code translated for it (translations hold their guest addresses).
+#[test]
+fn code_at_two_addresses_gets_a_translation_each() {
+    const ALIAS: u64 = 0x80_0000;
+    let mut vm = Vm::long(0);
+    vm.interp.set_jit(JitMode::On, Some(0));
+    vm.pt.map(&vm.p, ALIAS, CODE, 0);
+    vm.code(|a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 5)?;
+        a.set_label(&mut top)?;
+        a.lea(rax, qword_ptr(top))?;
+        a.add(rbx, 1)?;
+        a.add(rdx, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for base in [CODE, ALIAS, CODE, ALIAS] {
+        vm.cpu.rip = base;
+        vm.cpu.gpr[2] = 0;
+        let out = vm.run(1000).expect("run");
+        assert_eq!(out.exit, RunExit::Halt);
+        assert_eq!(
+            vm.cpu.gpr[0],
+            base + 5,
+            "lea of its own address at {base:#x}"
+        );
+        assert_eq!(vm.cpu.gpr[2], 5 * (base + 5));
+    }
+    assert!(vm.interp.stats().blocks_translated >= 2);
+}
+
+/// Calls, returns, pushes and pops run translated: a loop calling a function that saves
+/// and restores registers on the stack; and a return to a non-canonical address raises
+/// #GP at the ret.
+#[test]
+fn calls_returns_and_the_stack() {
+    let code = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        let mut top = a.create_label();
+        let mut func = a.create_label();
+        a.mov(ecx, 300)?;
+        a.mov(rdi, DATA)?;
+        a.set_label(&mut top)?;
+        a.push(rcx)?;
+        a.mov(rsi, rcx)?;
+        a.call(func)?;
+        a.pop(rcx)?;
+        a.add(r12, rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()?;
+        a.set_label(&mut func)?;
+        a.push(rbx)?;
+        a.push(rbp)?;
+        a.mov(rbx, rsi)?;
+        a.imul_2(rbx, rbx)?;
+        a.mov(rbp, qword_ptr(rdi + 8))?;
+        a.lea(rax, qword_ptr(rbx + rbp))?;
+        a.mov(qword_ptr(rdi + 16), rax)?;
+        a.pop(rbp)?;
+        a.pop(rbx)?;
+        a.ret()
+    };
+    let stats = same_everywhere(&code, &fill_data, 1_000_000);
+    assert!(
+        stats.translated_instructions > stats.instructions / 2,
+        "{stats:?}"
+    );
+
+    let mut vm = Vm::long(0);
+    vm.interp.set_jit(JitMode::On, Some(0));
+    vm.code(|a| {
+        a.mov(rax, 0x8000_0000_0000u64)?;
+        a.push(rax)?;
+        a.add(rbx, 1)?;
+        a.add(rbx, 2)?;
+        a.ret()
+    });
+    let r = vm.run(100);
+    assert!(
+        matches!(
+            r,
+            Err(Fault::Exception(x86::Exception::GeneralProtection(0)))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(vm.cpu.gpr[3], 3);
+    assert_eq!(vm.cpu.gpr[4], crate::STACK_TOP - 8, "the ret did not pop");
+}

@@ -14,13 +14,14 @@
 //! device's requests against a disk (`block_queue.rs`), the vsock device's queues
 //! (`vsock_device.rs`), the PCI transport (`virtio_pci.rs`), the legacy ports
 //! (`legacy.rs`), the interrupt controllers (`irqchip.rs`), the software CPU
-//! (`x86_decode.rs`), what a control API client sends (`control_api.rs`), what a
-//! network peer (`frame_stream.rs`) and virtiofsd (`virtio_fs.rs`) send, and what
-//! whoever hands vessel a file or a stream controls: a migration stream
-//! (`migration_stream.rs`), a snapshot's state file and a snapshot being
-//! restored (`snapshot_memory.rs`), a qcow2 disk image (`qcow2.rs`), a VM's vm.toml
-//! (`vm_toml.rs`), the host's host.toml (`host_toml.rs`) and a kernel and initrd
-//! (`kernel.rs`). [`TARGETS`] lists them all; docs/fuzzing.md says how to run them.
+//! (`x86_decode.rs`) and its translating tier (`x86_translate.rs`), what a control
+//! API client sends (`control_api.rs`), what a network peer (`frame_stream.rs`) and
+//! virtiofsd (`virtio_fs.rs`) send, and what whoever hands vessel a file or a stream
+//! controls: a migration stream (`migration_stream.rs`), a snapshot's state file and a
+//! snapshot being restored (`snapshot_memory.rs`), a qcow2 disk image (`qcow2.rs`), a
+//! VM's vm.toml (`vm_toml.rs`), the host's host.toml (`host_toml.rs`) and a kernel and
+//! initrd (`kernel.rs`). [`TARGETS`] lists them all; docs/fuzzing.md says how to run
+//! them.
 
 mod agent;
 pub mod block_queue;
@@ -48,6 +49,7 @@ mod vm_toml;
 pub mod vsock;
 pub mod vsock_device;
 pub mod x86_decode;
+pub mod x86_translate;
 pub use agent::{agent_protocol, agent_protocol_outcome, agent_seeds};
 pub use block_queue::block_queue;
 pub use control_api::control_api;
@@ -69,6 +71,7 @@ pub use vm_toml::vm_toml;
 pub use vsock::{vsock_packets, vsock_packets_stats, vsock_seeds};
 pub use vsock_device::vsock_device;
 pub use x86_decode::x86_decode;
+pub use x86_translate::x86_translate;
 
 /// A fuzz target: its name (the cargo-fuzz binary and corpus directory) and harness.
 pub struct Target {
@@ -77,7 +80,7 @@ pub struct Target {
 }
 
 /// Every target, as the stable smoke runner and the consistency test see them.
-pub const TARGETS: [Target; 25] = [
+pub const TARGETS: [Target; 26] = [
     Target {
         name: "queue",
         run: queue,
@@ -173,6 +176,10 @@ pub const TARGETS: [Target; 25] = [
     Target {
         name: "x86_decode",
         run: x86_decode,
+    },
+    Target {
+        name: "x86_translate",
+        run: x86_translate,
     },
     Target {
         name: "migration_stream",

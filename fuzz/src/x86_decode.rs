@@ -27,14 +27,18 @@ use crate::ops::Ops;
 const RAM: usize = 4 << 20;
 const PML4: u64 = 0x1000;
 /// Where the code goes (a page, then the next one).
-const CODE: u64 = 0x10_0000;
+pub(crate) const CODE: u64 = 0x10_0000;
+/// The code's pages: it starts in the last 0x100 bytes of the first one and takes up to
+/// 0x2000 bytes.
+pub(crate) const CODE_SPAN: usize = 0x3000;
 const DATA: u64 = 0x20_0000;
 const STACK: u64 = 0x30_0000;
 /// How many instructions one input runs at most.
 const STEPS: usize = 16;
 
-struct Guest {
-    mem: GuestMemoryMmap,
+/// The guest around the CPU (also `x86_translate`'s).
+pub(crate) struct Guest {
+    pub(crate) mem: GuestMemoryMmap,
     cpuid: Vec<x86::CpuidLeaf>,
     tsc: u64,
 }
@@ -88,9 +92,10 @@ pub fn x86_decode(data: &[u8]) {
     x86_decode_steps(data);
 }
 
-/// One run; how many instructions completed.
-pub fn x86_decode_steps(data: &[u8]) -> usize {
-    let mut done = 0;
+/// The guest an input describes, its code written, and the CPU state to start from
+/// (also `x86_translate`'s). Around the code, its pages hold `around` (here 0, as RAM
+/// starts).
+pub(crate) fn build_guest(data: &[u8], around: u8) -> (Guest, CpuState) {
     let mut ops = Ops::new(data);
     let mode = ops.u8() % 4;
     let start = u64::from(ops.u8());
@@ -132,16 +137,27 @@ pub fn x86_decode_steps(data: &[u8]) -> usize {
         cpu.gpr[4] = 0xfff0;
     }
     let code = ops.bytes(usize::MAX);
+    if around != 0 {
+        mem.write_slice(&[around; CODE_SPAN], GuestAddress(CODE))
+            .expect("the code pages");
+    }
     mem.write_slice(
         &code[..code.len().min(0x2000)],
         GuestAddress(linear_base + offset),
     )
     .expect("the code");
-    let mut guest = Guest {
+    let guest = Guest {
         mem,
         cpuid: x86::emu_cpuid(0, 1, 1_000_000_000),
         tsc: 0,
     };
+    (guest, cpu)
+}
+
+/// One run; how many instructions completed.
+pub fn x86_decode_steps(data: &[u8]) -> usize {
+    let mut done = 0;
+    let (mut guest, mut cpu) = build_guest(data, 0);
     let mut interp = Interpreter::new(CodeCoherence::Validate);
     for _ in 0..STEPS {
         // What iced makes of the bytes at RIP (linear = CS base + RIP; identity-mapped).
@@ -254,7 +270,7 @@ fn is_x87(insn: &Instruction) -> bool {
 
 /// A seed: mode, start in the page, register bytes (all pointing at the data page when
 /// 0), code.
-fn seed(mode: u8, start: u8, regs: [u8; 16], code: &[u8]) -> Vec<u8> {
+pub(crate) fn seed(mode: u8, start: u8, regs: [u8; 16], code: &[u8]) -> Vec<u8> {
     let mut v = vec![mode, start];
     v.extend(regs);
     v.extend(code);

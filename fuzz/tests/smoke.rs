@@ -114,5 +114,6 @@ smoke_tests!(
     snapshot_memory,
     virtio_fs,
     x86_decode,
+    x86_translate,
     migration_stream,
 );

@@ -90,6 +90,10 @@ fn generated() -> Vec<(&'static str, Seeds)> {
             own(vessel_fuzz::x86_decode::x86_decode_seeds()),
         ),
         (
+            "x86_translate",
+            own(vessel_fuzz::x86_translate::x86_translate_seeds()),
+        ),
+        (
             "kernel_loader",
             own(vec![
                 (
@@ -295,6 +299,16 @@ fn seeds_reach_what_they_are_for() {
         };
         assert_eq!(n, want, "{name}: instructions completed");
     }
+    // The translating tier's seeds run to their hlt both times (at CPL 3, to the #GP
+    // it raises), partly translated, and no less of it the second time (the TLB warm).
+    for (name, bytes) in vessel_fuzz::x86_translate::x86_translate_seeds() {
+        let r = vessel_fuzz::x86_translate::x86_translate_runs(&bytes);
+        let halts = !name.ends_with("cpl3");
+        assert!(
+            r.halted == [halts; 2] && r.translated[0] > 0 && r.translated[1] >= r.translated[0],
+            "{name}: {r:?}"
+        );
+    }
     // The control API seeds are requests answered without a refusal.
     for (name, bytes) in vessel_fuzz::control_api::control_api_seeds() {
         let statuses = vessel_fuzz::control_api::control_api_statuses(&bytes);
@@ -428,6 +442,11 @@ fn virtio_fs_corpus_and_mutations() {
 #[test]
 fn x86_decode_corpus_and_mutations() {
     run("x86_decode", 0x86de_0001, 5000);
+}
+
+#[test]
+fn x86_translate_corpus_and_mutations() {
+    run("x86_translate", 0x86c7_0001, 2000);
 }
 
 /// Every target is a cargo-fuzz binary with its wrapper, a corpus, a stable test and a

@@ -13,6 +13,16 @@
 //! (`Fault::TranslationDiffers`). An exception, an unsupported instruction, `hlt` or
 //! the 65th block translated ends a run. The tier translates 64-bit and 32-bit code;
 //! real-mode inputs run interpreted unless their code leaves real mode.
+//!
+//! Known and excused for now: a run in which an instruction reads a flag an earlier
+//! one left undefined ends quietly instead of failing (the block is decoded in a
+//! straight line from its start to find one). The host and the interpreter disagree
+//! there, as two real CPUs may: `shl` by more than one sets OF on this Intel host
+//! where the interpreter computes it as for a count of one, and `imul` clears ZF where
+//! the interpreter takes it from the result (both found by this target; the inputs
+//! are in `fuzz/known/x86_translate/`, replayed with `VESSEL_FUZZ_REPLAY`). The filter is coarse (an earlier such read
+//! in a block hides a later, unrelated difference; forward branches are ignored);
+//! the fix is for the interpreter to model these flags as the host does, then drop it.
 
 use vm_memory::{Bytes, GuestAddress};
 use x86::{CodeCoherence, CpuState, Fault, Interpreter, JitMode, RunExit};

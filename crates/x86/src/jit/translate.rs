@@ -1012,23 +1012,12 @@ fn emit(
                 } else {
                     a.mov(ha, hs)?;
                 }
-                let slow = a.create_label();
                 let m = MemAccess {
                     size: 8,
                     read: !write,
                     write,
                 };
-                probe(&mut a, m, ha, ht, hu, slow)?;
-                exits.push(Exit {
-                    label: slow,
-                    at: k as u64,
-                    rip: s.ins.ip(),
-                    pop_flags: saved,
-                    save_flags: saved,
-                    left: false,
-                    chain: false,
-                    dynamic: false,
-                });
+                let slow = probe_or_leave(&mut a, &mut exits, m, [ha, ht, hu], k, s, saved)?;
                 if opt.log_stores && write {
                     log_store(&mut a, 8, ha, ht, hu)?;
                 }
@@ -1110,18 +1099,7 @@ fn emit(
                         a.pushfq()?;
                     }
                     address(&mut a, s, ha, ht)?;
-                    let slow = a.create_label();
-                    probe(&mut a, m, ha, ht, hu, slow)?;
-                    exits.push(Exit {
-                        label: slow,
-                        at: k as u64,
-                        rip: s.ins.ip(),
-                        pop_flags: saved,
-                        save_flags: saved,
-                        left: false,
-                        chain: false,
-                        dynamic: false,
-                    });
+                    probe_or_leave(&mut a, &mut exits, m, [ha, ht, hu], k, s, saved)?;
                     if opt.log_stores && m.write {
                         log_store(&mut a, m.size, ha, ht, hu)?;
                     }
@@ -1198,6 +1176,33 @@ fn emit(
     )?;
     let chain_at = r.label_ip(&chain_in)? - at;
     Ok((r.inner.code_buffer, chain_at))
+}
+
+/// The TLB probe for instruction `k`'s access `m` (address in the first register,
+/// the others scratch; the pointer ends in the third), leaving the block at it on a
+/// miss with the flags `saved` on the stack. Returns the miss's label.
+fn probe_or_leave(
+    a: &mut CodeAssembler,
+    exits: &mut Vec<Exit>,
+    m: MemAccess,
+    [ha, ht, hu]: [AsmRegister64; 3],
+    k: usize,
+    s: &Step,
+    saved: bool,
+) -> Result<CodeLabel, iced_x86::IcedError> {
+    let slow = a.create_label();
+    probe(a, m, ha, ht, hu, slow)?;
+    exits.push(Exit {
+        label: slow,
+        at: k as u64,
+        rip: s.ins.ip(),
+        pop_flags: saved,
+        save_flags: saved,
+        left: false,
+        chain: false,
+        dynamic: false,
+    });
+    Ok(slow)
 }
 
 /// Leaves the block from here (in line: the exit's body follows).
@@ -1281,11 +1286,7 @@ fn chain(a: &mut CodeAssembler, at: u64, end: CodeLabel) -> Asm {
     a.add(rcx, qword_ptr(r15 + off::CHAIN))?;
     a.cmp(rax, qword_ptr(rcx + off::CHAIN_LIN))?;
     a.jne(end)?;
-    a.mov(rdx, rax)?;
-    a.shr(rdx, 12)?;
-    a.and(rdx, (crate::hostmem::TLB_SIZE - 1) as i32)?;
-    a.shl(rdx, entry_off::SHIFT)?;
-    a.add(rdx, qword_ptr(r15 + off::TLB))?;
+    tlb_entry(a, rax, rdx)?;
     a.mov(rsi, rax)?;
     a.and(rsi, -4096)?;
     a.or(rsi, qword_ptr(r15 + off::EPOCH))?;
@@ -1440,6 +1441,16 @@ fn address(a: &mut CodeAssembler, s: &Step, ha: AsmRegister64, ht: AsmRegister64
     Ok(())
 }
 
+/// `entry` = the software-TLB entry for the linear address in `lin` (the current
+/// privilege context's set).
+fn tlb_entry(a: &mut CodeAssembler, lin: AsmRegister64, entry: AsmRegister64) -> Asm {
+    a.mov(entry, lin)?;
+    a.shr(entry, 12)?;
+    a.and(entry, (crate::hostmem::TLB_SIZE - 1) as i32)?;
+    a.shl(entry, entry_off::SHIFT)?;
+    a.add(entry, qword_ptr(r15 + off::TLB))
+}
+
 /// The software-TLB probe for `m` at the linear address in `ha`: on a hit `hu` holds
 /// the host pointer; on a miss (or an access crossing the page) jump to `slow`.
 fn probe(
@@ -1450,11 +1461,7 @@ fn probe(
     hu: AsmRegister64,
     slow: CodeLabel,
 ) -> Asm {
-    a.mov(ht, ha)?;
-    a.shr(ht, 12)?;
-    a.and(ht, (crate::hostmem::TLB_SIZE - 1) as i32)?;
-    a.shl(ht, entry_off::SHIFT)?;
-    a.add(ht, qword_ptr(r15 + off::TLB))?;
+    tlb_entry(a, ha, ht)?;
     if m.read {
         a.mov(hu, ha)?;
         a.and(hu, -4096)?;

@@ -148,6 +148,10 @@ impl Bundle {
     pub fn monitor_log(&self) -> PathBuf {
         self.dir.join("monitor.log")
     }
+    /// Held by the monitor's processes while any of them lives.
+    pub fn monitor_lock(&self) -> PathBuf {
+        self.dir.join("monitor.lock")
+    }
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join("control.sock")
     }

@@ -12,6 +12,7 @@ pub mod guest_agent;
 pub mod home;
 pub mod host;
 pub mod ksm;
+pub mod lock;
 pub mod memory;
 pub mod migration;
 pub mod monitor;

@@ -6,7 +6,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -26,6 +25,7 @@ use crate::error::ManagerError;
 use crate::guest_agent::GuestAgent;
 use crate::home::Home;
 use crate::host::{self, Allocation, Host};
+use crate::lock::FileLock;
 use crate::resources;
 use crate::snapshots;
 use crate::spec::{Restart, VmSpec};
@@ -42,30 +42,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Holds `path` locked (flock) until dropped.
-pub(crate) struct FileLock {
-    _held: File,
-}
-
-impl FileLock {
-    pub(crate) fn acquire(path: &Path) -> Result<Self, ManagerError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(ManagerError::io(dir))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(ManagerError::io(path))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(ManagerError::io(path)(std::io::Error::last_os_error()));
-        }
-        Ok(FileLock { _held: file })
-    }
 }
 
 /// The descriptor number a migration's link is handed down on.
@@ -101,6 +77,8 @@ pub fn start_with_link(
 ) -> Result<Status, ManagerError> {
     let _admission = FileLock::acquire(&home.admission_lock())?;
     let bundle = Bundle::open(home, name)?;
+    // A monitor that has just said it stopped may still be taking its cgroup down.
+    crate::lock::wait_free(&bundle.monitor_lock(), Duration::from_secs(10));
     let state = bundle.status().state;
     if matches!(state, VmState::Running | VmState::Paused) {
         return Err(ManagerError::WrongState {
@@ -619,6 +597,8 @@ pub fn run(home: &Home, name: &str) -> Result<(), ManagerError> {
     let bundle = Bundle::open(home, name)?;
     let spec = bundle.spec()?;
     let jailed = spec.sandbox_on().map_err(ManagerError::Other)?;
+    // Held until this process (and, jailed, the one outside the jail) has gone.
+    let _alive = FileLock::acquire(&bundle.monitor_lock())?;
     if jailed {
         jailed::supervise(home, name)?;
     }

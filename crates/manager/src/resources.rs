@@ -97,7 +97,7 @@ pub fn devices_named(settings: &[String]) -> Vec<&str> {
 /// A running VM's CPU policy changed: a larger reservation passes admission again (with
 /// the admission lock held), then the policy is applied.
 pub fn set_live(home: &Home, name: &str, pid: u32, policy: &CpuPolicy) -> Result<(), ManagerError> {
-    let _admission = crate::monitor::FileLock::acquire(&home.admission_lock())?;
+    let _admission = crate::lock::FileLock::acquire(&home.admission_lock())?;
     let host = Host::load(home)?;
     let others: Vec<Allocation> = host::allocations(home)?
         .into_iter()

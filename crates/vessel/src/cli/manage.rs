@@ -430,12 +430,14 @@ fn kill_outright(bundle: &Bundle) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Waits until the monitor has gone (status stopped or crashed).
+/// Waits until the monitor has gone: the status says stopped (or crashed) and its
+/// processes, with what they take down after it (its cgroup, TAPs), have ended.
 fn wait_stopped(bundle: &Bundle, timeout: Duration) -> Result<bool, Failure> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if !matches!(bundle.status().state, VmState::Running | VmState::Paused) {
-            return Ok(true);
+            let left = deadline.saturating_duration_since(Instant::now());
+            return Ok(manager::lock::wait_free(&bundle.monitor_lock(), left));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

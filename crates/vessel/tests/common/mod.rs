@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod home;
+pub mod receiver;
 
 use std::io::Read;
 use std::path::Path;

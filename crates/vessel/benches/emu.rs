@@ -4,7 +4,10 @@
 //!   the init's marker line on the serial console; vessel `--accel emu` (PVH vmlinux
 //!   and bzImage) vs `qemu-system-x86_64 -accel tcg -M pc -cpu max` (bzImage);
 //! - MIPS on a tight integer loop, the same PVH guest on both; two loop lengths, so the
-//!   start-up cost cancels out of the rate.
+//!   start-up cost cancels out of the rate;
+//! - work in the guest (issue 19): the kit's busybox running `gzip -9` over 64 MiB and
+//!   `md5sum` and `sha256sum` over 256 MiB, timed between marker lines the guest prints
+//!   around each job (their output must be the same on both).
 //!
 //! Run with `cargo bench -p vessel --bench emu`. Needs qemu-system-x86_64 and the kit.
 
@@ -30,6 +33,7 @@ fn main() {
     let mut body = String::from("## Software CPU (`--accel emu`) against QEMU TCG\n\n");
     body += &boot(&kit);
     body += &mips();
+    body += &guest_work(&kit);
     update_section("emu", &body).expect("write BENCHMARKS.md");
 }
 
@@ -59,42 +63,41 @@ fn time_to_line(mut cmd: Command, marker: &str, deadline: Duration) -> Option<f6
     found
 }
 
-fn boot(kit: &kit::Kit) -> String {
-    let cmdline = kit::cmdline("", Some("true"));
-    let vessel = |kernel: &std::path::Path, jit: &str| {
-        let mut c = Command::new(VESSEL);
-        c.env("VESSEL_JIT", jit)
-            .arg("run")
-            .arg("--accel")
-            .arg("emu")
-            .arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(&kit.initrd)
-            .args(["--cmdline", &cmdline, "--memory", "512M"]);
-        c
-    };
-    let qemu = || {
-        let mut c = Command::new(QEMU);
-        c.args([
-            "-accel",
-            "tcg",
-            "-M",
-            "pc",
-            "-cpu",
-            "max",
-            "-m",
-            "512M",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
+/// vessel on the software CPU booting the kit's `kernel` with `cmdline`.
+fn vessel_kit(
+    kit: &kit::Kit,
+    kernel: &std::path::Path,
+    jit: &str,
+    cmdline: &str,
+    memory: &str,
+) -> Command {
+    let mut c = Command::new(VESSEL);
+    c.env("VESSEL_JIT", jit)
+        .args(["run", "--accel", "emu", "--kernel"])
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(&kit.initrd)
+        .args(["--cmdline", cmdline, "--memory", memory]);
+    c
+}
+
+/// QEMU's TCG booting the kit's bzImage with `cmdline`.
+fn qemu_kit(kit: &kit::Kit, cmdline: &str, memory: &str) -> Command {
+    let mut c = Command::new(QEMU);
+    c.args(["-accel", "tcg", "-M", "pc", "-cpu", "max", "-m", memory])
+        .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(&kit.bzimage)
         .arg("-initrd")
         .arg(&kit.initrd)
-        .args(["-append", &cmdline]);
-        c
-    };
+        .args(["-append", cmdline]);
+    c
+}
+
+fn boot(kit: &kit::Kit) -> String {
+    let cmdline = kit::cmdline("", Some("true"));
+    let vessel =
+        |kernel: &std::path::Path, jit: &str| vessel_kit(kit, kernel, jit, &cmdline, "512M");
+    let qemu = || qemu_kit(kit, &cmdline, "512M");
     let deadline = Duration::from_secs(300);
     let (mut pvh, mut bz, mut q) = (Vec::new(), Vec::new(), Vec::new());
     let mut interp = Vec::new();
@@ -241,6 +244,132 @@ fn mips() -> String {
         t / q,
         v / q
     );
+    println!("{s}");
+    s
+}
+
+/// The in-guest jobs: a name, and the shell command timed (the files are made before).
+const JOBS: &[(&str, &str)] = &[
+    ("`gzip -9` of 64 MiB of text", "gzip -9 -c /tmp/t | md5sum"),
+    ("`md5sum` of 256 MiB", "md5sum /tmp/z"),
+    ("`sha256sum` of 256 MiB", "sha256sum /tmp/z"),
+];
+
+/// The guest's script: make the files, then each job between `WORK-n-start` and
+/// `WORK-n-end` lines (the jobs' output between them).
+fn work_script() -> String {
+    // Numbers as text (about 0.8 MB) doubled to 64 MiB: quick to make in the guest, and
+    // as much work for gzip as 64 MiB of distinct numbers (it repeats far beyond gzip's
+    // 32 KiB window).
+    let mut s = String::from(
+        "seq 1 120000 > /tmp/s; \
+         for i in 1 2 3 4 5 6 7; do cat /tmp/s /tmp/s > /tmp/s2; mv /tmp/s2 /tmp/s; done; \
+         head -c 67108864 /tmp/s > /tmp/t; rm /tmp/s; \
+         dd if=/dev/zero of=/tmp/z bs=1M count=256 2>/dev/null; ",
+    );
+    for (n, (_, job)) in JOBS.iter().enumerate() {
+        s += &format!("echo WORK-{n}-start; {job}; echo WORK-{n}-end; ");
+    }
+    s
+}
+
+/// Each job's seconds (between its two marker lines as they reach the host) and what
+/// it printed; None where the run ended before the job did.
+fn work_times(mut cmd: Command) -> Vec<Option<(f64, String)>> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut done = vec![None; JOBS.len()];
+    let mut open: Option<(usize, Instant, String)> = None;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    for line in out.lines() {
+        let Ok(line) = line else { break };
+        let line = line.trim().to_string();
+        let marker = line.strip_prefix("WORK-").and_then(|m| m.split_once('-'));
+        match (marker, &mut open) {
+            (Some((n, "start")), _) => {
+                open = n.parse().ok().map(|n| (n, Instant::now(), String::new()));
+            }
+            (Some((_, "end")), Some((n, t, said))) => {
+                done[*n] = Some((t.elapsed().as_secs_f64(), std::mem::take(said)));
+                if *n + 1 == JOBS.len() {
+                    break;
+                }
+                open = None;
+            }
+            (None, Some((_, _, said))) => *said += &line,
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    done
+}
+
+fn guest_work(kit: &kit::Kit) -> String {
+    let cmdline = kit::cmdline("", Some(&work_script()));
+    const RUNS: usize = 3;
+    let collect = |make: &dyn Fn() -> Command, runs: usize| -> Vec<Vec<(f64, String)>> {
+        let mut per_job = vec![Vec::new(); JOBS.len()];
+        for _ in 0..runs {
+            for (k, r) in work_times(make()).into_iter().enumerate() {
+                per_job[k].extend(r);
+            }
+        }
+        per_job
+    };
+    let q = collect(&|| qemu_kit(kit, &cmdline, "1G"), RUNS);
+    let t = collect(
+        &|| vessel_kit(kit, &kit.vmlinux, "on", &cmdline, "1G"),
+        RUNS,
+    );
+    let i = collect(&|| vessel_kit(kit, &kit.vmlinux, "off", &cmdline, "1G"), 1);
+    let med = |v: &[(f64, String)]| {
+        let mut s: Vec<f64> = v.iter().map(|r| r.0).collect();
+        (!s.is_empty()).then(|| median(&mut s))
+    };
+    let cell = |v: Option<f64>| v.map_or("did not finish".into(), |x| format!("{x:.2}"));
+    let mut s = format!(
+        "### Work in the guest (kit kernel {}, busybox, 1 GiB, 1 vCPU; median of {RUNS}, \
+         the interpreter once)\n\n\
+         Seconds between the marker lines the guest prints around each job (the files are \
+         made before, untimed). QEMU: `-M pc -cpu max`, bzImage; vessel: PVH vmlinux.\n\n\
+         | job | QEMU TCG s | vessel s | vessel / QEMU speed | interpreter only s |\n\
+         | --- | --- | --- | --- | --- |\n",
+        kit.kernel_version
+    );
+    for (k, (name, _)) in JOBS.iter().enumerate() {
+        // The same output everywhere, or the figures mean nothing.
+        let outputs: Vec<&String> = q[k]
+            .iter()
+            .chain(&t[k])
+            .chain(&i[k])
+            .map(|r| &r.1)
+            .collect();
+        assert!(
+            outputs.windows(2).all(|w| w[0] == w[1]),
+            "{name}: the runs printed different things: {outputs:?}"
+        );
+        let (qm, tm) = (med(&q[k]), med(&t[k]));
+        let speed = match (qm, tm) {
+            (Some(a), Some(b)) => format!("**{:.2}x**", a / b),
+            _ => "-".into(),
+        };
+        s += &format!(
+            "| {name} | {} | {} | {speed} | {} |\n",
+            cell(qm),
+            cell(tm),
+            cell(med(&i[k]))
+        );
+    }
+    s += "\nTarget (issue 19): at least 1.0x QEMU's speed for each.\n\n";
     println!("{s}");
     s
 }

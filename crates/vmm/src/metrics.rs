@@ -205,6 +205,7 @@ impl Metrics {
         t.tlb_flushes += s.tlb_flushes;
         t.translated_instructions += s.translated_instructions;
         t.blocks_translated += s.blocks_translated;
+        t.pause_loops += s.pause_loops;
     }
 
     pub fn summary(&self) -> String {
@@ -241,7 +242,7 @@ impl Metrics {
         format!(
             "\nsoftware CPU: instructions={} blocks_decoded={} blocks_invalidated={} \
              slow_lookups={} page_walks={} tlb_flushes={} translated_instructions={} \
-             blocks_translated={}",
+             blocks_translated={} pause_loops={}",
             s.instructions,
             s.blocks_decoded,
             s.blocks_invalidated,
@@ -249,7 +250,8 @@ impl Metrics {
             s.page_walks,
             s.tlb_flushes,
             s.translated_instructions,
-            s.blocks_translated
+            s.blocks_translated,
+            s.pause_loops
         )
     }
 

@@ -49,6 +49,8 @@ pub struct Stats {
     pub translated_instructions: u64,
     /// Blocks translated.
     pub blocks_translated: u64,
+    /// Runs ended in a spin loop ([`RunExit::PauseLoop`]).
+    pub pause_loops: u64,
 }
 
 /// What one `step` did.
@@ -72,6 +74,9 @@ pub enum RunExit {
     InterruptWindow,
     /// [`Platform::attention`] returned true between two blocks.
     Attention,
+    /// The vCPU spins: many PAUSEs in this run (RIP is after the last). Like a
+    /// pause-loop exit in hardware, a chance to let the vCPU it waits for run.
+    PauseLoop,
 }
 
 /// What one `run` did.
@@ -123,6 +128,7 @@ pub struct Interpreter {
     /// that find the same (guest code cannot change translations behind it).
     kept: Option<(Layout, [u64; 4])>,
     instructions: u64,
+    pause_loops: u64,
 }
 
 impl Default for Interpreter {
@@ -146,6 +152,7 @@ impl Interpreter {
             trap: None,
             kept: None,
             instructions: 0,
+            pause_loops: 0,
         }
     }
 
@@ -192,6 +199,7 @@ impl Interpreter {
             tlb_flushes: self.tlb.flushes,
             translated_instructions: self.cache.jit.instructions,
             blocks_translated: self.cache.jit.translated,
+            pause_loops: self.pause_loops,
         }
     }
 
@@ -343,6 +351,9 @@ impl Interpreter {
         });
         self.trap = trap;
         self.instructions += done;
+        if matches!(r, Ok((RunExit::PauseLoop, _))) {
+            self.pause_loops += 1;
+        }
         r.map(|(exit, mn)| {
             (
                 RunOutcome {
@@ -514,6 +525,7 @@ fn run_loop(
                 return Ok((
                     match m.stop.take() {
                         Some(StopReason::Halt) | None => RunExit::Halt,
+                        Some(StopReason::PauseLoop) => RunExit::PauseLoop,
                     },
                     last,
                 ));

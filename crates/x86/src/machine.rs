@@ -32,7 +32,13 @@ pub(crate) const EXIT_UNSUPPORTED: u8 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum StopReason {
     Halt,
+    PauseLoop,
 }
+
+/// PAUSEs in one run that make it a spin loop worth leaving (hardware's pause-loop
+/// exiting uses a window of about 4096 cycles; this is about a thousand instructions
+/// of a typical spin).
+pub(crate) const PAUSE_LOOP: u32 = 256;
 
 pub(crate) struct Machine<'a> {
     /// GPRs 0-15, RIP (16), zero (17); sized 32 so that masked indices need no bounds check.
@@ -62,6 +68,8 @@ pub(crate) struct Machine<'a> {
     pub stack_mask: u64,
     pub exit: u8,
     pub stop: Option<StopReason>,
+    /// PAUSEs executed in this run (a spin loop is left at every [`PAUSE_LOOP`]th).
+    pub pauses: u32,
     /// Code pages this interpreter wrote during the current block, for its cache to drop
     /// (other interpreters notice through the code map).
     pub smc: Vec<u64>,
@@ -100,6 +108,7 @@ impl<'a> Machine<'a> {
             stack_mask: u64::MAX,
             exit: 0,
             stop: None,
+            pauses: 0,
             smc: Vec::new(),
             layout: Layout::UNKNOWN,
             reserved: Default::default(),

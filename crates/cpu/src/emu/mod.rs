@@ -242,11 +242,13 @@ impl Vcpu for EmuVcpu {
                 *p.samples.entry(self.cpu.rip).or_default() += 1;
             }
             match outcome {
-                Ok(out) => {
-                    if out.exit == RunExit::Halt {
-                        self.halted = true;
-                    }
-                }
+                Ok(out) => match out.exit {
+                    RunExit::Halt => self.halted = true,
+                    // Spinning on a lock another vCPU holds: give its thread (or anything
+                    // else that waits for this core) the CPU.
+                    RunExit::PauseLoop => std::thread::yield_now(),
+                    _ => {}
+                },
                 Err(Fault::Exception(e)) => {
                     if let Some(exit) = self.deliver(Event::Exception(e)) {
                         return Ok(exit);

@@ -4,7 +4,10 @@
 use iced_x86::{Instruction, Mnemonic as Mn, OpKind, Register};
 
 use crate::decode::{Cx, Handler, Insn, K, kind, op_size};
-use crate::machine::{Imm, Loc, Machine, Mem, R, Rd, Rs, W8, W16, W32, W64, Width, ZERO};
+use crate::machine::{
+    EXIT_RUN, Imm, Loc, Machine, Mem, PAUSE_LOOP, R, Rd, Rs, StopReason, W8, W16, W32, W64, Width,
+    ZERO,
+};
 use crate::state::rflags::{AF, CF, DF, PF, SF, ZF};
 
 pub(crate) fn mov<W: Width, D: Loc, S: Loc>(m: &mut Machine, i: &Insn) -> R {
@@ -133,8 +136,15 @@ fn mfence(_m: &mut Machine, _i: &Insn) -> R {
     Ok(())
 }
 
-fn pause(_m: &mut Machine, _i: &Insn) -> R {
+/// A spin-wait hint; every [`PAUSE_LOOP`]th in a run leaves it, so the vCPU's thread
+/// can give way to the one holding what it waits for.
+fn pause(m: &mut Machine, _i: &Insn) -> R {
     std::hint::spin_loop();
+    m.pauses += 1;
+    if m.pauses % PAUSE_LOOP == 0 {
+        m.stop = Some(StopReason::PauseLoop);
+        m.exit |= EXIT_RUN;
+    }
     Ok(())
 }
 

@@ -335,6 +335,38 @@ fn attention_stops_between_blocks() {
     );
 }
 
+/// A spin loop (PAUSE then a branch back) ends the run after 256 PAUSEs, as
+/// pause-loop exiting does in hardware, with RIP after the last; a loop without PAUSE
+/// runs its whole budget.
+#[test]
+fn a_pause_loop_ends_the_run() {
+    let mut vm = Vm::long(0);
+    vm.code(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.pause()?;
+        a.jmp(top)
+    });
+    let out = vm.run(1_000_000).expect("run");
+    assert_eq!((out.exit, out.executed), (RunExit::PauseLoop, 3 * 256 - 1));
+    assert_eq!(vm.cpu.gpr[0], 256);
+    let again = vm.run(1_000_000).expect("run");
+    assert_eq!((again.exit, again.executed), (RunExit::PauseLoop, 3 * 256));
+    assert_eq!(vm.interp.stats().pause_loops, 2);
+
+    let mut vm = Vm::long(0);
+    vm.code(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.nop()?;
+        a.jmp(top)
+    });
+    let out = vm.run(30_000).expect("run");
+    assert_eq!((out.exit, out.executed), (RunExit::Budget, 30_000));
+}
+
 #[test]
 fn far_jump_and_call_in_protected_mode() {
     let mut p = TestPlatform::new(1 << 20);

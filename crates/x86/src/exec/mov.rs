@@ -141,7 +141,7 @@ fn mfence(_m: &mut Machine, _i: &Insn) -> R {
 fn pause(m: &mut Machine, _i: &Insn) -> R {
     std::hint::spin_loop();
     m.pauses += 1;
-    if m.pauses % PAUSE_LOOP == 0 {
+    if m.pauses.is_multiple_of(PAUSE_LOOP) {
         m.stop = Some(StopReason::PauseLoop);
         m.exit |= EXIT_RUN;
     }

@@ -423,6 +423,11 @@ struct Alloc {
     u: u8,
     /// Per-instruction temporaries for guest registers without a home.
     temps: Vec<u8>,
+    /// Where a block that loops on itself keeps the count of instructions run before
+    /// this iteration (the context's `done`, written back at every exit), when every
+    /// guest register has a home and a host register is left: the count then makes no
+    /// chain through memory from one iteration to the next.
+    count: Option<u8>,
 }
 
 impl Alloc {
@@ -452,12 +457,14 @@ impl Alloc {
             }
         }
         let free: Vec<u8> = free.collect();
+        let all_homed = cap == order.len();
         Alloc {
             home,
             a: free[0],
             t: free[1],
             u: free[2],
             temps: free[3..].iter().copied().take(3).collect(),
+            count: free.get(3).copied().filter(|_| all_homed),
         }
     }
 }
@@ -955,6 +962,14 @@ fn emit(
             a.mov(hreg(*h), qword_ptr(r15 + off::reg(g as u8)))?;
         }
     }
+    let loops = opt.loops
+        && steps
+            .iter()
+            .any(|s| matches!(s.kind, Kind::Branch { target, .. } if target == start));
+    let count = alloc.count.filter(|_| loops).map(hreg);
+    if let Some(c) = count {
+        a.mov(c, qword_ptr(r15 + off::DONE))?;
+    }
     if flags.flags_in {
         a.pushfq()?;
         a.pop(ht)?;
@@ -1146,13 +1161,18 @@ fn emit(
         {
             // The instructions jumped over did not run: take them off the count
             // (exits count from the block's start). mov and lea keep the flags.
-            let ht = hreg(alloc.t);
-            a.mov(ht, qword_ptr(r15 + off::DONE))?;
-            a.lea(ht, qword_ptr(ht - (t as u64 - at) as i32))?;
-            a.mov(qword_ptr(r15 + off::DONE), ht)?;
+            let back = (t as u64 - at) as i32;
+            if let Some(c) = count {
+                a.lea(c, qword_ptr(c - back))?;
+            } else {
+                let ht = hreg(alloc.t);
+                a.mov(ht, qword_ptr(r15 + off::DONE))?;
+                a.lea(ht, qword_ptr(ht - back))?;
+                a.mov(qword_ptr(r15 + off::DONE), ht)?;
+            }
             a.jmp(l)?;
         } else if opt.loops && target == start {
-            back_edge(&mut a, alloc, at, n, top, &mut exits, start, flags)?;
+            back_edge(&mut a, alloc, count, at, n, top, &mut exits, start, flags)?;
         } else {
             exit_to(&mut a, &mut exits, at, target, save, true, opt.chain)?;
         }
@@ -1162,6 +1182,9 @@ fn emit(
         a.set_label(&mut e.label)?;
         if e.pop_flags {
             a.popfq()?;
+        }
+        if let Some(c) = count {
+            a.mov(qword_ptr(r15 + off::DONE), c)?;
         }
         exit_body(&mut a, e, alloc, start, opt.bitness == 32, epilogue)?;
     }
@@ -1324,6 +1347,7 @@ fn chain(a: &mut CodeAssembler, at: u64, end: CodeLabel) -> Asm {
 fn back_edge(
     a: &mut CodeAssembler,
     alloc: &Alloc,
+    count: Option<AsmRegister64>,
     at: u64,
     n: u64,
     top: CodeLabel,
@@ -1344,10 +1368,18 @@ fn back_edge(
     }
     let stop = a.create_label();
     // This iteration ran `at` instructions; the next may run all `n`.
-    a.mov(ht, qword_ptr(r15 + off::DONE))?;
-    a.add(ht, at as i32)?;
-    a.mov(qword_ptr(r15 + off::DONE), ht)?;
-    a.lea(hu, qword_ptr(ht + n as i32))?;
+    let done = match count {
+        Some(c) => c,
+        None => {
+            a.mov(ht, qword_ptr(r15 + off::DONE))?;
+            ht
+        }
+    };
+    a.add(done, at as i32)?;
+    if count.is_none() {
+        a.mov(qword_ptr(r15 + off::DONE), ht)?;
+    }
+    a.lea(hu, qword_ptr(done + n as i32))?;
     a.cmp(hu, qword_ptr(r15 + off::LIMIT))?;
     a.ja(stop)?;
     a.mov(ht, qword_ptr(r15 + off::ATTENTION))?;

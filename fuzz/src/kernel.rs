@@ -81,7 +81,9 @@ fn multiboot_addresses(k: &[u8]) -> bool {
 
 /// The PT_LOAD segments with file content: (file offset, physical address, size), of
 /// a 64-bit ELF or (`wide` false) a 32-bit one.
-fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize)> {
+/// The loadable segments with file content, in the file's order: (offset, physical
+/// address, file size, memory size).
+fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize, u64)> {
     let (w, phoff, phnum, size) = if wide {
         (8, le(k, 0x20, 8), le(k, 0x38, 2), 56)
     } else {
@@ -90,18 +92,23 @@ fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize)> {
     let (Some(phoff), Some(phnum)) = (phoff, phnum) else {
         return Vec::new();
     };
-    // Field offsets: p_offset, p_paddr, p_filesz.
-    let fields = if wide { [8, 24, 32] } else { [4, 12, 16] };
+    // Field offsets: p_offset, p_paddr, p_filesz, p_memsz.
+    let fields = if wide {
+        [8, 24, 32, 40]
+    } else {
+        [4, 12, 16, 20]
+    };
     (0..phnum as usize)
         .filter_map(|i| {
             let at = (phoff as usize).checked_add(size * i)?;
             let kind = le(k, at, 4)?;
-            let (offset, paddr, filesz) = (
+            let (offset, paddr, filesz, memsz) = (
                 le(k, at + fields[0], w)?,
                 le(k, at + fields[1], w)?,
                 le(k, at + fields[2], w)?,
+                le(k, at + fields[3], w)?,
             );
-            (kind == 1 && filesz > 0).then_some((offset as usize, paddr, filesz as usize))
+            (kind == 1 && filesz > 0).then_some((offset as usize, paddr, filesz as usize, memsz))
         })
         .collect()
 }
@@ -179,14 +186,23 @@ pub fn kernel_loads(data: &[u8]) -> bool {
                 && !(loaded.format == KernelFormat::Multiboot
                     && multiboot_addresses(kernel_bytes)) =>
         {
-            for (offset, paddr, size) in elf_segments(kernel_bytes, class == Some(2)) {
+            let segments = elf_segments(kernel_bytes, class == Some(2));
+            for (i, &(offset, paddr, size, _)) in segments.iter().enumerate() {
                 let Some(content) = kernel_bytes.get(offset..offset.saturating_add(size)) else {
                     continue;
                 };
-                assert!(
-                    holds(&mem, paddr, content),
-                    "the segment at {paddr:#x}+{size:#x} was overwritten"
-                );
+                // Segments load in the file's order: where a later one lies over this
+                // one (its file bytes or the zeros up to its memory size), it wins.
+                let later = &segments[i + 1..];
+                let covered = |a: u64| {
+                    later
+                        .iter()
+                        .any(|&(_, p, f, m)| a >= p && a - p < m.max(f as u64))
+                };
+                let mut back = vec![0u8; size];
+                assert!(mem.read_slice(&mut back, GuestAddress(paddr)).is_ok());
+                let kept = (0..size).all(|j| covered(paddr + j as u64) || back[j] == content[j]);
+                assert!(kept, "the segment at {paddr:#x}+{size:#x} was overwritten");
                 kernel_end = kernel_end.max(paddr + size as u64);
             }
             assert_eq!(loaded.entry.rbx, layout::PVH_INFO_START);

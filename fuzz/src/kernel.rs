@@ -81,8 +81,8 @@ fn multiboot_addresses(k: &[u8]) -> bool {
 
 /// The PT_LOAD segments with file content: (file offset, physical address, size), of
 /// a 64-bit ELF or (`wide` false) a 32-bit one.
-/// The loadable segments with file content, in the file's order: (offset, physical
-/// address, file size, memory size).
+/// The loadable segments, in the file's order (those without file content too: their
+/// zeros lie over earlier ones): (offset, physical address, file size, memory size).
 fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize, u64)> {
     let (w, phoff, phnum, size) = if wide {
         (8, le(k, 0x20, 8), le(k, 0x38, 2), 56)
@@ -108,7 +108,7 @@ fn elf_segments(k: &[u8], wide: bool) -> Vec<(usize, u64, usize, u64)> {
                 le(k, at + fields[2], w)?,
                 le(k, at + fields[3], w)?,
             );
-            (kind == 1 && filesz > 0).then_some((offset as usize, paddr, filesz as usize, memsz))
+            (kind == 1).then_some((offset as usize, paddr, filesz as usize, memsz))
         })
         .collect()
 }

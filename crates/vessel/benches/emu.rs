@@ -12,7 +12,7 @@
 //! Run with `cargo bench -p vessel --bench emu`. Needs qemu-system-x86_64 and the kit.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testguest::code_asm::*;
@@ -37,18 +37,24 @@ fn main() {
     update_section("emu", &body).expect("write BENCHMARKS.md");
 }
 
-/// Spawns `cmd` and returns the time until a stdout line contains `marker` (then kills it).
-fn time_to_line(mut cmd: Command, marker: &str, deadline: Duration) -> Option<f64> {
-    let start = Instant::now();
-    let mut child: Child = cmd
+/// Spawns `cmd` with nothing on stdin, its stdout read line by line.
+fn spawn_reading(mut cmd: Command) -> (Child, std::io::Lines<BufReader<ChildStdout>>) {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let out = BufReader::new(child.stdout.take().unwrap());
+    let out = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, out)
+}
+
+/// Spawns `cmd` and returns the time until a stdout line contains `marker` (then kills it).
+fn time_to_line(cmd: Command, marker: &str, deadline: Duration) -> Option<f64> {
+    let start = Instant::now();
+    let (mut child, out) = spawn_reading(cmd);
     let mut found = None;
-    for line in out.lines() {
+    for line in out {
         let Ok(line) = line else { break };
         if line.contains(marker) {
             found = Some(start.elapsed().as_secs_f64());
@@ -275,18 +281,12 @@ fn work_script() -> String {
 
 /// Each job's seconds (between its two marker lines as they reach the host) and what
 /// it printed; None where the run ended before the job did.
-fn work_times(mut cmd: Command) -> Vec<Option<(f64, String)>> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let out = BufReader::new(child.stdout.take().unwrap());
+fn work_times(cmd: Command) -> Vec<Option<(f64, String)>> {
+    let (mut child, out) = spawn_reading(cmd);
     let mut done = vec![None; JOBS.len()];
     let mut open: Option<(usize, Instant, String)> = None;
     let deadline = Instant::now() + Duration::from_secs(900);
-    for line in out.lines() {
+    for line in out {
         let Ok(line) = line else { break };
         let line = line.trim().to_string();
         let marker = line.strip_prefix("WORK-").and_then(|m| m.split_once('-'));

@@ -828,8 +828,6 @@ fn sized_addr(h: u8, addr32: bool) -> Register {
 struct FlagPlan {
     /// Restore the guest's flags into the host's at entry.
     flags_in: bool,
-    /// Per instruction: flags must survive a probe before it.
-    keep: Vec<bool>,
     /// Per exit point k (before instruction k, and k == len at the end): the host's
     /// flags hold the guest's and are written back.
     save: Vec<bool>,
@@ -863,34 +861,11 @@ impl FlagPlan {
             written |= s.flags_written != 0;
         }
         save[steps.len()] = flags_in || written;
-        // After a probe at k the guest's flags must be back in the host's when
-        // instruction k reads them, or when they are still live after it: something
-        // later reads them, or may leave the block (a probe's miss, the end) carrying
-        // them, before all six are written again.
-        let mut keep = vec![false; steps.len()];
-        for k in 0..steps.len() {
-            if !save[k] {
-                continue;
-            }
-            let s = &steps[k];
-            let mut live = true;
-            for later in &steps[k + 1..] {
-                if later.flags_read != 0 || probes(later) {
-                    break;
-                }
-                if later.flags_written == ALL_FLAGS {
-                    live = false;
-                    break;
-                }
-            }
-            keep[k] = s.flags_read != 0 || (s.flags_written != ALL_FLAGS && live);
-        }
         let first_writer = steps.iter().position(|s| s.flags_written != 0);
         let save_at_back_edge =
             !flags_in && first_writer.is_some_and(|w| steps[..=w].iter().any(|s| s.kind.probes()));
         FlagPlan {
             flags_in,
-            keep,
             save,
             save_at_back_edge,
         }
@@ -922,7 +897,7 @@ struct Exit {
     label: CodeLabel,
     at: u64,
     rip: u64,
-    /// Flags were pushed for a probe: pop them first.
+    /// The guest's flags are on the host stack (stashed for a probe): pop them.
     pop_flags: bool,
     save_flags: bool,
     /// The guest leaves the block (a branch taken, a loop stopped).
@@ -934,6 +909,51 @@ struct Exit {
 }
 
 type Asm = Result<(), iced_x86::IcedError>;
+
+/// The guest's flags put aside on the host stack around a probe (which clobbers the
+/// host's), left there while nothing needs them in the host's flags: a probe's miss or
+/// another exit takes them from the stack, and `popfq` (slow) is paid only when an
+/// instruction reads them or writes some of them.
+#[derive(Default)]
+struct Stash {
+    on: bool,
+}
+
+impl Stash {
+    /// Before a probe: `live`, the host's flags hold the guest's.
+    fn put(&mut self, a: &mut CodeAssembler, live: bool) -> Asm {
+        if live && !self.on {
+            a.pushfq()?;
+            self.on = true;
+        }
+        Ok(())
+    }
+
+    /// The guest's flags back in the host's.
+    fn restore(&mut self, a: &mut CodeAssembler) -> Asm {
+        if self.on {
+            a.popfq()?;
+            self.on = false;
+        }
+        Ok(())
+    }
+
+    /// Before `s` runs: its flags back in the host's when it reads them or writes only
+    /// some; thrown away when it writes all six; else left on the stack.
+    fn before(&mut self, a: &mut CodeAssembler, s: &Step) -> Asm {
+        if !self.on {
+            return Ok(());
+        }
+        if s.flags_read != 0 || s.flags_written != 0 && s.flags_written != ALL_FLAGS {
+            self.restore(a)
+        } else if s.flags_written == ALL_FLAGS {
+            self.on = false;
+            a.lea(rsp, qword_ptr(rsp + 8))
+        } else {
+            Ok(())
+        }
+    }
+}
 
 fn emit(
     steps: &[Step],
@@ -994,8 +1014,11 @@ fn emit(
             }
         }
     }
+    let mut stash = Stash::default();
     for (k, s) in steps.iter().enumerate() {
         if let Some(l) = &mut targets[k] {
+            // Branches come in with the flags in the host's.
+            stash.restore(&mut a)?;
             a.set_label(l)?;
             if s.kind == Kind::Nop {
                 a.nop()?;
@@ -1007,6 +1030,7 @@ fn emit(
                 // Taken paths go out of line; a conditional branch falls through to
                 // the rest of the block (the interpreter's blocks go on past them).
                 let taken = a.create_label();
+                stash.restore(&mut a)?;
                 if cc == ConditionCode::None {
                     a.jmp(taken)?;
                     ended = true;
@@ -1017,10 +1041,7 @@ fn emit(
             }
             Kind::Push | Kind::Pop | Kind::Call { .. } | Kind::Ret => {
                 let hs = hreg(alloc.home[4].expect("rsp at home"));
-                let saved = flags.save[k];
-                if saved {
-                    a.pushfq()?;
-                }
+                stash.put(&mut a, flags.save[k])?;
                 let write = matches!(s.kind, Kind::Push | Kind::Call { .. });
                 if write {
                     a.lea(ha, qword_ptr(hs - 8))?;
@@ -1032,7 +1053,7 @@ fn emit(
                     read: !write,
                     write,
                 };
-                let slow = probe_or_leave(&mut a, &mut exits, m, [ha, ht, hu], k, s, saved)?;
+                let slow = probe_or_leave(&mut a, &mut exits, m, [ha, ht, hu], k, s, stash.on)?;
                 if opt.log_stores && write {
                     log_store(&mut a, 8, ha, ht, hu)?;
                 }
@@ -1058,11 +1079,7 @@ fn emit(
                         a.jne(slow)?;
                     }
                 }
-                if flags.keep[k] {
-                    a.popfq()?;
-                } else if saved {
-                    a.lea(rsp, qword_ptr(rsp + 8))?;
-                }
+                stash.before(&mut a, s)?;
                 if write {
                     a.lea(hs, qword_ptr(hs - 8))?;
                 } else {
@@ -1074,9 +1091,8 @@ fn emit(
                         exit_to(
                             &mut a,
                             &mut exits,
-                            k as u64 + 1,
-                            target,
-                            save,
+                            (k as u64 + 1, target),
+                            (save, stash.on),
                             true,
                             opt.chain,
                         )?;
@@ -1090,7 +1106,7 @@ fn emit(
                             label: l,
                             at: k as u64 + 1,
                             rip: 0,
-                            pop_flags: false,
+                            pop_flags: stash.on,
                             save_flags: save,
                             left: true,
                             chain: opt.chain,
@@ -1109,21 +1125,14 @@ fn emit(
                     // The guest's flags, when the host's hold them, survive the probe:
                     // on the stack for a miss (the exit hands them over), and back in
                     // the host's flags if something reads them later.
-                    let saved = flags.save[k];
-                    if saved {
-                        a.pushfq()?;
-                    }
+                    stash.put(&mut a, flags.save[k])?;
                     address(&mut a, s, ha, ht)?;
-                    probe_or_leave(&mut a, &mut exits, m, [ha, ht, hu], k, s, saved)?;
+                    probe_or_leave(&mut a, &mut exits, m, [ha, ht, hu], k, s, stash.on)?;
                     if opt.log_stores && m.write {
                         log_store(&mut a, m.size, ha, ht, hu)?;
                     }
-                    if flags.keep[k] {
-                        a.popfq()?;
-                    } else if saved {
-                        a.lea(rsp, qword_ptr(rsp + 8))?;
-                    }
                 }
+                stash.before(&mut a, s)?;
                 if let Some(h) = s.block_rip_into {
                     a.mov(hreg(h), qword_ptr(r15 + off::BLOCK_RIP))?;
                 }
@@ -1143,9 +1152,8 @@ fn emit(
         exit_to(
             &mut a,
             &mut exits,
-            n,
-            last,
-            flags.save[steps.len()],
+            (n, last),
+            (flags.save[steps.len()], stash.on),
             false,
             opt.chain,
         )?;
@@ -1174,15 +1182,19 @@ fn emit(
         } else if opt.loops && target == start {
             back_edge(&mut a, alloc, count, at, n, top, &mut exits, start, flags)?;
         } else {
-            exit_to(&mut a, &mut exits, at, target, save, true, opt.chain)?;
+            exit_to(
+                &mut a,
+                &mut exits,
+                (at, target),
+                (save, false),
+                true,
+                opt.chain,
+            )?;
         }
     }
     // The exits, out of line.
     for e in &mut exits {
         a.set_label(&mut e.label)?;
-        if e.pop_flags {
-            a.popfq()?;
-        }
         if let Some(c) = count {
             a.mov(qword_ptr(r15 + off::DONE), c)?;
         }
@@ -1203,7 +1215,7 @@ fn emit(
 
 /// The TLB probe for instruction `k`'s access `m` (address in the first register,
 /// the others scratch; the pointer ends in the third), leaving the block at it on a
-/// miss with the flags `saved` on the stack. Returns the miss's label.
+/// miss with the guest's flags on the stack when `stashed`. Returns the miss's label.
 fn probe_or_leave(
     a: &mut CodeAssembler,
     exits: &mut Vec<Exit>,
@@ -1211,7 +1223,7 @@ fn probe_or_leave(
     [ha, ht, hu]: [AsmRegister64; 3],
     k: usize,
     s: &Step,
-    saved: bool,
+    stashed: bool,
 ) -> Result<CodeLabel, iced_x86::IcedError> {
     let slow = a.create_label();
     probe(a, m, ha, ht, hu, slow)?;
@@ -1219,8 +1231,8 @@ fn probe_or_leave(
         label: slow,
         at: k as u64,
         rip: s.ins.ip(),
-        pop_flags: saved,
-        save_flags: saved,
+        pop_flags: stashed,
+        save_flags: stashed,
         left: false,
         chain: false,
         dynamic: false,
@@ -1228,14 +1240,14 @@ fn probe_or_leave(
     Ok(slow)
 }
 
-/// Leaves the block from here (in line: the exit's body follows).
-#[allow(clippy::too_many_arguments)]
+/// Leaves the block from here (in line: the exit's body follows) with `at`
+/// instructions done and the guest at `rip`; the guest's flags saved (from the host's,
+/// or from the stash when `stashed`).
 fn exit_to(
     a: &mut CodeAssembler,
     exits: &mut Vec<Exit>,
-    at: u64,
-    rip: u64,
-    save_flags: bool,
+    (at, rip): (u64, u64),
+    (save_flags, stashed): (bool, bool),
     left: bool,
     chain: bool,
 ) -> Asm {
@@ -1245,7 +1257,7 @@ fn exit_to(
         label: l,
         at,
         rip,
-        pop_flags: false,
+        pop_flags: stashed,
         save_flags,
         left,
         chain,
@@ -1268,8 +1280,13 @@ fn exit_body(
             a.mov(qword_ptr(r15 + off::reg(g as u8)), hreg(*h))?;
         }
     }
+    if e.pop_flags && !e.save_flags {
+        a.lea(rsp, qword_ptr(rsp + 8))?;
+    }
     if e.save_flags {
-        a.pushfq()?;
+        if !e.pop_flags {
+            a.pushfq()?;
+        }
         a.pop(rax)?;
         a.and(rax, crate::state::rflags::ARITH as i32)?;
         a.mov(qword_ptr(r15 + off::FLAGS), rax)?;

@@ -1491,17 +1491,21 @@ fn address(a: &mut CodeAssembler, s: &Step, ha: AsmRegister64, ht: AsmRegister64
 }
 
 /// `entry` = the software-TLB entry for the linear address in `lin` (the current
-/// privilege context's set).
+/// privilege context's set): the page number's low bits, scaled to the entry's size,
+/// in one shift and one mask.
 fn tlb_entry(a: &mut CodeAssembler, lin: AsmRegister64, entry: AsmRegister64) -> Asm {
+    const INDEX_MASK: i32 = ((crate::hostmem::TLB_SIZE - 1) << entry_off::SHIFT) as i32;
     a.mov(entry, lin)?;
-    a.shr(entry, 12)?;
-    a.and(entry, (crate::hostmem::TLB_SIZE - 1) as i32)?;
-    a.shl(entry, entry_off::SHIFT)?;
+    a.shr(entry, 12 - entry_off::SHIFT)?;
+    a.and(entry, INDEX_MASK)?;
     a.add(entry, qword_ptr(r15 + off::TLB))
 }
 
 /// The software-TLB probe for `m` at the linear address in `ha`: on a hit `hu` holds
-/// the host pointer; on a miss (or an access crossing the page) jump to `slow`.
+/// the host pointer; on a miss (or an access crossing the page) jump to `slow`. The tag
+/// is compared for the access's last byte: one crossing into the next page never
+/// matches the entry of its first byte (consecutive pages have different entries), so
+/// the in-page check costs nothing.
 fn probe(
     a: &mut CodeAssembler,
     m: MemAccess,
@@ -1511,24 +1515,23 @@ fn probe(
     slow: CodeLabel,
 ) -> Asm {
     tlb_entry(a, ha, ht)?;
+    a.lea(hu, qword_ptr(ha + (m.size as i32 - 1)))?;
+    a.and(hu, -4096)?;
     if m.read {
-        a.mov(hu, ha)?;
-        a.and(hu, -4096)?;
         a.or(hu, qword_ptr(r15 + off::EPOCH))?;
         a.cmp(hu, qword_ptr(ht + entry_off::READ_TAG))?;
         a.jne(slow)?;
     }
     if m.write {
-        a.mov(hu, ha)?;
-        a.and(hu, -4096)?;
+        if m.read {
+            a.and(hu, -4096)?;
+        }
         a.or(hu, qword_ptr(r15 + off::WEPOCH))?;
         a.cmp(hu, qword_ptr(ht + entry_off::WRITE_TAG))?;
         a.jne(slow)?;
     }
     a.mov(hu, ha)?;
     a.and(hu, 0xfff)?;
-    a.cmp(hu, 4096 - m.size as i32)?;
-    a.ja(slow)?;
     a.add(hu, qword_ptr(ht + entry_off::HOST))
 }
 

@@ -5,6 +5,7 @@
 use iced_x86::code_asm::*;
 use x86::{Fault, JitMode, RunExit};
 
+use crate::common::{PTE_NX, PTE_W};
 use crate::{CODE, DATA, Vm};
 
 /// Runs `code` (which ends in `hlt`) with the tier in `mode` (translating every block
@@ -154,6 +155,46 @@ fn flags_survive_memory_accesses_and_partial_writers() {
         a.hlt()
     };
     same_everywhere(&code, &fill_data, 1_000_000);
+}
+
+/// Accesses of every size sliding across the boundary between DATA's two pages, the
+/// second mapped to a page that is not next to the first (in guest-physical and host
+/// memory): the ones that cross leave translated code for the interpreter (with the
+/// flags of the `cmp` before them stashed), the others run translated; read-modify-
+/// writes too.
+#[test]
+fn accesses_across_a_page_boundary_leave_for_the_interpreter() {
+    let code = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(rdi, DATA + 0x1000 - 12)?;
+        a.xor(esi, esi)?;
+        a.xor(r9d, r9d)?;
+        a.set_label(&mut top)?;
+        a.cmp(esi, 7)?;
+        a.mov(rax, qword_ptr(rdi + rsi))?;
+        a.movzx(ebx, word_ptr(rdi + rsi + 3))?;
+        a.mov(ecx, dword_ptr(rdi + rsi + 5))?;
+        a.jb(skip)?;
+        a.add(r9, rax)?;
+        a.set_label(&mut skip)?;
+        a.add(r9, rbx)?;
+        a.add(r9, rcx)?;
+        a.add(qword_ptr(rdi + rsi + 1), r9)?;
+        a.xor(dword_ptr(rdi + rsi + 2), ecx)?;
+        a.inc(esi)?;
+        a.and(esi, 15)?;
+        a.jmp(top)?;
+        a.hlt()
+    };
+    let split = |vm: &mut Vm| {
+        const ELSEWHERE: u64 = 0x58_0000;
+        fill_data(vm);
+        vm.pt.map(&vm.p, DATA + 0x1000, ELSEWHERE, PTE_W | PTE_NX);
+        let bytes: Vec<u8> = (0..0x1000u32).map(|i| (i * 13 + 5) as u8).collect();
+        vm.p.write(ELSEWHERE, &bytes);
+    };
+    same_everywhere(&code, &split, 200_000);
 }
 
 /// 32-bit operations zero the upper half, 8/16-bit ones keep it; sign and zero

@@ -469,6 +469,14 @@ impl Alloc {
     }
 }
 
+/// The host runs LAHF and SAHF in 64-bit mode (every x86-64-v2 CPU does): exits and
+/// entries move the guest's flags through AH with them, as `pushfq`/`popfq` cost tens
+/// of cycles. Without them nothing is translated.
+fn host_has_lahf() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0)
+}
+
 /// One guest instruction, ready to emit.
 struct Step {
     ins: Instruction,
@@ -517,7 +525,7 @@ pub(crate) fn translate(
     at: u64,
     opt: Options,
 ) -> Option<Translation> {
-    if bitness == 16 {
+    if bitness == 16 || !host_has_lahf() {
         return None;
     }
     // Pass 1: decode and classify.
@@ -977,6 +985,9 @@ fn emit(
     let mut chain_in = a.create_label();
     a.set_label(&mut chain_in)?;
     a.nop()?;
+    if flags.flags_in {
+        flags_from_context(&mut a)?;
+    }
     for (g, h) in alloc.home.iter().enumerate() {
         if let Some(h) = h {
             a.mov(hreg(*h), qword_ptr(r15 + off::reg(g as u8)))?;
@@ -989,14 +1000,6 @@ fn emit(
     let count = alloc.count.filter(|_| loops).map(hreg);
     if let Some(c) = count {
         a.mov(c, qword_ptr(r15 + off::DONE))?;
-    }
-    if flags.flags_in {
-        a.pushfq()?;
-        a.pop(ht)?;
-        a.and(ht, !(crate::state::rflags::ARITH as i32))?;
-        a.or(ht, qword_ptr(r15 + off::FLAGS))?;
-        a.push(ht)?;
-        a.popfq()?;
     }
     let mut top = a.create_label();
     a.set_label(&mut top)?;
@@ -1284,11 +1287,12 @@ fn exit_body(
         a.lea(rsp, qword_ptr(rsp + 8))?;
     }
     if e.save_flags {
-        if !e.pop_flags {
-            a.pushfq()?;
+        if e.pop_flags {
+            a.pop(rax)?;
+            a.and(rax, crate::state::rflags::ARITH as i32)?;
+        } else {
+            flags_to_rax(a)?;
         }
-        a.pop(rax)?;
-        a.and(rax, crate::state::rflags::ARITH as i32)?;
         a.mov(qword_ptr(r15 + off::FLAGS), rax)?;
         a.mov(qword_ptr(r15 + off::FLAGS_OUT), 1)?;
     }
@@ -1309,6 +1313,32 @@ fn exit_body(
         chain(a, e.at, end)?;
     }
     a.jmp(end)
+}
+
+/// rax = the host's arithmetic flags in RFLAGS's layout (rcx clobbered): SF, ZF, AF, PF
+/// and CF through LAHF, OF through SETO.
+fn flags_to_rax(a: &mut CodeAssembler) -> Asm {
+    use iced_x86::code_asm::{ah, al, eax, ecx};
+    a.lahf()?;
+    a.seto(al)?;
+    a.movzx(ecx, al)?;
+    a.shl(ecx, 11)?;
+    a.movzx(eax, ah)?;
+    a.and(eax, 0xd5)?;
+    a.or(eax, ecx)
+}
+
+/// The host's arithmetic flags = the context's (rax and rcx clobbered): OF by an
+/// addition that overflows exactly when it is set, then the others through SAHF.
+fn flags_from_context(a: &mut CodeAssembler) -> Asm {
+    use iced_x86::code_asm::{ah, al, cl, eax, ecx};
+    a.mov(eax, dword_ptr(r15 + off::FLAGS))?;
+    a.mov(ecx, eax)?;
+    a.shr(ecx, 11)?;
+    a.mov(ah, al)?;
+    a.mov(al, cl)?;
+    a.add(al, 0x7f)?;
+    a.sahf()
 }
 
 /// Goes on in the translation of the block at RIP (in rax) if the chain table has one

@@ -141,7 +141,8 @@ pub fn keep_features(table: &mut Vec<CpuidEntry>, model: &[CpuidEntry]) {
 }
 
 /// The x86-64 psABI's ISA levels, as CPU models: v1 the baseline, v2 adding CX16,
-/// LAHF/SAHF, POPCNT and SSE3 to SSE4.2.
+/// LAHF/SAHF, POPCNT and SSE3 to SSE4.2, with AES-NI and PCLMULQDQ (which every v2-class
+/// CPU since 2010 has; QEMU's `x86-64-v2-AES`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IsaLevel {
     V1,
@@ -150,8 +151,12 @@ pub enum IsaLevel {
 
 /// (leaf, register index, bits) of the ISA extensions past v1 that v2 has.
 const V2_BITS: [(u32, usize, u32); 2] = [
-    // SSE3, SSSE3, CX16, SSE4.1, SSE4.2, POPCNT.
-    (1, 2, 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 23),
+    // PCLMULQDQ, SSE3, SSSE3, CX16, SSE4.1, SSE4.2, POPCNT, AES.
+    (
+        1,
+        2,
+        1 | 1 << 1 | 1 << 9 | 1 << 13 | 1 << 19 | 1 << 20 | 1 << 23 | 1 << 25,
+    ),
     // LAHF/SAHF in 64-bit mode.
     (0x8000_0001, 2, 1),
 ];

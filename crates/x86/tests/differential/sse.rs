@@ -530,3 +530,28 @@ fn sse42_string_compares() {
     };
     run_where_host_has(std::arch::is_x86_feature_detected!("sse4.2"), "SSE4.2", &f);
 }
+
+/// AES-NI and PCLMULQDQ (done in software), where this host has them.
+#[test]
+fn aes_and_carry_less_multiplication() {
+    let f = Family {
+        name: "aes-ni, pclmulqdq",
+        mnemonics: &[
+            Mn::Aesenc,
+            Mn::Aesenclast,
+            Mn::Aesdec,
+            Mn::Aesdeclast,
+            Mn::Aesimc,
+            Mn::Aeskeygenassist,
+            Mn::Pclmulqdq,
+        ],
+        per_form: 80,
+        seed: 35,
+        tweaks: Tweaks::default(),
+        hooks: &no_hooks,
+        skip: &no_skip,
+    };
+    let host = std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    run_where_host_has(host, "AES-NI and PCLMULQDQ", &f);
+}

@@ -47,6 +47,7 @@ macro_rules! fp_imm {
     )*};
 }
 
+mod aes;
 mod float;
 mod hostfp;
 mod int;
@@ -202,6 +203,7 @@ pub(crate) fn select(i: &Instruction, d: &mut Insn, cx: &Cx) -> Option<Handler> 
         .or_else(|| int::select(i, d))
         .or_else(|| ssse3::select(i))
         .or_else(|| sse41::select(i))
+        .or_else(|| aes::select(i))
         .or_else(|| lanes::select(i))
         .or_else(|| pcmpstr::select(i, d))
         .or_else(|| float::select(i, d))

@@ -154,8 +154,39 @@ fn boot(kit: &kit::Kit) -> String {
     );
     s += "\nTargets: within 10x of QEMU TCG (issue 4); at most 0.7x with the translating \
           tier (issue 19).\n\n";
+    s += &translated_share("the boot to init and power-off", vessel(&kit.vmlinux, "on"));
     println!("{s}");
     s
+}
+
+/// One run of `cmd` (vessel) to its end with `--stats`: the share of the guest
+/// instructions that ran as translated code, as a line for BENCHMARKS.md.
+fn translated_share(what: &str, mut cmd: Command) -> String {
+    let out = cmd
+        .arg("--stats")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .expect("run vessel");
+    let stats = String::from_utf8_lossy(&out.stderr);
+    let field = |name: &str| -> Option<f64> {
+        let at = stats.find(&format!(" {name}="))? + name.len() + 2;
+        let digits: String = stats[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    match (field("translated_instructions"), field("instructions")) {
+        (Some(t), Some(all)) if all > 0.0 => format!(
+            "Share of guest instructions run translated ({what}, one run): **{:.1}%** \
+             ({:.2e} of {:.2e}).\n\n",
+            100.0 * t / all,
+            t,
+            all
+        ),
+        _ => format!("Share run translated ({what}): no statistics from vessel.\n\n"),
+    }
 }
 
 /// A PVH guest: `n` iterations of a 5-instruction integer loop, then an exit.
@@ -370,6 +401,10 @@ fn guest_work(kit: &kit::Kit) -> String {
         );
     }
     s += "\nTarget (issue 19): at least 1.0x QEMU's speed for each.\n\n";
+    s += &translated_share(
+        "the boot, making the files and the three jobs",
+        vessel_kit(kit, &kit.vmlinux, "on", &cmdline, "1G"),
+    );
     println!("{s}");
     s
 }

@@ -1,12 +1,14 @@
 //! Guest block -> host code. Guest instructions are decoded again from the block's
 //! bytes, checked against an allow-list (integer computation on general registers,
-//! immediates and one memory operand; no system, stack, string, locked or
-//! fault-raising instruction), and re-encoded by iced-x86 with their registers renamed
-//! to host registers and their memory operand replaced by a host pointer: guest bytes
-//! are never copied. Host flags are the guest's flags; guest registers used by the block
-//! live in host registers (written through to the context after every instruction, so
-//! any exit has precise state); each memory operand goes through an inline software-TLB
-//! probe, and a miss leaves the block with the interpreter to run that instruction.
+//! immediates and one memory operand, direct branches, the 64-bit stack's push, pop,
+//! call and ret; no system, string, locked or fault-raising instruction), and
+//! re-encoded by iced-x86 with their registers renamed to host registers and their memory
+//! operand replaced by a host pointer: guest bytes are never copied. Host flags are the
+//! guest's flags (stashed on the host stack around a probe while an exit may need
+//! them); guest registers used by the block live in host registers and every exit
+//! writes them back, so any exit has precise state; each memory operand goes through an
+//! inline software-TLB probe, and a miss leaves the block with the interpreter to run
+//! that instruction.
 
 use iced_x86::code_asm::{
     AsmRegister64, CodeAssembler, CodeLabel, byte_ptr, dword_ptr, get_gpr64, qword_ptr, r15, rsp,

@@ -907,9 +907,7 @@ struct Exit {
     label: CodeLabel,
     at: u64,
     rip: u64,
-    /// The guest's flags are on the host stack (stashed for a probe): pop them.
-    pop_flags: bool,
-    save_flags: bool,
+    flags: FlagsAt,
     /// The guest leaves the block (a branch taken, a loop stopped).
     left: bool,
     /// `rip` is a block start another translation may be found for.
@@ -919,6 +917,28 @@ struct Exit {
 }
 
 type Asm = Result<(), iced_x86::IcedError>;
+
+/// Where an exit finds the guest's flags to write back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlagsAt {
+    /// Nowhere: the block has not touched them (the context's are current).
+    Context,
+    /// In the host's flags.
+    Host,
+    /// On the host stack, stashed for a probe.
+    Stash,
+}
+
+impl FlagsAt {
+    /// From whether the host's flags hold the guest's, and whether they are stashed.
+    fn new(live: bool, stashed: bool) -> Self {
+        match (live, stashed) {
+            (_, true) => FlagsAt::Stash,
+            (true, false) => FlagsAt::Host,
+            (false, false) => FlagsAt::Context,
+        }
+    }
+}
 
 /// The guest's flags put aside on the host stack around a probe (which clobbers the
 /// host's), left there while nothing needs them in the host's flags: a probe's miss or
@@ -1111,8 +1131,7 @@ fn emit(
                             label: l,
                             at: k as u64 + 1,
                             rip: 0,
-                            pop_flags: stash.on,
-                            save_flags: save,
+                            flags: FlagsAt::new(save, stash.on),
                             left: true,
                             chain: opt.chain,
                             dynamic: true,
@@ -1236,8 +1255,7 @@ fn probe_or_leave(
         label: slow,
         at: k as u64,
         rip: s.ins.ip(),
-        pop_flags: stashed,
-        save_flags: stashed,
+        flags: FlagsAt::new(false, stashed),
         left: false,
         chain: false,
         dynamic: false,
@@ -1262,8 +1280,7 @@ fn exit_to(
         label: l,
         at,
         rip,
-        pop_flags: stashed,
-        save_flags,
+        flags: FlagsAt::new(save_flags, stashed),
         left,
         chain,
         dynamic: false,
@@ -1285,11 +1302,8 @@ fn exit_body(
             a.mov(qword_ptr(r15 + off::reg(g as u8)), hreg(*h))?;
         }
     }
-    if e.pop_flags && !e.save_flags {
-        a.lea(rsp, qword_ptr(rsp + 8))?;
-    }
-    if e.save_flags {
-        if e.pop_flags {
+    if e.flags != FlagsAt::Context {
+        if e.flags == FlagsAt::Stash {
             a.pop(rax)?;
             a.and(rax, crate::state::rflags::ARITH as i32)?;
         } else {
@@ -1450,8 +1464,7 @@ fn back_edge(
         label: stop,
         at: 0,
         rip: start,
-        pop_flags: flags_in,
-        save_flags: plan.save[plan.save.len() - 1],
+        flags: FlagsAt::new(plan.save[plan.save.len() - 1], flags_in),
         left: true,
         chain: false,
         dynamic: false,
